@@ -1,0 +1,102 @@
+"""Command line: `loraserve generate | demo-model`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from loraserve.lora.adapter import AdapterError
+from loraserve.model.spec import ModelError
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORASERVE_HOME", Path.home() / ".cache" / "loraserve"))
+
+
+def demo_dir() -> Path:
+    """The embedded demo (built once): model and adapters."""
+    from loraserve.demo import build_demo
+
+    return build_demo(default_home() / "demo")
+
+
+def _name_path(value: str) -> tuple[str, str]:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    name, path = value.split("=", 1)
+    return name, path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loraserve.llm import LLM
+    from loraserve.sampling import SamplingParams
+
+    adapters = dict(args.adapter or [])
+    model = args.model
+    if model is None:
+        demo = demo_dir()
+        model = str(demo / "model")
+        if not adapters:
+            adapters = {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
+    lora = args.lora
+    if lora is None and len(args.adapter or []) == 1:
+        lora = args.adapter[0][0]
+    llm = LLM(model, adapters=adapters, dtype=args.dtype)
+    if lora is not None and lora not in adapters:
+        raise KeyError(f"no adapter named {lora!r}; loaded: {sorted(adapters)}")
+    prompts = args.prompt or ["What is the capital of France?"]
+    if args.chat:
+        prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    for out in llm.generate(prompts, sampling, adapter=lora):
+        print(out.text)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from loraserve.demo import build_demo, build_tiny
+
+    out = build_tiny(args.dir, args.tiny) if args.tiny else build_demo(args.dir)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base LLM with many LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline")
+    g.add_argument("--model", help="HF model directory (default: the embedded demo model)")
+    g.add_argument("--adapter", action="append", type=_name_path, metavar="NAME=PATH", help="PEFT adapter (repeatable)")
+    g.add_argument("--lora", help="adapter to use (default: the only --adapter, else the base model)")
+    g.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo-model", help="build the embedded demo model (or a tiny random one) with adapters")
+    d.add_argument("dir")
+    d.add_argument("--tiny", metavar="FAMILY", help="tiny random model: llama, qwen2, mistral, mixtral, qwen2_moe, qwen3_moe")
+    d.set_defaults(func=cmd_demo_model)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelError, AdapterError, ValueError, KeyError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"loraserve: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

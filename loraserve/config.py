@@ -1,0 +1,70 @@
+"""Every engine knob in one place, with its default and the reason for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block. Smaller blocks waste less on partial blocks; larger
+    ones mean fewer gather indices per step."""
+
+    kv_cache_bytes: int = 512 * 2**20
+    """Bytes of the device tier given to KV blocks (the block count follows from
+    the model's per-token KV size)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests running at once (decode batch size)."""
+
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: decodes count 1, prefills their chunk. Long
+    prompts are prefilled in chunks of at most this size."""
+
+    max_loras: int = 8
+    """Adapters resident in LoRA slots at once, hence the most distinct adapters
+    one step can batch. Requests for other adapters wait for a free slot."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Directory of an HF-format checkpoint (config.json, *.safetensors, tokenizer)."""
+
+    dtype: str = "float32"
+    """Compute and storage dtype: float32, bfloat16 or float16. On CPUs without
+    native bf16 (no AVX512-BF16/AMX), float32 is the fast one."""
+
+    device: str = "cpu"
+    max_lora_rank: int = 64
+    """Adapters above this rank are rejected at load."""
+
+    max_model_len: int | None = None
+    """Longest prompt + output; None takes the model's max_position_embeddings."""
+
+    seed: int = 0
+    """Seed of the engine's generator for requests that bring none."""
+
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")

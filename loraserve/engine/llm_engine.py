@@ -1,0 +1,143 @@
+"""The synchronous engine: requests in, outputs out, one step at a time.
+
+`step()` is schedule → execute → update; everything else is bookkeeping
+around it (validation on the way in, text and stop strings on the way out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from loraserve.cache.manager import SimpleCacheManager
+from loraserve.clock import Clock, MonotonicClock
+from loraserve.config import EngineConfig
+from loraserve.engine.output import Detokenizer, RequestOutput, make_output
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.torch_executor import TorchExecutor
+from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora.registry import AdapterRegistry
+from loraserve.lora.slots import LoraSlots
+from loraserve.model.loader import load_model, read_generation_eos
+from loraserve.request import FinishReason, Request
+from loraserve.sampling import SamplingParams
+from loraserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        dtype = DTYPES[config.dtype]
+        self.model = load_model(config.model, dtype, config.device)
+        self.spec = self.model.spec
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        self.tokenizer = Tokenizer(config.model)
+        eos = set(self.spec.eos_token_ids) | set(read_generation_eos(config.model))
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        block_size = config.cache.block_size
+        block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
+        self.num_blocks = config.cache.kv_cache_bytes // block_bytes
+        if self.num_blocks * block_size < self.max_model_len:
+            log.warning("KV cache holds %d tokens, less than max_model_len %d",
+                        self.num_blocks * block_size, self.max_model_len)
+        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, dtype)
+        self.cache = SimpleCacheManager(self.num_blocks, block_size)
+        self.slots = LoraSlots(config.scheduler.max_loras)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
+        self.executor = TorchExecutor(self.model, self.num_blocks, block_size, config.scheduler.max_loras,
+                                      self.adapters.by_id, config.seed)
+        self.detok = Detokenizer(self.tokenizer)
+        self._ids = itertools.count()
+        self._names: dict[str, str | None] = {}
+        """request id → the adapter name it was asked for (outputs report it)."""
+
+    # -- adapters ----------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str) -> LoraAdapter:
+        return self.adapters.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; refused while requests still use it."""
+        adapter = self.adapters.resolve(name)
+        busy = [r for r in self.scheduler.requests.values() if r.adapter == adapter.id and not r.is_finished]
+        if busy and sum(a is adapter for a in self.adapters.by_name.values()) == 1:
+            raise RuntimeError(f"adapter {name!r} is used by {len(busy)} unfinished requests")
+        self.adapters.remove(name)
+        if adapter.id not in self.adapters.by_id:
+            slot = self.slots.slot_of(adapter.id)
+            self.slots.evict(adapter.id)
+            if slot is not None:
+                self.executor.bank.clear(slot)
+
+    # -- requests ----------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None) -> Request:
+        """Validate and queue a request. Raises ValueError (bad input) or
+        KeyError (unknown adapter) before anything is queued."""
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if any(not 0 <= t < self.spec.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
+                             f"context length {self.max_model_len}")
+        if -(-(len(ids) + sampling.max_tokens) // self.cache.block_size) > self.num_blocks:
+            raise ValueError(f"prompt plus max_tokens needs more KV blocks than the cache has ({self.num_blocks})")
+        lora = self.adapters.resolve(adapter)
+        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
+        req = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_token_ids=ids,
+            sampling=sampling,
+            adapter=lora.id if lora else None,
+            arrival_time=self.clock.now(),
+            stop_token_ids=frozenset(stop_ids),
+        )
+        self.scheduler.add(req)
+        self._names[req.request_id] = adapter
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._forget(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.executor.execute(plan)
+        touched = self.scheduler.update(plan, result)
+        return [self._output(req) for req in touched]
+
+    def _output(self, req: Request) -> RequestOutput:
+        text, delta, stop_hit = self.detok.update(req)
+        if stop_hit:
+            self.scheduler.finish(req.request_id, FinishReason.STOP)
+        out = make_output(req, text, delta, self._names.get(req.request_id))
+        if req.is_finished:
+            self._forget(req)
+        return out
+
+    def _forget(self, req: Request) -> None:
+        self.executor.release([req.request_id])
+        self.detok.forget(req.request_id)
+        self.scheduler.forget(req.request_id)
+        self._names.pop(req.request_id, None)

@@ -1,0 +1,53 @@
+"""Token sampling for a batch of rows, each with its own parameters.
+
+Greedy rows take the argmax; the others go through temperature, top-k and
+top-p, then draw from their own seeded generator or the engine's. Logprobs are
+of the model's distribution (before temperature and filters), as vLLM and the
+OpenAI API report them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraserve.engine.plan import SampledToken
+from loraserve.sampling import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
+    """logits: [N, V] float32; one params and one generator per row."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows)
+        probs = _filtered_probs(logits[idx], [params[i] for i in rows])
+        for j, i in enumerate(rows):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    out = []
+    token_list = tokens.tolist()
+    for i, p in enumerate(params):
+        top = None
+        if p.logprobs:
+            vals, ids = logprobs[i].topk(p.logprobs)
+            top = dict(zip(ids.tolist(), vals.tolist()))
+        out.append(SampledToken(token_list[i], chosen[i] if p.logprobs is not None else None, top))
+    return out
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    ranks = torch.arange(vocab)[None, :]
+    drop = ranks >= top_k[:, None]
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(-1) - probs  # mass strictly before each token
+    drop |= before >= top_p[:, None]  # keeps at least the top token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.softmax(filtered, dim=-1)

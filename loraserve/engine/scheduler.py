@@ -1,0 +1,182 @@
+"""Continuous batching over token budgets (policy: no torch, time from a Clock).
+
+Each step: running requests first, oldest first (decodes cost one token, an
+unfinished chunked prefill its next chunk); then waiting requests are admitted
+in arrival order while the token budget, the seat limit, KV blocks and LoRA
+slots allow. A request whose adapter has no slot free is skipped, not allowed
+to block the queue. When a running request cannot grow, the most recently
+admitted running request is preempted: its blocks are freed and it is
+recomputed from its tokens later (prompt plus what it has generated).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from loraserve.cache.manager import CacheManager
+from loraserve.clock import Clock
+from loraserve.config import SchedulerConfig
+from loraserve.engine.plan import SampledToken, ScheduledSeq, StepPlan, StepResult
+from loraserve.lora.slots import LoraSlots
+from loraserve.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        cache: CacheManager,
+        slots: LoraSlots,
+        clock: Clock,
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.slots = slots
+        self.clock = clock
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # -- queue -------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.is_finished:
+            self._finish(req, FinishReason.ABORT)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- planning ----------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        for req in list(self.running):
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
+            if not self._make_room(req, num_new, plan):
+                continue
+            self.cache.allocate(req, num_new)
+            plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+            budget -= num_new
+        if not plan.preempted:  # memory is short: admitting now would only churn
+            self._admit(plan, budget)
+        return plan
+
+    def _make_room(self, req: Request, num_new: int, plan: StepPlan) -> bool:
+        """Preempt from the back of the running list until `req` fits; False if
+        `req` itself had to go."""
+        while not self.cache.can_allocate(req, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+                skipped.append(req)
+                continue
+            if req.num_computed_tokens == 0:
+                req.num_computed_tokens = self.cache.num_cached_tokens(req)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.cache.can_allocate(req, num_new):
+                self.waiting.appendleft(req)
+                break
+            self.cache.allocate(req, num_new)
+            if req.adapter is not None:
+                slot, load = self.slots.acquire(req.adapter)
+                if load:
+                    plan.lora_loads.append((slot, req.adapter))
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = self.clock.now()
+            self.running.append(req)
+            plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+
+    def _slot(self, req: Request) -> int | None:
+        return None if req.adapter is None else self.slots.slot_of(req.adapter)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.cache.free(req)
+        if req.adapter is not None:
+            self.slots.release(req.adapter)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- results -----------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Advance every scheduled request; returns those that got a token."""
+        now = self.clock.now()
+        touched = []
+        for seq in plan.seqs:
+            req = seq.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += seq.num_new_tokens
+            token = result.sampled.get(req.request_id)
+            if token is None:
+                continue
+            self._append(req, token, now)
+            touched.append(req)
+        return touched
+
+    def _append(self, req: Request, token: SampledToken, now: float) -> None:
+        req.output_token_ids.append(token.token_id)
+        if token.logprob is not None:
+            req.output_logprobs.append(token.logprob)
+        if token.top_logprobs is not None:
+            req.output_top_logprobs.append(token.top_logprobs)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if token.token_id in req.stop_token_ids:
+            self._finish(req, FinishReason.STOP)
+        elif req.num_output_tokens >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, FinishReason.LENGTH)
+
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """Finish a request for a reason found outside the scheduler (a stop string)."""
+        req = self.requests[request_id]
+        if not req.is_finished:
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self.cache.free(req)
+            if req.adapter is not None:
+                self.slots.release(req.adapter)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finish_time = self.clock.now()
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request from the index once its output was delivered."""
+        req = self.requests.get(request_id)
+        if req is not None and req.is_finished:
+            del self.requests[request_id]

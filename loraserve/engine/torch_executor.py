@@ -1,0 +1,90 @@
+"""Runs a StepPlan on the PyTorch model: the real engine's mechanism."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from loraserve.engine.plan import StepPlan, StepResult
+from loraserve.engine.sampler import sample
+from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora.bank import LoraBank
+from loraserve.lora.batch import LoraBatch
+from loraserve.model.attention import build_metadata
+from loraserve.model.transformer import Transformer
+
+
+class TorchExecutor:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, num_slots: int,
+                 adapters: dict[str, LoraAdapter], seed: int, num_host_blocks: int = 0) -> None:
+        s = model.spec
+        self.model = model
+        self.block_size = block_size
+        shape = (s.num_layers, 2, num_blocks, block_size, s.num_kv_heads, s.head_dim)
+        self.tiers = {"device": torch.zeros(shape, dtype=model.dtype, device=model.device)}
+        if num_host_blocks:
+            self.tiers["host"] = torch.zeros(shape[:2] + (num_host_blocks,) + shape[3:], dtype=model.dtype)
+        self.bank = LoraBank(s, num_slots, model.dtype, model.device)
+        self.adapters = adapters
+        self.default_generator = torch.Generator().manual_seed(seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        for slot, adapter_id in plan.lora_loads:
+            self.bank.load(slot, self.adapters[adapter_id])
+        if plan.is_empty:
+            return StepResult(elapsed=time.perf_counter() - start)
+        num_slots = self.bank.num_slots
+        seqs = sorted(plan.seqs, key=lambda q: -1 if q.lora_slot is None else q.lora_slot)
+        ids, rows, sample_rows, slot_counts, token_slot = [], [], [], [0] * num_slots, []
+        for q in seqs:
+            r0 = len(ids)
+            start_tok = q.request.num_computed_tokens
+            ids.extend(q.request.token_ids[start_tok:start_tok + q.num_new_tokens])
+            rows.append(r0)
+            slot = num_slots if q.lora_slot is None else q.lora_slot
+            token_slot.extend([slot] * q.num_new_tokens)
+            if q.lora_slot is not None:
+                slot_counts[q.lora_slot] += q.num_new_tokens
+            if q.samples:
+                sample_rows.append(len(ids) - 1)
+        dev = self.model.device
+        meta = build_metadata([(q.request.block_ids, q.request.num_computed_tokens, q.num_new_tokens) for q in seqs],
+                              rows, self.block_size, self.model.spec.sliding_window, dev)
+        num_base = sum(q.num_new_tokens for q in seqs if q.lora_slot is None)
+        lora = None
+        if num_base < len(ids):
+            lora = LoraBatch(self.bank, slot_counts, num_base, torch.tensor(token_slot, device=dev))
+        sampling = [q for q in seqs if q.samples]
+        result = StepResult()
+        with torch.inference_mode():
+            logits = self.model.forward(torch.tensor(ids, device=dev), meta, self.tiers["device"], lora,
+                                        torch.tensor(sample_rows, dtype=torch.long, device=dev))
+            if sampling:
+                params = [q.request.sampling for q in sampling]
+                gens = [self._generator(q.request.request_id, q.request.sampling.seed) for q in sampling]
+                for q, tok in zip(sampling, sample(logits.cpu(), params, gens)):
+                    result.sampled[q.request.request_id] = tok
+        result.elapsed = time.perf_counter() - start
+        return result
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
+        if seed is None:
+            return self.default_generator
+        if request_id not in self.generators:
+            self.generators[request_id] = torch.Generator().manual_seed(seed)
+        return self.generators[request_id]
+
+    def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs])
+        dst = torch.tensor([p[1] for p in pairs])
+        target = self.tiers[dst_tier]
+        target[:, :, dst.to(target.device)] = self.tiers[src_tier][:, :, src.to(self.tiers[src_tier].device)].to(target.device)
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)

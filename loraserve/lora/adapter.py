@@ -1,0 +1,296 @@
+"""PEFT LoRA adapters: read, validate, and lay out for the engine.
+
+An adapter is identified by a content hash of its weights and config, never by
+its name: two names for the same bytes are one adapter, and a reloaded adapter
+with new weights is a new one (so KV computed under the old one can never be
+reused for it).
+
+Layout. The engine fuses projections that share an input (q|k|v, gate|up), so
+an adapter's per-module A and B are fused the same way: A matrices are stacked
+along the rank axis and B becomes block-diagonal, so one shrink and one expand
+serve the fused projection. The scaling (alpha / r, or alpha / sqrt(r) for
+rsLoRA) is folded into B. Untargeted sub-projections stay zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraserve.model.spec import ModelSpec
+
+
+class AdapterError(ValueError):
+    """An adapter we refuse to serve; the message says why."""
+
+
+# PEFT module names of the sub-projections the engine fuses
+FUSED = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+SUB_TO_GROUP = {sub: group for group, subs in FUSED.items() for sub in subs}
+MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+SUPPORTED_TARGETS = set(SUB_TO_GROUP) | set(MIXTRAL_EXPERT)
+
+_KEY = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_EXPERT = re.compile(r"experts\.(\d+)\.(\w+)$")
+
+
+@dataclass
+class LoraAdapter:
+    id: str
+    """Content hash (hex) of weights and config."""
+    name: str
+    path: str
+    rank: int
+    """Largest rank of any module."""
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
+    """(layer, target) → (A, B), fused as the engine's projections are. Dense
+    targets (qkv, o, gate_up, down, shared_gate_up, shared_down): A [in, R],
+    B [R, out]. Expert targets (experts_gate_up, experts_down): A [E, in, R],
+    B [E, R, out]. R sums the fused sub-projections' ranks; scaling is in B."""
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.weights.values())
+
+
+def content_hash(path: Path) -> str:
+    config = json.loads((path / "adapter_config.json").read_text())
+    keep = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+                                       "target_modules", "target_parameters")}
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
+    with open(path / "adapter_model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class _Unit:
+    """One LoRA (A, B) pair covering rows [offset, offset + B rows) of a fused output."""
+    a: torch.Tensor  # [r, in] or [E, r, in]
+    b: torch.Tensor  # [out, r] or [E, out, r]
+    offset: int
+    module: str
+
+
+def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter {path}: no such directory")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / f).is_file():
+            raise AdapterError(f"adapter {path}: missing {f}")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        with safe_open(path / "adapter_model.safetensors", "pt") as f:
+            raw = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as e:  # json, OS and safetensors errors alike
+        raise AdapterError(f"adapter {path}: unreadable ({e})") from e
+    _check_config(path, config)
+    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    rslora = bool(config.get("use_rslora", False))
+    units = _units(path, spec, raw)
+    adapter = LoraAdapter(
+        id=content_hash(path), name=name or path.name, path=str(path), rank=0, alpha=alpha,
+        use_rslora=rslora, target_modules=tuple(sorted({u.module.split(".")[-1] for us in units.values() for u in us})),
+    )
+    for (layer, target), us in sorted(units.items()):
+        for u in us:
+            r = u.a.shape[-2]
+            where = f"layer {layer} {u.module}"
+            if r > max_rank:
+                raise AdapterError(f"adapter {path}: rank {r} of {where} exceeds max_lora_rank {max_rank}")
+            if not (torch.isfinite(u.a).all() and torch.isfinite(u.b).all()):
+                raise AdapterError(f"adapter {path}: NaN or Inf in the weights of {where}")
+            mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, u.module, alpha)
+            u.b = u.b * (mod_alpha / (math.sqrt(r) if rslora else r))
+            adapter.rank = max(adapter.rank, r)
+        adapter.weights[(layer, target)] = _fuse(us, _out_dim(spec, target), dtype)
+    if not adapter.weights:
+        raise AdapterError(f"adapter {path}: no LoRA weights found")
+    return adapter
+
+
+def _check_config(path: Path, config: dict) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {path}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out layers")):
+        if config.get(flag):
+            raise AdapterError(f"adapter {path}: {why} is not supported")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise AdapterError(f"adapter {path}: LoRA bias terms are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"adapter {path}: modules_to_save {config['modules_to_save']} is not supported")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - SUPPORTED_TARGETS)
+        if unknown:
+            raise AdapterError(f"adapter {path}: unknown target modules {unknown}; "
+                               f"supported: {sorted(SUPPORTED_TARGETS)}")
+
+
+def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor]) -> dict[tuple[int, str], list[_Unit]]:
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        m = _KEY.search(key)
+        if m is None:
+            raise AdapterError(f"adapter {path}: unsupported tensor {key!r} (only LoRA A/B of decoder layers)")
+        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    units: dict[tuple[int, str], list[_Unit]] = {}
+    experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (layer, module), ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {path}: layer {layer} {module} lacks lora_A or lora_B")
+        if layer >= spec.num_layers:
+            raise AdapterError(f"adapter {path}: layer {layer} but the model has {spec.num_layers} layers")
+        a, b = ab["A"], ab["B"]
+        parts = module.split(".")
+        em = _EXPERT.search(module)
+        if em:  # experts.{e}.gate_proj / experts.{e}.w1: one module per expert
+            sub = MIXTRAL_EXPERT.get(em.group(2), em.group(2))
+            if sub not in ("gate_proj", "up_proj", "down_proj") or not spec.is_moe_layer(layer):
+                raise AdapterError(f"adapter {path}: unknown target module {module!r} in layer {layer}")
+            experts.setdefault((layer, sub), {})[int(em.group(1))] = (a, b)
+        elif parts[-1] in ("experts", "base_layer") and "experts" in parts:
+            target, unit = _fused_param_unit(path, spec, layer, module, a, b)
+            units.setdefault((layer, target), []).append(unit)
+        elif parts[-1] in SUB_TO_GROUP:
+            sub = parts[-1]
+            shared = "shared_expert" in parts
+            if spec.is_moe_layer(layer) and SUB_TO_GROUP[sub] in ("gate_up", "down") and not shared:
+                raise AdapterError(f"adapter {path}: {module} in layer {layer} targets a dense MLP, "
+                                   f"but that layer is MoE")
+            target = ("shared_" if shared else "") + SUB_TO_GROUP[sub]
+            units.setdefault((layer, target), []).append(_dense_unit(path, spec, layer, module, sub, a, b))
+        else:
+            raise AdapterError(f"adapter {path}: unknown target module {module!r} in layer {layer}")
+    for (layer, sub), per_expert in experts.items():
+        units.setdefault((layer, "experts_" + SUB_TO_GROUP[sub]), []).append(
+            _stack_experts(path, spec, layer, sub, per_expert))
+    return units
+
+
+def _in_dim(spec: ModelSpec, target: str) -> int:
+    group = target.split("_", 1)[1] if target.startswith(("shared_", "experts_")) else target
+    if group == "o":
+        return spec.q_size
+    if group == "down":
+        return {"shared": spec.shared_expert_intermediate_size, "experts": spec.moe_intermediate_size}.get(
+            target.split("_")[0], spec.intermediate_size)
+    return spec.hidden_size
+
+
+def _out_dim(spec: ModelSpec, target: str) -> int:
+    if target == "qkv":
+        return spec.q_size + 2 * spec.kv_size
+    if target.endswith("gate_up"):
+        return 2 * {"shared": spec.shared_expert_intermediate_size, "experts": spec.moe_intermediate_size}.get(
+            target.split("_")[0], spec.intermediate_size)
+    return spec.hidden_size
+
+
+def _sub_slice(spec: ModelSpec, target: str, sub: str) -> tuple[int, int]:
+    """(offset, size) of a sub-projection inside its fused output."""
+    if sub == "q_proj":
+        return 0, spec.q_size
+    if sub == "k_proj":
+        return spec.q_size, spec.kv_size
+    if sub == "v_proj":
+        return spec.q_size + spec.kv_size, spec.kv_size
+    half = _out_dim(spec, target) // 2
+    if sub == "gate_proj":
+        return 0, half
+    if sub == "up_proj":
+        return half, half
+    return 0, _out_dim(spec, target)
+
+
+def _check(path, where, a, b, in_dim, out_dim) -> None:
+    if a.shape[-1] != in_dim or b.shape[-2] != out_dim or a.shape[-2] != b.shape[-1]:
+        raise AdapterError(
+            f"adapter {path}: {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+            f"but the base model wants in={in_dim}, out={out_dim} (wrong base model?)")
+
+
+def _dense_unit(path, spec, layer, module, sub, a, b) -> _Unit:
+    target = ("shared_" if "shared_expert" in module else "") + SUB_TO_GROUP[sub]
+    offset, size = _sub_slice(spec, target, sub)
+    _check(path, f"layer {layer} {module}", a, b, _in_dim(spec, target), size)
+    return _Unit(a, b, offset, module)
+
+
+def _stack_experts(path, spec, layer, sub, per_expert) -> _Unit:
+    target = "experts_" + SUB_TO_GROUP[sub]
+    offset, size = _sub_slice(spec, target, sub)
+    for e, (a, b) in per_expert.items():
+        if e >= spec.num_experts:
+            raise AdapterError(f"adapter {path}: expert {e} in layer {layer}, the model has {spec.num_experts}")
+        _check(path, f"layer {layer} expert {e} {sub}", a, b, _in_dim(spec, target), size)
+    r = next(iter(per_expert.values()))[0].shape[0]
+    a = torch.zeros(spec.num_experts, r, _in_dim(spec, target))
+    b = torch.zeros(spec.num_experts, size, r)
+    for e, (ae, be) in per_expert.items():
+        if ae.shape[0] != r:
+            raise AdapterError(f"adapter {path}: experts of layer {layer} {sub} have different ranks")
+        a[e], b[e] = ae, be
+    return _Unit(a, b, offset, f"experts.{sub}")
+
+
+def _fused_param_unit(path, spec, layer, module, a, b) -> tuple[str, _Unit]:
+    """PEFT `target_parameters` LoRA on a fused 3D expert weight.
+
+    PEFT stores A [E*r, in] with expert-major rows and B [out, E*r] whose
+    columns are rank-major (column k*E + e); see peft's ParamWrapper. Which of
+    gate_up_proj / down_proj it is follows from the shapes (two parameters on
+    one module nest the first under `base_layer`).
+    """
+    num_experts = spec.num_experts
+    if not spec.is_moe_layer(layer) or a.shape[0] % num_experts:
+        raise AdapterError(f"adapter {path}: {module} in layer {layer} has lora_A {tuple(a.shape)}, "
+                           f"not a LoRA over {num_experts} experts")
+    r = a.shape[0] // num_experts
+    for target in ("experts_gate_up", "experts_down"):
+        if a.shape[1] == _in_dim(spec, target) and b.shape[0] == _out_dim(spec, target):
+            a3 = a.reshape(num_experts, r, -1)  # [E, r, in]
+            b3 = b.reshape(b.shape[0], r, num_experts).permute(2, 0, 1)  # [E, out, r]
+            return target, _Unit(a3, b3, 0, module + "." + target.split("_", 1)[1] + "_proj")
+    raise AdapterError(f"adapter {path}: {module} in layer {layer} has lora_A {tuple(a.shape)} and "
+                       f"lora_B {tuple(b.shape)}, matching neither expert gate_up_proj nor down_proj")
+
+
+def _fuse(units: list[_Unit], out_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the units' A along the rank axis and place each B^T in its output rows."""
+    lead = units[0].a.shape[:-2]
+    total_r = sum(u.a.shape[-2] for u in units)
+    a = torch.cat([u.a for u in units], dim=-2).transpose(-1, -2).contiguous()  # [.., in, R]
+    b = torch.zeros(*lead, total_r, out_dim)
+    r0 = 0
+    for u in units:
+        r = u.a.shape[-2]
+        b[..., r0:r0 + r, u.offset:u.offset + u.b.shape[-2]] = u.b.transpose(-1, -2)
+        r0 += r
+    return a.to(dtype), b.to(dtype)
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return float(value)
+    return default

@@ -1,0 +1,82 @@
+"""Device-side LoRA slots: every resident adapter's weights, stacked.
+
+For each (layer, target) the bank holds A [S, in, W] and B [S, W, out], where
+S is the number of slots and W = width × rank (width 3 for q|k|v, 2 for
+gate|up, else 1). Stacking lets one segmented matmul serve every adapter of a
+step. Expert targets add an expert axis and one always-zero slot for base-model
+tokens: A [E * (S + 1), in, W], group index = expert * (S + 1) + slot.
+
+The rank grows to the largest adapter loaded so far (the bank is reallocated
+then), so a fleet of rank-16 adapters pays for rank 16, not max_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraserve.lora.adapter import LoraAdapter, _in_dim, _out_dim
+from loraserve.model.spec import ModelSpec
+
+WIDTH = {"qkv": 3, "o": 1, "gate_up": 2, "down": 1, "shared_gate_up": 2, "shared_down": 1,
+         "experts_gate_up": 2, "experts_down": 1}
+
+
+def layer_targets(spec: ModelSpec, layer: int) -> list[str]:
+    if not spec.is_moe_layer(layer):
+        return ["qkv", "o", "gate_up", "down"]
+    shared = ["shared_gate_up", "shared_down"] if spec.shared_expert_intermediate_size else []
+    return ["qkv", "o", "experts_gate_up", "experts_down", *shared]
+
+
+class LoraBank:
+    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.spec = spec
+        self.num_slots = num_slots
+        self.dtype = dtype
+        self.device = device
+        self.rank = 0
+        self.slots: list[LoraAdapter | None] = [None] * num_slots
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _allocate(self, rank: int) -> None:
+        s, e = self.spec, self.spec.num_experts
+        self.rank = rank
+        for layer in range(s.num_layers):
+            for target in layer_targets(s, layer):
+                w = WIDTH[target] * rank
+                lead = (e * (self.num_slots + 1),) if target.startswith("experts_") else (self.num_slots,)
+                kw = dict(dtype=self.dtype, device=self.device)
+                self.a[(layer, target)] = torch.zeros(*lead, _in_dim(s, target), w, **kw)
+                self.b[(layer, target)] = torch.zeros(*lead, w, _out_dim(s, target), **kw)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy an adapter's weights into a slot (host → device)."""
+        if adapter.rank > self.rank:
+            resident = [(i, a) for i, a in enumerate(self.slots) if a is not None]
+            self._allocate(max(adapter.rank, self.rank))
+            for i, a in resident:
+                self._write(i, a)
+        self._write(slot, adapter)
+
+    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        stride = self.num_slots + 1
+        for key, a_bank in self.a.items():
+            # views of the slot: [in, W] / [W, out], or [E, in, W] / [E, W, out] for experts
+            rows = slice(slot, None, stride) if key[1].startswith("experts_") else slot
+            a_slot, b_slot = a_bank[rows], self.b[key][rows]
+            a_slot.zero_()
+            b_slot.zero_()
+            if key in adapter.weights:
+                a, b = adapter.weights[key]
+                r = a.shape[-1]
+                a_slot[..., :r].copy_(a)
+                b_slot[..., :r, :].copy_(b)
+        self.slots[slot] = adapter
+
+    def clear(self, slot: int) -> None:
+        self.slots[slot] = None

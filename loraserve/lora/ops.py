@@ -1,0 +1,40 @@
+"""Batched LoRA math: the one place it lives.
+
+Tokens of one step arrive sorted by LoRA slot, so each adapter's tokens form a
+contiguous segment; every projection then needs two segmented matmuls (shrink
+to the rank, expand back), whatever the number of adapters in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def segmented_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Multiply each row segment of `x` by its own matrix.
+
+    x: [T, K]; w: [G, K, N]; offs: [G] int32, cumulative segment ends (the last
+    one equals T; empty segments are allowed). Returns [T, N].
+
+    Semantics:
+        out = empty(T, N); start = 0
+        for g in range(G):
+            out[start:offs[g]] = x[start:offs[g]] @ w[g]; start = offs[g]
+    """
+    if _HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """LoRA update for segmented tokens: x: [T, K]; a: [G, K, R]; b: [G, R, N]
+    (the adapter's scaling already folded into b). Returns [T, N]."""
+    return segmented_mm(segmented_mm(x, a, offs), b, offs)

@@ -1,0 +1,40 @@
+"""Adapters the engine knows: user-facing names → content-hash identities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loraserve.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from loraserve.model.spec import ModelSpec
+
+
+class AdapterRegistry:
+    def __init__(self, spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> None:
+        self.spec, self.max_rank, self.dtype = spec, max_rank, dtype
+        self.by_name: dict[str, LoraAdapter] = {}
+        self.by_id: dict[str, LoraAdapter] = {}
+
+    def add(self, name: str, path: str | Path) -> LoraAdapter:
+        if name in self.by_name:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+        adapter = load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype)
+        adapter = self.by_id.setdefault(adapter.id, adapter)  # same bytes under two names: one adapter
+        self.by_name[name] = adapter
+        return adapter
+
+    def remove(self, name: str) -> LoraAdapter:
+        if name not in self.by_name:
+            raise KeyError(f"no adapter named {name!r}")
+        adapter = self.by_name.pop(name)
+        if adapter not in self.by_name.values():
+            del self.by_id[adapter.id]
+        return adapter
+
+    def resolve(self, name: str | None) -> LoraAdapter | None:
+        if name is None:
+            return None
+        if name not in self.by_name:
+            raise KeyError(f"no adapter named {name!r}")
+        return self.by_name[name]

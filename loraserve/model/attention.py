@@ -1,0 +1,121 @@
+"""Paged attention in plain PyTorch.
+
+KV lives in fixed-size blocks: ``kv[layer, 0|1, block, offset, kv_head, dim]``.
+Each step writes its new K/V through a flat slot mapping, then gathers each
+request's blocks (by its block table) into a padded batch and runs SDPA with a
+mask that encodes causality, chunk offsets and padding. Requests of one step are
+split into two groups (single-token decodes; multi-token prefills) so a long
+prefill never pads the decodes' queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnGroup:
+    src: torch.Tensor
+    """[n] long: rows of the step's flat token order that belong to this group."""
+    dst: torch.Tensor
+    """[n] long: where those rows go in the padded [B * Lq] query layout."""
+    batch: int
+    q_len: int
+    block_tables: torch.Tensor
+    """[B, max_blocks] long (padded with block 0, masked out)."""
+    mask: torch.Tensor
+    """[B, 1, Lq, Lk] bool: True where a query may attend a key."""
+
+
+@dataclass
+class AttnMetadata:
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: block * block_size + offset
+    groups: list[AttnGroup]
+
+
+def build_metadata(
+    seqs: list[tuple[list[int], int, int]],
+    token_order: list[int],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttnMetadata:
+    """Attention metadata for one step.
+
+    seqs: per scheduled request (block_ids, num_computed_tokens, num_new_tokens);
+    token_order: per request, the row where its first new token sits in the
+    step's flat token order (its rows are contiguous).
+    """
+    positions, slots = [], []
+    for (blocks, start, n), row in zip(seqs, token_order):
+        for p in range(start, start + n):
+            positions.append(p)
+            slots.append(blocks[p // block_size] * block_size + p % block_size)
+    flat_pos = torch.empty(len(positions), dtype=torch.long)
+    flat_slot = torch.empty(len(slots), dtype=torch.long)
+    # rows are emitted in request order; place them at each request's rows
+    rows = [r for (_, _, n), r0 in zip(seqs, token_order) for r in range(r0, r0 + n)]
+    idx = torch.tensor(rows, dtype=torch.long)
+    flat_pos[idx] = torch.tensor(positions, dtype=torch.long)
+    flat_slot[idx] = torch.tensor(slots, dtype=torch.long)
+    groups = []
+    for want_decode in (True, False):
+        members = [i for i, (_, _, n) in enumerate(seqs) if (n == 1) == want_decode]
+        if members:
+            groups.append(_group([seqs[i] for i in members], [token_order[i] for i in members],
+                                 block_size, sliding_window, device))
+    return AttnMetadata(flat_pos.to(device), flat_slot.to(device), groups)
+
+
+def _group(seqs, token_order, block_size, sliding_window, device) -> AttnGroup:
+    batch = len(seqs)
+    q_len = max(n for _, _, n in seqs)
+    max_blocks = max(-(-(start + n) // block_size) for _, start, n in seqs)
+    k_len = max_blocks * block_size
+    tables = torch.zeros(batch, max_blocks, dtype=torch.long)
+    q_pos = torch.full((batch, q_len), -1, dtype=torch.long)
+    src, dst = [], []
+    for b, ((blocks, start, n), row) in enumerate(zip(seqs, token_order)):
+        nb = -(-(start + n) // block_size)
+        tables[b, :nb] = torch.tensor(blocks[:nb], dtype=torch.long)
+        q_pos[b, :n] = torch.arange(start, start + n)
+        src.extend(range(row, row + n))
+        dst.extend(range(b * q_len, b * q_len + n))
+    k_pos = torch.arange(k_len)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # causal; padded queries (-1) see nothing
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    mask[:, :, 0] |= q_pos < 0  # padded query rows attend key 0 rather than produce NaN
+    return AttnGroup(
+        src=torch.tensor(src, dtype=torch.long, device=device),
+        dst=torch.tensor(dst, dtype=torch.long, device=device),
+        batch=batch,
+        q_len=q_len,
+        block_tables=tables.to(device),
+        mask=mask[:, None].to(device),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, meta: AttnMetadata
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new keys and values);
+    kv: [2, num_blocks, block_size, Hkv, D] (one layer's cache). Returns [T, Hq, D]."""
+    _, num_blocks, block_size, hkv, d = kv.shape
+    flat = kv.view(2, num_blocks * block_size, hkv, d)
+    flat[0].index_copy_(0, meta.slot_mapping, k)
+    flat[1].index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        qp = q.new_zeros(g.batch * g.q_len, q.shape[1], d)
+        qp[g.dst] = q[g.src]
+        qp = qp.view(g.batch, g.q_len, -1, d).transpose(1, 2)  # [B, Hq, Lq, D]
+        keys = kv[0][g.block_tables].view(g.batch, -1, hkv, d).transpose(1, 2)  # [B, Hkv, Lk, D]
+        vals = kv[1][g.block_tables].view(g.batch, -1, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=g.mask, enable_gqa=True)
+        out[g.src] = o.transpose(1, 2).reshape(g.batch * g.q_len, -1, d)[g.dst]
+    return out

@@ -1,0 +1,187 @@
+"""One decoder-only transformer for every supported family (gpt-fast spirit).
+
+Legend for shape comments: T = tokens in the step, H = hidden size,
+Hq/Hkv = query/KV heads, D = head dim, E = experts, K = experts per token,
+I = (expert) intermediate size, V = vocab.
+
+Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
+fewer, larger matmuls. LoRA enters through `LoraBatch.add`, which adds each
+token's adapter delta to a projection's output in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.lora.ops import segmented_mm
+from loraserve.model.attention import AttnMetadata, paged_attention
+from loraserve.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from loraserve.lora.batch import LoraBatch
+
+
+@dataclass
+class DenseMLP:
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class MoE:
+    router: torch.Tensor  # [E, H]
+    gate_up: torch.Tensor  # [E, H, 2I]  (laid out for segmented_mm)
+    down: torch.Tensor  # [E, I, H]
+    shared: DenseMLP | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H]
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [H, Hq*D]
+    o_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [D]
+    k_norm: torch.Tensor | None
+    post_norm: torch.Tensor  # [H]
+    mlp: DenseMLP | MoE
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+class Transformer:
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[Layer],
+                 norm: torch.Tensor, lm_head: torch.Tensor, max_positions: int) -> None:
+        self.spec = spec
+        self.embed = embed  # [V, H]
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head  # [V, H]
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(spec))
+        self.cos = freqs.cos().to(embed.device)  # [P, D/2]
+        self.sin = freqs.sin().to(embed.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, h, D]; rotate halves (HF "rotate_half" convention)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor,
+                lora: "LoraBatch | None", sample_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D];
+        sample_rows: [N] rows whose next-token logits are wanted. Returns [N, V] fp32 logits."""
+        s = self.spec
+        x = F.embedding(input_ids, self.embed)  # [T, H]
+        cos = self.cos[meta.positions][:, None, :]  # [T, 1, D/2]
+        sin = self.sin[meta.positions][:, None, :]
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
+            if lora is not None:
+                lora.add(i, "qkv", h, qkv)
+            q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+            q = q.view(-1, s.num_heads, s.head_dim)
+            k = k.view(-1, s.num_kv_heads, s.head_dim)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, s.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, s.rms_norm_eps)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            attn = paged_attention(q, k, v.contiguous(), kv_cache[i], meta).view(-1, s.q_size)
+            o = F.linear(attn, layer.o, layer.o_bias)
+            if lora is not None:
+                lora.add(i, "o", attn, o)
+            x = x + o
+            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            if isinstance(layer.mlp, MoE):
+                x = x + self._moe(i, layer.mlp, h, lora)
+            else:
+                x = x + self._mlp(i, layer.mlp, h, lora, "")
+        x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: "LoraBatch | None",
+             prefix: str) -> torch.Tensor:
+        gate_up = F.linear(h, mlp.gate_up)  # [T, 2I]
+        if lora is not None:
+            lora.add(i, prefix + "gate_up", h, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        out = F.linear(act, mlp.down)
+        if lora is not None:
+            lora.add(i, prefix + "down", act, out)
+        return out
+
+    def _moe(self, i: int, moe: MoE, h: torch.Tensor, lora: "LoraBatch | None") -> torch.Tensor:
+        s = self.spec
+        num_tokens, k = h.shape[0], s.num_experts_per_tok
+        probs = F.softmax(F.linear(h, moe.router).float(), dim=-1)  # [T, E]
+        weights, experts = torch.topk(probs, k, dim=-1)  # [T, K]
+        if s.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(h.dtype)
+        token = torch.arange(num_tokens, device=h.device).repeat_interleave(k)  # [T*K]
+        expert = experts.flatten()
+        # sort (token, expert) pairs by expert, then by LoRA slot inside each expert
+        key = expert * (lora.num_slots + 1) + lora.token_slot[token] if lora is not None else expert
+        order = torch.argsort(key, stable=True)
+        token, expert = token[order], expert[order]
+        offs = torch.bincount(expert, minlength=s.num_experts).cumsum(0).to(torch.int32)
+        xs = h[token]  # [T*K, H]
+        gate_up = segmented_mm(xs, moe.gate_up, offs)  # [T*K, 2I]
+        if lora is not None:
+            lora.add_experts(i, "experts_gate_up", xs, gate_up, key[order])
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        y = segmented_mm(act, moe.down, offs)  # [T*K, H]
+        if lora is not None:
+            lora.add_experts(i, "experts_down", act, y, key[order])
+        y = y * weights.flatten()[order, None]
+        out = torch.zeros_like(h).index_add_(0, token, y)
+        if moe.shared is not None:
+            shared = self._mlp(i, moe.shared, h, lora, "shared_")
+            if moe.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(h, moe.shared_gate)) * shared
+            out = out + shared
+        return out
+
+
