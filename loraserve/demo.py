@@ -64,6 +64,11 @@ def build_demo(out: str | Path, adapters: dict = DEMO_ADAPTERS) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # the weights are dequantized fp32 now: save them as plain safetensors
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _drop_quantization_config(tmp)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models and the SmolLM2 demo, built once.
+
+Models are cached under .cache/test-models (or $LORASERVE_TEST_CACHE), so a
+second run skips the building.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from loraserve.demo import build_demo, build_tiny
+
+CACHE = Path(os.environ.get("LORASERVE_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
+DENSE = ["llama", "qwen2", "mistral"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def tiny_dir(family: str) -> Path:
+    tokenizer_from = None
+    if family != "llama":  # reuse the llama build's tokenizer rather than reading the GGUF again
+        tokenizer_from = tiny_dir("llama") / "model"
+    return build_tiny(CACHE / f"tiny-{family}", family, tokenizer_from=tokenizer_from)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_dir
+
+
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    return build_demo(CACHE / "demo")
