@@ -65,9 +65,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     layers = [_layer(ck, s, i) for i in range(s.num_layers)]
     norm = ck.get("model.norm.weight", (h,))
     if s.tie_word_embeddings and not ck.has("lm_head.weight"):
-        lm_head = embed
+        lm_head = embed.t().contiguous()  # a second, input-major copy: see transformer.py
     else:
-        lm_head = ck.get("lm_head.weight", (s.vocab_size, h))
+        lm_head = ck.get("lm_head.weight", (s.vocab_size, h)).t().contiguous()
     unused = sorted(k for k in set(ck.where) - ck.used if not k.endswith("rotary_emb.inv_freq"))
     if unused:
         log.warning("%s: %d tensors not used, e.g. %s", model_dir, len(unused), unused[:3])
@@ -81,7 +81,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
         ck.get(p + "self_attn.q_proj.weight", (s.q_size, h)),
         ck.get(p + "self_attn.k_proj.weight", (s.kv_size, h)),
         ck.get(p + "self_attn.v_proj.weight", (s.kv_size, h)),
-    ])
+    ]).t().contiguous()
     qkv_bias = torch.cat([
         ck.get(p + "self_attn.q_proj.bias", (s.q_size,)),
         ck.get(p + "self_attn.k_proj.bias", (s.kv_size,)),
@@ -91,7 +91,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
         input_norm=ck.get(p + "input_layernorm.weight", (h,)),
         qkv=qkv,
         qkv_bias=qkv_bias,
-        o=ck.get(p + "self_attn.o_proj.weight", (h, s.q_size)),
+        o=ck.get(p + "self_attn.o_proj.weight", (h, s.q_size)).t().contiguous(),
         o_bias=ck.get(p + "self_attn.o_proj.bias", (h,)) if s.o_bias else None,
         q_norm=ck.get(p + "self_attn.q_norm.weight", (d,)) if s.qk_norm else None,
         k_norm=ck.get(p + "self_attn.k_norm.weight", (d,)) if s.qk_norm else None,
@@ -102,7 +102,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
 
 def _dense(ck: _Checkpoint, p: str, h: int, inter: int) -> DenseMLP:
     gate_up = torch.cat([ck.get(p + "gate_proj.weight", (inter, h)), ck.get(p + "up_proj.weight", (inter, h))])
-    return DenseMLP(gate_up=gate_up, down=ck.get(p + "down_proj.weight", (h, inter)))
+    return DenseMLP(gate_up=gate_up.t().contiguous(), down=ck.get(p + "down_proj.weight", (h, inter)).t().contiguous())
 
 
 def _moe(ck: _Checkpoint, s: ModelSpec, i: int) -> MoE:

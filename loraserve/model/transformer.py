@@ -5,7 +5,9 @@ Hq/Hkv = query/KV heads, D = head dim, E = experts, K = experts per token,
 I = (expert) intermediate size, V = vocab.
 
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
-fewer, larger matmuls. LoRA enters through `LoraBatch.add`, which adds each
+fewer, larger matmuls, and stored input-major ([in, out], used as x @ W): on
+CPU, MKL streams that layout about 1.5x faster for small decode batches and
+matches the other at large ones. LoRA enters through `LoraBatch.add`, which adds each
 token's adapter delta to a projection's output in place.
 """
 
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class DenseMLP:
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: torch.Tensor  # [H, 2I]
+    down: torch.Tensor  # [I, H]
 
 
 @dataclass
@@ -44,14 +46,19 @@ class MoE:
 @dataclass
 class Layer:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
+    qkv: torch.Tensor  # [H, Hq*D + 2*Hkv*D]
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [H, Hq*D]
+    o: torch.Tensor  # [Hq*D, H]
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None  # [D]
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor  # [H]
     mlp: DenseMLP | MoE
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [T, in]; w: [in, out]."""
+    return x @ w if bias is None else torch.addmm(bias, x, w)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,7 +94,7 @@ class Transformer:
         self.embed = embed  # [V, H]
         self.layers = layers
         self.norm = norm
-        self.lm_head = lm_head  # [V, H]
+        self.lm_head = lm_head  # [H, V]
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(spec))
         self.cos = freqs.cos().to(embed.device)  # [P, D/2]
         self.sin = freqs.sin().to(embed.device)
@@ -115,19 +122,18 @@ class Transformer:
         sin = self.sin[meta.positions][:, None, :]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
+            qkv = linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
             if lora is not None:
                 lora.add(i, "qkv", h, qkv)
-            q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-            q = q.view(-1, s.num_heads, s.head_dim)
-            k = k.view(-1, s.num_kv_heads, s.head_dim)
-            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
+            qk = qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim)  # q heads, then k heads
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, s.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, s.rms_norm_eps)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            attn = paged_attention(q, k, v.contiguous(), kv_cache[i], meta).view(-1, s.q_size)
-            o = F.linear(attn, layer.o, layer.o_bias)
+                qk = torch.cat([rms_norm(qk[:, :s.num_heads], layer.q_norm, s.rms_norm_eps),
+                                rms_norm(qk[:, s.num_heads:], layer.k_norm, s.rms_norm_eps)], dim=1)
+            q, k = self._rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            attn = paged_attention(q, k, v, kv_cache[i], meta).view(-1, s.q_size)
+            o = linear(attn, layer.o, layer.o_bias)
             if lora is not None:
                 lora.add(i, "o", attn, o)
             x = x + o
@@ -137,16 +143,16 @@ class Transformer:
             else:
                 x = x + self._mlp(i, layer.mlp, h, lora, "")
         x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return (x @ self.lm_head).float()
 
     def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: "LoraBatch | None",
              prefix: str) -> torch.Tensor:
-        gate_up = F.linear(h, mlp.gate_up)  # [T, 2I]
+        gate_up = h @ mlp.gate_up  # [T, 2I]
         if lora is not None:
             lora.add(i, prefix + "gate_up", h, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        out = F.linear(act, mlp.down)
+        out = act @ mlp.down
         if lora is not None:
             lora.add(i, prefix + "down", act, out)
         return out

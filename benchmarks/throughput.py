@@ -1,0 +1,185 @@
+"""Output tokens/s of loraserve against transformers + PEFT, side by side in one run.
+
+Workload (issue #2): 32 requests over 8 rank-16 adapters (round robin), 128-token
+prompts, 64 greedy output tokens each, on the SmolLM2 demo model and the tiny
+dense and MoE models, in fp32 and bf16. Also: loraserve with no adapters on the
+same batch (LoRA overhead), single-request decode against the memory-bandwidth
+roofline, and this machine's measured bandwidth and matmul FLOP/s.
+
+    python benchmarks/throughput.py                     # everything
+    python benchmarks/throughput.py --models smollm2 --dtypes float32
+
+Results go to benchmarks/results/throughput.json and print as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loraserve import LLM, SamplingParams  # noqa: E402
+from loraserve.demo import build_demo, build_tiny, make_adapter  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench"
+NUM_REQUESTS, NUM_ADAPTERS, RANK, PROMPT_LEN, OUTPUT_LEN = 32, 8, 16, 128, 64
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def machine_limits() -> dict:
+    x = torch.ones(64 * 2**20)  # 256 MiB
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    bandwidth = 10 * x.numel() * 4 / (time.perf_counter() - t)
+    flops = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048, dtype=dt)
+        a @ a
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        flops[str(dt).split(".")[1]] = 3 * 2 * 2048**3 / (time.perf_counter() - t)
+    return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()}}
+
+
+def prepare(model: str) -> tuple[Path, dict[str, str]]:
+    """Model dir and 8 rank-16 adapters (MoE: attention only, so PEFT can batch them)."""
+    if model == "smollm2":
+        model_dir = build_demo(CACHE / "smollm2", adapters={}) / "model"
+        targets = ALL_TARGETS
+    else:
+        family = {"tiny-dense": "llama", "tiny-moe": "qwen3_moe"}[model]
+        model_dir = build_tiny(CACHE / model, family) / "model"
+        targets = ALL_TARGETS if family == "llama" else ALL_TARGETS[:4]
+    adapters = {}
+    for i in range(NUM_ADAPTERS):
+        path = make_adapter(model_dir, model_dir.parent / "bench-adapters" / f"a{i}", RANK, 2 * RANK, targets,
+                            False, seed=1000 + i, b_std=0.01)
+        adapters[f"a{i}"] = str(path)
+    return model_dir, adapters
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, 20_000, (NUM_REQUESTS, PROMPT_LEN), generator=g).tolist()
+
+
+def run_loraserve(model_dir: Path, adapters: dict, dtype: str, use_adapters: bool) -> float:
+    from loraserve.config import SchedulerConfig
+
+    llm = LLM(str(model_dir), adapters=adapters, dtype=dtype,
+              scheduler=SchedulerConfig(max_num_seqs=NUM_REQUESTS, max_num_batched_tokens=4096, max_loras=8))
+    names = [f"a{i % NUM_ADAPTERS}" if use_adapters else None for i in range(NUM_REQUESTS)]
+    sp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts()[:4], SamplingParams(max_tokens=4, temperature=0.0), adapter=names[:4], use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(prompts(), sp, adapter=names, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    assert all(len(o.token_ids) == OUTPUT_LEN for o in outs)
+    return NUM_REQUESTS * OUTPUT_LEN / elapsed
+
+
+def run_hf_peft(model_dir: Path, adapters: dict, dtype: str) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dt = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(adapters[n], adapter_name=n)
+    model.eval()
+    ids = torch.tensor(prompts())
+    per_request = [names[i % NUM_ADAPTERS] for i in range(NUM_REQUESTS)]
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:4, :8], adapter_names=per_request[:4], max_new_tokens=2, **kw)
+        t = time.perf_counter()
+        out = model.generate(input_ids=ids, adapter_names=per_request, max_new_tokens=OUTPUT_LEN,
+                             min_new_tokens=OUTPUT_LEN, **kw)
+        elapsed = time.perf_counter() - t
+    assert out.shape[1] == PROMPT_LEN + OUTPUT_LEN
+    return NUM_REQUESTS * OUTPUT_LEN / elapsed
+
+
+def single_decode(model_dir: Path, dtype: str) -> dict:
+    llm = LLM(str(model_dir), dtype=dtype)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate([[1, 2, 3]], sp, use_tqdm=False)
+    engine = llm.engine
+    engine.add_request(list(range(100, 116)), SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill and first token
+    t = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    tok_s = steps / (time.perf_counter() - t)
+    m = engine.model
+    weight_bytes = sum(t.numel() * t.element_size() for t in _weights(m))
+    return {"tok_s": tok_s, "weight_bytes": weight_bytes}
+
+
+def _weights(m):
+    seen = {}
+    for t in [m.embed, m.norm, m.lm_head]:
+        seen[t.data_ptr()] = t
+    for layer in m.layers:
+        for v in vars(layer).values():
+            for t in (vars(v).values() if hasattr(v, "__dataclass_fields__") else [v]):
+                if isinstance(t, torch.Tensor):
+                    seen[t.data_ptr()] = t
+    tensors = list(seen.values())
+    return [t for t in tensors if t is not m.embed or m.lm_head is m.embed]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["smollm2", "tiny-dense", "tiny-moe"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                           **machine_limits()}, "runs": []}
+    print(json.dumps(results["machine"], indent=1), flush=True)
+    for model in args.models:
+        model_dir, adapters = prepare(model)
+        for dtype in args.dtypes:
+            row = {"model": model, "dtype": dtype}
+            row["loraserve_mixed"] = run_loraserve(model_dir, adapters, dtype, True)
+            row["loraserve_base"] = run_loraserve(model_dir, adapters, dtype, False)
+            row["hf_peft_mixed"] = run_hf_peft(model_dir, adapters, dtype)
+            row["single_decode"] = single_decode(model_dir, dtype)
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    bw = results["machine"]["memory_read_GBps"] * 1e9
+    print("\n| model | dtype | loraserve mixed | loraserve base | HF+PEFT mixed | ours/HF | mixed/base "
+          "| batch-1 decode | roofline | % roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        roof = bw / r["single_decode"]["weight_bytes"]
+        print(f"| {r['model']} | {r['dtype']} | {r['loraserve_mixed']:.0f} | {r['loraserve_base']:.0f} "
+              f"| {r['hf_peft_mixed']:.0f} | {r['loraserve_mixed'] / r['hf_peft_mixed']:.2f}x "
+              f"| {r['loraserve_mixed'] / r['loraserve_base']:.0%} | {r['single_decode']['tok_s']:.0f} "
+              f"| {roof:.0f} | {r['single_decode']['tok_s'] / roof:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
