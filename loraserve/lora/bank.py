@@ -58,7 +58,7 @@ class LoraBank:
         """Copy an adapter's weights into a slot (host → device)."""
         if adapter.rank > self.rank:
             resident = [(i, a) for i, a in enumerate(self.slots) if a is not None]
-            self._allocate(max(adapter.rank, self.rank))
+            self._allocate(-(-adapter.rank // 4) * 4)  # multiple of 4: aligned rows for grouped matmuls
             for i, a in resident:
                 self._write(i, a)
         self._write(slot, adapter)
