@@ -43,11 +43,11 @@ def machine_limits() -> dict:
     bandwidth = 10 * x.numel() * 4 / (time.perf_counter() - t)
     flops = {}
     for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(2048, 2048, dtype=dt)
-        a @ a
+        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        a @ b.t()  # the operand order with a fast bf16 kernel on this CPU (see model/loader.py)
         t = time.perf_counter()
         for _ in range(3):
-            a @ a
+            a @ b.t()
         flops[str(dt).split(".")[1]] = 3 * 2 * 2048**3 / (time.perf_counter() - t)
     return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()}}
 

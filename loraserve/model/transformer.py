@@ -5,9 +5,8 @@ Hq/Hkv = query/KV heads, D = head dim, E = experts, K = experts per token,
 I = (expert) intermediate size, V = vocab.
 
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
-fewer, larger matmuls, and stored input-major ([in, out], used as x @ W): on
-CPU, MKL streams that layout about 1.5x faster for small decode batches and
-matches the other at large ones. LoRA enters through `LoraBatch.add`, which adds each
+fewer, larger matmuls, and shaped input-major ([in, out], used as x @ W); the
+loader picks the memory order that runs fastest for the dtype. LoRA enters through `LoraBatch.add`, which adds each
 token's adapter delta to a projection's output in place.
 """
 
