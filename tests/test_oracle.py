@@ -57,3 +57,19 @@ def test_demo_model_matches_oracle(demo):
     for out, name in zip(outs, [None, *names]):
         ref, _ = greedy(model_dir, None if name is None else str(demo / "adapters" / name), prompt, NUM_TOKENS)
         assert out.token_ids == ref, name
+
+
+BF16_LOGPROB_ATOL = 0.1  # bf16 keeps ~3 significant digits; the fp32 oracle is the reference
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_bfloat16_stays_close_to_the_fp32_oracle(tiny, family):
+    root = tiny(family)
+    model_dir = str(root / "model")
+    llm = LLM(model_dir, adapters={"r8": str(root / "adapters" / "r8")}, dtype="bfloat16")
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=5)
+    for adapter in (None, "r8"):
+        out = llm.generate([PROMPTS[1]], sp, adapter=adapter)[0]
+        _, ref = greedy(model_dir, None if adapter is None else str(root / "adapters" / adapter), PROMPTS[1], 1)
+        top = out.top_logprobs[0]
+        assert torch.allclose(torch.tensor(list(top.values())), ref[list(top)], atol=BF16_LOGPROB_ATOL)

@@ -18,6 +18,7 @@ from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora.bank import lora_dtype
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.lora.slots import LoraSlots
 from loraserve.model.loader import load_model, read_generation_eos
@@ -50,7 +51,7 @@ class LLMEngine:
         if self.num_blocks * block_size < self.max_model_len:
             log.warning("KV cache holds %d tokens, less than max_model_len %d",
                         self.num_blocks * block_size, self.max_model_len)
-        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, dtype)
+        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, self.model.device))
         self.cache = SimpleCacheManager(self.num_blocks, block_size)
         self.slots = LoraSlots(config.scheduler.max_loras)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.slots, self.clock, self.max_model_len)

@@ -9,7 +9,7 @@ import torch
 from loraserve.engine.plan import StepPlan, StepResult
 from loraserve.engine.sampler import sample
 from loraserve.lora.adapter import LoraAdapter
-from loraserve.lora.bank import LoraBank
+from loraserve.lora.bank import LoraBank, lora_dtype
 from loraserve.lora.batch import LoraBatch
 from loraserve.model.attention import build_metadata
 from loraserve.model.transformer import Transformer
@@ -25,7 +25,7 @@ class TorchExecutor:
         self.tiers = {"device": torch.zeros(shape, dtype=model.dtype, device=model.device)}
         if num_host_blocks:
             self.tiers["host"] = torch.zeros(shape[:2] + (num_host_blocks,) + shape[3:], dtype=model.dtype)
-        self.bank = LoraBank(s, num_slots, model.dtype, model.device)
+        self.bank = LoraBank(s, num_slots, lora_dtype(model.dtype, model.device), model.device)
         self.adapters = adapters
         self.default_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}

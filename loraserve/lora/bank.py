@@ -21,6 +21,12 @@ WIDTH = {"qkv": 3, "o": 1, "gate_up": 2, "down": 1, "shared_gate_up": 2, "shared
          "experts_gate_up": 2, "experts_down": 1}
 
 
+def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Adapter weights and LoRA math stay fp32 on CPU: they are small, and CPUs
+    without native bf16 have no fast kernel for small bf16 matmuls."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 def layer_targets(spec: ModelSpec, layer: int) -> list[str]:
     if not spec.is_moe_layer(layer):
         return ["qkv", "o", "gate_up", "down"]

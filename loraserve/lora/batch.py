@@ -49,14 +49,16 @@ class LoraBatch:
             return
         n = self.num_base
         a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
+        x = x[n:].to(a.dtype)
         if self.padded:
-            out[n:] += padded_lora_delta(x[n:], a, b, self.pad, self.pad_index)
+            out[n:] += padded_lora_delta(x, a, b, self.pad, self.pad_index).to(out.dtype)
         else:
-            out[n:] += lora_delta(x[n:], a, b, self.offs)
+            out[n:] += lora_delta(x, a, b, self.offs).to(out.dtype)
 
     def add_experts(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> None:
         """Same for expert projections; rows sorted by keys = expert * (S + 1) + slot."""
         if self.any:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             offs = torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
-            out += lora_delta(x, self.bank.a[(layer, target)], self.bank.b[(layer, target)], offs)
+            a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
+            out += lora_delta(x.to(a.dtype), a, b, offs).to(out.dtype)

@@ -28,6 +28,8 @@ class AttnGroup:
     """[B, max_blocks] long (padded with block 0, masked out)."""
     mask: torch.Tensor
     """[B, 1, Lq, Lk] bool: True where a query may attend a key."""
+    identity: bool = False
+    """The only group, with src = dst = every row in order (e.g. an all-decode step)."""
 
 
 @dataclass
@@ -68,6 +70,10 @@ def build_metadata(
         if members:
             groups.append(_group([seqs[i] for i in members], [token_order[i] for i in members],
                                  block_size, sliding_window, device))
+    if len(groups) == 1:
+        g = groups[0]
+        rows = torch.arange(len(positions), device=device)
+        g.identity = g.batch * g.q_len == len(positions) and torch.equal(g.src, rows) and torch.equal(g.dst, rows)
     return AttnMetadata(flat_pos.to(device), flat_slot.to(device), groups)
 
 
@@ -111,11 +117,17 @@ def paged_attention(
     flat[1].index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for g in meta.groups:
-        qp = q.new_zeros(g.batch * g.q_len, q.shape[1], d)
-        qp[g.dst] = q[g.src]
-        qp = qp.view(g.batch, g.q_len, -1, d).transpose(1, 2)  # [B, Hq, Lq, D]
+        if g.identity:  # rows are already the padded layout: no scatter, no gather
+            qp = q.view(g.batch, g.q_len, -1, d).transpose(1, 2)
+        else:
+            qp = q.new_zeros(g.batch * g.q_len, q.shape[1], d)
+            qp[g.dst] = q[g.src]
+            qp = qp.view(g.batch, g.q_len, -1, d).transpose(1, 2)  # [B, Hq, Lq, D]
         keys = kv[0][g.block_tables].view(g.batch, -1, hkv, d).transpose(1, 2)  # [B, Hkv, Lk, D]
         vals = kv[1][g.block_tables].view(g.batch, -1, hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=g.mask, enable_gqa=True)
-        out[g.src] = o.transpose(1, 2).reshape(g.batch * g.q_len, -1, d)[g.dst]
+        o = o.transpose(1, 2).reshape(g.batch * g.q_len, -1, d)
+        if g.identity:
+            return o
+        out[g.src] = o[g.dst]
     return out

@@ -23,7 +23,8 @@ def _input_major(w: torch.Tensor) -> torch.Tensor:
     transposed view of the [out, in] tensor, the only order with a fast
     reduced-precision kernel on CPUs without native bf16.
     """
-    return w.t().contiguous() if w.dtype == torch.float32 else w.t()
+    w = w.transpose(-1, -2)  # also for stacked experts [E, out, in]
+    return w.contiguous() if w.dtype == torch.float32 else w
 
 
 class _Checkpoint:
@@ -130,7 +131,7 @@ def _moe(ck: _Checkpoint, s: ModelSpec, i: int) -> MoE:
             ck.get(f"{p}experts.{x}.{names[0]}.weight", (inter, h)),
             ck.get(f"{p}experts.{x}.{names[1]}.weight", (inter, h))]) for x in range(e)])
         down = torch.stack([ck.get(f"{p}experts.{x}.{names[2]}.weight", (h, inter)) for x in range(e)])
-    moe = MoE(router=router, gate_up=gate_up.transpose(1, 2).contiguous(), down=down.transpose(1, 2).contiguous())
+    moe = MoE(router=router, gate_up=_input_major(gate_up), down=_input_major(down))
     if s.shared_expert_intermediate_size:
         moe.shared = _dense(ck, p + "shared_expert.", h, s.shared_expert_intermediate_size)
         moe.shared_gate = ck.get(p + "shared_expert_gate.weight", (1, h))

@@ -61,10 +61,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    if x.dtype == torch.float32:  # one fused kernel, same arithmetic as below
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # as HF: normalize in fp32, round, then scale
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
