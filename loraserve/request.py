@@ -36,6 +36,9 @@ class Request:
     adapter: str | None = None
     """Content hash of the adapter (None: base model)."""
 
+    adapter_name: str | None = None
+    """The name the request asked for (reported back; identity is `adapter`)."""
+
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)

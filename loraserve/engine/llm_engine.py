@@ -59,8 +59,6 @@ class LLMEngine:
                                       self.adapters.by_id, config.seed)
         self.detok = Detokenizer(self.tokenizer)
         self._ids = itertools.count()
-        self._names: dict[str, str | None] = {}
-        """request id → the adapter name it was asked for (outputs report it)."""
 
     # -- adapters ----------------------------------------------------------
 
@@ -82,10 +80,10 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------
 
-    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                    adapter: str | None = None, request_id: str | None = None) -> Request:
-        """Validate and queue a request. Raises ValueError (bad input) or
-        KeyError (unknown adapter) before anything is queued."""
+    def make_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                     adapter: str | None = None, request_id: str | None = None) -> Request:
+        """Validate and build a request without queueing it (callable from any
+        thread). Raises ValueError (bad input) or KeyError (unknown adapter)."""
         sampling = sampling or SamplingParams()
         sampling.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -100,16 +98,21 @@ class LLMEngine:
             raise ValueError(f"prompt plus max_tokens needs more KV blocks than the cache has ({self.num_blocks})")
         lora = self.adapters.resolve(adapter)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
-        req = Request(
+        return Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_token_ids=ids,
             sampling=sampling,
             adapter=lora.id if lora else None,
+            adapter_name=adapter,
             arrival_time=self.clock.now(),
             stop_token_ids=frozenset(stop_ids),
         )
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None) -> Request:
+        """Validate and queue a request; nothing is queued if validation fails."""
+        req = self.make_request(prompt, sampling, adapter, request_id)
         self.scheduler.add(req)
-        self._names[req.request_id] = adapter
         return req
 
     def abort(self, request_id: str) -> None:
@@ -132,7 +135,7 @@ class LLMEngine:
         text, delta, stop_hit = self.detok.update(req)
         if stop_hit:
             self.scheduler.finish(req.request_id, FinishReason.STOP)
-        out = make_output(req, text, delta, self._names.get(req.request_id))
+        out = make_output(req, text, delta)
         if req.is_finished:
             self._forget(req)
         return out
@@ -141,4 +144,3 @@ class LLMEngine:
         self.executor.release([req.request_id])
         self.detok.forget(req.request_id)
         self.scheduler.forget(req.request_id)
-        self._names.pop(req.request_id, None)

@@ -56,7 +56,7 @@ class Detokenizer:
         self.sent.pop(request_id, None)
 
 
-def make_output(req: Request, text: str, delta: str, adapter_name: str | None) -> RequestOutput:
+def make_output(req: Request, text: str, delta: str) -> RequestOutput:
     return RequestOutput(
         request_id=req.request_id,
         prompt_token_ids=req.prompt_token_ids,
@@ -67,5 +67,5 @@ def make_output(req: Request, text: str, delta: str, adapter_name: str | None) -
         finish_reason=req.finish_reason.value if isinstance(req.finish_reason, FinishReason) else None,
         logprobs=list(req.output_logprobs),
         top_logprobs=list(req.output_top_logprobs),
-        adapter=adapter_name,
+        adapter=req.adapter_name,
     )

@@ -1,0 +1,101 @@
+"""The engine loop in a background thread, fed and drained from asyncio.
+
+The event loop never runs model compute: it validates a request (tokenize,
+check), hands it to the loop thread through a thread-safe queue, and awaits
+outputs on an asyncio.Queue that the loop thread fills with
+`call_soon_threadsafe`. Aborts travel the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.output import RequestOutput
+from loraserve.request import Request
+from loraserve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._running = True
+        self.draining = False
+        """Set on shutdown: running requests finish, new ones are refused."""
+        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ---------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], sampling: SamplingParams, adapter: str | None,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; aborts it if the consumer stops early."""
+        if self.draining:
+            raise RuntimeError("the server is shutting down")
+        req = self.engine.make_request(prompt, sampling, adapter, request_id)  # raises on bad input
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[req.request_id] = (asyncio.get_running_loop(), outputs)
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished:  # the client went away: free its blocks
+                self._inbox.put(("abort", req.request_id))
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    # -- loop thread -------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug in a step must not kill the server silently
+                log.exception("engine step failed")
+                raise
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    loop, q = target
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, payload: object) -> None:
+        if kind == "add":
+            assert isinstance(payload, Request)
+            self.engine.scheduler.add(payload)
+        elif kind == "abort":
+            self.engine.abort(str(payload))

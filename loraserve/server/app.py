@@ -1,0 +1,211 @@
+"""The OpenAI-compatible HTTP API over an AsyncEngine.
+
+Every failure is an OpenAI-style JSON error with a 4xx status and a message
+naming the field or the adapter; nothing accepted before is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.output import RequestOutput
+from loraserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="loraserve", version="0.1.0")
+    llm = engine.engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        return error_response(400, f"{field or 'body'}: {err.get('msg')}", field)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {api_key}"):
+                return error_response(401, "invalid or missing API key", kind="authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "draining" if engine.draining else "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        data = [{"id": model_name, "object": "model", "created": now, "owned_by": "loraserve", "parent": None,
+                 "root": llm.config.model}]
+        for name, adapter in llm.adapters.by_name.items():
+            data.append({"id": name, "object": "model", "created": now, "owned_by": "loraserve",
+                         "parent": model_name, "root": adapter.path})
+        return {"object": "list", "data": data}
+
+    def adapter_for(model: str) -> str | None:
+        if model == model_name:
+            return None
+        if model not in llm.adapters.by_name:
+            raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", "model",
+                           "not_found_error")
+        return model
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        adapter = adapter_for(body.model)
+        prompts = _prompts(body.prompt)
+        logprobs = body.logprobs
+        return await _respond(engine, body, adapter, prompts, logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        adapter = adapter_for(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = llm.tokenizer.apply_chat_template(messages)
+        except Exception as e:  # template errors are the request's fault (e.g. bad roles)
+            raise APIError(400, f"messages: {e}", "messages") from e
+        if body.max_completion_tokens:
+            body.max_tokens = body.max_completion_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await _respond(engine, body, adapter, [prompt], logprobs, chat=True)
+
+    return app
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", "prompt")
+    return list(prompt)
+
+
+async def _respond(engine: AsyncEngine, body, adapter, prompts, logprobs, chat: bool):
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    streams = []
+    try:
+        for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
+            sampling = body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n)
+            streams.append(engine.generate(prompt, sampling, adapter, f"{rid}-{i}"))
+        firsts = [await anext(s) for s in streams]  # validation errors surface here, before any output
+    except (ValueError, TypeError) as e:
+        await _close(streams)
+        raise APIError(400, str(e)) from e
+    except KeyError as e:
+        await _close(streams)
+        raise APIError(404, str(e.args[0] if e.args else e), "model", "not_found_error") from e
+    except RuntimeError as e:
+        await _close(streams)
+        raise APIError(503, str(e), kind="server_error") from e
+    if body.stream:
+        return StreamingResponse(_sse(rid, body.model, streams, firsts, chat, engine),
+                                 media_type="text/event-stream")
+    finals = []
+    for s, first in zip(streams, firsts):
+        out = first
+        async for out in s:
+            pass
+        finals.append(out)
+    return _final(rid, body.model, finals, body.n, chat, engine)
+
+
+async def _close(streams) -> None:
+    for s in streams:
+        await s.aclose()
+
+
+def _final(rid: str, model: str, outs: list[RequestOutput], n: int, chat: bool, engine: AsyncEngine) -> dict:
+    choices = []
+    for i, o in enumerate(outs):
+        lp = _logprobs(o, 0, chat, engine) if o.logprobs else None
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
+                            "logprobs": lp, "finish_reason": o.finish_reason})
+        else:
+            choices.append({"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason})
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])  # outs are prompt-major, n per prompt
+    completion_tokens = sum(len(o.token_ids) for o in outs)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> dict:
+    tok = engine.engine.tokenizer
+    ids, lps = o.token_ids[start:], o.logprobs[start:]
+    tops = o.top_logprobs[start:] or [{}] * len(ids)
+    texts = [tok.decode([t], skip_special_tokens=False) for t in ids]
+    if chat:
+        return {"content": [{"token": s, "logprob": lp, "top_logprobs": [
+            {"token": tok.decode([t], skip_special_tokens=False), "logprob": v} for t, v in top.items()]}
+            for s, lp, top in zip(texts, lps, tops)]}
+    return {"tokens": texts, "token_logprobs": lps,
+            "top_logprobs": [{tok.decode([t], skip_special_tokens=False): v for t, v in top.items()} for top in tops]}
+
+
+async def _sse(rid, model, streams, firsts, chat, engine) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text per choice, then [DONE]."""
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    sent = [0] * len(streams)
+
+    def chunk(i: int, out: RequestOutput) -> str:
+        lp = _logprobs(out, sent[i], chat, engine) if out.logprobs else None
+        sent[i] = len(out.token_ids)
+        if chat:
+            choice = {"index": i, "delta": {"role": "assistant", "content": out.delta}, "logprobs": lp,
+                      "finish_reason": out.finish_reason}
+        else:
+            choice = {"index": i, "text": out.delta, "logprobs": lp, "finish_reason": out.finish_reason}
+        return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                      "choices": [choice]}) + "\n\n"
+
+    try:
+        for i, out in enumerate(firsts):
+            yield chunk(i, out)
+        pending = {i: s for i, s in enumerate(streams) if not firsts[i].finished}
+        while pending:
+            for i, s in list(pending.items()):
+                try:
+                    out = await anext(s)
+                except StopAsyncIteration:
+                    pending.pop(i)
+                    continue
+                yield chunk(i, out)
+                if out.finished:
+                    pending.pop(i)
+        yield "data: [DONE]\n\n"
+    finally:
+        await _close(streams)  # on disconnect: aborts what is still running

@@ -1,0 +1,134 @@
+"""The real server in a subprocess, driven by the official openai client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from loraserve import LLM, SamplingParams
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    root = tiny("llama")
+    port = free_port()
+    args = [sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"), "--port", str(port),
+            "--served-model-name", "base", "--api-key", API_KEY]
+    for name in ("r4", "r8", "r16"):
+        args += ["--lora", f"{name}={root / 'adapters' / name}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stdout.read())
+    yield url, root
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    root = server[1]
+    return LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"base", "r4", "r8", "r16"}
+    assert models["r8"].model_extra["parent"] == "base"
+
+
+@pytest.mark.parametrize("model", ["base", "r4", "r16"])
+def test_completion_equals_offline_engine(client, offline, model):
+    resp = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=12, temperature=0)
+    expected = offline.generate("The quick brown fox", SamplingParams(max_tokens=12, temperature=0.0),
+                                adapter=None if model == "base" else model)[0]
+    assert resp.choices[0].text == expected.text
+    assert resp.usage.completion_tokens == len(expected.token_ids)
+    assert resp.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_streaming_concatenates_to_the_same_text(client):
+    kw = dict(model="r8", prompt="Once upon a time", max_tokens=16, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_and_chat_streaming(client, offline):
+    messages = [{"role": "user", "content": "Say hi"}]
+    resp = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0)
+    tok = offline.engine.tokenizer
+    prompt = tok.apply_chat_template(messages)
+    expected = offline.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), adapter="r16")[0]
+    assert resp.choices[0].message.content == expected.text
+    stream = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
+
+
+def test_n_seed_and_logprobs(client):
+    resp = client.completions.create(model="r4", prompt="Hello", max_tokens=6, temperature=1.0, seed=5, n=2,
+                                     logprobs=2)
+    again = client.completions.create(model="r4", prompt="Hello", max_tokens=6, temperature=1.0, seed=5, n=2,
+                                      logprobs=2)
+    assert [c.text for c in resp.choices] == [c.text for c in again.choices]
+    lp = resp.choices[0].logprobs
+    assert len(lp.token_logprobs) == 6 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_concurrent_requests_for_several_adapters(client, offline):
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["base", "r4", "r8", "r16"] * 3
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda m: client.completions.create(
+            model=m, prompt="Count: 1 2 3", max_tokens=8, temperature=0).choices[0].text, names))
+    for name, text in zip(names, texts):
+        expected = offline.generate("Count: 1 2 3", SamplingParams(max_tokens=8, temperature=0.0),
+                                    adapter=None if name == "base" else name)[0].text
+        assert text == expected, name
+
+
+def test_errors(server, client):
+    with pytest.raises(openai.NotFoundError, match="the model 'nope' does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="base", prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="exceeds the context length"):
+        client.completions.create(model="base", prompt="x", max_tokens=100_000)
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid or missing API key"):
+        bad.models.list()
+    r = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={
+        "authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    # the server still serves after all of that
+    assert client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
