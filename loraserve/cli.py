@@ -75,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, args.served_model_name or Path(model).name, api_key=args.api_key)
+    app = build_app(async_engine, args.served_model_name or Path(model).name, api_key=args.api_key,
+                    lora_dirs=args.lora_dir, max_waiting=args.max_waiting)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    v.add_argument("--lora-dir", action="append", help="directory runtime-loaded adapters may come from (repeatable)")
+    v.add_argument("--max-waiting", type=int, default=1024, help="waiting requests past which new ones get 429")
     v.add_argument("--max-lora-rank", type=int, default=64)
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     v.set_defaults(func=cmd_serve)

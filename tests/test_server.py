@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -23,11 +26,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
+def lora_dir(tiny, tmp_path_factory):
+    """The only directory the server may load adapters from at runtime."""
+    d = tmp_path_factory.mktemp("loras")
+    shutil.copytree(tiny("llama") / "adapters" / "r8", d / "good")
+    (d / "broken").mkdir()
+    (d / "broken" / "adapter_config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny, lora_dir):
     root = tiny("llama")
     port = free_port()
     args = [sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"), "--port", str(port),
-            "--served-model-name", "base", "--api-key", API_KEY]
+            "--served-model-name", "base", "--api-key", API_KEY, "--lora-dir", str(lora_dir)]
     for name in ("r4", "r8", "r16"):
         args += ["--lora", f"{name}={root / 'adapters' / name}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -132,3 +145,73 @@ def test_errors(server, client):
     assert r.status_code == 400 and r.json()["error"]["message"]
     # the server still serves after all of that
     assert client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def post(server, path, body):
+    return httpx.post(server[0] + path, json=body, headers={"authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server[0] + "/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_load_and_unload_at_runtime(server, client, offline, lora_dir):
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "fresh", "lora_path": str(lora_dir / "good")})
+    assert r.status_code == 200, r.text
+    assert "fresh" in {m.id for m in client.models.list().data}
+    text = client.completions.create(model="fresh", prompt="abc", max_tokens=6, temperature=0).choices[0].text
+    assert text == offline.generate("abc", SamplingParams(max_tokens=6, temperature=0.0), adapter="r8")[0].text
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "fresh"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="fresh", prompt="abc", max_tokens=2)
+
+
+def test_load_refusals(server, lora_dir, tiny):
+    outside = str(tiny("llama") / "adapters" / "r4")
+    traversal = str(lora_dir / ".." / "elsewhere")
+    for path, status, message in [
+        (outside, 403, "outside the allowed --lora-dir"),
+        (traversal, 403, "outside the allowed --lora-dir"),
+        (str(lora_dir / "broken"), 400, "missing adapter_model.safetensors"),
+    ]:
+        r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "r4", "lora_path": str(lora_dir / "good")})
+    assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "nope"}).status_code == 404
+
+
+def test_unload_waits_for_running_requests(server, client, lora_dir):
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": str(lora_dir / "good")}).status_code == 200
+    results = []
+
+    def ask():
+        results.append(client.completions.create(model="busy", prompt="tell me", max_tokens=40, temperature=0,
+                                                  extra_body={"ignore_eos": True}))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while metric(server, "loraserve_num_requests_running") < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"}).status_code == 200
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(len(r.choices[0].text) > 0 and r.usage.completion_tokens == 40 for r in results)
+
+
+def test_disconnect_frees_blocks_and_metrics_count(server, client):
+    stream = client.completions.create(model="r16", prompt="go on", max_tokens=400, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert metric(server, "loraserve_kv_blocks_used") > 0
+    stream.close()
+    deadline = time.time() + 30
+    while metric(server, "loraserve_kv_blocks_used") > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "loraserve_kv_blocks_used") == 0
+    assert metric(server, "loraserve_num_requests_running") == 0
+    assert metric(server, "loraserve_requests_total") > 0
+    assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0

@@ -27,6 +27,7 @@ class AsyncEngine:
         self.engine = engine
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        """request id → where its outputs (or an exception) go."""
         self._running = True
         self.draining = False
         """Set on shutdown: running requests finish, new ones are refused."""
@@ -48,12 +49,23 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await outputs.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(req.request_id, None)
             if not finished:  # the client went away: free its blocks
                 self._inbox.put(("abort", req.request_id))
+
+    async def call(self, fn, *args):
+        """Run fn(*args) on the loop thread, between steps (engine state is the
+        loop thread's alone); returns its result or raises its exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (loop, future, fn, args)))
+        return await future
 
     def num_unfinished(self) -> int:
         return len(self._streams)
@@ -76,10 +88,13 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 raise
             for out in outputs:
-                target = self._streams.get(out.request_id)
-                if target is not None:
-                    loop, q = target
-                    loop.call_soon_threadsafe(q.put_nowait, out)
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -96,6 +111,23 @@ class AsyncEngine:
     def _apply(self, kind: str, payload: object) -> None:
         if kind == "add":
             assert isinstance(payload, Request)
-            self.engine.scheduler.add(payload)
+            if payload.adapter is not None and not self.engine.adapter_loaded(payload.adapter):
+                # unloaded between validation and now
+                self._deliver(payload.request_id, KeyError(f"no adapter named {payload.adapter_name!r}"))
+            else:
+                self.engine.scheduler.add(payload)
         elif kind == "abort":
             self.engine.abort(str(payload))
+        elif kind == "call":
+            loop, future, fn, args = payload
+            try:
+                result = fn(*args)
+            except Exception as e:  # handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)

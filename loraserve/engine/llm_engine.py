@@ -59,6 +59,8 @@ class LLMEngine:
                                       self.adapters.by_id, config.seed)
         self.detok = Detokenizer(self.tokenizer)
         self._ids = itertools.count()
+        self._retiring: set[str] = set()
+        """Ids of unloaded adapters whose weights wait for their last request."""
 
     # -- adapters ----------------------------------------------------------
 
@@ -66,17 +68,27 @@ class LLMEngine:
         return self.adapters.add(name, path)
 
     def remove_adapter(self, name: str) -> None:
-        """Unload an adapter; refused while requests still use it."""
-        adapter = self.adapters.resolve(name)
-        busy = [r for r in self.scheduler.requests.values() if r.adapter == adapter.id and not r.is_finished]
-        if busy and sum(a is adapter for a in self.adapters.by_name.values()) == 1:
-            raise RuntimeError(f"adapter {name!r} is used by {len(busy)} unfinished requests")
-        self.adapters.remove(name)
-        if adapter.id not in self.adapters.by_id:
-            slot = self.slots.slot_of(adapter.id)
-            self.slots.evict(adapter.id)
-            if slot is not None:
-                self.executor.bank.clear(slot)
+        """Unload by name. New requests for it are refused at once; requests
+        already accepted finish with its weights, which go when the last one ends."""
+        adapter = self.adapters.remove(name)
+        self._retiring.add(adapter.id)
+        self._drop_retired()
+
+    def adapter_loaded(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapters.by_id
+
+    def _drop_retired(self) -> None:
+        in_use = {r.adapter for r in self.scheduler.requests.values() if not r.is_finished}
+        for adapter_id in list(self._retiring):
+            if self.adapters.is_named(adapter_id):  # re-registered under a name meanwhile
+                self._retiring.discard(adapter_id)
+            elif adapter_id not in in_use:
+                slot = self.slots.slot_of(adapter_id)
+                self.slots.evict(adapter_id)
+                if slot is not None:
+                    self.executor.bank.clear(slot)
+                del self.adapters.by_id[adapter_id]
+                self._retiring.discard(adapter_id)
 
     # -- requests ----------------------------------------------------------
 
@@ -129,7 +141,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         result = self.executor.execute(plan)
         touched = self.scheduler.update(plan, result)
-        return [self._output(req) for req in touched]
+        outputs = [self._output(req) for req in touched]
+        if self._retiring:
+            self._drop_retired()
+        return outputs
 
     def _output(self, req: Request) -> RequestOutput:
         text, delta, stop_hit = self.detok.update(req)

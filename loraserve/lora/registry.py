@@ -16,21 +16,31 @@ class AdapterRegistry:
         self.by_name: dict[str, LoraAdapter] = {}
         self.by_id: dict[str, LoraAdapter] = {}
 
-    def add(self, name: str, path: str | Path) -> LoraAdapter:
+    def load(self, name: str, path: str | Path) -> LoraAdapter:
+        """Read and validate (slow, touches no registry state: any thread)."""
+        return load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype)
+
+    def register(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
         if name in self.by_name:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
-        adapter = load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype)
         adapter = self.by_id.setdefault(adapter.id, adapter)  # same bytes under two names: one adapter
         self.by_name[name] = adapter
         return adapter
 
+    def add(self, name: str, path: str | Path) -> LoraAdapter:
+        if name in self.by_name:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+        return self.register(name, self.load(name, path))
+
     def remove(self, name: str) -> LoraAdapter:
+        """Forget a name. The weights (`by_id`) stay until the engine drops them,
+        once no request uses them."""
         if name not in self.by_name:
             raise KeyError(f"no adapter named {name!r}")
-        adapter = self.by_name.pop(name)
-        if adapter not in self.by_name.values():
-            del self.by_id[adapter.id]
-        return adapter
+        return self.by_name.pop(name)
+
+    def is_named(self, adapter_id: str) -> bool:
+        return any(a.id == adapter_id for a in self.by_name.values())
 
     def resolve(self, name: str | None) -> LoraAdapter | None:
         if name is None:

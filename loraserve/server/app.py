@@ -6,19 +6,24 @@ naming the field or the adapter; nothing accepted before is lost.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.output import RequestOutput
-from loraserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from loraserve.lora.adapter import AdapterError
+from loraserve.server.metrics import Metrics
+from loraserve.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraRequest,
+                                       UnloadLoraRequest)
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -34,19 +39,66 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                         content={"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              lora_dirs: list[str] | None = None, max_waiting: int = 1024) -> FastAPI:
+    """`lora_dirs`: the only directories runtime-loaded adapters may come from
+    (none: runtime loading is off). `max_waiting`: queue length past which new
+    requests get 429."""
     app = FastAPI(title="loraserve", version="0.1.0")
     llm = engine.engine
+    metrics = Metrics(llm)
+    app.state.metrics = metrics
+    allowed = [Path(d).resolve() for d in lora_dirs or []]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.kind)
+        metrics.errors.labels(str(e.status)).inc()
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        response = error_response(e.status, e.message, e.param, e.kind)
+        if headers:
+            response.headers.update(headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
+        metrics.errors.labels("400").inc()
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
         return error_response(400, f"{field or 'body'}: {err.get('msg')}", field)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: LoadLoraRequest):
+        if not allowed:
+            raise APIError(403, "runtime adapter loading is off; start the server with --lora-dir", "lora_path",
+                           "permission_error")
+        path = Path(body.lora_path).resolve()
+        if not any(path.is_relative_to(d) for d in allowed):
+            raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
+                           "lora_path", "permission_error")
+        if body.lora_name == model_name or body.lora_name in llm.adapters.by_name:
+            raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", "lora_name")
+        start = time.monotonic()
+        try:
+            adapter = await asyncio.to_thread(llm.adapters.load, body.lora_name, path)
+            await engine.call(llm.adapters.register, body.lora_name, adapter)
+        except AdapterError as e:
+            raise APIError(400, str(e), "lora_path") from e
+        metrics.adapter_load.observe(time.monotonic() - start)
+        return {"status": "ok", "lora_name": body.lora_name, "id": adapter.id, "rank": adapter.rank}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: UnloadLoraRequest):
+        adapter = llm.adapters.by_name.get(body.lora_name)
+        if adapter is None:
+            raise APIError(404, f"no adapter named {body.lora_name!r}", "lora_name", "not_found_error")
+        await engine.call(llm.remove_adapter, body.lora_name)
+        while llm.adapter_loaded(adapter.id) and not llm.adapters.is_named(adapter.id):
+            await asyncio.sleep(0.05)  # its running requests finish first
+        return {"status": "ok", "lora_name": body.lora_name}
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -70,7 +122,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                          "parent": model_name, "root": adapter.path})
         return {"object": "list", "data": data}
 
+    def admit() -> None:
+        if engine.draining:
+            raise APIError(503, "the server is shutting down", kind="server_error")
+        if len(llm.scheduler.waiting) >= max_waiting:
+            raise APIError(429, f"too many waiting requests (--max-waiting {max_waiting}); retry later",
+                           kind="rate_limit_error")
+
     def adapter_for(model: str) -> str | None:
+        admit()
         if model == model_name:
             return None
         if model not in llm.adapters.by_name:
@@ -83,7 +143,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         adapter = adapter_for(body.model)
         prompts = _prompts(body.prompt)
         logprobs = body.logprobs
-        return await _respond(engine, body, adapter, prompts, logprobs, chat=False)
+        return await _respond(engine, metrics, body, adapter, prompts, logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
@@ -96,7 +156,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await _respond(engine, body, adapter, [prompt], logprobs, chat=True)
+        return await _respond(engine, metrics, body, adapter, [prompt], logprobs, chat=True)
 
     return app
 
@@ -111,13 +171,14 @@ def _prompts(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
-async def _respond(engine: AsyncEngine, body, adapter, prompts, logprobs, chat: bool):
+async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts, logprobs, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     streams = []
     try:
         for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
             sampling = body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n)
-            streams.append(engine.generate(prompt, sampling, adapter, f"{rid}-{i}"))
+            streams.append(_timed(engine.generate(prompt, sampling, adapter, f"{rid}-{i}"), metrics,
+                                  adapter or "base"))
         firsts = [await anext(s) for s in streams]  # validation errors surface here, before any output
     except (ValueError, TypeError) as e:
         await _close(streams)
@@ -138,6 +199,31 @@ async def _respond(engine: AsyncEngine, body, adapter, prompts, logprobs, chat: 
             pass
         finals.append(out)
     return _final(rid, body.model, finals, body.n, chat, engine)
+
+
+async def _timed(stream, metrics: Metrics, label: str):
+    """Pass outputs through, recording TTFT, TPOT, latency and token counts."""
+    start = time.monotonic()
+    first = None
+    metrics.in_flight.inc()
+    try:
+        async for out in stream:
+            now = time.monotonic()
+            if first is None and out.token_ids:
+                first = now
+                metrics.ttft.labels(label).observe(now - start)
+            if out.finished:
+                n = len(out.token_ids)
+                metrics.requests.labels(label, out.finish_reason or "none").inc()
+                metrics.e2e.labels(label).observe(now - start)
+                metrics.tokens_in.inc(len(out.prompt_token_ids))
+                metrics.tokens_out.inc(n)
+                if n > 1 and first is not None:
+                    metrics.tpot.labels(label).observe((now - first) / (n - 1))
+            yield out
+    finally:
+        metrics.in_flight.dec()
+        await stream.aclose()
 
 
 async def _close(streams) -> None:
