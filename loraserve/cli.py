@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraserve.config import EngineConfig
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.llm_engine import LLMEngine
-    from loraserve.server.app import build_app
+    from loraserve.server.app import DrainingServer, build_app
 
     adapters = dict(args.lora or [])
     model = args.model
@@ -78,11 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(async_engine, args.served_model_name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, max_waiting=args.max_waiting)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), async_engine)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+        server.run()
     finally:
         async_engine.shutdown()
     return 0
+
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

@@ -215,3 +215,35 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     assert metric(server, "loraserve_num_requests_running") == 0
     assert metric(server, "loraserve_requests_total") > 0
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
+
+
+def test_sigterm_drains(tiny):
+    """Running requests finish, new ones get 503, then the process exits (uvicorn
+    re-raises the signal after its own shutdown, so the status is -SIGTERM)."""
+    import signal
+
+    root = tiny("llama")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            httpx.get(url + "/health")
+            break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(model="model", prompt="hi", max_tokens=300, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="model", prompt="new", max_tokens=2)
+    assert refused.value.status_code == 503
+    rest = list(it)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -295,3 +297,24 @@ async def _sse(rid, model, streams, firsts, chat, engine) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     finally:
         await _close(streams)  # on disconnect: aborts what is still running
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM/SIGINT drains: requests in flight finish,
+    new ones get 503, then it exits. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.engine.draining:
+            return super().handle_exit(sig, frame)
+        self.engine.draining = True
+
+        def exit_when_idle() -> None:
+            while self.engine.num_unfinished():
+                time.sleep(0.05)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=exit_when_idle, name="loraserve-drain", daemon=True).start()
