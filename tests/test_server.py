@@ -247,3 +247,14 @@ def test_sigterm_drains(tiny):
     rest = list(it)
     assert rest[-1].choices[0].finish_reason == "length"
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_schema_fuzz_finds_no_server_errors(server):
+    """schemathesis against the app's own OpenAPI spec, bounded in examples."""
+    out = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", server[0] + "/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "25", "--phases", "examples,fuzzing", "--seed", "1",
+         "-H", f"Authorization: Bearer {API_KEY}"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert re.search(r"\d+ generated, \d+ passed", out.stdout)
