@@ -60,22 +60,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from loraserve.config import EngineConfig
+    from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.llm_engine import LLMEngine
     from loraserve.server.app import DrainingServer, build_app
 
     adapters = dict(args.lora or [])
-    model = args.model
+    model, name = args.model, args.served_model_name
     if model is None:
         demo = demo_dir()
-        model = str(demo / "model")
+        model, name = str(demo / "model"), name or "smollm2"
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
-    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, max_lora_rank=args.max_lora_rank))
+    engine = LLMEngine(EngineConfig(
+        model=model, dtype=args.dtype, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30)),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_loras=args.max_loras)))
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, args.served_model_name or Path(model).name, api_key=args.api_key,
+    app = build_app(async_engine, name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, max_waiting=args.max_waiting)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), async_engine)
@@ -124,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--max-waiting", type=int, default=1024, help="waiting requests past which new ones get 429")
     v.add_argument("--max-lora-rank", type=int, default=64)
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    v.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    v.add_argument("--kv-cache-gib", type=float, default=0.5, help="GiB of KV blocks")
+    v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    v.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    v.add_argument("--max-loras", type=int, default=8, help="LoRA slots (distinct adapters per step)")
     v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo-model", help="build the embedded demo model (or a tiny random one) with adapters")

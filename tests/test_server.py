@@ -35,26 +35,31 @@ def lora_dir(tiny, tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(tiny, lora_dir):
-    root = tiny("llama")
+def start_server(root, *extra) -> tuple[subprocess.Popen, str]:
+    """`loraserve serve` on a free loopback port; returns the process and its URL."""
     port = free_port()
-    args = [sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"), "--port", str(port),
-            "--served-model-name", "base", "--api-key", API_KEY, "--lora-dir", str(lora_dir)]
-    for name in ("r4", "r8", "r16"):
-        args += ["--lora", f"{name}={root / 'adapters' / name}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"),
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
+            httpx.get(url + "/health")
+            return proc, url
         except httpx.TransportError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read())
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read())
+
+
+
+@pytest.fixture(scope="module")
+def server(tiny, lora_dir):
+    root = tiny("llama")
+    args = ["--served-model-name", "base", "--api-key", API_KEY, "--lora-dir", str(lora_dir)]
+    for name in ("r4", "r8", "r16"):
+        args += ["--lora", f"{name}={root / 'adapters' / name}"]
+    proc, url = start_server(root, *args)
     yield url, root
     proc.terminate()
     proc.wait(timeout=30)
@@ -106,12 +111,14 @@ def test_chat_and_chat_streaming(client, offline):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
 
 
-def test_n_seed_and_logprobs(client):
+def test_n_seed_and_logprobs(client, offline):
     resp = client.completions.create(model="r4", prompt="Hello", max_tokens=6, temperature=1.0, seed=5, n=2,
                                      logprobs=2)
     again = client.completions.create(model="r4", prompt="Hello", max_tokens=6, temperature=1.0, seed=5, n=2,
                                       logprobs=2)
     assert [c.text for c in resp.choices] == [c.text for c in again.choices]
+    offline_first = offline.generate("Hello", SamplingParams(max_tokens=6, temperature=1.0, seed=5), adapter="r4")[0]
+    assert resp.choices[0].text == offline_first.text  # choice i uses seed + i
     lp = resp.choices[0].logprobs
     assert len(lp.token_logprobs) == 6 and all(v <= 0 for v in lp.token_logprobs)
     assert all(len(top) == 2 for top in lp.top_logprobs)
@@ -215,6 +222,28 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     assert metric(server, "loraserve_num_requests_running") == 0
     assert metric(server, "loraserve_requests_total") > 0
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
+    assert metric(server, "loraserve_lora_slot_hits") + metric(server, "loraserve_lora_slot_loads") > 0
+    assert metric(server, "loraserve_swap_in_bytes") > 0
+
+
+def test_full_queue_answers_429(tiny):
+    proc, url = start_server(tiny("llama"), "--max-num-seqs", "1", "--max-waiting", "1")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    try:
+        long = dict(model="model", prompt="hi", max_tokens=300, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True})
+        running = iter(client.completions.create(**long))
+        next(running)  # admitted: the only seat
+        waiting = client.completions.create(**long)  # queued behind it
+        time.sleep(0.3)
+        with pytest.raises(openai.RateLimitError, match="too many waiting requests") as refused:
+            client.completions.create(model="model", prompt="x", max_tokens=2)
+        assert refused.value.response.headers["retry-after"] == "1"
+        running.close()
+        assert list(waiting)[-1].choices[0].finish_reason == "length"  # nothing accepted was lost
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_sigterm_drains(tiny):
@@ -222,18 +251,7 @@ def test_sigterm_drains(tiny):
     re-raises the signal after its own shutdown, so the status is -SIGTERM)."""
     import signal
 
-    root = tiny("llama")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.TransportError:
-            time.sleep(0.3)
+    proc, url = start_server(tiny("llama"))
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     stream = client.completions.create(model="model", prompt="hi", max_tokens=300, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})

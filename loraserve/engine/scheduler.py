@@ -39,6 +39,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_lora_hits = 0
+        """Admissions whose adapter already sat in a LoRA slot."""
+        self.num_lora_loads = 0
+        """Admissions that had to copy their adapter into a slot."""
 
     # -- queue -------------------------------------------------------------
 
@@ -106,6 +110,9 @@ class Scheduler:
                 slot, load = self.slots.acquire(req.adapter)
                 if load:
                     plan.lora_loads.append((slot, req.adapter))
+                    self.num_lora_loads += 1
+                else:
+                    self.num_lora_hits += 1
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock.now()

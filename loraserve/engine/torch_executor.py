@@ -29,11 +29,15 @@ class TorchExecutor:
         self.adapters = adapters
         self.default_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.bytes_swapped_in = 0
+        """Adapter bytes copied host → device (into LoRA slots) so far."""
 
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
         for slot, adapter_id in plan.lora_loads:
-            self.bank.load(slot, self.adapters[adapter_id])
+            adapter = self.adapters[adapter_id]
+            self.bank.load(slot, adapter)
+            self.bytes_swapped_in += adapter.num_bytes
         if plan.is_empty:
             return StepResult(elapsed=time.perf_counter() - start)
         num_slots = self.bank.num_slots

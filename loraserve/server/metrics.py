@@ -50,6 +50,10 @@ class _EngineCollector:
             ("loraserve_kv_blocks_total", "KV blocks in the device tier", usage["total"]),
             ("loraserve_adapters_loaded", "Adapters registered", len(e.adapters.by_id)),
             ("loraserve_lora_slots_used", "LoRA slots holding an adapter", len(e.slots.resident())),
+            ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.scheduler.num_lora_hits),
+            ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot",
+             e.scheduler.num_lora_loads),
+            ("loraserve_swap_in_bytes", "Adapter bytes copied host to device", e.executor.bytes_swapped_in),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
         cache = GaugeMetricFamily("loraserve_cache_bytes", "Device bytes by kind", labels=["tier", "kind"])
