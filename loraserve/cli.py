@@ -66,10 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraserve.server.app import DrainingServer, build_app
 
     adapters = dict(args.lora or [])
-    model, name = args.model, args.served_model_name
+    model, served_name = args.model, args.served_model_name
     if model is None:
         demo = demo_dir()
-        model, name = str(demo / "model"), name or "smollm2"
+        model, served_name = str(demo / "model"), served_name or "smollm2"
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
     engine = LLMEngine(EngineConfig(
         model=model, dtype=args.dtype, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, name or Path(model).name, api_key=args.api_key,
+    app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, max_waiting=args.max_waiting)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), async_engine)

@@ -234,13 +234,18 @@ def test_full_queue_answers_429(tiny):
                     extra_body={"ignore_eos": True})
         running = iter(client.completions.create(**long))
         next(running)  # admitted: the only seat
-        waiting = client.completions.create(**long)  # queued behind it
-        time.sleep(0.3)
+        queued = []  # answers only once it runs, so it waits in a thread
+        waiter = threading.Thread(target=lambda: queued.append(list(client.completions.create(**long))))
+        waiter.start()
+        deadline = time.time() + 30
+        while metric((url,), "loraserve_num_requests_waiting") < 1 and time.time() < deadline:
+            time.sleep(0.02)
         with pytest.raises(openai.RateLimitError, match="too many waiting requests") as refused:
             client.completions.create(model="model", prompt="x", max_tokens=2)
         assert refused.value.response.headers["retry-after"] == "1"
         running.close()
-        assert list(waiting)[-1].choices[0].finish_reason == "length"  # nothing accepted was lost
+        waiter.join(timeout=120)
+        assert queued[0][-1].choices[0].finish_reason == "length"  # nothing accepted was lost
     finally:
         proc.kill()
         proc.wait()

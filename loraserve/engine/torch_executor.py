@@ -42,12 +42,10 @@ class TorchExecutor:
             return StepResult(elapsed=time.perf_counter() - start)
         num_slots = self.bank.num_slots
         seqs = sorted(plan.seqs, key=lambda q: -1 if q.lora_slot is None else q.lora_slot)
-        ids, rows, sample_rows, slot_counts, token_slot = [], [], [], [0] * num_slots, []
+        ids, sample_rows, slot_counts, token_slot = [], [], [0] * num_slots, []
         for q in seqs:
-            r0 = len(ids)
             start_tok = q.request.num_computed_tokens
             ids.extend(q.request.token_ids[start_tok:start_tok + q.num_new_tokens])
-            rows.append(r0)
             slot = num_slots if q.lora_slot is None else q.lora_slot
             token_slot.extend([slot] * q.num_new_tokens)
             if q.lora_slot is not None:
@@ -56,7 +54,7 @@ class TorchExecutor:
                 sample_rows.append(len(ids) - 1)
         dev = self.model.device
         meta = build_metadata([(q.request.block_ids, q.request.num_computed_tokens, q.num_new_tokens) for q in seqs],
-                              rows, self.block_size, self.model.spec.sliding_window, dev)
+                              self.block_size, self.model.spec.sliding_window, dev)
         num_base = sum(q.num_new_tokens for q in seqs if q.lora_slot is None)
         lora = None
         if num_base < len(ids):

@@ -41,40 +41,34 @@ class AttnMetadata:
 
 def build_metadata(
     seqs: list[tuple[list[int], int, int]],
-    token_order: list[int],
     block_size: int,
     sliding_window: int | None,
     device: torch.device,
 ) -> AttnMetadata:
     """Attention metadata for one step.
 
-    seqs: per scheduled request (block_ids, num_computed_tokens, num_new_tokens);
-    token_order: per request, the row where its first new token sits in the
-    step's flat token order (its rows are contiguous).
+    seqs: per scheduled request, in the step's row order, (block_ids,
+    num_computed_tokens, num_new_tokens); each request's new tokens are
+    contiguous rows of the step.
     """
-    positions, slots = [], []
-    for (blocks, start, n), row in zip(seqs, token_order):
+    positions, slots, first_rows = [], [], []
+    for blocks, start, n in seqs:
+        first_rows.append(len(positions))
         for p in range(start, start + n):
             positions.append(p)
             slots.append(blocks[p // block_size] * block_size + p % block_size)
-    flat_pos = torch.empty(len(positions), dtype=torch.long)
-    flat_slot = torch.empty(len(slots), dtype=torch.long)
-    # rows are emitted in request order; place them at each request's rows
-    rows = [r for (_, _, n), r0 in zip(seqs, token_order) for r in range(r0, r0 + n)]
-    idx = torch.tensor(rows, dtype=torch.long)
-    flat_pos[idx] = torch.tensor(positions, dtype=torch.long)
-    flat_slot[idx] = torch.tensor(slots, dtype=torch.long)
     groups = []
     for want_decode in (True, False):
         members = [i for i, (_, _, n) in enumerate(seqs) if (n == 1) == want_decode]
         if members:
-            groups.append(_group([seqs[i] for i in members], [token_order[i] for i in members],
+            groups.append(_group([seqs[i] for i in members], [first_rows[i] for i in members],
                                  block_size, sliding_window, device))
     if len(groups) == 1:
         g = groups[0]
         rows = torch.arange(len(positions), device=device)
         g.identity = g.batch * g.q_len == len(positions) and torch.equal(g.src, rows) and torch.equal(g.dst, rows)
-    return AttnMetadata(flat_pos.to(device), flat_slot.to(device), groups)
+    return AttnMetadata(torch.tensor(positions, dtype=torch.long, device=device),
+                        torch.tensor(slots, dtype=torch.long, device=device), groups)
 
 
 def _group(seqs, token_order, block_size, sliding_window, device) -> AttnGroup:

@@ -77,7 +77,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if not allowed:
             raise APIError(403, "runtime adapter loading is off; start the server with --lora-dir", "lora_path",
                            "permission_error")
-        path = Path(body.lora_path).resolve()
+        try:
+            path = Path(body.lora_path).resolve()
+        except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
+            raise APIError(400, f"lora_path: {e}", "lora_path") from e
         if not any(path.is_relative_to(d) for d in allowed):
             raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
                            "lora_path", "permission_error")
