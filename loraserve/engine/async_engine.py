@@ -36,15 +36,20 @@ class AsyncEngine:
 
     # -- event-loop side ---------------------------------------------------
 
-    async def generate(self, prompt: str | list[int], sampling: SamplingParams, adapter: str | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; aborts it if the consumer stops early."""
+    def submit(self, prompt: str | list[int], sampling: SamplingParams, adapter: str | None,
+               request_id: str) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request now (raising ValueError / KeyError /
+        RuntimeError before anything is queued); returns its outputs as they
+        come. Stopping the iteration early aborts the request."""
         if self.draining:
             raise RuntimeError("the server is shutting down")
-        req = self.engine.make_request(prompt, sampling, adapter, request_id)  # raises on bad input
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        req = self.engine.make_request(prompt, sampling, adapter, request_id)
+        outputs: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[req.request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(("add", req))
+        return self._outputs(req.request_id, outputs)
+
+    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -55,9 +60,14 @@ class AsyncEngine:
                 finished = out.finished
                 yield out
         finally:
-            self._streams.pop(req.request_id, None)
-            if not finished:  # the client went away: free its blocks
-                self._inbox.put(("abort", req.request_id))
+            if not finished:  # the consumer went away: free its blocks
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a submitted request (a no-op once it has finished)."""
+        if self._streams.pop(request_id, None) is not None:
+            self._inbox.put(("abort", request_id))
 
     async def call(self, fn, *args):
         """Run fn(*args) on the loop thread, between steps (engine state is the

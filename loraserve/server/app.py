@@ -178,37 +178,40 @@ def _prompts(prompt) -> list[str | list[int]]:
 
 async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts, logprobs, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    streams = []
-    try:
+    ids, streams = [], []
+    try:  # submit every choice before awaiting any, so they batch from the first step
         for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
             sampling = body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n)
-            streams.append(_timed(engine.generate(prompt, sampling, adapter, f"{rid}-{i}"), metrics,
-                                  adapter or "base"))
-        firsts = [await anext(s) for s in streams]  # validation errors surface here, before any output
-    except (ValueError, TypeError) as e:
-        await _close(streams)
+            request_id = f"{rid}-{i}"
+            stream = engine.submit(prompt, sampling, adapter, request_id)
+            ids.append(request_id)
+            streams.append(_timed(stream, metrics, adapter or "base", time.monotonic()))
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        for request_id in ids:
+            engine.abort(request_id)
+        if isinstance(e, KeyError):
+            raise APIError(404, str(e.args[0] if e.args else e), "model", "not_found_error") from e
+        if isinstance(e, RuntimeError):
+            raise APIError(503, str(e), kind="server_error") from e
         raise APIError(400, str(e)) from e
-    except KeyError as e:
-        await _close(streams)
-        raise APIError(404, str(e.args[0] if e.args else e), "model", "not_found_error") from e
-    except RuntimeError as e:
-        await _close(streams)
-        raise APIError(503, str(e), kind="server_error") from e
     if body.stream:
-        return StreamingResponse(_sse(rid, body.model, streams, firsts, chat, engine),
-                                 media_type="text/event-stream")
-    finals = []
-    for s, first in zip(streams, firsts):
-        out = first
-        async for out in s:
-            pass
-        finals.append(out)
+        return StreamingResponse(_sse(rid, body.model, streams, ids, chat, engine), media_type="text/event-stream")
+    try:
+        finals = []
+        for s in streams:
+            async for out in s:
+                pass
+            finals.append(out)
+    except KeyError as e:  # its adapter was unloaded between validation and admission
+        raise APIError(404, str(e.args[0]), "model", "not_found_error") from e
+    finally:  # also when the client disconnects while we wait
+        for request_id in ids:
+            engine.abort(request_id)
     return _final(rid, body.model, finals, body.n, chat, engine)
 
 
-async def _timed(stream, metrics: Metrics, label: str):
+async def _timed(stream, metrics: Metrics, label: str, start: float):
     """Pass outputs through, recording TTFT, TPOT, latency and token counts."""
-    start = time.monotonic()
     first = None
     metrics.in_flight.inc()
     try:
@@ -229,11 +232,6 @@ async def _timed(stream, metrics: Metrics, label: str):
     finally:
         metrics.in_flight.dec()
         await stream.aclose()
-
-
-async def _close(streams) -> None:
-    for s in streams:
-        await s.aclose()
 
 
 def _final(rid: str, model: str, outs: list[RequestOutput], n: int, chat: bool, engine: AsyncEngine) -> dict:
@@ -266,7 +264,7 @@ def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> 
             "top_logprobs": [{tok.decode([t], skip_special_tokens=False): v for t, v in top.items()} for top in tops]}
 
 
-async def _sse(rid, model, streams, firsts, chat, engine) -> AsyncIterator[str]:
+async def _sse(rid, model, streams, ids, chat, engine) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text per choice, then [DONE]."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -283,11 +281,9 @@ async def _sse(rid, model, streams, firsts, chat, engine) -> AsyncIterator[str]:
         return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
                                       "choices": [choice]}) + "\n\n"
 
+    pending = dict(enumerate(streams))
     try:
-        for i, out in enumerate(firsts):
-            yield chunk(i, out)
-        pending = {i: s for i, s in enumerate(streams) if not firsts[i].finished}
-        while pending:
+        while pending:  # choices advance in the same engine steps; read them round robin
             for i, s in list(pending.items()):
                 try:
                     out = await anext(s)
@@ -298,8 +294,15 @@ async def _sse(rid, model, streams, firsts, chat, engine) -> AsyncIterator[str]:
                 if out.finished:
                     pending.pop(i)
         yield "data: [DONE]\n\n"
-    finally:
-        await _close(streams)  # on disconnect: aborts what is still running
+    finally:  # on disconnect: abort what still runs, started or not
+        for request_id in ids:
+            engine.abort(request_id)
+        await _close(streams)
+
+
+async def _close(streams) -> None:
+    for s in streams:
+        await s.aclose()
 
 
 class DrainingServer(uvicorn.Server):
