@@ -96,3 +96,11 @@ def test_policy_modules_do_not_import_torch():
             "loraserve.clock, loraserve.model.spec; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_token_slice_spans_prompt_and_output():
+    r = req("t", 4)
+    r.output_token_ids = [7, 8, 9]
+    for start in range(8):
+        for end in range(start, 8):
+            assert r.token_slice(start, end) == r.token_ids[start:end]

@@ -45,7 +45,7 @@ class TorchExecutor:
         ids, sample_rows, slot_counts, token_slot = [], [], [0] * num_slots, []
         for q in seqs:
             start_tok = q.request.num_computed_tokens
-            ids.extend(q.request.token_ids[start_tok:start_tok + q.num_new_tokens])
+            ids.extend(q.request.token_slice(start_tok, start_tok + q.num_new_tokens))
             slot = num_slots if q.lora_slot is None else q.lora_slot
             token_slot.extend([slot] * q.num_new_tokens)
             if q.lora_slot is not None:
