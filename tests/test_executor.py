@@ -20,3 +20,17 @@ def test_copy_blocks_between_tiers_round_trips(tiny):
     ex.copy_blocks("host", "device", [(0, 5)])
     assert torch.equal(device[:, :, 5], expected)
     assert device[:, :, :5].abs().sum() == 0  # nothing else was touched
+
+
+def test_unloaded_adapter_goes_when_its_last_request_is_aborted(tiny):
+    from loraserve import LLM, SamplingParams
+
+    root = tiny("llama")
+    engine = LLM(str(root / "model"), adapters={"r8": str(root / "adapters" / "r8")}).engine
+    req = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), adapter="r8")
+    engine.step()
+    engine.remove_adapter("r8")
+    assert engine.adapter_loaded(req.adapter)  # still running on its weights
+    engine.abort(req.request_id)  # no further step runs
+    assert not engine.adapter_loaded(req.adapter)
+    assert engine.slots.resident() == {}

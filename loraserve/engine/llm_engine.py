@@ -141,10 +141,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         result = self.executor.execute(plan)
         touched = self.scheduler.update(plan, result)
-        outputs = [self._output(req) for req in touched]
-        if self._retiring:
-            self._drop_retired()
-        return outputs
+        return [self._output(req) for req in touched]
 
     def _output(self, req: Request) -> RequestOutput:
         text, delta, stop_hit = self.detok.update(req)
@@ -159,3 +156,5 @@ class LLMEngine:
         self.executor.release([req.request_id])
         self.detok.forget(req.request_id)
         self.scheduler.forget(req.request_id)
+        if self._retiring:  # every finish and abort passes here: an unloaded adapter may now go
+            self._drop_retired()

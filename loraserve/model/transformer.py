@@ -6,8 +6,9 @@ I = (expert) intermediate size, V = vocab.
 
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
 fewer, larger matmuls, and shaped input-major ([in, out], used as x @ W); the
-loader picks the memory order that runs fastest for the dtype. LoRA enters through `LoraBatch.add`, which adds each
-token's adapter delta to a projection's output in place.
+loader picks the memory order that runs fastest for the dtype. LoRA enters
+through `LoraBatch.add`, which adds each token's adapter delta to a
+projection's output in place.
 """
 
 from __future__ import annotations
