@@ -1,10 +1,15 @@
-"""Cache policy: block pools and the managers that hand blocks to requests.
+"""Cache policy: block pools, the dependency tree, the cost model and the
+managers that hand blocks to requests.
 
-Pure Python over block counts; the tensors that hold the blocks belong to the
-executor. Nothing here imports torch.
+Pure Python over block counts, sizes and times; the tensors that hold the
+blocks belong to the executor. Nothing here imports torch.
 """
 
 from loraserve.cache.block_pool import BlockPool
-from loraserve.cache.manager import CacheManager, SimpleCacheManager
+from loraserve.cache.manager import CacheManager
+from loraserve.cache.mover import CopyJob, LinkMover, Mover
+from loraserve.cache.policy import POLICIES, CachePolicy
+from loraserve.cache.tiered import Readiness, TieredCacheManager
 
-__all__ = ["BlockPool", "CacheManager", "SimpleCacheManager"]
+__all__ = ["BlockPool", "CacheManager", "CachePolicy", "CopyJob", "LinkMover", "Mover", "POLICIES", "Readiness",
+           "TieredCacheManager"]

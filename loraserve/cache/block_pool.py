@@ -6,17 +6,18 @@ from collections import deque
 
 
 class BlockPool:
-    """Free-list allocator over block ids ``0 .. num_blocks - 1``.
+    """Free-list allocator over block ids ``first .. first + num_blocks - 1``
+    (a pool can be one region of a tier's arena).
 
     Invariant: ``num_used + num_free == num_blocks`` at all times, and a block id
     is never handed out twice before it is freed.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, first: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(first, first + num_blocks))
         self._used: set[int] = set()
 
     @property

@@ -1,0 +1,79 @@
+"""Moving blocks between tiers, behind one small interface.
+
+The cache manager decides what moves and hands the mover `CopyJob`s; it learns
+that a job is done by polling. The real engine's mover copies tensors on a
+worker thread (`engine/torch_mover.py`); `LinkMover` here completes jobs after
+the time a link of given bandwidth would take, on whatever clock it is given,
+which is what the simulator and the policy tests need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from loraserve.clock import Clock, ManualClock
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    id: int
+    src_tier: str
+    """"device", "host", or "disk" (an adapter read from its directory)."""
+
+    dst_tier: str
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+    num_bytes: int
+    adapter: str | None = None
+    """Adapter id when the job moves adapter weights (needed to read from disk)."""
+
+
+class Mover(Protocol):
+    def submit(self, job: CopyJob) -> None:
+        """Start the copy; returns at once."""
+        ...
+
+    def poll(self) -> list[int]:
+        """Ids of jobs finished since the last poll, in completion order."""
+        ...
+
+    def wait(self, job_id: int) -> None:
+        """Block until the job has finished (it is then reported by the next poll)."""
+        ...
+
+
+class LinkMover:
+    """Jobs go one after another over one link: a job takes latency +
+    bytes / bandwidth, starting when the previous one ends."""
+
+    def __init__(self, clock: Clock, bytes_per_s: float, latency: float = 0.0) -> None:
+        self.clock = clock
+        self.bytes_per_s = bytes_per_s
+        self.latency = latency
+        self._busy_until = 0.0
+        self._finish: dict[int, float] = {}
+        self.num_bytes = {"in": 0, "out": 0}
+
+    def submit(self, job: CopyJob) -> None:
+        start = max(self.clock.now(), self._busy_until)
+        self._busy_until = start + self.latency + job.num_bytes / self.bytes_per_s
+        self._finish[job.id] = self._busy_until
+        self.num_bytes["in" if job.dst_tier == "device" else "out"] += job.num_bytes
+
+    def poll(self) -> list[int]:
+        now = self.clock.now()
+        done = sorted((t, i) for i, t in self._finish.items() if t <= now)
+        for _, i in done:
+            del self._finish[i]
+        return [i for _, i in done]
+
+    def wait(self, job_id: int) -> None:
+        """On a manual clock, waiting is time passing."""
+        finish = self._finish.get(job_id)
+        if finish is None:
+            return
+        if isinstance(self.clock, ManualClock):
+            self.clock.advance(max(0.0, finish - self.clock.now()))
+        elif finish > self.clock.now():
+            raise RuntimeError("LinkMover.wait needs a ManualClock to move time forward")
