@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from loraserve.cache.policy import POLICIES
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
 
@@ -57,6 +59,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def _size(text: str) -> str:
+    """Validate a cache size: a byte count with an optional unit, or a fraction in (0, 1)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or (float(m.group(1)) < 1 and m.group(2)) or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a size like 512MiB nor a fraction like 0.3")
+    return text
+
+
+def _cache_bytes(text: str, tier: str, device: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if value >= 1 or unit:
+        return int(value * _UNITS[unit])
+    if tier == "device" and device.startswith("cuda"):
+        import torch
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(value * free)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -72,8 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, served_name = str(demo / "model"), served_name or "smollm2"
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
     engine = LLMEngine(EngineConfig(
-        model=model, dtype=args.dtype, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30)),
+        model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_loras=args.max_loras)))
     for name, path in adapters.items():
@@ -130,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
     v.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    v.add_argument("--kv-cache-gib", type=float, default=0.5, help="GiB of KV blocks")
+    v.add_argument("--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)")
+    v.add_argument("--device-cache", type=_size, default="512MiB",
+                   help="device tier for adapters + KV: bytes (e.g. 512MiB, 2GiB) or a fraction of free memory (0.3)")
+    v.add_argument("--host-cache", type=_size, default="2GiB",
+                   help="host tier for adapters + evicted KV: bytes or a fraction of free host memory")
+    v.add_argument("--cache-policy", default="elora", choices=list(POLICIES),
+                   help="what to keep where: elora, its ablations, or the vllm / slora baselines")
     v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     v.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
     v.add_argument("--max-loras", type=int, default=8, help="LoRA slots (distinct adapters per step)")

@@ -49,6 +49,13 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    pending_since: float = 0.0
+    lora_wait: float = 0.0
+    """Seconds spent pending on the adapter's copy to the device (its cold start)."""
+
+    kv_wait: float = 0.0
+    """Seconds spent pending on history KV copies to the device."""
+
     first_token_time: float | None = None
     finish_time: float | None = None
     stop_token_ids: frozenset[int] = frozenset()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from loraserve.cache.manager import SimpleCacheManager
+from loraserve.cache import LinkMover, TieredCacheManager
 from loraserve.clock import ManualClock
-from loraserve.config import SchedulerConfig
+from loraserve.config import CacheConfig, SchedulerConfig
 from loraserve.engine.plan import SampledToken, StepResult
 from loraserve.engine.scheduler import Scheduler
 from loraserve.lora.slots import LoraSlots
@@ -15,9 +15,14 @@ from loraserve.request import Request
 from loraserve.sampling import SamplingParams
 
 
-def make(num_blocks=16, block_size=4, **cfg):
-    cache = SimpleCacheManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(**cfg), cache, LoraSlots(cfg.get("max_loras", 8)), ManualClock(), 10_000)
+def make(num_blocks=16, block_size=4, policy="slora", **cfg):
+    """slora keeps no history, so block counts below are the running requests' alone."""
+    clock = ManualClock()
+    cache = TieredCacheManager(CacheConfig(block_size=block_size, policy=policy), num_blocks, 64, 100, clock,
+                               LinkMover(clock, bytes_per_s=1e9))
+    for adapter in ("A", "B"):
+        cache.add_adapter(adapter, 100)  # one block each, on the host tier
+    return Scheduler(SchedulerConfig(**cfg), cache, LoraSlots(cfg.get("max_loras", 8)), clock, 10_000)
 
 
 def req(rid, n_prompt, max_tokens=4, adapter=None):
@@ -25,13 +30,17 @@ def req(rid, n_prompt, max_tokens=4, adapter=None):
 
 
 def step(s: Scheduler):
-    """Schedule, 'execute' by sampling token 1 for every finishing seq, update."""
+    """Schedule, 'execute' by sampling token 1 for every finishing seq, update; a step takes 1 ms."""
     plan = s.schedule()
     result = StepResult({q.request.request_id: SampledToken(1) for q in plan.seqs if q.samples})
     s.update(plan, result)
+    s.clock.advance(0.001)
+    s.cache.check()
     usage = s.cache.usage()
     assert usage["used"] + usage["free"] == usage["total"]
-    assert usage["used"] == sum(len(r.block_ids) for r in s.running)
+    adapters = {r.adapter for r in s.running + s.pending if r.adapter} | {
+        n.key for n in s.cache.tree.adapters.values() if n.tier.value == "device" and n.num_blocks}
+    assert usage["used"] == sum(len(r.block_ids) for r in s.running) + len(adapters)
     return plan
 
 
@@ -57,19 +66,25 @@ def test_seat_limit():
 def test_lora_slots_cap_distinct_adapters_without_blocking_others():
     s = make(max_loras=1)
     s.add(req("x", 2, adapter="A"))
-    s.add(req("y", 2, adapter="B"))  # no slot while A runs: skipped, not blocking
+    s.add(req("y", 2, adapter="B"))
     s.add(req("z", 2))  # base model needs no slot
-    plan = step(s)
-    assert {q.request.request_id for q in plan.seqs} == {"x", "z"}
-    assert plan.lora_loads == [(0, "A")]
+    plan = step(s)  # x and y wait for their adapters' copies to the device; z does not wait for them
+    assert [q.request.request_id for q in plan.seqs] == ["z"]
+    assert [r.request_id for r in s.pending] == ["x", "y"]
+    plan = step(s)  # copies landed: x takes the one slot, y has none while A runs: skipped
+    assert [q.request.request_id for q in plan.seqs] == ["z", "x"]
+    assert [(slot, a) for slot, a, _ in plan.lora_loads] == [(0, "A")]
+    assert s.requests["x"].lora_wait == 0.001 and s.requests["z"].lora_wait == 0
     while s.requests["x"].status.value != "finished":
         step(s)
     plan = step(s)
-    assert plan.lora_loads == [(0, "B")]
+    assert [(slot, a) for slot, a, _ in plan.lora_loads] == [(0, "B")]
 
 
 def test_preemption_frees_and_requeues_the_newest():
     s = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    s.cache.remove_adapter("A")
+    s.cache.remove_adapter("B")
     s.add(req("old", 7, max_tokens=8))
     s.add(req("new", 7, max_tokens=8))
     step(s)  # both admitted: 2 blocks each (8 tokens), cache full
@@ -87,7 +102,7 @@ def test_finish_frees_everything():
         s.add(req(str(i), 5 + i, max_tokens=3, adapter="A" if i % 2 else None))
     while s.has_unfinished():
         step(s)
-    assert s.cache.usage()["used"] == 0
+    assert s.cache.usage()["used"] == 1  # adapter A stays on the device
     assert all(r.num_output_tokens == 3 and r.finish_reason.value == "length" for r in s.requests.values())
 
 

@@ -28,6 +28,10 @@ class CacheManager(Protocol):
         table and computed tokens to its cached prefix."""
         ...
 
+    def copies_done(self, request: Request) -> bool:
+        """Whether a WAITING request's copies have all landed."""
+        ...
+
     def waited_for(self, request: Request) -> tuple[bool, bool]:
         """(adapter, kv): whether the request had to wait for its adapter / its KV."""
         ...

@@ -215,6 +215,13 @@ class TieredCacheManager:
             raise ValueError(f"adapter {key} is in use")
         self._drop(node)
 
+    @property
+    def max_request_blocks(self) -> int:
+        """The longest block table a request can ever get (its adapter may share the pool)."""
+        if not self.policy.unified:
+            return self.device["kv"].num_blocks
+        return self.num_device_blocks - max((n.num_blocks for n in self.tree.adapters.values()), default=0)
+
     def adapter_blocks(self, key: str) -> list[int]:
         """Device blocks of a resident adapter (for loading it into a LoRA slot)."""
         node = self.tree.adapters[key]
@@ -297,6 +304,11 @@ class TieredCacheManager:
         self.counters["prompt_tokens"] += req.num_tokens
         if req.adapter is not None:
             self.cost.record_admission(req.adapter, now)
+
+    def copies_done(self, req: Request) -> bool:
+        """Whether a WAITING request's copies have all landed (prepare it again then)."""
+        held = self._held.get(req.request_id)
+        return held is None or not held.waiting_on
 
     def waited_for(self, req: Request) -> tuple[bool, bool]:
         """(adapter, kv): what the request's pending time was spent waiting for."""

@@ -91,6 +91,7 @@ class AsyncEngine:
         while self._running:
             self._drain_inbox(block=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
+                self.engine.idle_tick()  # the swapper's idle timer: prefetch while nothing runs
                 continue
             try:
                 outputs = self.engine.step()

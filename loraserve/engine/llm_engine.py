@@ -6,19 +6,24 @@ around it (validation on the way in, text and stop strings on the way out).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 
 import torch
 
-from loraserve.cache.manager import SimpleCacheManager
+from loraserve.cache.manager import blocks_for
+from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.torch_executor import TorchExecutor
+from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.bank import lora_dtype
+from loraserve.lora.packing import pack
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.lora.slots import LoraSlots
 from loraserve.model.loader import load_model, read_generation_eos
@@ -45,18 +50,27 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        block_size = config.cache.block_size
-        block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
-        self.num_blocks = config.cache.kv_cache_bytes // block_bytes
+        cc = config.cache
+        block_size = cc.block_size
+        self.block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
+        self.num_blocks = cc.device_bytes // self.block_bytes
+        self.num_host_blocks = cc.host_bytes // self.block_bytes
+        if self.num_blocks < 2:
+            raise ValueError(f"device_bytes {cc.device_bytes} holds fewer than 2 blocks of {self.block_bytes} bytes")
         if self.num_blocks * block_size < self.max_model_len:
-            log.warning("KV cache holds %d tokens, less than max_model_len %d",
+            log.warning("the device pool holds %d tokens of KV, less than max_model_len %d",
                         self.num_blocks * block_size, self.max_model_len)
         self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, self.model.device))
-        self.cache = SimpleCacheManager(self.num_blocks, block_size)
+        self.executor = TorchExecutor(self.model, self.num_blocks, block_size, config.scheduler.max_loras,
+                                      self.adapters.by_id, config.seed, self.num_host_blocks)
+        assert self.executor.block_bytes == self.block_bytes
+        self.mover = TorchMover(self.executor, self._read_adapter)
+        self.cache = TieredCacheManager(cc, self.num_blocks, self.num_host_blocks, self.block_bytes,
+                                        self.clock, self.mover)
         self.slots = LoraSlots(config.scheduler.max_loras)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
-        self.executor = TorchExecutor(self.model, self.num_blocks, block_size, config.scheduler.max_loras,
-                                      self.adapters.by_id, config.seed)
+        self.cache_stats: dict = self.cache.stats()
+        self._stats_time = self.clock.now()
         self.detok = Detokenizer(self.tokenizer)
         self._ids = itertools.count()
         self._retiring: set[str] = set()
@@ -65,7 +79,26 @@ class LLMEngine:
     # -- adapters ----------------------------------------------------------
 
     def add_adapter(self, name: str, path: str) -> LoraAdapter:
-        return self.adapters.add(name, path)
+        return self.register_adapter(name, self.adapters.load(name, path))
+
+    def register_adapter(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
+        """Name a loaded adapter. A new one enters the cache: its packed weights
+        go to host blocks (or, if the host tier is full, stay on disk), and the
+        engine keeps only its metadata."""
+        if adapter.id in self.adapters.by_id:
+            return self.adapters.register(name, adapter)
+        blocks = self.cache.add_adapter(adapter.id, adapter.num_bytes)  # validates the size first
+        if blocks:
+            self.executor.write_blocks("host", blocks, pack(adapter))
+        return self.adapters.register(name, dataclasses.replace(adapter, weights={}))
+
+    def _read_adapter(self, adapter_id: str) -> LoraAdapter:
+        """The disk tier: read an adapter again from its directory (mover thread)."""
+        meta = self.adapters.by_id[adapter_id]
+        adapter = self.adapters.load(meta.name, meta.path)
+        if adapter.id != adapter_id:
+            raise RuntimeError(f"adapter {meta.path} changed on disk since it was loaded")
+        return adapter
 
     def remove_adapter(self, name: str) -> None:
         """Unload by name. New requests for it are refused at once; requests
@@ -87,6 +120,7 @@ class LLMEngine:
                 self.slots.evict(adapter_id)
                 if slot is not None:
                     self.executor.bank.clear(slot)
+                self.cache.remove_adapter(adapter_id)
                 del self.adapters.by_id[adapter_id]
                 self._retiring.discard(adapter_id)
 
@@ -106,8 +140,9 @@ class LLMEngine:
         if len(ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}")
-        if -(-(len(ids) + sampling.max_tokens) // self.cache.block_size) > self.num_blocks:
-            raise ValueError(f"prompt plus max_tokens needs more KV blocks than the cache has ({self.num_blocks})")
+        if blocks_for(len(ids) + sampling.max_tokens, self.cache.block_size) > self.cache.max_request_blocks:
+            raise ValueError(f"prompt plus max_tokens needs more KV blocks than the device pool has for a request "
+                             f"({self.cache.max_request_blocks} of {self.cache.block_size} tokens)")
         lora = self.adapters.resolve(adapter)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         return Request(
@@ -135,12 +170,30 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def idle_tick(self) -> None:
+        """Let the swapper run while no request is in flight (idle prefetch)."""
+        self.cache.tick(0)
+        self._refresh_stats()
+
+    def _refresh_stats(self, period: float = 1.0) -> None:
+        """Snapshot cache stats for other threads (metrics) at most once a period."""
+        now = self.clock.now()
+        if now - self._stats_time >= period:
+            self._stats_time = now
+            self.cache_stats = self.cache.stats()
+
+    def close(self) -> None:
+        self.mover.close()
+
     # -- the loop ----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        if plan.is_empty and self.scheduler.pending:
+            time.sleep(0.0005)  # everything waits on copies: do not spin
         result = self.executor.execute(plan)
         touched = self.scheduler.update(plan, result)
+        self._refresh_stats()
         return [self._output(req) for req in touched]
 
     def _output(self, req: Request) -> RequestOutput:

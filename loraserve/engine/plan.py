@@ -30,8 +30,8 @@ class ScheduledSeq:
 @dataclass
 class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
-    lora_loads: list[tuple[int, str]] = field(default_factory=list)
-    """(slot, adapter id) whose weights must be in the slot before the step runs."""
+    lora_loads: list[tuple[int, str, list[int]]] = field(default_factory=list)
+    """(slot, adapter id, its device blocks): slots to fill before the step runs."""
 
     preempted: list[str] = field(default_factory=list)
     """Request ids preempted while planning (their blocks were freed)."""

@@ -3,10 +3,13 @@
 Each step: running requests first, oldest first (decodes cost one token, an
 unfinished chunked prefill its next chunk); then waiting requests are admitted
 in arrival order while the token budget, the seat limit, KV blocks and LoRA
-slots allow. A request whose adapter has no slot free is skipped, not allowed
-to block the queue. When a running request cannot grow, the most recently
-admitted running request is preempted: its blocks are freed and it is
-recomputed from its tokens later (prompt plus what it has generated).
+slots allow. Admission asks the cache manager to match the request's adapter
+and cached prefix: a request whose adapter or history KV must first be copied
+to the device goes to the pending set until the copies land, and one whose
+adapter has no slot or no room is skipped; neither blocks the queue. When a
+running request cannot grow, the most recently admitted running request is
+preempted: it lets go of its blocks (what it cached stays cached) and is
+recomputed later from its tokens, mostly from cache.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 
 from loraserve.cache.manager import CacheManager
+from loraserve.cache.tiered import Readiness
 from loraserve.clock import Clock
 from loraserve.config import SchedulerConfig
 from loraserve.engine.plan import SampledToken, ScheduledSeq, StepPlan, StepResult
@@ -36,6 +40,8 @@ class Scheduler:
         self.clock = clock
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
+        self.pending: list[Request] = []
+        """Admitted in principle, waiting for their adapter or KV to reach the device."""
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -59,11 +65,13 @@ class Scheduler:
         return req
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.pending or self.running)
 
     # -- planning ----------------------------------------------------------
 
     def schedule(self) -> StepPlan:
+        self.cache.tick(len(self.running))
+        self._wake_pending()
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         for req in list(self.running):
@@ -92,6 +100,24 @@ class Scheduler:
                 return False
         return True
 
+    def _wake_pending(self) -> None:
+        """Requests whose copies have landed go back to the head of the queue."""
+        now = self.clock.now()
+        woken = []
+        for req in self.pending:
+            if not self.cache.copies_done(req):
+                continue
+            waited = now - req.pending_since
+            adapter, _ = self.cache.waited_for(req)
+            if adapter:
+                req.lora_wait += waited
+            else:
+                req.kv_wait += waited
+            woken.append(req)
+        if woken:
+            self.pending = [r for r in self.pending if r not in woken]
+            self.waiting.extendleft(reversed(woken))
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -99,17 +125,26 @@ class Scheduler:
             if req.adapter is not None and not self.slots.can_acquire(req.adapter):
                 skipped.append(req)
                 continue
-            if req.num_computed_tokens == 0:
-                req.num_computed_tokens = self.cache.num_cached_tokens(req)
+            state = self.cache.prepare(req)
+            if state is Readiness.WAITING:
+                req.pending_since = self.clock.now()
+                self.pending.append(req)
+                continue
+            if state is Readiness.NO_ROOM:
+                skipped.append(req)
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.cache.can_allocate(req, num_new):
+                # memory is short: wait at the head of the queue, pinning nothing
+                self.cache.free(req)
+                req.num_computed_tokens = 0
                 self.waiting.appendleft(req)
                 break
             self.cache.allocate(req, num_new)
             if req.adapter is not None:
                 slot, load = self.slots.acquire(req.adapter)
                 if load:
-                    plan.lora_loads.append((slot, req.adapter))
+                    plan.lora_loads.append((slot, req.adapter, self.cache.adapter_blocks(req.adapter)))
                     self.num_lora_loads += 1
                 else:
                     self.num_lora_hits += 1
@@ -146,6 +181,7 @@ class Scheduler:
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += seq.num_new_tokens
+            self.cache.commit(req)
             token = result.sampled.get(req.request_id)
             if token is None:
                 continue
@@ -178,8 +214,12 @@ class Scheduler:
             self.cache.free(req)
             if req.adapter is not None:
                 self.slots.release(req.adapter)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        else:  # waiting or pending: it may hold a matched prefix
+            if req in self.waiting:
+                self.waiting.remove(req)
+            elif req in self.pending:
+                self.pending.remove(req)
+            self.cache.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = self.clock.now()

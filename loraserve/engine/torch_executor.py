@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -11,11 +12,21 @@ from loraserve.engine.sampler import sample
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.bank import LoraBank, lora_dtype
 from loraserve.lora.batch import LoraBatch
+from loraserve.lora.packing import unpack
 from loraserve.model.attention import build_metadata
 from loraserve.model.transformer import Transformer
 
 
 class TorchExecutor:
+    """Owns the tiers' arenas and the LoRA slots, and runs steps on the model.
+
+    Each tier is one tensor of equal-size blocks, laid out for attention
+    ([layers, K/V, block, token, head, dim]). A block holds either KV or a run
+    of an adapter's packed rank slices (`lora/packing.py`): a block's bytes are
+    its slice of every layer, so KV and adapter blocks are interchangeable and
+    `copy_blocks` moves both.
+    """
+
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, num_slots: int,
                  adapters: dict[str, LoraAdapter], seed: int, num_host_blocks: int = 0) -> None:
         s = model.spec
@@ -24,20 +35,18 @@ class TorchExecutor:
         shape = (s.num_layers, 2, num_blocks, block_size, s.num_kv_heads, s.head_dim)
         self.tiers = {"device": torch.zeros(shape, dtype=model.dtype, device=model.device)}
         if num_host_blocks:
-            self.tiers["host"] = torch.zeros(shape[:2] + (num_host_blocks,) + shape[3:], dtype=model.dtype)
+            host = torch.empty(shape[:2] + (num_host_blocks,) + shape[3:], dtype=model.dtype)
+            self.tiers["host"] = host.pin_memory() if model.device.type == "cuda" else host
+        self.block_bytes = math.prod(shape) // num_blocks * model.dtype.itemsize
         self.bank = LoraBank(s, num_slots, lora_dtype(model.dtype, model.device), model.device)
         self.adapters = adapters
         self.default_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
-        self.bytes_swapped_in = 0
-        """Adapter bytes copied host → device (into LoRA slots) so far."""
 
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
-        for slot, adapter_id in plan.lora_loads:
-            adapter = self.adapters[adapter_id]
-            self.bank.load(slot, adapter)
-            self.bytes_swapped_in += adapter.num_bytes
+        for slot, adapter_id, blocks in plan.lora_loads:
+            self.load_slot(slot, self.adapters[adapter_id], blocks)
         if plan.is_empty:
             return StepResult(elapsed=time.perf_counter() - start)
         num_slots = self.bank.num_slots
@@ -82,10 +91,27 @@ class TorchExecutor:
     def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs])
-        dst = torch.tensor([p[1] for p in pairs])
-        target = self.tiers[dst_tier]
-        target[:, :, dst.to(target.device)] = self.tiers[src_tier][:, :, src.to(self.tiers[src_tier].device)].to(target.device)
+        src_t, dst_t = self.tiers[src_tier], self.tiers[dst_tier]
+        src = torch.tensor([p[0] for p in pairs], device=src_t.device)
+        dst = torch.tensor([p[1] for p in pairs], device=dst_t.device)
+        dst_t[:, :, dst] = src_t[:, :, src].to(dst_t.device, non_blocking=True)
+
+    def write_blocks(self, tier: str, blocks: list[int], data: torch.Tensor) -> None:
+        """Store flat bytes across blocks, in order (the last one zero-padded)."""
+        t = self.tiers[tier]
+        padded = torch.zeros(len(blocks) * self.block_bytes, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        view = padded.view(t.dtype).view(len(blocks), *t.shape[:2], *t.shape[3:]).movedim(0, 2)
+        t[:, :, torch.tensor(blocks, device=t.device)] = view.to(t.device)
+
+    def read_blocks(self, tier: str, blocks: list[int]) -> torch.Tensor:
+        """The flat bytes `write_blocks` stored (padding included)."""
+        t = self.tiers[tier]
+        return t[:, :, torch.tensor(blocks, device=t.device)].movedim(2, 0).contiguous().view(-1).view(torch.uint8)
+
+    def load_slot(self, slot: int, adapter: LoraAdapter, blocks: list[int]) -> None:
+        """Fill a LoRA slot from the adapter's device blocks (a device-local copy)."""
+        self.bank.load(slot, unpack(self.read_blocks("device", blocks), adapter, self.bank.dtype, self.bank.device))
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:

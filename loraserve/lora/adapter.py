@@ -63,10 +63,12 @@ class LoraAdapter:
     B [R, out]. Expert targets (experts_gate_up, experts_down): A [E, in, R],
     B [E, R, out]. R sums the fused sub-projections' ranks; scaling is in B."""
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.weights.values())
+    layout: tuple[tuple[tuple[int, str], tuple[int, ...], tuple[int, ...]], ...] = ()
+    """((layer, target), A shape, B shape) per projection: enough to rebuild the
+    weights from their packed bytes once `weights` has been let go."""
+
+    num_bytes: int = 0
+    """Bytes of the weights (packed, as stored in cache blocks)."""
 
 
 def content_hash(path: Path) -> str:
@@ -125,6 +127,9 @@ def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | N
         adapter.weights[(layer, target)] = _fuse(us, _out_dim(spec, target), dtype)
     if not adapter.weights:
         raise AdapterError(f"adapter {path}: no LoRA weights found")
+    adapter.layout = tuple((key, tuple(a.shape), tuple(b.shape)) for key, (a, b) in adapter.weights.items())
+    adapter.num_bytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                            for a, b in adapter.weights.values())
     return adapter
 
 

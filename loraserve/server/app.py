@@ -89,8 +89,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         start = time.monotonic()
         try:
             adapter = await asyncio.to_thread(llm.adapters.load, body.lora_name, path)
-            await engine.call(llm.adapters.register, body.lora_name, adapter)
-        except AdapterError as e:
+            await engine.call(llm.register_adapter, body.lora_name, adapter)
+        except (AdapterError, ValueError) as e:  # ValueError: too big for the device pool
             raise APIError(400, str(e), "lora_path") from e
         metrics.adapter_load.observe(time.monotonic() - start)
         return {"status": "ok", "lora_name": body.lora_name, "id": adapter.id, "rank": adapter.rank}

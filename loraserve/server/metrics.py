@@ -40,25 +40,32 @@ class _EngineCollector:
 
     def collect(self):
         e = self.engine
-        usage = e.cache.usage()
-        block_bytes = e.config.cache.block_size * e.spec.kv_bytes_per_token(e.model.dtype.itemsize)
+        stats = e.cache_stats  # a snapshot the engine thread refreshes (the tree is its alone)
         for name, doc, value in [
             ("loraserve_num_requests_running", "Requests running", len(e.scheduler.running)),
             ("loraserve_num_requests_waiting", "Requests waiting", len(e.scheduler.waiting)),
+            ("loraserve_num_requests_pending", "Requests waiting for their adapter or KV to reach the device",
+             len(e.scheduler.pending)),
             ("loraserve_num_preemptions", "Preemptions so far", e.scheduler.num_preemptions),
-            ("loraserve_kv_blocks_used", "KV blocks in use", usage["used"]),
-            ("loraserve_kv_blocks_total", "KV blocks in the device tier", usage["total"]),
             ("loraserve_adapters_loaded", "Adapters registered", len(e.adapters.by_id)),
+            ("loraserve_adapters_on_device", "Adapters resident in the device tier", stats.get("device_adapters", 0)),
             ("loraserve_lora_slots_used", "LoRA slots holding an adapter", len(e.slots.resident())),
             ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.scheduler.num_lora_hits),
             ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot",
              e.scheduler.num_lora_loads),
-            ("loraserve_swap_in_bytes", "Adapter bytes copied host to device", e.executor.bytes_swapped_in),
+            ("loraserve_adapter_hit_rate", "Admissions whose adapter was already on the device",
+             stats.get("adapter_hit_rate", 0.0)),
+            ("loraserve_kv_hit_rate", "Prompt tokens served from cached history KV", stats.get("kv_hit_rate", 0.0)),
+            ("loraserve_invalid_kv_fraction", "Device KV blocks whose adapter is not on the device",
+             stats.get("invalid_kv_fraction", 0.0)),
+            ("loraserve_low_lora", "ELORA's expected number of adapters a batch needs", stats.get("low_lora", 0.0)),
+            ("loraserve_swap_in_bytes", "Bytes copied to the device tier", stats.get("swap_in_bytes", 0)),
+            ("loraserve_swap_out_bytes", "Bytes copied off the device tier", stats.get("swap_out_bytes", 0)),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
-        cache = GaugeMetricFamily("loraserve_cache_bytes", "Device bytes by kind", labels=["tier", "kind"])
-        cache.add_metric(["device", "running_kv"], usage["used"] * block_bytes)
-        cache.add_metric(["device", "free_kv"], usage["free"] * block_bytes)
-        cache.add_metric(["device", "adapters"], e.executor.bank.num_bytes)
-        cache.add_metric(["host", "adapters"], sum(a.num_bytes for a in e.adapters.by_id.values()))
+        cache = GaugeMetricFamily("loraserve_cache_bytes", "Tier bytes by kind", labels=["tier", "kind"])
+        for tier in ("device", "host"):
+            for kind in ("adapters", "history_kv", "running_kv"):
+                cache.add_metric([tier, kind], stats.get(f"{tier}_bytes_{kind}", 0))
+        cache.add_metric(["device", "free"], stats.get("device_bytes_free", 0))
         yield cache

@@ -1,0 +1,81 @@
+"""The real engine's mover: block copies on a worker thread.
+
+Copies run while the engine thread computes steps (torch releases the GIL in
+copies; on CUDA they go on their own stream), so a request waiting for its
+adapter or history KV blocks no one. The cache manager guarantees that no
+running request reads or writes the blocks of a copy in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from loraserve.cache.mover import CopyJob
+from loraserve.engine.torch_executor import TorchExecutor
+from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora.packing import pack
+
+
+class TorchMover:
+    def __init__(self, executor: TorchExecutor, read_adapter: Callable[[str], LoraAdapter]) -> None:
+        self.executor = executor
+        self.read_adapter = read_adapter
+        """Reads an adapter from its directory by id (the disk tier)."""
+        self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
+        self._done: list[int] = []
+        self._finished: set[int] = set()
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        device = executor.model.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="loraserve-mover", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: CopyJob) -> None:
+        self._jobs.put(job)
+
+    def poll(self) -> list[int]:
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError(f"a cache copy failed: {self._error}") from self._error
+            done, self._done = self._done, []
+            self._finished.difference_update(done)  # polled jobs are never waited for
+        return done
+
+    def wait(self, job_id: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: job_id in self._finished or self._error is not None)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._copy(job)
+            except BaseException as e:  # reported to the engine thread by poll()
+                with self._cond:
+                    self._error = e
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._done.append(job.id)
+                self._finished.add(job.id)
+                self._cond.notify_all()
+
+    def _copy(self, job: CopyJob) -> None:
+        ex = self.executor
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            if job.src_tier == "disk":
+                ex.write_blocks(job.dst_tier, list(job.dst_blocks), pack(self.read_adapter(job.adapter)))
+            else:
+                ex.copy_blocks(job.src_tier, job.dst_tier, list(zip(job.src_blocks, job.dst_blocks)))
+        if self._stream is not None:
+            self._stream.synchronize()
+
