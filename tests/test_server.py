@@ -213,12 +213,12 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     stream = client.completions.create(model="r16", prompt="go on", max_tokens=400, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
-    assert metric(server, "loraserve_kv_blocks_used") > 0
+    assert metric(server, "loraserve_running_kv_blocks") > 0
     stream.close()
     deadline = time.time() + 30
-    while metric(server, "loraserve_kv_blocks_used") > 0 and time.time() < deadline:
+    while metric(server, "loraserve_running_kv_blocks") > 0 and time.time() < deadline:
         time.sleep(0.05)
-    assert metric(server, "loraserve_kv_blocks_used") == 0
+    assert metric(server, "loraserve_running_kv_blocks") == 0
     assert metric(server, "loraserve_num_requests_running") == 0
     assert metric(server, "loraserve_requests_total") > 0
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0

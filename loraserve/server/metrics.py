@@ -47,6 +47,8 @@ class _EngineCollector:
             ("loraserve_num_requests_pending", "Requests waiting for their adapter or KV to reach the device",
              len(e.scheduler.pending)),
             ("loraserve_num_preemptions", "Preemptions so far", e.scheduler.num_preemptions),
+            ("loraserve_running_kv_blocks", "KV blocks in running requests' block tables (cached prefixes included)",
+             sum(len(r.block_ids) for r in list(e.scheduler.running))),
             ("loraserve_adapters_loaded", "Adapters registered", len(e.adapters.by_id)),
             ("loraserve_adapters_on_device", "Adapters resident in the device tier", stats.get("device_adapters", 0)),
             ("loraserve_lora_slots_used", "LoRA slots holding an adapter", len(e.slots.resident())),
