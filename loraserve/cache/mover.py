@@ -9,6 +9,7 @@ which is what the simulator and the policy tests need.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,20 +54,22 @@ class LinkMover:
         self.latency = latency
         self._busy_until = 0.0
         self._finish: dict[int, float] = {}
+        self._queue: list[tuple[float, int]] = []  # (finish time, job id), a heap
         self.num_bytes = {"in": 0, "out": 0}
 
     def submit(self, job: CopyJob) -> None:
         start = max(self.clock.now(), self._busy_until)
         self._busy_until = start + self.latency + job.num_bytes / self.bytes_per_s
         self._finish[job.id] = self._busy_until
+        heapq.heappush(self._queue, (self._busy_until, job.id))
         self.num_bytes["in" if job.dst_tier == "device" else "out"] += job.num_bytes
 
     def poll(self) -> list[int]:
-        now = self.clock.now()
-        done = sorted((t, i) for i, t in self._finish.items() if t <= now)
-        for _, i in done:
-            del self._finish[i]
-        return [i for _, i in done]
+        now, done = self.clock.now(), []
+        while self._queue and self._queue[0][0] <= now:
+            done.append(heapq.heappop(self._queue)[1])
+            del self._finish[done[-1]]
+        return done
 
     def wait(self, job_id: int) -> None:
         """On a manual clock, waiting is time passing."""

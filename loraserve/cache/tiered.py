@@ -131,17 +131,25 @@ class TieredCacheManager:
         return "all" if self.policy.unified else "kv"
 
     def _acct(self, node: Node, sign: int) -> None:
-        if node.kind is Kind.ROOT or node.key == BASE:
+        """Add (sign=1) or remove (sign=-1) a node's share of the running books;
+        every change to a node's tier, pins or transfer state sits between a -1 and a +1."""
+        kind = node.kind
+        if kind is Kind.ROOT or node is self.base:
             return
-        if node.kind is Kind.LORA:
-            self.num_loras[node.tier] += sign
-        if node.tier is not DISK:
-            kind = "adapters" if node.kind is Kind.LORA else "running_kv" if node.pins else "history_kv"
-            self.blocks[(node.tier, kind)] += sign * node.num_blocks
-        if node.tier is DEVICE and node.movable:
-            self.movable[self._region(node)] += sign * node.num_blocks
+        tier = node.tier
+        if kind is Kind.LORA:
+            self.num_loras[tier] += sign
+        if tier is DISK:
+            return
+        n = sign * node.num_blocks
+        self.blocks[(tier, "adapters" if kind is Kind.LORA else "running_kv" if node.pins else "history_kv")] += n
+        if tier is DEVICE and not node.pins and not node.in_transfer:
+            self.movable["all" if self.policy.unified else "lora" if kind is Kind.LORA else "kv"] += n
 
     def _pin(self, node: Node, delta: int) -> None:
+        if node.pins and node.pins + delta:  # stays pinned: the books do not change
+            node.pins += delta
+            return
         self._acct(node, -1)
         node.pins += delta
         self._acct(node, +1)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 
 class Tier(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is slow Python on a hot path
+
     DEVICE = "device"
     HOST = "host"
     DISK = "disk"
@@ -25,6 +27,8 @@ class Tier(enum.Enum):
 
 
 class Kind(enum.Enum):
+    __hash__ = object.__hash__
+
     ROOT = "root"
     LORA = "lora"
     KV = "kv"
