@@ -163,6 +163,15 @@ def test_second_turn_reuses_its_prefix_only_under_its_adapter():
     assert stats["kv_hit_tokens"] == 20 and stats["adapter_misses"] == 2 and stats["adapter_hits"] == 1
 
 
+def converse(h: Harness, conv: int) -> None:
+    """One 40-token base-model turn of a conversation, run to its first output token."""
+    h.new(None, conv, 40)
+    while h.running:
+        h.progress(0, 12)
+        if h.running[0].num_output_tokens:
+            h.finish(0)
+
+
 def test_idle_prefetch_brings_host_adapters_back_and_busy_evicts_down_to_target():
     h = Harness("elora", device_blocks=40)
     assert h.cache.num_loras[Tier.DEVICE] == 0
@@ -171,11 +180,7 @@ def test_idle_prefetch_brings_host_adapters_back_and_busy_evicts_down_to_target(
     assert h.cache.usage()["used"] <= 28
     assert h.cache.num_loras[Tier.DEVICE] >= 5
     for conv in range(4):  # fill the pool with history KV
-        h.new(None, conv, 40)
-        while h.running:
-            h.progress(0, 12)
-            if h.running[0].num_output_tokens:
-                h.finish(0)
+        converse(h, conv)
     h.advance(0.01)
     h.advance(1.0)
     assert h.cache.usage()["used"] <= 0.8 * 40
@@ -185,11 +190,7 @@ def test_idle_prefetch_brings_host_adapters_back_and_busy_evicts_down_to_target(
 def test_host_full_drops_cold_kv_but_keeps_adapters():
     h = Harness("elora", device_blocks=40, host_blocks=30)  # adapters take 27 host blocks
     for conv in range(5):
-        h.new(None, conv, 40)
-        while h.running:
-            h.progress(0, 12)
-            if h.running[0].num_output_tokens:
-                h.finish(0)
+        converse(h, conv)
         h.advance(0.01)
         h.advance(1.0)
         h.check()
