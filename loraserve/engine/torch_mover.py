@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -33,7 +34,9 @@ class TorchMover:
         self._cond = threading.Condition()
         device = executor.model.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._run, name="loraserve-mover", daemon=True)
+        # the thread holds the mover weakly, so an engine that is dropped frees its tiers
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._jobs),
+                                        name="loraserve-mover", daemon=True)
         self._thread.start()
 
     def submit(self, job: CopyJob) -> None:
@@ -55,19 +58,20 @@ class TorchMover:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._copy(job)
-            except BaseException as e:  # reported to the engine thread by poll()
-                with self._cond:
-                    self._error = e
-                    self._cond.notify_all()
-                return
+    def _handle(self, job: CopyJob) -> bool:
+        """Run one job; False once a copy has failed (the thread then stops)."""
+        try:
+            self._copy(job)
+        except BaseException as e:  # reported to the engine thread by poll()
             with self._cond:
-                self._done.append(job.id)
-                self._finished.add(job.id)
+                self._error = e
                 self._cond.notify_all()
+            return False
+        with self._cond:
+            self._done.append(job.id)
+            self._finished.add(job.id)
+            self._cond.notify_all()
+        return True
 
     def _copy(self, job: CopyJob) -> None:
         ex = self.executor
@@ -79,3 +83,17 @@ class TorchMover:
         if self._stream is not None:
             self._stream.synchronize()
 
+
+
+def _serve(ref: weakref.ref, jobs: queue.Queue) -> None:
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if ref() is None:  # the engine is gone
+                return
+            continue
+        mover = ref()
+        if job is None or mover is None or not mover._handle(job):
+            return
+        del mover
