@@ -236,9 +236,6 @@ class TieredCacheManager:
         assert node.tier is DEVICE and not node.in_transfer, "adapter is not resident"
         return node.blocks
 
-    def adapter_tier(self, key: str) -> Tier:
-        return self.tree.adapters[key].tier
-
     # -- requests ------------------------------------------------------------
 
     def prepare(self, req: Request) -> Readiness:
@@ -385,10 +382,6 @@ class TieredCacheManager:
         self.device[self._kv_region()].free(list(held.private))
         for job_id in held.waiting_on:
             self._waiters.get(job_id, set()).discard(rid)
-
-    def num_cached_tokens(self, req: Request) -> int:
-        held = self._held.get(req.request_id)
-        return len(held.path) * self.block_size if held and held.ready else 0
 
     # -- making room ---------------------------------------------------------
 
