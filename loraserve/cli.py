@@ -62,17 +62,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
-def _size(text: str) -> str:
-    """Validate a cache size: a byte count with an optional unit, or a fraction in (0, 1)."""
+def _split_size(text: str) -> tuple[float, str] | None:
+    """(number, lower-case unit) of '512MiB', '2gib', '0.3'; None if it is neither
+    a positive byte count with a known unit nor a fraction without one."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or (float(m.group(1)) < 1 and m.group(2)) or float(m.group(1)) <= 0:
+    if not m:
+        return None
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _UNITS or value <= 0 or (value < 1 and unit):
+        return None
+    return value, unit
+
+
+def _size(text: str) -> str:
+    """argparse type: validate a cache size (turned into bytes once the device is known)."""
+    if _split_size(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a size like 512MiB nor a fraction like 0.3")
     return text
 
 
 def _cache_bytes(text: str, tier: str, device: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    value, unit = float(m.group(1)), m.group(2).lower()
+    value, unit = _split_size(text)
     if value >= 1 or unit:
         return int(value * _UNITS[unit])
     if tier == "device" and device.startswith("cuda"):

@@ -124,11 +124,16 @@ class TieredCacheManager:
 
     # -- bookkeeping helpers ----------------------------------------------
 
+    def _region_of(self, kind: Kind) -> str:
+        """Which device pool holds a kind of node: the one pool, or under a
+        static split the adapter or the KV region."""
+        return "all" if self.policy.unified else "lora" if kind is Kind.LORA else "kv"
+
     def _region(self, node: Node) -> str:
-        return "all" if self.policy.unified else ("lora" if node.kind is Kind.LORA else "kv")
+        return self._region_of(node.kind)
 
     def _kv_region(self) -> str:
-        return "all" if self.policy.unified else "kv"
+        return self._region_of(Kind.KV)
 
     def _acct(self, node: Node, sign: int) -> None:
         """Add (sign=1) or remove (sign=-1) a node's share of the running books;
@@ -144,7 +149,7 @@ class TieredCacheManager:
         n = sign * node.num_blocks
         self.blocks[(tier, "adapters" if kind is Kind.LORA else "running_kv" if node.pins else "history_kv")] += n
         if tier is DEVICE and not node.pins and not node.in_transfer:
-            self.movable["all" if self.policy.unified else "lora" if kind is Kind.LORA else "kv"] += n
+            self.movable[self._region_of(kind)] += n
 
     def _pin(self, node: Node, delta: int) -> None:
         if node.pins and node.pins + delta:  # stays pinned: the books do not change
@@ -205,7 +210,7 @@ class TieredCacheManager:
         """Register an adapter. Returns the host blocks to write its weights into,
         or [] if the host has no room (it stays on disk, read on demand)."""
         n = blocks_for(num_bytes, self.block_bytes)
-        region = self.device["all" if self.policy.unified else "lora"]
+        region = self.device[self._region_of(Kind.LORA)]
         if n > region.num_blocks:
             raise ValueError(f"the adapter needs {n} blocks of {self.block_bytes} bytes; the device "
                              f"{'pool' if self.policy.unified else 'adapter region'} has {region.num_blocks}")
@@ -303,11 +308,10 @@ class TieredCacheManager:
         req.block_ids = [node.blocks[0] for node in held.path]
         req.num_computed_tokens = len(held.path) * self.block_size
         held.num_committed = len(held.path)
-        if req.adapter is not None:
-            self.counters["adapter_hits" if not held.waited_adapter else "adapter_misses"] += 1
         self.counters["kv_hit_tokens"] += req.num_computed_tokens
         self.counters["prompt_tokens"] += req.num_tokens
         if req.adapter is not None:
+            self.counters["adapter_hits" if not held.waited_adapter else "adapter_misses"] += 1
             self.cost.record_admission(req.adapter, now)
 
     def copies_done(self, req: Request) -> bool:
@@ -476,9 +480,10 @@ class TieredCacheManager:
 
     def _drop(self, node: Node) -> None:
         """Forget a node and its subtree; their blocks go back to their pools."""
-        for n in self.tree.subtree(node):
+        nodes = self.tree.subtree(node)
+        for n in nodes:  # copies in flight finish first (they hold blocks too)
             self._wait(n)
-        for n in self.tree.subtree(node):
+        for n in nodes:
             self._acct(n, -1)
             if n.tier is not DISK and n.blocks:
                 self._pool(n.tier, n).free(n.blocks)

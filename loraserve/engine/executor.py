@@ -17,7 +17,8 @@ class Executor(Protocol):
         ...
 
     def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:
-        """Copy KV blocks between tiers ("device", "host"): (src block, dst block) pairs."""
+        """Copy blocks (KV or adapter rank slices alike) between tiers ("device", "host"):
+        (src block, dst block) pairs."""
         ...
 
     def release(self, request_ids: list[str]) -> None:

@@ -103,9 +103,10 @@ class Scheduler:
     def _wake_pending(self) -> None:
         """Requests whose copies have landed go back to the head of the queue."""
         now = self.clock.now()
-        woken = []
+        woken, still = [], []
         for req in self.pending:
             if not self.cache.copies_done(req):
+                still.append(req)
                 continue
             waited = now - req.pending_since
             adapter, _ = self.cache.waited_for(req)
@@ -114,9 +115,8 @@ class Scheduler:
             else:
                 req.kv_wait += waited
             woken.append(req)
-        if woken:
-            self.pending = [r for r in self.pending if r not in woken]
-            self.waiting.extendleft(reversed(woken))
+        self.pending = still
+        self.waiting.extendleft(reversed(woken))
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
         skipped: list[Request] = []
