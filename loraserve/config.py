@@ -47,6 +47,12 @@ class CacheConfig:
 
     host_target_watermark: float = 0.7
 
+    evict_batch: float = 0.01
+    """On-demand eviction (a full pool, an allocation that cannot wait) frees at
+    least this share of the pool at once: choosing victims scores every
+    candidate, so doing it block by block would cost a pass over the pool per
+    block. 0: exactly what is needed."""
+
     swap_interval: float = 0.1
     """Seconds between swapper passes (the paper's 100 ms); the engine also runs
     one on an idle timer at this period."""
@@ -80,6 +86,8 @@ class CacheConfig:
         for name in ("window", "tau", "link_bytes_per_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.evict_batch < 1:
+            raise ValueError(f"evict_batch must be in [0, 1), got {self.evict_batch}")
         if self.swap_interval < 0:
             raise ValueError(f"swap_interval must be >= 0, got {self.swap_interval}")
 

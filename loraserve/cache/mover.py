@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from loraserve.clock import Clock, ManualClock
 
@@ -46,12 +46,13 @@ class Mover(Protocol):
 
 class LinkMover:
     """Jobs go one after another over one link: a job takes latency +
-    bytes / bandwidth, starting when the previous one ends."""
+    bytes / bandwidth (or what `duration` says, e.g. a hardware model that
+    knows disk reads are slower), starting when the previous one ends."""
 
-    def __init__(self, clock: Clock, bytes_per_s: float, latency: float = 0.0) -> None:
+    def __init__(self, clock: Clock, bytes_per_s: float = 16e9, latency: float = 0.0,
+                 duration: Callable[[CopyJob], float] | None = None) -> None:
         self.clock = clock
-        self.bytes_per_s = bytes_per_s
-        self.latency = latency
+        self.duration = duration or (lambda job: latency + job.num_bytes / bytes_per_s)
         self._busy_until = 0.0
         self._finish: dict[int, float] = {}
         self._queue: list[tuple[float, int]] = []  # (finish time, job id), a heap
@@ -59,7 +60,7 @@ class LinkMover:
 
     def submit(self, job: CopyJob) -> None:
         start = max(self.clock.now(), self._busy_until)
-        self._busy_until = start + self.latency + job.num_bytes / self.bytes_per_s
+        self._busy_until = start + self.duration(job)
         self._finish[job.id] = self._busy_until
         heapq.heappush(self._queue, (self._busy_until, job.id))
         self.num_bytes["in" if job.dst_tier == "device" else "out"] += job.num_bytes
@@ -70,6 +71,10 @@ class LinkMover:
             done.append(heapq.heappop(self._queue)[1])
             del self._finish[done[-1]]
         return done
+
+    def next_finish(self) -> float | None:
+        """When the next job in flight ends (None: the link is idle)."""
+        return self._queue[0][0] if self._queue else None
 
     def wait(self, job_id: int) -> None:
         """On a manual clock, waiting is time passing."""

@@ -121,6 +121,10 @@ class TieredCacheManager:
         self.num_loras: Counter = Counter()
         self.counters: Counter = Counter()
         """Cumulative: adapter_hits/misses, kv_hit_tokens, prompt_tokens, swap bytes, drops."""
+        self.log: list[tuple] | None = None
+        """When a list: every move and drop is appended as (time, event, node, from, to), a
+        node named by its adapter (and trie depth for KV). Comparing two logs shows whether
+        two runs (the engine and the simulator) decided alike."""
 
     # -- bookkeeping helpers ----------------------------------------------
 
@@ -159,12 +163,18 @@ class TieredCacheManager:
         node.pins += delta
         self._acct(node, +1)
 
+    def _note(self, event: str, node: Node, src: Tier, dst: Tier | None) -> None:
+        if self.log is not None:
+            name = node.key if node.kind is Kind.LORA else (node.adapter, node.depth)
+            self.log.append((self.clock.now(), event, name, src.value, dst.value if dst else None))
+
     def _pool(self, tier: Tier, node: Node) -> BlockPool:
         return self.device[self._region(node)] if tier is DEVICE else self.host
 
     def _submit(self, node: Node, dst: Tier, dst_blocks: list[int], pinned: list[Node]) -> int:
         job_id, self._next_job = self._next_job, self._next_job + 1
         src, src_blocks = node.tier, node.blocks
+        self._note("move", node, src, dst)
         self._acct(node, -1)
         self.tree.move(node, dst, dst_blocks)
         node.in_transfer = True
@@ -394,7 +404,10 @@ class TieredCacheManager:
         if pool.num_free < n:
             if pool.num_free + self.movable[region] + self.outgoing[region] < n:
                 return None
-            self._evict(region, n - pool.num_free, sync=True)
+            # free at least a slice of the region at once: scoring the candidates
+            # costs a pass over them, which per block would dominate a full pool
+            batch = min(int(self.config.evict_batch * pool.num_blocks), self.movable[region])
+            self._evict(region, max(n - pool.num_free, batch), sync=True)
             if pool.num_free < n:
                 return None
         return pool.allocate(n)
@@ -436,8 +449,8 @@ class TieredCacheManager:
         """Heap entry: lowest first for eviction, highest first for prefetch."""
         loras = self.num_loras[DEVICE]
         if evict:
-            return (*self.cost.eviction_key(node, now, low, loras), id(node), node)
-        return (*(-k for k in self.cost.prefetch_key(node, now, low, loras)), id(node), node)
+            return (*self.cost.eviction_key(node, now, low, loras), node.seq, node)
+        return (*(-k for k in self.cost.prefetch_key(node, now, low, loras)), node.seq, node)
 
     def _move_out(self, node: Node) -> None:
         """Device → host if the policy keeps it and the host has room; else drop
@@ -446,6 +459,7 @@ class TieredCacheManager:
         if keep and self._host_room(node.num_blocks):
             self._submit(node, HOST, self.host.allocate(node.num_blocks), [])
         elif node.kind is Kind.LORA:
+            self._note("move", node, DEVICE, DISK)
             self._acct(node, -1)
             self.device[self._region(node)].free(node.blocks)
             self.tree.move(node, DISK, [])
@@ -480,6 +494,7 @@ class TieredCacheManager:
 
     def _drop(self, node: Node) -> None:
         """Forget a node and its subtree; their blocks go back to their pools."""
+        self._note("drop", node, node.tier, None)
         nodes = self.tree.subtree(node)
         for n in nodes:  # copies in flight finish first (they hold blocks too)
             self._wait(n)

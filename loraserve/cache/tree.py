@@ -14,6 +14,7 @@ different token blocks can never alias the way two equal hashes could.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -65,6 +66,9 @@ class Node:
     """A copy to or from this node is in flight; it may not move again until done."""
 
     depth: int = 0
+    seq: int = 0
+    """Creation order: breaks ties between equal scores the same way in every run
+    (an address would not), so the engine and the simulator decide alike."""
 
     @property
     def adapter(self) -> object:
@@ -108,9 +112,11 @@ class DependencyTree:
         self.host_roots: set[Node] = set()
         """Host nodes whose parent is on the device: where swap-ins start."""
 
+        self._seq = itertools.count(1)
+
     def add_adapter(self, key: object, tier: Tier, num_blocks: int, num_bytes: int, now: float) -> Node:
         node = Node(Kind.LORA, key, self.root, tier, num_blocks=num_blocks, num_bytes=num_bytes,
-                    last_use=now, depth=1)
+                    last_use=now, depth=1, seq=next(self._seq))
         self._link(node)
         self.adapters[key] = node
         return node
@@ -118,7 +124,7 @@ class DependencyTree:
     def add_kv(self, parent: Node, tokens: tuple[int, ...], tier: Tier, block: int, num_bytes: int,
                now: float) -> Node:
         node = Node(Kind.KV, tokens, parent, tier, blocks=[block], num_blocks=1, num_bytes=num_bytes,
-                    last_use=now, depth=parent.depth + 1)
+                    last_use=now, depth=parent.depth + 1, seq=next(self._seq))
         self._link(node)
         return node
 

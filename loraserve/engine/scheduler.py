@@ -49,6 +49,12 @@ class Scheduler:
         """Admissions whose adapter already sat in a LoRA slot."""
         self.num_lora_loads = 0
         """Admissions that had to copy their adapter into a slot."""
+        self.log: list[tuple] | None = None
+        """When a list: (time, event, request id) for every admit, pend and preempt."""
+
+    def _note(self, event: str, req: Request) -> None:
+        if self.log is not None:
+            self.log.append((self.clock.now(), event, req.request_id))
 
     # -- queue -------------------------------------------------------------
 
@@ -129,6 +135,7 @@ class Scheduler:
             if state is Readiness.WAITING:
                 req.pending_since = self.clock.now()
                 self.pending.append(req)
+                self._note("pend", req)
                 continue
             if state is Readiness.NO_ROOM:
                 skipped.append(req)
@@ -149,6 +156,7 @@ class Scheduler:
                 else:
                     self.num_lora_hits += 1
             req.status = RequestStatus.RUNNING
+            self._note("admit", req)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock.now()
             self.running.append(req)
@@ -160,6 +168,7 @@ class Scheduler:
         return None if req.adapter is None else self.slots.slot_of(req.adapter)
 
     def _preempt(self, req: Request) -> None:
+        self._note("preempt", req)
         self.running.remove(req)
         self.cache.free(req)
         if req.adapter is not None:

@@ -1,0 +1,111 @@
+"""The simulated engine: the real Scheduler and TieredCacheManager on a
+virtual clock, with a cost model where the model and the copy engine were.
+
+It answers the same calls as LLMEngine (add_request, step, has_unfinished,
+idle_tick), so one replay loop drives both.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from loraserve.cache.manager import blocks_for
+from loraserve.cache.mover import LinkMover
+from loraserve.cache.tiered import TieredCacheManager
+from loraserve.clock import ManualClock
+from loraserve.config import CacheConfig, SchedulerConfig
+from loraserve.engine.output import RequestOutput, make_output
+from loraserve.engine.scheduler import Scheduler
+from loraserve.lora.slots import LoraSlots
+from loraserve.model.spec import ModelSpec
+from loraserve.request import Request
+from loraserve.sampling import SamplingParams
+from loraserve.sim.cost import StepCost
+from loraserve.sim.hardware import Hardware
+from loraserve.sim.paced import NullExecutor, PacedExecutor, PacedMover
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    tp: int = 1
+    """Tensor-parallel degree: weights, KV and FLOPs split over tp accelerators."""
+
+    dtype_bytes: int = 2
+    mem_util: float = 0.9
+    """Share of device memory the engine may use (weights + the device tier), as vLLM's
+    gpu_memory_utilization; the device tier gets what the weights leave."""
+
+    max_model_len: int = 8192
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """device_bytes is ignored unless device_tier_bytes is set; host_bytes is used as is."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_tier_bytes: int | None = None
+    """Override the device tier's size (all accelerators together)."""
+
+
+def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:
+    """Device memory left for adapters and KV once the weights are in."""
+    if cfg.device_tier_bytes is not None:
+        return cfg.device_tier_bytes
+    from loraserve.sim.models import linear_params
+
+    dense, expert, experts = linear_params(spec)
+    embed = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    weights = (dense + expert * experts + embed) * cfg.dtype_bytes
+    free = hw.mem_bytes * cfg.tp * cfg.mem_util - weights
+    if free <= 0:
+        raise ValueError(f"the weights ({weights / 2**30:.1f} GiB) do not fit in {cfg.tp}× {hw.name}")
+    return int(free)
+
+
+class SimEngine:
+    def __init__(self, spec: ModelSpec, hw: Hardware, cfg: SimConfig, adapters: dict[str, int],
+                 clock: ManualClock | None = None) -> None:
+        """adapters: name → size in bytes (see models.lora_params); a name is its id here."""
+        self.spec = spec
+        self.config = cfg
+        self.clock = clock or ManualClock()
+        self.max_model_len = cfg.max_model_len
+        self.block_bytes = cfg.cache.block_size * spec.kv_bytes_per_token(cfg.dtype_bytes)
+        num_blocks = device_tier_bytes(spec, hw, cfg) // self.block_bytes
+        self.adapter_bytes = dict(adapters)
+        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, self.adapter_bytes.__getitem__)
+        self.mover = PacedMover(None, LinkMover(self.clock, duration=self.cost.copy_time))
+        self.cache = TieredCacheManager(cfg.cache, num_blocks, cfg.cache.host_bytes // self.block_bytes,
+                                        self.block_bytes, self.clock, self.mover)
+        for name, size in adapters.items():
+            self.cache.add_adapter(name, size)
+        self.slots = LoraSlots(cfg.scheduler.max_loras)
+        self.scheduler = Scheduler(cfg.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
+        self.executor = PacedExecutor(NullExecutor(), self.cost, self.clock)
+        self._ids = itertools.count()
+
+    def add_request(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
+                    request_id: str | None = None) -> Request:
+        sampling = sampling or SamplingParams()
+        if adapter is not None and adapter not in self.adapter_bytes:
+            raise KeyError(f"no adapter named {adapter!r}")
+        if blocks_for(len(prompt) + sampling.max_tokens, self.cache.block_size) > self.cache.max_request_blocks:
+            raise ValueError("request needs more KV blocks than the device tier holds for one request")
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt), sampling, adapter=adapter,
+                      adapter_name=adapter, arrival_time=self.clock.now())
+        self.scheduler.add(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def idle_tick(self) -> None:
+        self.cache.tick(0)
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.executor.execute(plan)
+        touched = self.scheduler.update(plan, result)
+        outs = [make_output(r, "", "") for r in touched]
+        for r in touched:
+            if r.is_finished:
+                self.scheduler.forget(r.request_id)
+        return outs
