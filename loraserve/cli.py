@@ -1,17 +1,17 @@
-"""Command line: `loraserve generate | demo-model`."""
+"""Command line: `loraserve serve | generate | workload | bench | simulate | demo-model`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 from loraserve.cache.policy import POLICIES
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
+from loraserve.units import UNITS, split_size
 
 
 def default_home() -> Path:
@@ -59,32 +59,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def _split_size(text: str) -> tuple[float, str] | None:
-    """(number, lower-case unit) of '512MiB', '2gib', '0.3'; None if it is neither
-    a positive byte count with a known unit nor a fraction without one."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m:
-        return None
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _UNITS or value <= 0 or (value < 1 and unit):
-        return None
-    return value, unit
-
-
 def _size(text: str) -> str:
     """argparse type: validate a cache size (turned into bytes once the device is known)."""
-    if _split_size(text) is None:
+    if split_size(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a size like 512MiB nor a fraction like 0.3")
     return text
 
 
 def _cache_bytes(text: str, tier: str, device: str) -> int:
-    value, unit = _split_size(text)
+    value, unit = split_size(text)
     if value >= 1 or unit:
-        return int(value * _UNITS[unit])
+        return int(value * UNITS[unit])
     if tier == "device" and device.startswith("cuda"):
         import torch
         free = torch.cuda.mem_get_info(torch.device(device))[0]
@@ -184,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("dir")
     d.add_argument("--tiny", metavar="FAMILY", help="tiny random model: llama, qwen2, mistral, mixtral, qwen2_moe, qwen3_moe")
     d.set_defaults(func=cmd_demo_model)
+
+    from loraserve.bench.cli import add_parser as add_bench
+    from loraserve.sim.cli import add_parser as add_simulate
+    from loraserve.workload.cli import add_parser as add_workload
+
+    add_workload(sub)
+    add_bench(sub)
+    add_simulate(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -566,7 +566,17 @@ class TieredCacheManager:
         kv = [n for n in self.tree.on_tier[DEVICE] if n.kind is Kind.KV]
         if not kv:
             return 0.0
-        return sum(any(a.tier is not DEVICE for a in n.ancestors()) for n in kv) / len(kv)
+        up: dict[Node, bool] = {self.tree.root: True}
+        """node → whether it and all its ancestors are on the device (memoized: one pass)."""
+        for n in kv:
+            path, a = [], n.parent
+            while a not in up:
+                path.append(a)
+                a = a.parent
+            ok = up[a]
+            for a in reversed(path):
+                ok = up[a] = ok and a.tier is DEVICE
+        return sum(not up[n.parent] for n in kv) / len(kv)
 
     def stats(self) -> dict:
         bb = self.block_bytes

@@ -65,8 +65,10 @@ PROFILES: dict[str, Hardware] = {
     "h20": Hardware("h20", flops=148e12, mem_bw=4000 * GB, mem_bytes=96 * GiB, pcie_bw=50 * GB,
                     interconnect_bw=450 * GB),
     # this machine (2 cores, AVX2, torch CPU; see ../shared/research/env-notes.md): the "device"
-    # is an arena in RAM, so a swap is a memcpy; fp32 matmul peak, measured read bandwidth
-    "cpu": Hardware("cpu", flops=150e9, mem_bw=37 * GB, mem_bytes=24 * GiB, pcie_bw=17 * GB, pcie_latency=20e-6,
+    # is an arena in RAM, so a swap is a memcpy; fp32 matmul peak, measured read bandwidth. A copy
+    # job's latency is the mover thread's hand-off: it waits for the GIL, which the engine thread
+    # gives up only every few ms (measured: 1-5 ms per job)
+    "cpu": Hardware("cpu", flops=150e9, mem_bw=37 * GB, mem_bytes=24 * GiB, pcie_bw=17 * GB, pcie_latency=1e-3,
                     disk_bw=1 * GB, flops_eff=0.5, bw_eff=0.7, step_overhead=5e-3, seq_overhead=200e-6,
                     token_overhead=50e-6),
 }

@@ -46,19 +46,17 @@ class PacedExecutor:
 
 
 class RecordingExecutor:
-    """Keeps (work, measured seconds) per step: what calibration fits."""
+    """Keeps the work of every step (empty ones too): calibration pairs it with
+    the step's measured time."""
 
     def __init__(self, inner, cost: StepCost) -> None:
         self.inner = inner
         self.cost = cost
-        self.samples: list[tuple[StepWork, float]] = []
+        self.works: list[StepWork] = []
 
     def execute(self, plan: StepPlan) -> StepResult:
-        work = self.cost.work(plan)
-        result = self.inner.execute(plan)
-        if work.num_tokens:
-            self.samples.append((work, result.elapsed))
-        return result
+        self.works.append(self.cost.work(plan))
+        return self.inner.execute(plan)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from typing import Callable
 
 from loraserve.clock import ManualClock
 from loraserve.request import Request
@@ -17,8 +18,12 @@ from loraserve.sampling import SamplingParams
 from loraserve.workload import Workload, input_ids
 
 
-def replay(engine, workload: Workload, progress=None, max_steps: int = 100_000_000) -> list[Request]:
-    """Run every turn; returns the finished requests (arrival = the turn's due time)."""
+def replay(engine, workload: Workload, progress=None, monitor: Callable[[float], None] | None = None,
+           every: float = 1.0, step_times: list[float] | None = None, max_steps: int = 100_000_000) -> list[Request]:
+    """Run every turn; returns the finished requests (arrival = the turn's due time).
+    `monitor(seconds since start)` is called about every `every` seconds; the wall
+    time of each engine step (scheduling and bookkeeping included) is appended
+    to `step_times` if given."""
     clock = engine.clock
     manual = isinstance(clock, ManualClock)
     t0 = clock.now()
@@ -29,11 +34,14 @@ def replay(engine, workload: Workload, progress=None, max_steps: int = 100_000_0
     live: dict[str, tuple[int, int, Request]] = {}
     done: list[Request] = []
     interval = engine.cache.config.swap_interval or 0.1
-    idle = 0
+    idle, next_look = 0, t0
     for _ in range(max_steps):
         if not events and not engine.has_unfinished():
             return done
         now = clock.now()
+        if monitor is not None and now >= next_look:
+            monitor(now - t0)
+            next_look = now + every
         while events and events[0][0] <= now:
             due, s, k, prompt = heapq.heappop(events)
             turn = sessions[s][k]
@@ -42,7 +50,10 @@ def replay(engine, workload: Workload, progress=None, max_steps: int = 100_000_0
             req.arrival_time = due
             live[req.request_id] = (s, k, req)
         if engine.has_unfinished():
+            start = time.perf_counter()
             outs = engine.step()
+            if step_times is not None:
+                step_times.append(time.perf_counter() - start)
             for out in outs:
                 if not out.finished:
                     continue

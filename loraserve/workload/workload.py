@@ -120,6 +120,15 @@ class Workload:
         turns = [replace(t, time=t.time * k) if t.turn == 0 else t for t in self.turns]
         return replace(self, turns=turns, rate=rate, meta=dict(self.meta))
 
+    def renamed(self, names: list[str]) -> Workload:
+        """The same workload over other adapter names: the i-th of `self.adapters`
+        becomes names[i] (to run a generated workload on the adapters at hand)."""
+        if len(names) != len(self.adapters):
+            raise ValueError(f"need {len(self.adapters)} adapter names, got {len(names)}")
+        to = dict(zip(self.adapters, names))
+        turns = [replace(t, adapter=to[t.adapter]) if t.adapter else t for t in self.turns]
+        return replace(self, turns=turns, adapters=list(names), meta=dict(self.meta))
+
     def head(self, num_sessions: int) -> Workload:
         """The first sessions only (by start time)."""
         keep = {t.session for t in sorted((t for t in self.turns if t.turn == 0), key=lambda t: t.time)[:num_sessions]}
@@ -203,7 +212,7 @@ def from_trace(path: str | Path) -> Workload:
                            int(r.get("turn") or 0)))
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: row {i + 1} needs timestamp, adapter, input_len, output_len: {e}") from None
-    parsed.sort(key=lambda r: (r[4], r[5], r[0]))
+    parsed.sort(key=lambda r: (r[0], r[5]))  # sessions numbered by their first arrival
     t0 = min(r[0] for r in parsed)
     ids: dict[str, int] = {}
     last: dict[str, float] = {}
@@ -214,6 +223,7 @@ def from_trace(path: str | Path) -> Workload:
         k = count[sess] = count.get(sess, -1) + 1
         turns.append(Turn(s, k, adapter, n_in, n_out, ts - t0 if k == 0 else ts - last[sess]))
         last[sess] = ts
+    turns.sort(key=lambda t: (t.session, t.turn))
     starts = [t.time for t in turns if t.turn == 0]
     span = max(starts) or 1.0
     adapters = sorted({t.adapter for t in turns if t.adapter})
