@@ -578,9 +578,11 @@ class TieredCacheManager:
                 ok = up[a] = ok and a.tier is DEVICE
         return sum(not up[n.parent] for n in kv) / len(kv)
 
-    def stats(self) -> dict:
+    def bytes_by_kind(self) -> dict[str, int]:
+        """{tier}_bytes_{total, adapters, history_kv, running_kv} and device_bytes_free:
+        cheap (running counters), so it can be sampled often."""
         bb = self.block_bytes
-        out = {"policy": self.policy.name, "block_bytes": bb}
+        out = {}
         for tier, total in ((DEVICE, self.num_device_blocks), (HOST, self.host.num_blocks if self.host else 0)):
             t = tier.value
             out[f"{t}_bytes_total"] = total * bb
@@ -588,6 +590,10 @@ class TieredCacheManager:
                 out[f"{t}_bytes_{kind}"] = self.blocks[(tier, kind)] * bb
         out["device_bytes_running_kv"] += self.num_running_private() * bb
         out["device_bytes_free"] = self.usage()["free"] * bb
+        return out
+
+    def stats(self) -> dict:
+        out = {"policy": self.policy.name, "block_bytes": self.block_bytes, **self.bytes_by_kind()}
         out["device_adapters"] = self.num_loras[DEVICE]
         out["host_adapters"] = self.num_loras[HOST]
         out["low_lora"] = self.cost.low_lora(self.clock.now())

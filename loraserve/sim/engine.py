@@ -101,11 +101,10 @@ class SimEngine:
         self.cache.tick(0)
 
     def step(self) -> list[RequestOutput]:
+        """Outputs of the requests this step finished (there is no text to stream)."""
         plan = self.scheduler.schedule()
         result = self.executor.execute(plan)
-        touched = self.scheduler.update(plan, result)
-        outs = [make_output(r, "", "") for r in touched]
-        for r in touched:
-            if r.is_finished:
-                self.scheduler.forget(r.request_id)
-        return outs
+        done = [r for r in self.scheduler.update(plan, result) if r.is_finished]
+        for r in done:
+            self.scheduler.forget(r.request_id)
+        return [make_output(r, "", "") for r in done]

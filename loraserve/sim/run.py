@@ -51,8 +51,8 @@ def simulate(workload: Workload, spec: ModelSpec, hw: Hardware, cfg: SimConfig, 
     memory: list[dict] = []
 
     def look(t: float) -> None:
-        stats = engine.cache.stats()
-        memory.append({"t": t, **{k[len("device_bytes_"):]: v for k, v in stats.items()
+        sizes = engine.cache.bytes_by_kind()
+        memory.append({"t": t, **{k[len("device_bytes_"):]: v for k, v in sizes.items()
                                   if k.startswith("device_bytes_") and k != "device_bytes_total"}})
 
     requests = replay(engine, workload, progress=progress, monitor=look)
