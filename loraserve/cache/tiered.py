@@ -267,6 +267,8 @@ class TieredCacheManager:
         else:
             waited = (False, False)
         adapter = self.tree.adapters[req.adapter or BASE]
+        if adapter.tier is not DEVICE and not adapter.in_transfer and not self._room_for(adapter):
+            return Readiness.NO_ROOM  # decided before matching: a queue that waits for room stays cheap
         path = []
         if self.policy.keep_history:
             # never the whole sequence: its last token must be computed to sample from
@@ -398,6 +400,11 @@ class TieredCacheManager:
             self._waiters.get(job_id, set()).discard(rid)
 
     # -- making room ---------------------------------------------------------
+
+    def _room_for(self, node: Node) -> bool:
+        """Whether the node's region could take it, evicting whatever may move."""
+        region = self._region(node)
+        return self.device[region].num_free + self.movable[region] + self.outgoing[region] >= node.num_blocks
 
     def _alloc_device(self, region: str, n: int) -> list[int] | None:
         pool = self.device[region]
