@@ -56,7 +56,7 @@ def command(system: str, model: Path, adapters: dict[str, Path], port: int, devi
     if system == "vllm-cpu":
         return [os.environ["VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                 "--served-model-name", "base", "--port", str(port), "--enable-lora", "--max-lora-rank", "16",
-                "--max-loras", "8", "--max-cpu-loras", str(len(adapters)), "--dtype", "float32",
+                "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)), "--dtype", "float32",
                 "--lora-modules", *loras]
     raise ValueError(f"unknown system {system!r}")
 
