@@ -98,6 +98,11 @@ def test_streaming_concatenates_to_the_same_text(client):
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == full
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(c.usage is None for c in chunks)
+    # stream_options.include_usage: one last chunk with no choices and the exact counts (as vLLM and OpenAI do)
+    counted = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert counted[-1].choices == [] and "".join(c.choices[0].text for c in counted[:-1]) == full
+    assert counted[-1].usage.completion_tokens == client.completions.create(**kw).usage.completion_tokens
 
 
 def test_chat_and_chat_streaming(client, offline):

@@ -28,7 +28,7 @@ from loraserve.sim.models import lora_params, model_spec
 from loraserve.sim.paced import pace_engine
 from loraserve.sim.replay import replay
 from loraserve.sim.run import simulate, to_records
-from loraserve.workload import ArrivalConfig, Lengths, WorkloadConfig, generate
+from loraserve.workload import ArrivalConfig, Lengths, Workload, WorkloadConfig, generate
 
 SLOW = Hardware("test", flops=2e10, mem_bw=5e9, mem_bytes=2**30, pcie_bw=2e7, pcie_latency=1e-4,
                 step_overhead=1e-3, seq_overhead=1e-4)
@@ -170,3 +170,26 @@ def test_simulated_latency_of_a_real_run_within_25_percent(tiny):
     for metric in ("ttft_s", "tpot_s"):
         assert sim[metric]["mean"] == pytest.approx(real[metric]["mean"], rel=0.25), metric
     assert statistics.mean(t for _, t in samples) > 0
+
+
+def test_workload_and_simulate_commands(tmp_path, capsys):
+    from loraserve.cli import main
+
+    wl = tmp_path / "w.jsonl"
+    assert main(["workload", "--out", str(wl), "--sessions", "30", "--adapters", "8", "--turns", "2",
+                 "--rate", "4", "--first-input", "200", "--output", "32"]) == 0
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "run", "--workload", str(wl), "--model", "llama3-8b", "--hardware", "h100",
+                 "--rank", "16", "--policy", "elora", "slora", "--device-tier", "4GiB", "--out", str(out),
+                 "--plots", str(tmp_path / "plots")]) == 0
+    import json
+
+    res = json.loads(out.read_text())["results"]
+    n = len(Workload.load(wl).turns)
+    for policy in ("elora", "slora"):
+        assert res[policy]["summary"]["completed"] == n
+        assert 0 < res[policy]["summary"]["ttft_s"]["mean"] < 1.0
+    assert res["elora"]["stats"]["kv_hit_rate"] > 0 == res["slora"]["stats"]["kv_hit_rate"]
+    assert (tmp_path / "plots" / "memory_elora.png").stat().st_size > 1000
+    assert "elora" in capsys.readouterr().out
+    assert main(["simulate", "run", "--workload", str(wl), "--model", "nonesuch"]) == 2

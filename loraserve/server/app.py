@@ -195,7 +195,9 @@ async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts
             raise APIError(503, str(e), kind="server_error") from e
         raise APIError(400, str(e)) from e
     if body.stream:
-        return StreamingResponse(_sse(rid, body.model, streams, ids, chat, engine), media_type="text/event-stream")
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_sse(rid, body.model, streams, ids, chat, engine, usage, body.n),
+                                 media_type="text/event-stream")
     try:
         finals = []
         for s in streams:
@@ -243,12 +245,15 @@ def _final(rid: str, model: str, outs: list[RequestOutput], n: int, chat: bool, 
                             "logprobs": lp, "finish_reason": o.finish_reason})
         else:
             choices.append({"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": _usage(outs, n)}
+
+
+def _usage(outs: list[RequestOutput], n: int) -> dict:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])  # outs are prompt-major, n per prompt
     completion_tokens = sum(len(o.token_ids) for o in outs)
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> dict:
@@ -264,8 +269,9 @@ def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> 
             "top_logprobs": [{tok.decode([t], skip_special_tokens=False): v for t, v in top.items()} for top in tops]}
 
 
-async def _sse(rid, model, streams, ids, chat, engine) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per new text per choice, then [DONE]."""
+async def _sse(rid, model, streams, ids, chat, engine, usage: bool = False, n: int = 1) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text per choice, then (if asked) one
+    with the usage and no choices, then [DONE]."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent = [0] * len(streams)
@@ -282,6 +288,7 @@ async def _sse(rid, model, streams, ids, chat, engine) -> AsyncIterator[str]:
                                       "choices": [choice]}) + "\n\n"
 
     pending = dict(enumerate(streams))
+    last: dict[int, RequestOutput] = {}
     try:
         while pending:  # choices advance in the same engine steps; read them round robin
             for i, s in list(pending.items()):
@@ -290,9 +297,13 @@ async def _sse(rid, model, streams, ids, chat, engine) -> AsyncIterator[str]:
                 except StopAsyncIteration:
                     pending.pop(i)
                     continue
+                last[i] = out
                 yield chunk(i, out)
                 if out.finished:
                     pending.pop(i)
+        if usage:
+            yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
+                                          "usage": _usage([last[i] for i in sorted(last)], n)}) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:  # on disconnect: abort what still runs, started or not
         for request_id in ids:

@@ -23,6 +23,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    stream_options: dict | None = None
+    """{"include_usage": true}: a last chunk carries the token counts."""
 
     def sampling(self, default_max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
