@@ -23,6 +23,7 @@ from loraserve.request import Request
 from loraserve.sampling import SamplingParams
 from loraserve.sim.cost import StepCost
 from loraserve.sim.hardware import Hardware
+from loraserve.sim.models import linear_params
 from loraserve.sim.paced import NullExecutor, PacedExecutor, PacedMover
 
 
@@ -49,8 +50,6 @@ def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:
     """Device memory left for adapters and KV once the weights are in."""
     if cfg.device_tier_bytes is not None:
         return cfg.device_tier_bytes
-    from loraserve.sim.models import linear_params
-
     dense, expert, experts = linear_params(spec)
     embed = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
     weights = (dense + expert * experts + embed) * cfg.dtype_bytes

@@ -11,7 +11,7 @@ The defaults for GPUs are typical of vLLM-class engines, not measurements.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GB = 1e9
@@ -83,6 +83,3 @@ def hardware(name_or_path: str) -> Hardware:
         return Hardware.load(path)
     raise ValueError(f"unknown hardware {name_or_path!r}: one of {', '.join(PROFILES)} or a profile JSON file")
 
-
-def with_fit(hw: Hardware, **fit: float) -> Hardware:
-    return replace(hw, name=f"{hw.name}-calibrated", **fit)

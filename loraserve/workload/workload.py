@@ -129,11 +129,6 @@ class Workload:
         turns = [replace(t, adapter=to[t.adapter]) if t.adapter else t for t in self.turns]
         return replace(self, turns=turns, adapters=list(names), meta=dict(self.meta))
 
-    def head(self, num_sessions: int) -> Workload:
-        """The first sessions only (by start time)."""
-        keep = {t.session for t in sorted((t for t in self.turns if t.turn == 0), key=lambda t: t.time)[:num_sessions]}
-        return replace(self, turns=[t for t in self.turns if t.session in keep], meta=dict(self.meta))
-
     # -- files -------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
