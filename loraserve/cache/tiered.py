@@ -267,7 +267,8 @@ class TieredCacheManager:
         else:
             waited = (False, False)
         adapter = self.tree.adapters[req.adapter or BASE]
-        if adapter.tier is not DEVICE and not adapter.in_transfer and not self._room_for(adapter):
+        if adapter.tier is not DEVICE and not adapter.in_transfer and not self._room(self._region(adapter),
+                                                                                      adapter.num_blocks):
             return Readiness.NO_ROOM  # decided before matching: a queue that waits for room stays cheap
         path = []
         if self.policy.keep_history:
@@ -401,15 +402,14 @@ class TieredCacheManager:
 
     # -- making room ---------------------------------------------------------
 
-    def _room_for(self, node: Node) -> bool:
-        """Whether the node's region could take it, evicting whatever may move."""
-        region = self._region(node)
-        return self.device[region].num_free + self.movable[region] + self.outgoing[region] >= node.num_blocks
+    def _room(self, region: str, n: int) -> bool:
+        """Whether n blocks of a region could be had, evicting whatever may move."""
+        return self.device[region].num_free + self.movable[region] + self.outgoing[region] >= n
 
     def _alloc_device(self, region: str, n: int) -> list[int] | None:
         pool = self.device[region]
         if pool.num_free < n:
-            if pool.num_free + self.movable[region] + self.outgoing[region] < n:
+            if not self._room(region, n):
                 return None
             # free at least a slice of the region at once: scoring the candidates
             # costs a pass over them, which per block would dominate a full pool
