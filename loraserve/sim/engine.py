@@ -24,7 +24,7 @@ from loraserve.sampling import SamplingParams
 from loraserve.sim.cost import StepCost
 from loraserve.sim.hardware import Hardware
 from loraserve.sim.models import linear_params
-from loraserve.sim.paced import NullExecutor, PacedExecutor, PacedMover
+from loraserve.sim.paced import NullExecutor, PacedExecutor
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class SimEngine:
         num_blocks = device_tier_bytes(spec, hw, cfg) // self.block_bytes
         self.adapter_bytes = dict(adapters)
         self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, self.adapter_bytes.__getitem__)
-        self.mover = PacedMover(None, LinkMover(self.clock, duration=self.cost.copy_time))
+        self.mover = LinkMover(self.clock, duration=self.cost.copy_time)
         self.cache = TieredCacheManager(cfg.cache, num_blocks, cfg.cache.host_bytes // self.block_bytes,
                                         self.block_bytes, self.clock, self.mover)
         for name, size in adapters.items():

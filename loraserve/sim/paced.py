@@ -63,9 +63,10 @@ class RecordingExecutor:
 
 
 class PacedMover:
-    """Done when both the real copy (if any) and the modelled link are done."""
+    """Done when both the real copy and the modelled link are done (the simulator,
+    having no real copies, uses the LinkMover alone)."""
 
-    def __init__(self, inner: Mover | None, link: LinkMover) -> None:
+    def __init__(self, inner: Mover, link: LinkMover) -> None:
         self.inner = inner
         self.link = link
         self._real_done: set[int] = set()
@@ -73,12 +74,9 @@ class PacedMover:
 
     def submit(self, job: CopyJob) -> None:
         self.link.submit(job)
-        if self.inner is not None:
-            self.inner.submit(job)
+        self.inner.submit(job)
 
     def _await_real(self, job_id: int) -> None:
-        if self.inner is None:
-            return
         self._real_done.update(self.inner.poll())
         if job_id not in self._real_done:
             self.inner.wait(job_id)
@@ -99,8 +97,7 @@ class PacedMover:
         return self.link.next_finish()
 
     def close(self) -> None:
-        if self.inner is not None and hasattr(self.inner, "close"):
-            self.inner.close()
+        self.inner.close()
 
 
 def pace_engine(engine, cost: StepCost) -> None:
