@@ -65,18 +65,25 @@ def main() -> None:
     filled = sum(1 for node in cache.tree.nodes() if node.kind.value == "kv")
 
     running = [admit(*rnd.choice(convs)) for _ in range(64)]
+    steps = 2000
+    # the "model": arriving prompts (a cached conversation plus 40 new tokens) and
+    # sampled tokens, drawn up front so the timer sees only the cache manager
+    arrivals = []
+    for _ in range(2 * steps):
+        adapter, tokens = rnd.choice(convs)
+        arrivals.append((adapter, tokens[:rnd.randrange(BS, len(tokens))] + [rnd.randrange(49000) for _ in range(40)]))
+    sampled = iter([rnd.randrange(49000) for _ in range(70 * steps)])
     step_times = []
-    for step in range(2000):
+    for step in range(steps):
         t0 = time.perf_counter()
         cache.tick(len(running))
-        for _ in range(2):  # two finish, two new ones join (each a cached conversation plus 40 new tokens)
+        for adapter, tokens in arrivals[2 * step:2 * step + 2]:  # two finish, two new ones join
             cache.free(running.pop(0))
-            adapter, tokens = rnd.choice(convs)
-            req = admit(adapter, tokens[:rnd.randrange(BS, len(tokens))] + [rnd.randrange(49000) for _ in range(40)])
+            req = admit(adapter, tokens)
             if req is not None:
                 running.append(req)
         for req in running:  # one decode token each
-            req.output_token_ids.append(rnd.randrange(49000))
+            req.output_token_ids.append(next(sampled))
             if cache.can_allocate(req, 1):
                 cache.allocate(req, 1)
                 req.num_computed_tokens += 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -155,13 +156,31 @@ class TieredCacheManager:
         if tier is DEVICE and not node.pins and not node.in_transfer:
             self.movable[self._region_of(kind)] += n
 
-    def _pin(self, node: Node, delta: int) -> None:
-        if node.pins and node.pins + delta:  # stays pinned: the books do not change
-            node.pins += delta
-            return
-        self._acct(node, -1)
-        node.pins += delta
-        self._acct(node, +1)
+    def _pin(self, nodes: Iterable[Node], delta: int) -> None:
+        """Pin (delta=+1) or unpin (-1) nodes. The books change only for a node whose
+        pinned state flips: its KV turns running (or history again) and its device
+        blocks unmovable (or movable). Admissions and finishes pin whole ~50-node
+        paths every step, so the flips are summed here and the books touched once."""
+        kv = {DEVICE: 0, HOST: 0}
+        movable = dict.fromkeys(self.device, 0)
+        base = self.base
+        for n in nodes:
+            before = n.pins
+            n.pins = before + delta
+            if before and n.pins or n is base:
+                continue
+            tier = n.tier
+            if n.kind is Kind.KV:
+                kv[tier] += n.num_blocks
+            if tier is DEVICE and not n.in_transfer:
+                movable[self._region_of(n.kind)] += n.num_blocks
+        for tier, n in kv.items():
+            if n:
+                self.blocks[(tier, "history_kv")] -= delta * n
+                self.blocks[(tier, "running_kv")] += delta * n
+        for region, n in movable.items():
+            if n:
+                self.movable[region] -= delta * n
 
     def _note(self, event: str, node: Node, src: Tier, dst: Tier | None) -> None:
         if self.log is not None:
@@ -201,8 +220,7 @@ class TieredCacheManager:
                 self._pool(job.src, node).free(job.src_blocks)
             if job.src is DEVICE:
                 self.outgoing[self._region(node)] -= node.num_blocks
-            for a in job.pinned:
-                self._pin(a, -1)
+            self._pin(job.pinned, -1)
             for rid in self._waiters.pop(job_id, ()):
                 held = self._held.get(rid)
                 if held is not None:
@@ -276,8 +294,7 @@ class TieredCacheManager:
             path = self.tree.match(adapter, req.token_ids, self.block_size, (req.num_tokens - 1) // self.block_size)
         held = _Held(adapter, path, waited_adapter=waited[0], waited_kv=waited[1])
         self._held[req.request_id] = held
-        for node in [adapter, *path]:
-            self._pin(node, +1)
+        self._pin([adapter, *path], +1)
         # the adapter first: without it nothing else is worth moving
         if adapter.tier is not DEVICE or adapter.in_transfer:
             if not self._bring(req.request_id, held, adapter):
@@ -289,8 +306,7 @@ class TieredCacheManager:
                 # a node moves up only behind its parent; a parent still leaving
                 # the device is waited for, then the whole match is redone
                 if node.parent.tier is not DEVICE or not self._bring(req.request_id, held, node):
-                    for dropped in path[i:]:
-                        self._pin(dropped, -1)
+                    self._pin(path[i:], -1)
                     del path[i:]
                     break
                 held.waited_kv = True
@@ -374,7 +390,7 @@ class TieredCacheManager:
                 self._acct(node, +1)
                 held.private.discard(block)
             elif node.tier is DEVICE and not node.in_transfer:
-                self._pin(node, +1)  # someone cached it meanwhile; ours stays private
+                self._pin((node,), +1)  # someone cached it meanwhile; ours stays private
                 node.last_use = now
             else:
                 held.diverged = True
@@ -392,9 +408,10 @@ class TieredCacheManager:
         if held is None:
             return
         now = self.clock.now()
-        for node in [held.adapter, *held.path]:
-            self._pin(node, -1)
-            if held.ready:
+        nodes = [held.adapter, *held.path]
+        self._pin(nodes, -1)
+        if held.ready:
+            for node in nodes:
                 node.last_use = now
         self.device[self._kv_region()].free(list(held.private))
         for job_id in held.waiting_on:
@@ -552,8 +569,7 @@ class TieredCacheManager:
             if node.tier is not HOST or not node.movable or node.num_blocks > min(pool.num_free, num_blocks - moved):
                 continue
             pinned = list(node.ancestors()) if self.policy.dependency else []
-            for a in pinned:
-                self._pin(a, +1)
+            self._pin(pinned, +1)
             self._submit(node, DEVICE, pool.allocate(node.num_blocks), pinned)
             moved += node.num_blocks
             if node.kind is Kind.LORA:
