@@ -82,6 +82,20 @@ def test_lora_cost_follows_adapter_size():
     assert one.flops - base.flops == pytest.approx(2 * 8 * size / 2)
 
 
+
+def test_simulator_rejects_what_the_engine_rejects():
+    """One size check for both: a request that could never get its blocks is refused, not queued."""
+    spec = model_spec("llama3-8b")
+    block = 16 * spec.kv_bytes_per_token(2)
+    sim = SimEngine(spec, PROFILES["h100"], SimConfig(device_tier_bytes=64 * block), {"a": 8 * block})
+    assert sim.cache.max_request_blocks == 64 - 8
+    sim.add_request(list(range(56 * 16 - 8)), SamplingParams(max_tokens=8), adapter="a")  # exactly fits
+    with pytest.raises(ValueError, match=r"more KV blocks than the device pool has for a request \(56 of 16"):
+        sim.add_request(list(range(56 * 16)), SamplingParams(max_tokens=1), adapter="a")
+    with pytest.raises(KeyError, match="no adapter named 'b'"):
+        sim.add_request([1, 2, 3], adapter="b")
+    assert len(sim.scheduler.waiting) == 1
+
 def test_calibration_recovers_a_known_profile():
     import random
 

@@ -263,6 +263,13 @@ class TieredCacheManager:
             return self.device["kv"].num_blocks
         return self.num_device_blocks - max((n.num_blocks for n in self.tree.adapters.values()), default=0)
 
+    def check_request_size(self, num_tokens: int) -> None:
+        """Reject up front (ValueError) a request of num_tokens (prompt + max_tokens)
+        that could never get its blocks: queued, it would wait forever."""
+        if blocks_for(num_tokens, self.block_size) > self.max_request_blocks:
+            raise ValueError(f"prompt plus max_tokens needs more KV blocks than the device pool has for a request "
+                             f"({self.max_request_blocks} of {self.block_size} tokens)")
+
     def adapter_blocks(self, key: str) -> list[int]:
         """Device blocks of a resident adapter (for loading it into a LoRA slot)."""
         node = self.tree.adapters[key]

@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from loraserve.cache.manager import blocks_for
 from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
@@ -140,9 +139,7 @@ class LLMEngine:
         if len(ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}")
-        if blocks_for(len(ids) + sampling.max_tokens, self.cache.block_size) > self.cache.max_request_blocks:
-            raise ValueError(f"prompt plus max_tokens needs more KV blocks than the device pool has for a request "
-                             f"({self.cache.max_request_blocks} of {self.cache.block_size} tokens)")
+        self.cache.check_request_size(len(ids) + sampling.max_tokens)
         lora = self.adapters.resolve(adapter)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         return Request(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from loraserve.cache.manager import blocks_for
 from loraserve.cache.mover import LinkMover
 from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import ManualClock
@@ -86,8 +85,7 @@ class SimEngine:
         sampling = sampling or SamplingParams()
         if adapter is not None and adapter not in self.adapter_bytes:
             raise KeyError(f"no adapter named {adapter!r}")
-        if blocks_for(len(prompt) + sampling.max_tokens, self.cache.block_size) > self.cache.max_request_blocks:
-            raise ValueError("request needs more KV blocks than the device tier holds for one request")
+        self.cache.check_request_size(len(prompt) + sampling.max_tokens)
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt), sampling, adapter=adapter,
                       adapter_name=adapter, arrival_time=self.clock.now())
         self.scheduler.add(req)
