@@ -115,6 +115,13 @@ class TieredCacheManager:
         self._last_swap = float("-inf")
         self.movable: Counter = Counter()
         """Device blocks of movable nodes, by region: what on-demand eviction can free."""
+        self._lru: dict[str, list[tuple]] | None = (
+            {region: [] for region in self.device} if t.lru and not self.policy.dependency else None)
+        """LRU without the dependency rule (vllm): every movable device node is a
+        candidate and its key changes only while it is pinned, so one lazy heap per
+        region lasts across evictions: an entry goes in whenever a device node turns
+        movable, and one whose node moved, got pinned or was used since is skipped
+        when popped. Re-scoring every device node per eviction dominated full pools."""
         self.outgoing: Counter = Counter()
         """Device blocks of evictions in flight, by region (free once the copy ends)."""
         self.blocks: Counter = Counter()
@@ -155,6 +162,8 @@ class TieredCacheManager:
         self.blocks[(tier, "adapters" if kind is Kind.LORA else "running_kv" if node.pins else "history_kv")] += n
         if tier is DEVICE and not node.pins and not node.in_transfer:
             self.movable[self._region_of(kind)] += n
+            if sign > 0 and self._lru is not None:
+                self._push_lru(node)
 
     def _pin(self, nodes: Iterable[Node], delta: int) -> None:
         """Pin (delta=+1) or unpin (-1) nodes. The books change only for a node whose
@@ -174,6 +183,8 @@ class TieredCacheManager:
                 kv[tier] += n.num_blocks
             if tier is DEVICE and not n.in_transfer:
                 movable[self._region_of(n.kind)] += n.num_blocks
+                if delta < 0 and self._lru is not None:
+                    self._push_lru(n)
         for tier, n in kv.items():
             if n:
                 self.blocks[(tier, "history_kv")] -= delta * n
@@ -416,10 +427,10 @@ class TieredCacheManager:
             return
         now = self.clock.now()
         nodes = [held.adapter, *held.path]
-        self._pin(nodes, -1)
-        if held.ready:
+        if held.ready:  # before unpinning: a node's LRU key must not change while it is movable
             for node in nodes:
                 node.last_use = now
+        self._pin(nodes, -1)
         self.device[self._kv_region()].free(list(held.private))
         for job_id in held.waiting_on:
             self._waiters.get(job_id, set()).discard(rid)
@@ -452,15 +463,19 @@ class TieredCacheManager:
         now = self.clock.now()
         low = self.cost.low_lora(now)
         freed = 0
-        heap = self._heap(self._eviction_candidates(region), now, low, evict=True)
+        lru = self._lru is not None
+        heap = self._lru[region] if lru else self._heap(self._eviction_candidates(region), now, low, evict=True)
         while freed < num_blocks and heap:
-            node = heapq.heappop(heap)[-1]
-            if not (node.tier is DEVICE and node.movable and (not self.policy.dependency or not node.num_device_children)):
+            entry = heapq.heappop(heap)
+            node = entry[-1]
+            if not (node in self.tree.on_tier[DEVICE] and node.movable
+                    and (not self.policy.dependency or not node.num_device_children)) \
+                    or lru and entry != self._entry(node, now, low, evict=True):
                 continue  # stale entry
             parent = node.parent
             freed += node.num_blocks
             self._move_out(node)
-            if node.kind is Kind.LORA:  # NowLoRA changed: every score changes
+            if node.kind is Kind.LORA and not lru:  # NowLoRA changed: every score changes
                 heap = self._heap(self._eviction_candidates(region), now, low, evict=True)
             elif self.policy.dependency and parent in self.tree.device_leaves and parent.movable \
                     and self._region(parent) == region:
@@ -475,6 +490,14 @@ class TieredCacheManager:
         heap = [self._entry(n, now, low, evict) for n in nodes]
         heapq.heapify(heap)
         return heap
+
+    def _push_lru(self, node: Node) -> None:
+        """A device node turned movable: enter it into its region's LRU heap (see _lru).
+        Stale entries pile up between evictions; past twice the device nodes, rebuild."""
+        heap = self._lru[self._region(node)]
+        heapq.heappush(heap, self._entry(node, 0.0, 0.0, evict=True))  # LRU keys ignore time and load
+        if len(heap) > 2 * len(self.tree.on_tier[DEVICE]) + 64:
+            heap[:] = self._heap(self._eviction_candidates(self._region(node)), 0.0, 0.0, evict=True)
 
     def _entry(self, node: Node, now: float, low: float, evict: bool) -> tuple:
         """Heap entry: lowest first for eviction, highest first for prefetch."""
@@ -684,3 +707,6 @@ class TieredCacheManager:
         assert roots == self.tree.host_roots, "host-root index drift"
         for n in nodes:
             assert n.num_device_children == sum(c.tier is DEVICE for c in n.children.values())
+        if self._lru is not None:
+            entered = {e[-1] for heap in self._lru.values() for e in heap if e == self._entry(e[-1], 0.0, 0.0, True)}
+            assert all(n in entered for n in nodes if n.tier is DEVICE and n.movable), "LRU heap misses a node"
