@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loraserve import LLM, SamplingParams
 
@@ -105,3 +106,18 @@ def test_request_validation(llm):
     with pytest.raises(KeyError, match="no adapter named 'nope'"):
         llm.engine.add_request(PROMPT, SamplingParams(), adapter="nope")
     assert not llm.engine.has_unfinished()  # nothing half-queued
+
+
+def test_unfiltered_rows_skip_the_sort_and_keep_the_distribution():
+    """Plain temperature sampling is softmax(logits / T); with top-k/top-p in the
+    batch every row goes through the filter, and a row without filters keeps its
+    whole distribution there too."""
+    from loraserve.engine.sampler import _filtered_probs
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 4
+    plain = [SamplingParams(temperature=t) for t in (0.5, 1.0, 2.0)]
+    expected = torch.softmax(logits / torch.tensor([0.5, 1.0, 2.0])[:, None], dim=-1)
+    assert torch.equal(_filtered_probs(logits, plain), expected)
+    mixed = _filtered_probs(logits, [plain[0], SamplingParams(temperature=1.0, top_k=5), plain[2]])
+    torch.testing.assert_close(mixed[[0, 2]], expected[[0, 2]], atol=1e-6, rtol=0)
+    assert (mixed[1] > 0).sum() == 5 and mixed[1].topk(5).indices.sort().values.equal(logits[1].topk(5).indices.sort().values)

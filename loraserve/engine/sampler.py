@@ -39,6 +39,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     logits = logits / temps[:, None]
+    if all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
+        return torch.softmax(logits, dim=-1)  # plain temperature (the API's default): no vocabulary sort
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
