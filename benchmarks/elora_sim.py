@@ -9,12 +9,11 @@ with the hot set rotating every 20 s). The device tier is capped at 12 GiB (of t
 (tens of seconds each) adapters and histories compete for it as they do over
 the paper's long traces. Each run has 12 s of session arrivals (rate × 12
 sessions, 3 turns each on average). For each setting: elora's peak load (the
-highest session rate with mean TTFT under 500 ms, by bisection), then 5
-rates up to it (`--rates 10` for the paper's 10, ~20 min) for elora, vllm
-and slora. For one setting also the ablations
+highest session rate with mean TTFT under 500 ms, by bisection), then the
+paper's 10 rates up to it for elora, vllm and slora. For one setting also the ablations
 and a sweep of vllm's static adapter fraction (the paper's oracle baseline).
 
-    python benchmarks/elora_sim.py              # under 10 minutes on 2 cores
+    python benchmarks/elora_sim.py              # ~3-4 minutes on 2 cores
     python benchmarks/elora_sim.py --quick      # one setting, 4 rates (for a look)
 """
 
@@ -100,7 +99,7 @@ def crossing(rows: list[dict]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=12.0, help="seconds of session arrivals per simulation")
-    ap.add_argument("--rates", type=int, default=5, help="rates per setting, up to elora's peak (10: ~20 min)")
+    ap.add_argument("--rates", type=int, default=10, help="rates per setting, up to elora's peak")
     ap.add_argument("--quick", action="store_true", help="one setting (20 × r64, chatbot), 4 rates")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "elora_sim.json"))
