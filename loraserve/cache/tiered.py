@@ -376,12 +376,14 @@ class TieredCacheManager:
         return max(0, need - len(req.block_ids))
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
-        region = self._kv_region()
-        available = self.device[region].num_free + self.movable[region] + self.outgoing[region]
-        return self._new_blocks(req, num_new_tokens) <= available
+        n = self._new_blocks(req, num_new_tokens)
+        return not n or self._room(self._kv_region(), n)
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
-        blocks = self._alloc_device(self._kv_region(), self._new_blocks(req, num_new_tokens))
+        n = self._new_blocks(req, num_new_tokens)
+        if not n:  # most decode steps: the last block still has room
+            return
+        blocks = self._alloc_device(self._kv_region(), n)
         if blocks is None:
             raise MemoryError("allocate after can_allocate failed")
         self._held[req.request_id].private.update(blocks)
