@@ -1,4 +1,4 @@
-"""The batched LoRA kernels agree with the per-row loop they replace."""
+"""The batched kernels (LoRA deltas, the base-model matmul) agree with the plain forms they replace."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loraserve.lora.ops import lora_delta, padded_lora_delta
+from loraserve.model.transformer import SMALL_BATCH, linear
 
 
 def naive(x, a, b, counts):
@@ -29,3 +30,15 @@ def test_segmented_and_padded_match_the_loop(counts):
     index = None if all(c == pad for c in counts) else torch.tensor(
         [s * pad + i for s, c in enumerate(counts) for i in range(c)])
     assert torch.allclose(padded_lora_delta(x, a, b, pad, index), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, SMALL_BATCH, SMALL_BATCH + 1, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_forms_match_f_linear(rows, with_bias):
+    """Every branch of the base-model matmul (one row, the w @ x.T form, F.linear) computes x @ w.T + bias."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g)
+    bias = torch.randn(80, generator=g) if with_bias else None
+    y = linear(x, w, bias)
+    assert y.shape == (rows, 80) and y.is_contiguous()
+    assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), atol=1e-4)

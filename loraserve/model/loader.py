@@ -15,18 +15,6 @@ from loraserve.model.transformer import DenseMLP, Layer, MoE, Transformer
 log = logging.getLogger(__name__)
 
 
-def _input_major(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] checkpoint weight → [in, out] operand for `x @ w`.
-
-    The memory order is what MKL/oneDNN run fastest: fp32 copies to row-major
-    [in, out] (about 1.5x faster at small decode batches); bf16/fp16 stay a
-    transposed view of the [out, in] tensor, the only order with a fast
-    reduced-precision kernel on CPUs without native bf16.
-    """
-    w = w.transpose(-1, -2)  # also for stacked experts [E, out, in]
-    return w.contiguous() if w.dtype == torch.float32 else w
-
-
 class _Checkpoint:
     """Name → tensor over one or many safetensors files, checking shapes."""
 
@@ -77,9 +65,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     layers = [_layer(ck, s, i) for i in range(s.num_layers)]
     norm = ck.get("model.norm.weight", (h,))
     if s.tie_word_embeddings and not ck.has("lm_head.weight"):
-        lm_head = _input_major(embed)  # fp32: a second copy, laid out for the matmul
+        lm_head = embed
     else:
-        lm_head = _input_major(ck.get("lm_head.weight", (s.vocab_size, h)))
+        lm_head = ck.get("lm_head.weight", (s.vocab_size, h))
     unused = sorted(k for k in set(ck.where) - ck.used if not k.endswith("rotary_emb.inv_freq"))
     if unused:
         log.warning("%s: %d tensors not used, e.g. %s", model_dir, len(unused), unused[:3])
@@ -89,11 +77,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
 def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
     p = f"model.layers.{i}."
     h, d = s.hidden_size, s.head_dim
-    qkv = _input_major(torch.cat([
+    qkv = torch.cat([
         ck.get(p + "self_attn.q_proj.weight", (s.q_size, h)),
         ck.get(p + "self_attn.k_proj.weight", (s.kv_size, h)),
         ck.get(p + "self_attn.v_proj.weight", (s.kv_size, h)),
-    ]))
+    ])
     qkv_bias = torch.cat([
         ck.get(p + "self_attn.q_proj.bias", (s.q_size,)),
         ck.get(p + "self_attn.k_proj.bias", (s.kv_size,)),
@@ -103,7 +91,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
         input_norm=ck.get(p + "input_layernorm.weight", (h,)),
         qkv=qkv,
         qkv_bias=qkv_bias,
-        o=_input_major(ck.get(p + "self_attn.o_proj.weight", (h, s.q_size))),
+        o=ck.get(p + "self_attn.o_proj.weight", (h, s.q_size)),
         o_bias=ck.get(p + "self_attn.o_proj.bias", (h,)) if s.o_bias else None,
         q_norm=ck.get(p + "self_attn.q_norm.weight", (d,)) if s.qk_norm else None,
         k_norm=ck.get(p + "self_attn.k_norm.weight", (d,)) if s.qk_norm else None,
@@ -114,7 +102,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
 
 def _dense(ck: _Checkpoint, p: str, h: int, inter: int) -> DenseMLP:
     gate_up = torch.cat([ck.get(p + "gate_proj.weight", (inter, h)), ck.get(p + "up_proj.weight", (inter, h))])
-    return DenseMLP(gate_up=_input_major(gate_up), down=_input_major(ck.get(p + "down_proj.weight", (h, inter))))
+    return DenseMLP(gate_up=gate_up, down=ck.get(p + "down_proj.weight", (h, inter)))
 
 
 def _moe(ck: _Checkpoint, s: ModelSpec, i: int) -> MoE:
@@ -131,7 +119,7 @@ def _moe(ck: _Checkpoint, s: ModelSpec, i: int) -> MoE:
             ck.get(f"{p}experts.{x}.{names[0]}.weight", (inter, h)),
             ck.get(f"{p}experts.{x}.{names[1]}.weight", (inter, h))]) for x in range(e)])
         down = torch.stack([ck.get(f"{p}experts.{x}.{names[2]}.weight", (h, inter)) for x in range(e)])
-    moe = MoE(router=router, gate_up=_input_major(gate_up), down=_input_major(down))
+    moe = MoE(router=router, gate_up=gate_up, down=down)
     if s.shared_expert_intermediate_size:
         moe.shared = _dense(ck, p + "shared_expert.", h, s.shared_expert_intermediate_size)
         moe.shared_gate = ck.get(p + "shared_expert_gate.weight", (1, h))

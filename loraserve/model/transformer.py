@@ -5,8 +5,8 @@ Hq/Hkv = query/KV heads, D = head dim, E = experts, K = experts per token,
 I = (expert) intermediate size, V = vocab.
 
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
-fewer, larger matmuls, and shaped input-major ([in, out], used as x @ W); the
-loader picks the memory order that runs fastest for the dtype. LoRA enters
+fewer, larger matmuls, and kept in the checkpoint's [out, in] order (as
+nn.Linear); `linear` picks the matmul form that runs fastest on the device. LoRA enters
 through `LoraBatch.add`, which adds each token's adapter delta to a
 projection's output in place.
 """
@@ -30,15 +30,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class DenseMLP:
-    gate_up: torch.Tensor  # [H, 2I]
-    down: torch.Tensor  # [I, H]
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
 
 
 @dataclass
 class MoE:
     router: torch.Tensor  # [E, H]
-    gate_up: torch.Tensor  # [E, H, 2I]  (laid out for segmented_mm)
-    down: torch.Tensor  # [E, I, H]
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
     shared: DenseMLP | None = None
     shared_gate: torch.Tensor | None = None  # [1, H]
 
@@ -46,9 +46,9 @@ class MoE:
 @dataclass
 class Layer:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [H, Hq*D + 2*Hkv*D]
+    qkv: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [Hq*D, H]
+    o: torch.Tensor  # [H, Hq*D]
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None  # [D]
     k_norm: torch.Tensor | None
@@ -56,9 +56,24 @@ class Layer:
     mlp: DenseMLP | MoE
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: [T, in]; w: [in, out]."""
-    return x @ w if bias is None else torch.addmm(bias, x, w)
+SMALL_BATCH = 64
+"""Most rows for which `linear` streams the weight as MKL's left operand."""
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in]; w: [out, in] (the checkpoint's order, as nn.Linear). Returns [T, out].
+
+    On CPU in fp32 and at decode-sized T, MKL runs w @ x.T 1.3-4x faster than
+    x @ w.T (the call F.linear makes), and a one-row product faster as two rows
+    than as a GEMV; above ~64 rows F.linear wins. The figures are in
+    benchmarks/results/linear_forms.txt. Elsewhere (GPU, bf16) the library picks well.
+    """
+    rows = x.shape[0]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SMALL_BATCH:
+        return F.linear(x, w, bias)
+    xt = (x.repeat(2, 1) if rows == 1 else x).t()
+    y = torch.mm(w, xt)[:, :rows].t().contiguous()
+    return y if bias is None else y.add_(bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,7 +109,7 @@ class Transformer:
         self.embed = embed  # [V, H]
         self.layers = layers
         self.norm = norm
-        self.lm_head = lm_head  # [H, V]
+        self.lm_head = lm_head  # [V, H]; the embedding itself when tied
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(spec))
         self.cos = freqs.cos().to(embed.device)  # [P, D/2]
         self.sin = freqs.sin().to(embed.device)
@@ -143,16 +158,16 @@ class Transformer:
             else:
                 x = x + self._mlp(i, layer.mlp, h, lora, "")
         x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
-        return (x @ self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
     def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: "LoraBatch | None",
              prefix: str) -> torch.Tensor:
-        gate_up = h @ mlp.gate_up  # [T, 2I]
+        gate_up = linear(h, mlp.gate_up)  # [T, 2I]
         if lora is not None:
             lora.add(i, prefix + "gate_up", h, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        out = act @ mlp.down
+        out = linear(act, mlp.down)
         if lora is not None:
             lora.add(i, prefix + "down", act, out)
         return out
@@ -173,12 +188,12 @@ class Transformer:
         token, expert = token[order], expert[order]
         offs = torch.bincount(expert, minlength=s.num_experts).cumsum(0).to(torch.int32)
         xs = h[token]  # [T*K, H]
-        gate_up = segmented_mm(xs, moe.gate_up, offs)  # [T*K, 2I]
+        gate_up = segmented_mm(xs, moe.gate_up.transpose(1, 2), offs)  # [T*K, 2I]
         if lora is not None:
             lora.add_experts(i, "experts_gate_up", xs, gate_up, key[order])
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        y = segmented_mm(act, moe.down, offs)  # [T*K, H]
+        y = segmented_mm(act, moe.down.transpose(1, 2), offs)  # [T*K, H]
         if lora is not None:
             lora.add_experts(i, "experts_down", act, y, key[order])
         y = y * weights.flatten()[order, None]
