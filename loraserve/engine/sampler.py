@@ -16,7 +16,6 @@ from loraserve.sampling import SamplingParams
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
     """logits: [N, V] float32; one params and one generator per row."""
-    logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -24,15 +23,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = _filtered_probs(logits[idx], [params[i] for i in rows])
         for j, i in enumerate(rows):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-    out = []
     token_list = tokens.tolist()
-    for i, p in enumerate(params):
-        top = None
-        if p.logprobs:
-            vals, ids = logprobs[i].topk(p.logprobs)
-            top = dict(zip(ids.tolist(), vals.tolist()))
-        out.append(SampledToken(token_list[i], chosen[i] if p.logprobs is not None else None, top))
+    out = [SampledToken(t, None, None) for t in token_list]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:  # the vocabulary-wide log-softmax only for the rows that asked
+        idx = torch.tensor(want)
+        logprobs = torch.log_softmax(logits[idx], dim=-1)
+        chosen = logprobs.gather(1, tokens[idx, None])[:, 0].tolist()
+        for j, i in enumerate(want):
+            top = None
+            if params[i].logprobs:
+                vals, ids = logprobs[j].topk(params[i].logprobs)
+                top = dict(zip(ids.tolist(), vals.tolist()))
+            out[i] = SampledToken(token_list[i], chosen[j], top)
     return out
 
 

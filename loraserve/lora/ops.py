@@ -23,14 +23,15 @@ def segmented_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
         for g in range(G):
             out[start:offs[g]] = x[start:offs[g]] @ w[g]; start = offs[g]
     """
-    if _HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and _aligned(x) and _aligned(w):
+    ends = offs.tolist()
+    live = [(g, start, end) for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
+    # CPU grouped_mm multiplies every group, empty ones too: only worth it when most have rows
+    if (_HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and 2 * len(live) > len(ends)
+            and _aligned(x) and _aligned(w)):
         return torch._grouped_mm(x, w, offs=offs)
     out = x.new_empty(x.shape[0], w.shape[-1])
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            torch.mm(x[start:end], w[g], out=out[start:end])
-        start = end
+    for g, start, end in live:
+        torch.mm(x[start:end], w[g], out=out[start:end])
     return out
 
 
