@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from types import SimpleNamespace
+
+from loraserve.lora.batch import LoraBatch
 from loraserve.lora.ops import lora_delta, padded_lora_delta
 from loraserve.model.transformer import SMALL_BATCH, linear
 
@@ -30,6 +33,30 @@ def test_segmented_and_padded_match_the_loop(counts):
     index = None if all(c == pad for c in counts) else torch.tensor(
         [s * pad + i for s, c in enumerate(counts) for i in range(c)])
     assert torch.allclose(padded_lora_delta(x, a, b, pad, index), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts, padded", [
+    ([0, 0, 1, 1, 1, 0, 0, 0], True),     # a decode step on slots 2-4 of 8: only those take part
+    ([0, 1, 0, 0, 0, 0, 0, 1], False),    # two rows seven slots apart: segmented
+    ([0, 0, 0, 12, 1, 2, 0, 0], False),   # a prefill-heavy step: segmented
+    ([3, 3, 0, 0, 0, 0, 0, 0], True),
+])
+def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
+    """Base rows first, then adapter rows by slot: every row gets its own slot's delta, base rows none."""
+    g = torch.Generator().manual_seed(len(counts) + sum(counts))
+    num_base, slots = 2, len(counts)
+    a = {(0, "o"): torch.randn(slots, 16, 4, generator=g)}
+    b = {(0, "o"): torch.randn(slots, 4, 12, generator=g)}
+    bank = SimpleNamespace(num_slots=slots, a=a, b=b)
+    token_slot = torch.tensor([slots] * num_base + [s for s, c in enumerate(counts) for _ in range(c)])
+    batch = LoraBatch(bank, counts, num_base, token_slot)
+    live = [s for s, c in enumerate(counts) if c]
+    assert batch.slots == slice(live[0], live[-1] + 1) and batch.padded == padded
+    x = torch.randn(num_base + sum(counts), 16, generator=g)
+    out = torch.zeros(x.shape[0], 12)
+    batch.add(0, "o", x, out)
+    expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[(0, "o")], b[(0, "o")], counts)])
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, SMALL_BATCH, SMALL_BATCH + 1, 300])

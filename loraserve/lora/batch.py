@@ -9,6 +9,10 @@ picked once per step:
 - padded: every slot's segment padded to the longest one, then two batched
   matmuls over all slots. On CPU this is 2-4x faster for decode-heavy steps
   (few tokens per adapter), and is chosen when padding at most doubles the rows.
+
+Either way only the slots from the first to the last one with rows take part
+(a view of the bank, no copy): a decode step of four adapters in an eight-slot
+bank reads four adapters' weights, not eight, and decode is bound by those reads.
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ class LoraBatch:
         num_rows = sum(slot_counts)
         self.any = num_rows > 0
         device = token_slot.device
-        self.offs = torch.tensor(slot_counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-        """[S] cumulative ends of each slot's segment, counted from row num_base."""
-        self.pad = max(slot_counts, default=0)
-        self.padded = self.any and self.num_slots * self.pad <= MAX_PADDING * num_rows
+        live = [s for s, c in enumerate(slot_counts) if c]
+        self.slots = slice(live[0], live[-1] + 1) if live else slice(0, 0)
+        """The slots that take part: the first to the last one with rows."""
+        counts = slot_counts[self.slots]
+        self.offs = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+        """[S'] cumulative ends of each taking-part slot's segment, counted from row num_base."""
+        self.pad = max(counts, default=0)
+        self.padded = self.any and len(counts) * self.pad <= MAX_PADDING * num_rows
         self.pad_index: torch.Tensor | None = None
-        """Where each adapter row sits in the [S * pad] padded layout (None: rows already fill it)."""
-        if self.padded and any(c != self.pad for c in slot_counts):
-            idx = [s * self.pad + i for s, c in enumerate(slot_counts) for i in range(c)]
+        """Where each adapter row sits in the [S' * pad] padded layout (None: rows already fill it)."""
+        if self.padded and any(c != self.pad for c in counts):
+            idx = [s * self.pad + i for s, c in enumerate(counts) for i in range(c)]
             self.pad_index = torch.tensor(idx, dtype=torch.long, device=device)
 
     def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -48,7 +56,7 @@ class LoraBatch:
         if not self.any:
             return
         n = self.num_base
-        a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
+        a, b = self.bank.a[(layer, target)][self.slots], self.bank.b[(layer, target)][self.slots]
         x = x[n:].to(a.dtype)
         if self.padded:
             out[n:] += padded_lora_delta(x, a, b, self.pad, self.pad_index).to(out.dtype)
