@@ -33,6 +33,15 @@ def test_segmented_and_padded_match_the_loop(counts):
     index = None if all(c == pad for c in counts) else torch.tensor(
         [s * pad + i for s, c in enumerate(counts) for i in range(c)])
     assert torch.allclose(padded_lora_delta(x, a, b, pad, index), expected, atol=1e-5)
+    # the in-place forms add into what is there, in its dtype
+    for dtype in (torch.float32, torch.bfloat16):
+        start = torch.randn(expected.shape, generator=g).to(dtype)
+        for fn in (lambda out: lora_delta(x, a, b, offs, out=out),
+                   lambda out: padded_lora_delta(x, a, b, pad, index, out=out)):
+            out = start.clone()
+            assert fn(out) is out and out.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 keeps ~3 significant digits
+            assert torch.allclose(out.float(), start.float() + expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("counts, padded", [

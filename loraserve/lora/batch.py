@@ -59,9 +59,9 @@ class LoraBatch:
         a, b = self.bank.a[(layer, target)][self.slots], self.bank.b[(layer, target)][self.slots]
         x = x[n:].to(a.dtype)
         if self.padded:
-            out[n:] += padded_lora_delta(x, a, b, self.pad, self.pad_index).to(out.dtype)
+            padded_lora_delta(x, a, b, self.pad, self.pad_index, out=out[n:])
         else:
-            out[n:] += lora_delta(x, a, b, self.offs).to(out.dtype)
+            lora_delta(x, a, b, self.offs, out=out[n:])
 
     def add_experts(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> None:
         """Same for expert projections; rows sorted by keys = expert * (S + 1) + slot."""
@@ -69,4 +69,4 @@ class LoraBatch:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             offs = torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
             a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
-            out += lora_delta(x.to(a.dtype), a, b, offs).to(out.dtype)
+            lora_delta(x.to(a.dtype), a, b, offs, out=out)

@@ -23,10 +23,9 @@ def segmented_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
         for g in range(G):
             out[start:offs[g]] = x[start:offs[g]] @ w[g]; start = offs[g]
     """
-    ends = offs.tolist()
-    live = [(g, start, end) for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
+    live = _segments(offs)
     # CPU grouped_mm multiplies every group, empty ones too: only worth it when most have rows
-    if (_HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and 2 * len(live) > len(ends)
+    if (_HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and 2 * len(live) > len(offs)
             and _aligned(x) and _aligned(w)):
         return torch._grouped_mm(x, w, offs=offs)
     out = x.new_empty(x.shape[0], w.shape[-1])
@@ -35,24 +34,43 @@ def segmented_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
     return out
 
 
+def _segments(offs: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(group, start row, end row) of every non-empty segment."""
+    ends = offs.tolist()
+    return [(g, start, end) for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """torch._grouped_mm wants every non-unit stride to be a multiple of 16 bytes."""
     return all(st == 1 or (st * t.element_size()) % 16 == 0 for st in t.stride())
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """LoRA update for segmented tokens: x: [T, K]; a: [G, K, R]; b: [G, R, N]
-    (the adapter's scaling already folded into b). Returns [T, N]."""
-    return segmented_mm(segmented_mm(x, a, offs), b, offs)
+    (the adapter's scaling already folded into b). Returns [T, N].
+
+    With `out` ([T, N]) the update is added into it in place and `out` is
+    returned: when `out` has b's dtype the expand writes no [T, N] temporary and
+    makes no second pass to add it, which in prefill (N up to twice the MLP
+    width, a rank-sized K) is most of the LoRA cost."""
+    shrunk = segmented_mm(x, a, offs)
+    if out is None or out.dtype != b.dtype:
+        y = segmented_mm(shrunk, b, offs)
+        return y if out is None else out.add_(y.to(out.dtype))
+    for g, start, end in _segments(offs):
+        out[start:end].addmm_(shrunk[start:end], b[g])
+    return out
 
 
 def padded_lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad: int,
-                      pad_index: torch.Tensor | None) -> torch.Tensor:
+                      pad_index: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The same update as `lora_delta`, computed on a padded layout.
 
     x: [T, K] rows sorted by slot; a: [S, K, R]; b: [S, R, N]; slot s owns
     padded rows [s * pad, (s + 1) * pad); pad_index: [T] padded row of each x
-    row (None when every slot has exactly `pad` rows). Returns [T, N].
+    row (None when every slot has exactly `pad` rows). Returns [T, N]; with
+    `out`, adds into it in place as `lora_delta` does.
 
     Semantics:
         xp = zeros(S * pad, K); xp[pad_index] = x
@@ -64,5 +82,10 @@ def padded_lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad: in
         xp = x.view(num_slots, pad, -1)
     else:
         xp = x.new_zeros(num_slots * pad, x.shape[1]).index_copy_(0, pad_index, x).view(num_slots, pad, -1)
-    y = torch.bmm(torch.bmm(xp, a), b).view(num_slots * pad, -1)
-    return y if pad_index is None else y[pad_index]
+    shrunk = torch.bmm(xp, a)
+    if out is not None and pad_index is None and out.dtype == b.dtype:
+        out.view(num_slots, pad, -1).baddbmm_(shrunk, b)
+        return out
+    y = torch.bmm(shrunk, b).view(num_slots * pad, -1)
+    y = y if pad_index is None else y[pad_index]
+    return y if out is None else out.add_(y.to(out.dtype))
