@@ -54,6 +54,47 @@ def make_adapters(demo: Path, n: int) -> dict[str, Path]:
     return out
 
 
+BATCH_BUCKETS = ((1, 1), (2, 2), (3, 4), (5, 8), (9, 64))
+
+
+def record_steps(engine: LLMEngine) -> list[tuple[int, int, float]]:
+    """Per executed step: (decoding requests, prefilling requests, executor seconds).
+
+    TPOT is a sum of the steps a request decodes in, so this splits it into what
+    a policy decides (how many requests decode together, how often a prefill
+    rides along) and what a step of a given make-up costs (the same engine code
+    under every policy)."""
+    steps: list[tuple[int, int, float]] = []
+    execute = engine.executor.execute
+
+    def timed(plan):
+        result = execute(plan)
+        if plan.seqs:
+            decodes = sum(q.num_new_tokens == 1 for q in plan.seqs)
+            steps.append((decodes, len(plan.seqs) - decodes, result.elapsed))
+        return result
+
+    engine.executor.execute = timed
+    return steps
+
+
+def step_profile(steps: list[tuple[int, int, float]]) -> dict:
+    with_decodes = [(d, p, t) for d, p, t in steps if d]
+    decode_tokens = sum(d for d, _, _ in with_decodes)
+    by_batch = {}
+    for lo, hi in BATCH_BUCKETS:
+        ts = [t for d, p, t in with_decodes if not p and lo <= d <= hi]
+        if ts:
+            by_batch[f"{lo}-{hi}" if hi > lo else str(lo)] = {"steps": len(ts), "mean_ms": 1e3 * statistics.mean(ts)}
+    return {
+        # each decoding request's view: the batch it decoded in, and whether a prefill shared its step
+        "decode_batch_mean": sum(d * d for d, _, _ in with_decodes) / decode_tokens if decode_tokens else 0.0,
+        "decode_tokens_with_prefill_share":
+            sum(d for d, p, _ in with_decodes if p) / decode_tokens if decode_tokens else 0.0,
+        "decode_step_ms_by_batch": by_batch,
+    }
+
+
 def run(policy: str, args, model: Path, adapters: dict[str, Path], workload) -> dict:
     engine = LLMEngine(EngineConfig(
         model=str(model), cache=CacheConfig(device_bytes=args.device_mib * 2**20, host_bytes=2 * 2**30,
@@ -66,6 +107,7 @@ def run(policy: str, args, model: Path, adapters: dict[str, Path], workload) -> 
         while engine.has_unfinished():
             engine.step()
         base = dict(engine.cache.counters)
+        steps = record_steps(engine)
         invalid: list[float] = []
         done = replay(engine, workload, monitor=lambda t: invalid.append(engine.cache.invalid_kv_fraction()),
                       every=0.5)
@@ -89,6 +131,7 @@ def run(policy: str, args, model: Path, adapters: dict[str, Path], workload) -> 
         "swap_in_mib": c.get("swap_in_bytes", 0) / 2**20, "swap_out_mib": c.get("swap_out_bytes", 0) / 2**20,
         "invalid_kv_fraction_mean": statistics.mean(invalid) if invalid else 0.0,
         "preemptions": engine.scheduler.num_preemptions,
+        **step_profile(steps),
     }
 
 
@@ -127,7 +170,10 @@ def main() -> None:
                   f"{r['ttft_queue_ms']:6.0f} lora-cold {r['ttft_lora_cold_ms']:5.1f} kv-cold "
                   f"{r['ttft_kv_cold_ms']:5.1f} compute {r['ttft_compute_ms']:5.0f} ms | hits: adapter "
                   f"{r['adapter_hit_rate']:.2f} kv {r['kv_hit_rate']:.2f} | invalid KV "
-                  f"{r['invalid_kv_fraction_mean']:.2f}", flush=True)
+                  f"{r['invalid_kv_fraction_mean']:.2f} | decode batch {r['decode_batch_mean']:.1f}, "
+                  f"{r['decode_tokens_with_prefill_share']:.0%} beside a prefill | pure-decode step ms by batch "
+                  + ", ".join(f"{k}: {v['mean_ms']:.0f}" for k, v in r["decode_step_ms_by_batch"].items()),
+                  flush=True)
         by = {r["policy"]: r for r in results if r["rate"] == rate}
         if "vllm" in by and "elora" in by:
             e, v = by["elora"], by["vllm"]
