@@ -56,7 +56,8 @@ def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
     num_base, slots = 2, len(counts)
     a = {(0, "o"): torch.randn(slots, 16, 4, generator=g)}
     b = {(0, "o"): torch.randn(slots, 4, 12, generator=g)}
-    bank = SimpleNamespace(num_slots=slots, a=a, b=b)
+    adapter = SimpleNamespace(weights={(0, "o"): None})  # only the keys matter here
+    bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots)
     token_slot = torch.tensor([slots] * num_base + [s for s, c in enumerate(counts) for _ in range(c)])
     batch = LoraBatch(bank, counts, num_base, token_slot)
     live = [s for s, c in enumerate(counts) if c]
@@ -65,6 +66,10 @@ def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
     out = torch.zeros(x.shape[0], 12)
     batch.add(0, "o", x, out)
     expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[(0, "o")], b[(0, "o")], counts)])
+    assert torch.allclose(out, expected, atol=1e-5)
+    # a target no adapter of the step has is skipped (its bank rows are zeros; here they are not, to tell)
+    a[(0, "qkv")], b[(0, "qkv")] = a[(0, "o")], b[(0, "o")]
+    batch.add(0, "qkv", x, out)
     assert torch.allclose(out, expected, atol=1e-5)
 
 

@@ -41,6 +41,11 @@ class LoraBatch:
         self.slots = slice(live[0], live[-1] + 1) if live else slice(0, 0)
         """The slots that take part: the first to the last one with rows."""
         counts = slot_counts[self.slots]
+        self.targets: set[tuple[int, str]] = set().union(
+            *(bank.slots[i].weights.keys() for i in live if bank.slots[i] is not None))
+        """(layer, target) pairs that some adapter of the step has: the others would add
+        zeros (the bank holds every target for every slot), so they are skipped; an
+        attention-only adapter then costs nothing in the MLP or the experts."""
         self.offs = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
         """[S'] cumulative ends of each taking-part slot's segment, counted from row num_base."""
         self.pad = max(counts, default=0)
@@ -53,7 +58,7 @@ class LoraBatch:
 
     def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter row t."""
-        if not self.any:
+        if (layer, target) not in self.targets:
             return
         n = self.num_base
         a, b = self.bank.a[(layer, target)][self.slots], self.bank.b[(layer, target)][self.slots]
@@ -65,7 +70,7 @@ class LoraBatch:
 
     def add_experts(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> None:
         """Same for expert projections; rows sorted by keys = expert * (S + 1) + slot."""
-        if self.any:
+        if (layer, target) in self.targets:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             offs = torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
             a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
