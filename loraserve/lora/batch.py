@@ -7,12 +7,13 @@ picked once per step:
 - segmented: two segmented matmuls per projection over the slots' segments
   (any segment sizes; what prefill-heavy steps use);
 - padded: every slot's segment padded to the longest one, then two batched
-  matmuls over all slots. On CPU this is 2-4x faster for decode-heavy steps
+  matmuls over the slots. On CPU this is 2-4x faster for decode-heavy steps
   (few tokens per adapter), and is chosen when padding at most doubles the rows.
 
 Either way only the slots from the first to the last one with rows take part
-(a view of the bank, no copy): a decode step of four adapters in an eight-slot
-bank reads four adapters' weights, not eight, and decode is bound by those reads.
+(a view of the bank, no copy), and only the projections one of their adapters
+targets: decode is bound by reading adapter weights, and a step whose four
+adapters sit in slots 0-3 of eight reads four adapters' weights, not eight.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class LoraBatch:
         self.token_slot = token_slot
         """[T] slot of each row; num_slots (the zero slot) for base-model rows."""
         num_rows = sum(slot_counts)
-        self.any = num_rows > 0
         device = token_slot.device
         live = [s for s, c in enumerate(slot_counts) if c]
         self.slots = slice(live[0], live[-1] + 1) if live else slice(0, 0)
@@ -49,7 +49,7 @@ class LoraBatch:
         self.offs = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
         """[S'] cumulative ends of each taking-part slot's segment, counted from row num_base."""
         self.pad = max(counts, default=0)
-        self.padded = self.any and len(counts) * self.pad <= MAX_PADDING * num_rows
+        self.padded = num_rows > 0 and len(counts) * self.pad <= MAX_PADDING * num_rows
         self.pad_index: torch.Tensor | None = None
         """Where each adapter row sits in the [S' * pad] padded layout (None: rows already fill it)."""
         if self.padded and any(c != self.pad for c in counts):
