@@ -59,6 +59,8 @@ BATCH_BUCKETS = ((1, 1), (2, 2), (3, 4), (5, 8), (9, 64))
 
 def record_steps(engine: LLMEngine) -> list[tuple[int, int, float]]:
     """Per executed step: (decoding requests, prefilling requests, executor seconds).
+    A request computing one new token counts as decoding (also a prefill whose
+    cached prefix left it just its last token: it costs the step what a decode does).
 
     TPOT is a sum of the steps a request decodes in, so this splits it into what
     a policy decides (how many requests decode together, how often a prefill
