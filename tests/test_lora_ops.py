@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-
-from types import SimpleNamespace
 
 from loraserve.lora.batch import LoraBatch
 from loraserve.lora.ops import lora_delta, padded_lora_delta
