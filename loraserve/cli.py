@@ -103,13 +103,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
-                    lora_dirs=args.lora_dir, max_waiting=args.max_waiting)
+                    lora_dirs=args.lora_dir, max_waiting=args.max_waiting, public_metrics=args.public_metrics)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), async_engine)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10), async_engine)
     try:
         server.run()
     finally:
         async_engine.shutdown()
+    if async_engine.dead is not None:  # non-zero, so that a supervisor restarts the server
+        print(f"loraserve: error: the engine stopped ({async_engine.dead}); exiting", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--served-model-name", help="the base model's name in the API (default: the directory name)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health")
+    v.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (for a scraper that cannot send one)")
     v.add_argument("--lora-dir", action="append", help="directory runtime-loaded adapters may come from (repeatable)")
     v.add_argument("--max-waiting", type=int, default=1024, help="waiting requests past which new ones get 429")
     v.add_argument("--max-lora-rank", type=int, default=64)

@@ -19,6 +19,8 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     STOP = "stop"
     ABORT = "abort"
+    ERROR = "error"
+    """The engine failed on this request; the output's `error` says how."""
 
 
 @dataclass
@@ -58,6 +60,9 @@ class Request:
 
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None
+    """Why the engine failed this request (finish reason ERROR)."""
+
     stop_token_ids: frozenset[int] = frozenset()
     """EOS ids (unless ignore_eos) plus the request's own stop ids; set on admission."""
 

@@ -6,6 +6,7 @@ with jinja2, so serving does not import transformers.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -34,7 +35,20 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; ValueError if it is not valid Unicode. Long texts
+        go through `encode_batch`, which releases the GIL (plain `encode` holds
+        it), so a caller on a worker thread does not stall the event loop."""
+        check_text(text)
+        if len(text) < 4096:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters: no token covers more of
+        the input (entries are written at least as long as the text they stand
+        for), so a text of n characters has at least n / this many tokens."""
+        return max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -50,6 +64,16 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def check_text(text: str) -> None:
+    """Raise ValueError if `text` cannot be UTF-8: a lone surrogate, which JSON
+    can carry as an unpaired \\ud800-\\udfff escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"lone surrogate {text[e.start]!r} at character {e.start} is not valid Unicode text "
+                         f"(an unpaired \\ud800-\\udfff escape?)") from None
 
 
 def _token_str(tok) -> str | None:

@@ -164,7 +164,7 @@ def post(server, path, body):
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server[0] + "/metrics").text
+    text = httpx.get(server[0] + "/metrics", headers={"authorization": f"Bearer {API_KEY}"}).text
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 

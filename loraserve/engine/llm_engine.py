@@ -2,6 +2,9 @@
 
 `step()` is schedule → execute → update; everything else is bookkeeping
 around it (validation on the way in, text and stop strings on the way out).
+A request that fails in any of these fails alone, finishing with the reason
+"error" and a message (`engine/isolation.py`); an exception that escapes
+`step()` means the engine itself is broken.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
+from loraserve.engine.isolation import execute_isolated
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.torch_executor import TorchExecutor
@@ -27,7 +31,7 @@ from loraserve.lora.registry import AdapterRegistry
 from loraserve.lora.slots import LoraSlots
 from loraserve.model.loader import load_model, read_generation_eos
 from loraserve.request import FinishReason, Request
-from loraserve.sampling import SamplingParams
+from loraserve.sampling import FieldError, SamplingParams
 from loraserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -128,17 +132,34 @@ class LLMEngine:
     def make_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                      adapter: str | None = None, request_id: str | None = None) -> Request:
         """Validate and build a request without queueing it (callable from any
-        thread). Raises ValueError (bad input) or KeyError (unknown adapter)."""
+        thread; tokenizing a long prompt takes a while, so the server calls it
+        off its event loop). Raises FieldError / ValueError (bad input, naming
+        the field) or KeyError (unknown adapter). What passes can be scheduled,
+        computed and sampled without raising."""
         sampling = sampling or SamplingParams()
         sampling.validate()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.spec.vocab_size
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise FieldError("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
+        if isinstance(prompt, str):
+            # a prompt too long to fit is refused before it is tokenized (seconds for megabytes)
+            limit = 2 * self.max_model_len * self.tokenizer.max_token_chars
+            if len(prompt) > limit:
+                raise FieldError("prompt", f"prompt ({len(prompt)} characters) cannot fit the context length "
+                                           f"{self.max_model_len} tokens")
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except ValueError as e:
+                raise FieldError("prompt", f"prompt: {e}") from None
+        else:
+            ids = list(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
-        if any(not 0 <= t < self.spec.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
+            raise FieldError("prompt", "prompt is empty")
+        if any(not 0 <= t < vocab for t in ids):
+            raise FieldError("prompt", f"prompt token ids must be in [0, {vocab})")
         if len(ids) + sampling.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
-                             f"context length {self.max_model_len}")
+            raise FieldError("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                                           f"exceeds the context length {self.max_model_len}")
         self.cache.check_request_size(len(ids) + sampling.max_tokens)
         lora = self.adapters.resolve(adapter)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
@@ -188,13 +209,33 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty and self.scheduler.pending:
             time.sleep(0.0005)  # everything waits on copies: do not spin
-        result = self.executor.execute(plan)
+        result = execute_isolated(self.executor, plan)
+        for request_id, error in result.failed.items():
+            self._fail_computation(request_id, error)
         touched = self.scheduler.update(plan, result)
         self._refresh_stats()
-        return [self._output(req) for req in touched]
+        failed = [self.scheduler.requests[rid] for rid in (*plan.failed, *result.failed)]
+        return [self._output(req) for req in failed + touched]
+
+    def _fail_computation(self, request_id: str, error: str) -> None:
+        """Fail a request its step could not compute. Its adapter leaves its
+        LoRA slot (unless running requests pin it), since a load that raised
+        may have left the slot half written; the next request reloads it."""
+        req = self.scheduler.requests[request_id]
+        self.scheduler.fail(request_id, error)
+        if req.adapter is not None and not self.slots.pinned(req.adapter):
+            slot = self.slots.slot_of(req.adapter)
+            if slot is not None:
+                self.slots.evict(req.adapter)
+                self.executor.bank.clear(slot)
 
     def _output(self, req: Request) -> RequestOutput:
-        text, delta, stop_hit = self.detok.update(req)
+        try:
+            text, delta, stop_hit = self.detok.update(req)
+        except Exception as e:  # e.g. a tokenizer that cannot decode what was sampled
+            log.exception("detokenizing request %s failed", req.request_id)
+            self.scheduler.fail(req.request_id, f"{type(e).__name__}: {e}")
+            text, delta, stop_hit = "", "", False
         if stop_hit:
             self.scheduler.finish(req.request_id, FinishReason.STOP)
         out = make_output(req, text, delta)

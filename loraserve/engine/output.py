@@ -21,6 +21,9 @@ class RequestOutput:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     adapter: str | None = None
+    error: str | None = None
+    """Set when finish_reason is "error": what failed (the HTTP layer sends it
+    as an OpenAI-style error, a 500 or a stream's error event)."""
 
 
 class Detokenizer:
@@ -68,4 +71,5 @@ def make_output(req: Request, text: str, delta: str) -> RequestOutput:
         logprobs=list(req.output_logprobs),
         top_logprobs=list(req.output_top_logprobs),
         adapter=req.adapter_name,
+        error=req.error,
     )

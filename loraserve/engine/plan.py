@@ -36,6 +36,9 @@ class StepPlan:
     preempted: list[str] = field(default_factory=list)
     """Request ids preempted while planning (their blocks were freed)."""
 
+    failed: dict[str, str] = field(default_factory=dict)
+    """Request id → error, for requests whose planning raised (not in `seqs`)."""
+
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
@@ -59,3 +62,7 @@ class StepResult:
 
     elapsed: float = 0.0
     """Seconds the step took (measured or simulated)."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    """Request id → error, for scheduled requests the step could not compute
+    (see `engine/isolation.py`); they get no token and no committed KV."""

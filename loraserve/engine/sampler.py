@@ -4,6 +4,10 @@ Greedy rows take the argmax; the others go through temperature, top-k and
 top-p, then draw from their own seeded generator or the engine's. Logprobs are
 of the model's distribution (before temperature and filters), as vLLM and the
 OpenAI API report them.
+
+Sampling never raises on what the model produced: a row whose filtered
+distribution is degenerate (NaN or infinite logits, no mass left) takes its
+most likely token instead of failing the step.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if rows:
         idx = torch.tensor(rows)
         probs = _filtered_probs(logits[idx], [params[i] for i in rows])
+        sound = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         for j, i in enumerate(rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            if sound[j]:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            else:  # the most likely token, NaNs ranked last
+                tokens[i] = logits[i].nan_to_num(nan=float("-inf")).argmax()
     token_list = tokens.tolist()
     out = [SampledToken(t, None, None) for t in token_list]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -46,7 +54,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         return torch.softmax(logits, dim=-1)  # plain temperature (the API's default): no vocabulary sort
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
     ranks = torch.arange(vocab)[None, :]
     drop = ranks >= top_k[:, None]
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)

@@ -10,10 +10,14 @@ adapter has no slot or no room is skipped; neither blocks the queue. When a
 running request cannot grow, the most recently admitted running request is
 preempted: it lets go of its blocks (what it cached stays cached) and is
 recomputed later from its tokens, mostly from cache.
+
+A request whose planning raises fails alone (`plan.failed`) and planning goes
+on with the others; see also `engine/isolation.py` for failures in a step.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from loraserve.cache.manager import CacheManager
@@ -24,6 +28,10 @@ from loraserve.engine.plan import SampledToken, ScheduledSeq, StepPlan, StepResu
 from loraserve.lora.slots import LoraSlots
 from loraserve.request import FinishReason, Request, RequestStatus
 
+log = logging.getLogger(__name__)
+
+_SKIP, _FULL = object(), object()
+"""Admission outcomes besides a token count (see Scheduler._admit_one)."""
 
 class Scheduler:
     def __init__(
@@ -83,17 +91,28 @@ class Scheduler:
         for req in list(self.running):
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
-                continue
-            if not self._make_room(req, num_new, plan):
-                continue
-            self.cache.allocate(req, num_new)
-            plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
-            budget -= num_new
+            try:
+                budget -= self._schedule_running(req, budget, plan)
+            except Exception as e:
+                self._planning_failed(req, e, plan)
         if not plan.preempted:  # memory is short: admitting now would only churn
             self._admit(plan, budget)
         return plan
+
+    def _schedule_running(self, req: Request, budget: int, plan: StepPlan) -> int:
+        """Plan a running request's next tokens; returns how many."""
+        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        if num_new <= 0 or not self._make_room(req, num_new, plan):
+            return 0
+        self.cache.allocate(req, num_new)
+        plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+        return num_new
+
+    def _planning_failed(self, req: Request, error: Exception, plan: StepPlan) -> None:
+        log.error("planning request %s failed", req.request_id, exc_info=error)
+        plan.seqs = [q for q in plan.seqs if q.request is not req]
+        plan.failed[req.request_id] = f"{type(error).__name__}: {error}"
+        self.fail(req.request_id, plan.failed[req.request_id])
 
     def _make_room(self, req: Request, num_new: int, plan: StepPlan) -> bool:
         """Preempt from the back of the running list until `req` fits; False if
@@ -128,41 +147,56 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+            try:
+                outcome = self._admit_one(req, budget, plan)
+            except Exception as e:
+                self._planning_failed(req, e, plan)
+                continue
+            if outcome is _SKIP:
                 skipped.append(req)
-                continue
-            state = self.cache.prepare(req)
-            if state is Readiness.WAITING:
-                req.pending_since = self.clock.now()
-                self.pending.append(req)
-                self._note("pend", req)
-                continue
-            if state is Readiness.NO_ROOM:
-                skipped.append(req)
-                continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.cache.can_allocate(req, num_new):
-                # memory is short: wait at the head of the queue, pinning nothing
-                self.cache.free(req)
-                req.num_computed_tokens = 0
-                self.waiting.appendleft(req)
+            elif outcome is _FULL:
                 break
-            self.cache.allocate(req, num_new)
-            if req.adapter is not None:
-                slot, load = self.slots.acquire(req.adapter)
-                if load:
-                    plan.lora_loads.append((slot, req.adapter, self.cache.adapter_blocks(req.adapter)))
-                    self.num_lora_loads += 1
-                else:
-                    self.num_lora_hits += 1
-            req.status = RequestStatus.RUNNING
-            self._note("admit", req)
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = self.clock.now()
-            self.running.append(req)
-            plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
-            budget -= num_new
+            else:
+                budget -= outcome
         self.waiting.extendleft(reversed(skipped))
+
+    def _admit_one(self, req: Request, budget: int, plan: StepPlan) -> int | object:
+        """Admit the request at the head of the queue. Returns the tokens it was
+        scheduled for (0: it went pending), _SKIP (it waits, the queue goes on)
+        or _FULL (it waits at the head, admission stops)."""
+        if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+            return _SKIP
+        state = self.cache.prepare(req)
+        if state is Readiness.WAITING:
+            req.pending_since = self.clock.now()
+            self.pending.append(req)
+            self._note("pend", req)
+            return 0
+        if state is Readiness.NO_ROOM:
+            return _SKIP
+        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        if not self.cache.can_allocate(req, num_new):
+            # memory is short: wait at the head of the queue, pinning nothing
+            self.cache.free(req)
+            req.num_computed_tokens = 0
+            self.waiting.appendleft(req)
+            return _FULL
+        self.cache.allocate(req, num_new)
+        if req.adapter is not None:
+            blocks = self.cache.adapter_blocks(req.adapter)  # before the slot changes: this may raise
+            slot, load = self.slots.acquire(req.adapter)
+            if load:
+                plan.lora_loads.append((slot, req.adapter, blocks))
+                self.num_lora_loads += 1
+            else:
+                self.num_lora_hits += 1
+        req.status = RequestStatus.RUNNING
+        self._note("admit", req)
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = self.clock.now()
+        self.running.append(req)
+        plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+        return num_new
 
     def _slot(self, req: Request) -> int | None:
         return None if req.adapter is None else self.slots.slot_of(req.adapter)
@@ -210,6 +244,13 @@ class Scheduler:
             self._finish(req, FinishReason.STOP)
         elif req.num_output_tokens >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
+
+    def fail(self, request_id: str, error: str) -> None:
+        """Finish a request the engine could not serve; `error` says why."""
+        req = self.requests[request_id]
+        if not req.is_finished:
+            req.error = error
+            self._finish(req, FinishReason.ERROR)
 
     def finish(self, request_id: str, reason: FinishReason) -> None:
         """Finish a request for a reason found outside the scheduler (a stop string)."""

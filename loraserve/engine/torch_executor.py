@@ -85,7 +85,8 @@ class TorchExecutor:
         if seed is None:
             return self.default_generator
         if request_id not in self.generators:
-            self.generators[request_id] = torch.Generator().manual_seed(seed)
+            # torch takes a seed as 64 bits, wrapping negatives: the same wrap for any int never raises
+            self.generators[request_id] = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         return self.generators[request_id]
 
     def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:

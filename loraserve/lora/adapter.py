@@ -108,7 +108,7 @@ def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | N
     _check_config(path, config)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
-    units = _units(path, spec, raw)
+    units = _units(path, spec, raw, config)
     adapter = LoraAdapter(
         id=content_hash(path), name=name or path.name, path=str(path), rank=0, alpha=alpha,
         use_rslora=rslora, target_modules=tuple(sorted({u.module.split(".")[-1] for us in units.values() for u in us})),
@@ -151,13 +151,17 @@ def _check_config(path: Path, config: dict) -> None:
                                f"supported: {sorted(SUPPORTED_TARGETS)}")
 
 
-def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor]) -> dict[tuple[int, str], list[_Unit]]:
+def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor], config: dict
+           ) -> dict[tuple[int, str], list[_Unit]]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         m = _KEY.search(key)
         if m is None:
             raise AdapterError(f"adapter {path}: unsupported tensor {key!r} (only LoRA A/B of decoder layers)")
         halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+        if m.group(3) == "A":
+            module = key[:m.start(3) - len(".lora_")].removeprefix("base_model.model.")
+            _check_rank(path, config, module, t.shape[0], spec.num_experts if _fused_param(module) else 1)
     units: dict[tuple[int, str], list[_Unit]] = {}
     experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (layer, module), ab in sorted(halves.items()):
@@ -173,7 +177,7 @@ def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor]) -> dict[tu
             if sub not in ("gate_proj", "up_proj", "down_proj") or not spec.is_moe_layer(layer):
                 raise AdapterError(f"adapter {path}: unknown target module {module!r} in layer {layer}")
             experts.setdefault((layer, sub), {})[int(em.group(1))] = (a, b)
-        elif parts[-1] in ("experts", "base_layer") and "experts" in parts:
+        elif _fused_param(module):
             target, unit = _fused_param_unit(path, spec, layer, module, a, b)
             units.setdefault((layer, target), []).append(unit)
         elif parts[-1] in SUB_TO_GROUP:
@@ -190,6 +194,24 @@ def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor]) -> dict[tu
         units.setdefault((layer, "experts_" + SUB_TO_GROUP[sub]), []).append(
             _stack_experts(path, spec, layer, sub, per_expert))
     return units
+
+
+def _fused_param(module: str) -> bool:
+    """A PEFT `target_parameters` LoRA on the fused 3D expert weights (the first
+    of two parameters on one module nests under `base_layer`)."""
+    parts = module.split(".")
+    return parts[-1] in ("experts", "base_layer") and "experts" in parts
+
+
+def _check_rank(path: Path, config: dict, module: str, rows: int, num_experts: int) -> None:
+    """The config's rank for a module (`rank_pattern`, else `r`) must be the
+    tensors' rank, as PEFT requires when it loads the adapter. A fused expert
+    parameter (`target_parameters`) holds `num_experts` rank slices."""
+    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
+    if rows != r * num_experts:
+        per = f" ({num_experts} experts)" if num_experts > 1 else ""
+        raise AdapterError(f"adapter {path}: adapter_config.json says rank {r} for {module}, but its lora_A has "
+                           f"{rows} rows{per}: rank {rows // num_experts}")
 
 
 def _in_dim(spec: ModelSpec, target: str) -> int:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from loraserve.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from loraserve.model.spec import ModelSpec
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/:@+]{0,255}")
+"""Adapter names are model ids in the API and labels in /metrics: letters,
+digits and ._-/:@+ (so `org/name:v2` works), at most 256 characters."""
+
+
+def check_name(name: str) -> None:
+    """Raise AdapterError if `name` cannot be an adapter's name."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or {".", ".."} & set(name.split("/")):
+        shown = repr(name) if len(str(name)) <= 60 else repr(str(name)[:57]) + "..."
+        raise AdapterError(f"adapter name {shown} is not allowed: use 1-256 letters, digits and ._-/:@+, "
+                           f"starting with a letter or digit, with no '.' or '..' path segment")
 
 
 class AdapterRegistry:
@@ -18,9 +32,11 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str | Path) -> LoraAdapter:
         """Read and validate (slow, touches no registry state: any thread)."""
+        check_name(name)
         return load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype)
 
     def register(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
+        check_name(name)
         if name in self.by_name:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
         adapter = self.by_id.setdefault(adapter.id, adapter)  # same bytes under two names: one adapter

@@ -46,9 +46,13 @@ class LoraSlots:
             raise ValueError(f"adapter {adapter} released more often than acquired")
         self._pins[adapter] -= 1
 
+    def pinned(self, adapter: str) -> bool:
+        """Whether running requests use the adapter's slot."""
+        return bool(self._pins.get(adapter))
+
     def evict(self, adapter: str) -> None:
         """Drop an unpinned adapter from its slot (used when it is unloaded)."""
-        if self._pins.get(adapter):
+        if self.pinned(adapter):
             raise ValueError(f"adapter {adapter} is in use by running requests")
         if adapter in self._slot_of:
             self._free.append(self._slot_of.pop(adapter))

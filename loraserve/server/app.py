@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API over an AsyncEngine.
 
-Every failure is an OpenAI-style JSON error with a 4xx status and a message
-naming the field or the adapter; nothing accepted before is lost.
+Every error the server returns is an OpenAI-style JSON error object
+(`{"error": {"message", "type", "param", "code"}}`): a 4xx naming the field or
+the adapter for bad input, a 500 for a request the engine failed on, a 503
+once the engine has stopped. A stream that cannot be completed ends with an
+error event carrying the same object. Nothing accepted before is lost.
 """
 
 from __future__ import annotations
@@ -19,15 +22,20 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.async_engine import AsyncEngine, EngineDeadError
 from loraserve.engine.output import RequestOutput
 from loraserve.lora.adapter import AdapterError
+from loraserve.lora.registry import check_name
+from loraserve.sampling import FieldError
 from loraserve.server.metrics import Metrics
 from loraserve.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraRequest,
                                        UnloadLoraRequest)
 
 DEFAULT_MAX_TOKENS = 16
+OPEN_PATHS = ("/health",)
+"""What answers without the API key: the probe a supervisor or load balancer sends."""
 
 
 class APIError(Exception):
@@ -36,16 +44,34 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def error_body(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+    return JSONResponse(status_code=status, content=error_body(status, message, param, kind))
+
+
+def refusal(e: Exception) -> APIError:
+    """The API error for an exception raised while validating or serving a request."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, KeyError):  # an adapter unknown, or unloaded after validation
+        return APIError(404, str(e.args[0] if e.args else e), "model", "not_found_error")
+    if isinstance(e, RuntimeError):  # shutting down, or the engine has stopped
+        return APIError(503, str(e), kind="server_error")
+    if isinstance(e, (ValueError, TypeError)):
+        return APIError(400, str(e), getattr(e, "field", None))
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              lora_dirs: list[str] | None = None, max_waiting: int = 1024) -> FastAPI:
+              lora_dirs: list[str] | None = None, max_waiting: int = 1024, public_metrics: bool = False) -> FastAPI:
     """`lora_dirs`: the only directories runtime-loaded adapters may come from
     (none: runtime loading is off). `max_waiting`: queue length past which new
-    requests get 429."""
+    requests get 429. With `api_key`, every path but /health needs it
+    (/metrics names every adapter and its traffic; /docs and /openapi.json
+    describe the API), and /metrics too unless `public_metrics`."""
     app = FastAPI(title="loraserve", version="0.1.0")
     llm = engine.engine
     metrics = Metrics(llm)
@@ -66,7 +92,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         metrics.errors.labels("400").inc()
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
-        return error_response(400, f"{field or 'body'}: {err.get('msg')}", field)
+        message = str(err.get("msg")).removeprefix("Value error, ")
+        return error_response(400, f"{field or 'body'}: {message}", field)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException):  # unknown paths and methods, unparseable bodies
+        metrics.errors.labels(str(e.status_code)).inc()
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        response = error_response(e.status_code, str(e.detail), kind=kind)
+        response.headers.update(e.headers or {})
+        return response
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, e: EngineDeadError):  # e.g. an adapter call after the loop died
+        metrics.errors.labels("503").inc()
+        return error_response(503, str(e), kind="server_error")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception):  # a bug: still the documented shape
+        metrics.errors.labels("500").inc()
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
     @app.get("/metrics")
     async def prometheus():
@@ -84,6 +129,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if not any(path.is_relative_to(d) for d in allowed):
             raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
                            "lora_path", "permission_error")
+        try:
+            check_name(body.lora_name)
+        except AdapterError as e:
+            raise APIError(400, str(e), "lora_name") from e
         if body.lora_name == model_name or body.lora_name in llm.adapters.by_name:
             raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", "lora_name")
         start = time.monotonic()
@@ -100,21 +149,29 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         adapter = llm.adapters.by_name.get(body.lora_name)
         if adapter is None:
             raise APIError(404, f"no adapter named {body.lora_name!r}", "lora_name", "not_found_error")
-        await engine.call(llm.remove_adapter, body.lora_name)
+        try:
+            await engine.call(llm.remove_adapter, body.lora_name)
+        except KeyError as e:  # a concurrent unload of the same name got there first
+            raise APIError(404, f"no adapter named {body.lora_name!r}", "lora_name", "not_found_error") from e
         while llm.adapter_loaded(adapter.id) and not llm.adapters.is_named(adapter.id):
             await asyncio.sleep(0.05)  # its running requests finish first
         return {"status": "ok", "lora_name": body.lora_name}
 
+    open_paths = OPEN_PATHS + (("/metrics",) if public_metrics else ())
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path not in open_paths:
             given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {api_key}"):
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "invalid or missing API key", kind="authentication_error")
         return await call_next(request)
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:
+            return JSONResponse(status_code=503, content={"status": "dead", **error_body(
+                503, f"the engine has stopped ({engine.dead})", kind="server_error")})
         return {"status": "draining" if engine.draining else "ok"}
 
     @app.get("/v1/models")
@@ -128,6 +185,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": data}
 
     def admit() -> None:
+        if engine.dead is not None:
+            raise APIError(503, f"the engine has stopped ({engine.dead}); the server is exiting", kind="server_error")
         if engine.draining:
             raise APIError(503, "the server is shutting down", kind="server_error")
         if len(llm.scheduler.waiting) >= max_waiting:
@@ -178,22 +237,15 @@ def _prompts(prompt) -> list[str | list[int]]:
 
 async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts, logprobs, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    ids, streams = [], []
-    try:  # submit every choice before awaiting any, so they batch from the first step
-        for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
-            sampling = body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n)
-            request_id = f"{rid}-{i}"
-            stream = engine.submit(prompt, sampling, adapter, request_id)
-            ids.append(request_id)
-            streams.append(_timed(stream, metrics, adapter or "base", time.monotonic()))
+    ids = [f"{rid}-{i}" for i in range(len(prompts) * body.n)]
+    start = time.monotonic()
+    try:  # every choice is validated, then all are queued together, so they batch from the first step
+        specs = [(prompt, body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n), adapter, ids[i])
+                 for i, prompt in enumerate(p for p in prompts for _ in range(body.n))]
+        raw = await engine.submit(specs)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        for request_id in ids:
-            engine.abort(request_id)
-        if isinstance(e, KeyError):
-            raise APIError(404, str(e.args[0] if e.args else e), "model", "not_found_error") from e
-        if isinstance(e, RuntimeError):
-            raise APIError(503, str(e), kind="server_error") from e
-        raise APIError(400, str(e)) from e
+        raise refusal(e) from e
+    streams = [_timed(s, metrics, adapter or "base", start) for s in raw]
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(rid, body.model, streams, ids, chat, engine, usage, body.n),
@@ -204,17 +256,24 @@ async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts
             async for out in s:
                 pass
             finals.append(out)
-    except KeyError as e:  # its adapter was unloaded between validation and admission
-        raise APIError(404, str(e.args[0]), "model", "not_found_error") from e
+    except Exception as e:  # its adapter was unloaded after validation, or the engine stopped
+        raise refusal(e) from e
     finally:  # also when the client disconnects while we wait
         for request_id in ids:
             engine.abort(request_id)
+        await _close(streams)
+    failed = next((o for o in finals if o.error is not None), None)
+    if failed is not None:
+        raise APIError(500, f"the engine failed on this request: {failed.error}", kind="server_error")
     return _final(rid, body.model, finals, body.n, chat, engine)
 
 
 async def _timed(stream, metrics: Metrics, label: str, start: float):
-    """Pass outputs through, recording TTFT, TPOT, latency and token counts."""
+    """Pass outputs through, recording TTFT, TPOT, latency and token counts,
+    and every ending in `loraserve_requests_total`: its finish reason, "error"
+    when it could not be completed, "abort" when the client went away."""
     first = None
+    ended = False
     metrics.in_flight.inc()
     try:
         async for out in stream:
@@ -223,6 +282,7 @@ async def _timed(stream, metrics: Metrics, label: str, start: float):
                 first = now
                 metrics.ttft.labels(label).observe(now - start)
             if out.finished:
+                ended = True
                 n = len(out.token_ids)
                 metrics.requests.labels(label, out.finish_reason or "none").inc()
                 metrics.e2e.labels(label).observe(now - start)
@@ -231,7 +291,13 @@ async def _timed(stream, metrics: Metrics, label: str, start: float):
                 if n > 1 and first is not None:
                     metrics.tpot.labels(label).observe((now - first) / (n - 1))
             yield out
+    except Exception:
+        ended = True
+        metrics.requests.labels(label, "error").inc()
+        raise
     finally:
+        if not ended:
+            metrics.requests.labels(label, "abort").inc()
         metrics.in_flight.dec()
         await stream.aclose()
 
@@ -297,6 +363,13 @@ async def _sse(rid, model, streams, ids, chat, engine, usage: bool = False, n: i
                 except StopAsyncIteration:
                     pending.pop(i)
                     continue
+                except Exception as e:  # adapter unloaded after validation, engine stopped
+                    yield _error_event(refusal(e))
+                    return
+                if out.error is not None:
+                    yield _error_event(APIError(500, f"the engine failed on this request: {out.error}",
+                                                kind="server_error"))
+                    return
                 last[i] = out
                 yield chunk(i, out)
                 if out.finished:
@@ -311,6 +384,12 @@ async def _sse(rid, model, streams, ids, chat, engine, usage: bool = False, n: i
         await _close(streams)
 
 
+def _error_event(e: APIError) -> str:
+    """The last events of a stream that cannot be completed (as vLLM sends them;
+    the openai client raises APIError on it)."""
+    return "data: " + json.dumps(error_body(e.status, e.message, e.param, e.kind)) + "\n\ndata: [DONE]\n\n"
+
+
 async def _close(streams) -> None:
     for s in streams:
         await s.aclose()
@@ -323,6 +402,12 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
         super().__init__(config)
         self.engine = engine
+        engine.on_death = self._engine_died
+
+    def _engine_died(self) -> None:
+        """The engine's errors are on their way to every open request; uvicorn's
+        graceful shutdown lets those responses finish, then `run` returns."""
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if self.engine.draining:
@@ -330,7 +415,7 @@ class DrainingServer(uvicorn.Server):
         self.engine.draining = True
 
         def exit_when_idle() -> None:
-            while self.engine.num_unfinished():
+            while self.engine.num_unfinished() and self.engine.dead is None:
                 time.sleep(0.05)
             super(DrainingServer, self).handle_exit(sig, frame)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraserve.sampling import SamplingParams
+from loraserve.tokenizer import check_text
+
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class _Common(BaseModel):
@@ -18,7 +21,8 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)
     n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    """64-bit, as vLLM takes it; choice i of n samples with seed + i."""
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -42,13 +46,30 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    """A message of a text-only model: what OpenAI refuses for one is refused
+    here too (unknown roles, missing content, image or audio parts)."""
+
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict] | None = None
+    """None only for an assistant message (one that made tool calls)."""
+
+    @model_validator(mode="after")
+    def _text_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content")
+        for i, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.get("type") != "text":
+                raise ValueError(f"content[{i}]: parts of type {part.get('type')!r} are not supported "
+                                 f"(this model takes text only)")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content[{i}]: a text part needs a 'text' string")
+        check_text(self.text())
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 

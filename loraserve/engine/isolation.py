@@ -1,0 +1,66 @@
+"""Running a step so that a failure fails only the requests that cause it.
+
+A step batches many requests into one forward pass, so an exception from it (a
+kernel error, an out-of-memory, a corrupt adapter slot) does not say whose row
+caused it. But a step is safe to run again on part of its sequences: the
+executor writes each sequence's KV at positions nobody else owns, loads LoRA
+slots from device blocks, and samples only after the forward, and none of it
+counts as done until the scheduler commits the result. So a failed step runs
+again in halves, and a half that fails again is halved in turn: a single
+sequence that still fails is the culprit. The others get their tokens as if
+nothing had happened, after O(k log n) extra passes for k culprits; a fault
+that depends on the batch (an out-of-memory) goes away in the smaller parts
+and fails nobody.
+
+Not undone on a rerun: a seeded row's generator that had already drawn when
+sampling raised draws again (sampling itself does not raise on degenerate
+distributions, so only a bug gets there).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from loraserve.engine.executor import Executor
+from loraserve.engine.plan import ScheduledSeq, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+
+def execute_isolated(executor: Executor, plan: StepPlan) -> StepResult:
+    """`executor.execute(plan)`, with the sequences it cannot compute in
+    `result.failed` instead of an exception. Raises only if a plan with no
+    sequences (LoRA loads alone) fails: then there is no one to blame."""
+    try:
+        return executor.execute(plan)
+    except Exception as error:
+        if not plan.seqs:
+            raise
+        log.error("a step of %d requests failed; rerunning it in parts to find the requests that fail it",
+                  len(plan.seqs), exc_info=error)
+        result = StepResult()
+        _split(executor, plan, plan.seqs, error, result)
+        for request_id, why in result.failed.items():
+            log.error("request %s failed: %s", request_id, why)
+        return result
+
+
+def _split(executor: Executor, plan: StepPlan, seqs: list[ScheduledSeq], error: Exception,
+           result: StepResult) -> None:
+    """`seqs` failed together with `error`: run each half alone, recursing into
+    a half that fails again."""
+    if len(seqs) == 1:
+        result.failed[seqs[0].request.request_id] = f"{type(error).__name__}: {error}"
+        return
+    half = len(seqs) // 2
+    for part in (seqs[:half], seqs[half:]):
+        slots = {q.lora_slot for q in part}
+        sub = StepPlan(seqs=part, lora_loads=[load for load in plan.lora_loads if load[0] in slots])
+        try:
+            done = executor.execute(sub)
+        except Exception as e:
+            _split(executor, plan, part, e, result)
+            continue
+        result.sampled.update(done.sampled)
+        result.failed.update(done.failed)
+        result.elapsed += done.elapsed

@@ -1,0 +1,51 @@
+"""`loraserve serve` with one fault injected, for the failure-isolation tests.
+
+Run as `python tests/fault_server.py serve ...` with LORASERVE_FAULT set:
+
+- `execute:TEXT`: the executor raises on every step that computes a request
+  whose prompt contains TEXT (the engine must fail that request alone);
+- `loop:TEXT`: the engine step itself raises once such a request runs (the
+  engine loop dies: /health turns 503 and the process exits non-zero).
+
+The faults wrap the real classes; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from loraserve import cli
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.torch_executor import TorchExecutor
+
+KIND, _, TEXT = os.environ["LORASERVE_FAULT"].partition(":")
+POISONED: set[str] = set()
+"""Ids of the requests whose prompt contains TEXT."""
+
+_make_request, _execute, _step = LLMEngine.make_request, TorchExecutor.execute, LLMEngine.step
+
+
+def make_request(self, prompt, *args, **kwargs):
+    req = _make_request(self, prompt, *args, **kwargs)
+    if isinstance(prompt, str) and TEXT in prompt:
+        POISONED.add(req.request_id)
+    return req
+
+
+def execute(self, plan):
+    if KIND == "execute" and any(q.request.request_id in POISONED for q in plan.seqs):
+        raise RuntimeError("injected executor fault")
+    return _execute(self, plan)
+
+
+def step(self):
+    if KIND == "loop" and any(r.request_id in POISONED for r in self.scheduler.running):
+        raise RuntimeError("injected engine loop fault")
+    return _step(self)
+
+
+LLMEngine.make_request, TorchExecutor.execute, LLMEngine.step = make_request, execute, step
+
+if __name__ == "__main__":
+    sys.exit(cli.main())

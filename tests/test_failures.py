@@ -1,0 +1,331 @@
+"""One bad request never takes the engine down: failures stay with the request
+that causes them, and a dead engine loop says so and exits."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from loraserve import LLM, SamplingParams
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.sampler import sample
+from loraserve.request import RequestStatus
+from loraserve.sampling import FieldError
+from loraserve.server.app import build_app
+from tests.test_server import free_port
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "POISON in the well", "Count: 1 2 3", "Hello there"]
+ADAPTERS = ["r4", None, "r8", "r16", "r8"]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    root = tiny("llama")
+    return LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
+
+
+@pytest.fixture(scope="module")
+def expected(llm):
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)]
+
+
+def poison_ids(llm) -> list[int]:
+    return llm.engine.tokenizer.encode(PROMPTS[2])
+
+
+def assert_clean(engine) -> None:
+    """Nothing of a failed request is left behind: no request, no running KV, no pinned slot."""
+    s = engine.scheduler
+    assert not (s.running or s.waiting or s.pending or s.requests)
+    assert engine.cache.stats()["device_bytes_running_kv"] == 0
+    engine.cache.check()  # every invariant of the cache's books
+    assert not any(engine.slots.pinned(a) for a in engine.slots.resident())
+
+
+def test_an_executor_fault_fails_only_its_request(llm, expected, monkeypatch):
+    """The step with the poisoned row raises; the engine reruns it in parts and
+    fails the poisoned request alone, with the others' tokens unchanged."""
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.executor.execute
+    calls = []
+
+    def faulty(plan):
+        calls.append(len(plan.seqs))
+        if any(q.request.prompt_token_ids == poison for q in plan.seqs):
+            raise RuntimeError("injected executor fault")
+        return real(plan)
+
+    monkeypatch.setattr(engine.executor, "execute", faulty)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
+    for i, out in enumerate(outs):
+        if i == 2:
+            assert out.finished and out.finish_reason == "error" and out.token_ids == []
+            assert out.error == "RuntimeError: injected executor fault"
+        else:
+            assert out.finish_reason == "length" and out.token_ids == expected[i], i
+    assert calls[0] == 5 and max(calls[1:]) < 5  # the batch ran whole first, then in parts
+    assert_clean(engine)
+    monkeypatch.undo()  # the engine serves on, the poisoned prompt included
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)] == expected
+
+
+def test_a_fault_mid_decode_keeps_the_tokens_so_far(llm, expected, monkeypatch):
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.executor.execute
+
+    def faulty(plan):
+        if any(q.request.prompt_token_ids == poison and q.request.num_output_tokens >= 3 for q in plan.seqs):
+            raise RuntimeError("late fault")
+        return real(plan)
+
+    monkeypatch.setattr(engine.executor, "execute", faulty)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
+    assert outs[2].finish_reason == "error" and outs[2].token_ids == expected[2][:3]
+    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert_clean(engine)
+
+
+def test_a_fault_that_depends_on_the_batch_fails_no_one(llm, expected, monkeypatch):
+    """An out-of-memory at full batch size goes away in the halves."""
+    engine = llm.engine
+    real = engine.executor.execute
+
+    def oom(plan):
+        if len(plan.seqs) >= 4:
+            raise RuntimeError("out of memory")
+        return real(plan)
+
+    monkeypatch.setattr(engine.executor, "execute", oom)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
+    assert [o.token_ids for o in outs] == expected and {o.finish_reason for o in outs} == {"length"}
+
+
+def test_a_planning_fault_fails_only_its_request(llm, expected, monkeypatch):
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.cache.prepare
+
+    def faulty(req):
+        if req.prompt_token_ids == poison:
+            raise KeyError("injected cache fault")
+        return real(req)
+
+    monkeypatch.setattr(engine.cache, "prepare", faulty)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
+    assert outs[2].finish_reason == "error" and "injected cache fault" in outs[2].error
+    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert_clean(engine)
+
+
+def test_a_detokenizer_fault_fails_only_its_request(llm, expected, monkeypatch):
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.detok.update
+
+    def faulty(req):
+        if req.prompt_token_ids == poison:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(req)
+
+    monkeypatch.setattr(engine.detok, "update", faulty)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
+    assert outs[2].finish_reason == "error" and outs[2].error.startswith("UnicodeDecodeError")
+    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert_clean(engine)
+
+
+# -- sampling never raises -----------------------------------------------------
+
+def test_degenerate_distributions_fall_back_to_the_most_likely_token():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [float("nan"), 2.0, 5.0], [float("-inf"), 7.0, float("inf")]])
+    params = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.7, top_k=10**30)]
+    gens = [torch.Generator().manual_seed(0) for _ in params]
+    tokens = [t.token_id for t in sample(logits, params, gens)]
+    assert tokens == [1, 2, 2]  # row 0 samples normally (top_p keeps only token 1); rows 1-2 fall back
+
+
+def test_a_tiny_temperature_is_greedy(llm, expected):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=1e-30, ignore_eos=True), adapter="r4")
+    assert out[0].token_ids == expected[0]
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -(2**63) - 1), ("stop_token_ids", [-1])])
+def test_out_of_range_fields_are_refused_naming_the_field(field, value):
+    with pytest.raises(FieldError, match=field) as refused:
+        SamplingParams(**{field: value})
+    assert refused.value.field == field
+
+
+def test_extreme_seeds_sample(llm):
+    for seed in (2**64 - 1, -(2**63), 0):
+        sp = SamplingParams(max_tokens=4, temperature=1.0, seed=seed, ignore_eos=True)
+        a, b = (llm.generate("Hello", sp)[0].token_ids for _ in range(2))
+        assert len(a) == 4 and a == b
+
+
+# -- a dead engine loop ----------------------------------------------------------
+
+def test_a_dead_engine_loop_answers_503_everywhere(llm, monkeypatch):
+    """In process: the loop dies on a step; the request waiting on it gets a 503
+    (not a hang), /health turns 503, new requests and adapter calls get 503,
+    and the server is told to exit."""
+    engine = llm.engine
+
+    def broken_step():
+        raise RuntimeError("injected engine loop fault")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    died = threading.Event()
+    async_engine = AsyncEngine(engine, on_death=died.set)
+    app = build_app(async_engine, "base")
+    try:
+        with TestClient(app) as c:
+            assert c.get("/health").json() == {"status": "ok"}
+            r = c.post("/v1/completions", json={"model": "r8", "prompt": "hi", "max_tokens": 4})
+            assert r.status_code == 503 and "injected engine loop fault" in r.json()["error"]["message"]
+            assert died.wait(timeout=30)
+            health = c.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "dead"
+            assert health.json()["error"]["type"] == "server_error"
+            assert c.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 503
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "r4"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == 503
+    finally:
+        async_engine.shutdown()
+    for rid in list(engine.scheduler.requests):  # what the dead loop left behind
+        engine.abort(rid)
+
+
+def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(llm, monkeypatch):
+    """Validation runs on a worker thread: /health answers while a prompt is
+    still being tokenized (here held until /health has answered)."""
+    engine = llm.engine
+    real = engine.tokenizer.encode
+    release = threading.Event()
+
+    def slow_encode(text, *args):
+        if "slow" in text:
+            assert release.wait(timeout=60), "/health never answered while the prompt was tokenized"
+        return real(text, *args)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", slow_encode)
+    async_engine = AsyncEngine(engine)
+    try:
+        with TestClient(build_app(async_engine, "base")) as c:
+            result = {}
+            t = threading.Thread(target=lambda: result.update(r=c.post("/v1/completions", json={
+                "model": "base", "prompt": "slow prompt", "max_tokens": 2, "temperature": 0})))
+            t.start()
+            assert c.get("/health").status_code == 200
+            release.set()
+            t.join(timeout=90)
+            assert result["r"].status_code == 200, result["r"].text
+    finally:
+        release.set()
+        async_engine.shutdown()
+
+
+# -- over HTTP, in a real server process ----------------------------------------------
+
+def start_fault_server(root: Path, fault: str, *extra) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**__import__("os").environ, "LORASERVE_FAULT": fault}
+    script = Path(__file__).with_name("fault_server.py")
+    proc = subprocess.Popen([sys.executable, str(script), "serve", "--model", str(root / "model"), "--port", str(port),
+                             "--served-model-name", "base", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            httpx.get(url + "/health")
+            return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read())
+
+
+def test_over_http_a_poisoned_request_fails_alone(tiny, llm, expected):
+    root = tiny("llama")
+    lora = [a for n in ("r4", "r8", "r16") for a in ("--lora", f"{n}={root / 'adapters' / n}")]
+    proc, url = start_fault_server(root, "execute:POISON", *lora)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        results: dict[int, object] = {}
+
+        def ask(i: int) -> None:
+            model = ADAPTERS[i] or "base"
+            kw = dict(model=model, prompt=PROMPTS[i], max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            try:
+                if i % 2:  # half of them stream
+                    results[i] = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+                else:
+                    results[i] = client.completions.create(**kw).choices[0].text
+            except openai.APIError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))] + [
+            threading.Thread(target=lambda: results.update(s=_stream_error(client)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        tok = llm.engine.tokenizer
+        for i in (0, 1, 3, 4):
+            assert results[i] == tok.decode(expected[i]), i
+        assert isinstance(results[2], openai.InternalServerError) and results[2].status_code == 500
+        assert "injected executor fault" in results[2].message
+        assert isinstance(results["s"], openai.APIError) and "injected executor fault" in results["s"].message
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        metrics = httpx.get(url + "/metrics").text
+        assert 'loraserve_requests_total{adapter="r8",finish_reason="error"} 2.0' in metrics
+        assert client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=2, temperature=0).choices
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _stream_error(client) -> Exception | None:
+    """A streamed poisoned request: the stream ends with an error event (raised by the client)."""
+    try:
+        for _ in client.completions.create(model="r8", prompt="more POISON", max_tokens=8, stream=True):
+            pass
+    except openai.APIError as e:
+        return e
+    return None
+
+
+def test_a_dead_engine_loop_ends_waiting_requests_and_exits_non_zero(tiny):
+    root = tiny("llama")
+    proc, url = start_fault_server(root, "loop:KILL")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        stream = iter(client.completions.create(model="base", prompt="a long one", max_tokens=400, stream=True,
+                                                temperature=0, extra_body={"ignore_eos": True}))
+        next(stream)  # running
+        with pytest.raises(openai.APIStatusError) as killed:
+            client.completions.create(model="base", prompt="KILL", max_tokens=2)
+        assert killed.value.status_code == 503 and "injected engine loop fault" in killed.value.message
+        with pytest.raises(openai.APIError, match="the engine has stopped"):
+            for _ in stream:  # the waiting stream ends with an error event, not a hang
+                pass
+        assert proc.wait(timeout=60) == 1
+        out = proc.stdout.read()
+        assert "RuntimeError: injected engine loop fault" in out and "loraserve: error: the engine stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
