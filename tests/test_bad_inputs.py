@@ -106,6 +106,34 @@ def test_dora_rejected(adapter_copy):
         load_adapter(path, spec, max_rank=64)
 
 
+def test_config_rank_must_match_the_tensors(adapter_copy):
+    """PEFT refuses an adapter whose config says another rank than its tensors
+    have; so do we (it used to load and behave as the tensors' rank)."""
+    path, spec = adapter_copy
+    edit_config(path, r=16)
+    with pytest.raises(AdapterError, match=r"says rank 16 for model\.layers\.\d+\.\S+_proj, but its lora_A has "
+                                           r"8 rows: rank 8"):
+        load_adapter(path, spec, max_rank=64)
+    edit_config(path, r=16, rank_pattern={"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8, "gate_proj": 8,
+                                          "up_proj": 8, "down_proj": 8})
+    assert load_adapter(path, spec, max_rank=64).rank == 8  # rank_pattern is honoured, as PEFT does
+
+
+@pytest.mark.parametrize("name", ["../x", "x" * 257, 'quo"te', "new\nline", "sp ace", "a/../b", ".hidden", ""])
+def test_adapter_names_outside_the_allowed_set(tiny, name):
+    from loraserve.lora.registry import check_name
+
+    with pytest.raises(AdapterError, match="is not allowed"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["poet", "org/model-name", "sql_lora:v2", "a.b@c+d", "x" * 256])
+def test_adapter_names_vllm_users_use(name):
+    from loraserve.lora.registry import check_name
+
+    check_name(name)
+
+
 def test_identity_is_content_not_name(adapter_copy, tmp_path):
     path, _ = adapter_copy
     twin, other = tmp_path / "twin", tmp_path / "other"

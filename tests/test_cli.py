@@ -30,6 +30,14 @@ def test_bad_adapter_exits_2_with_one_line(tiny, tmp_path):
     assert out.stderr.strip().splitlines() == [f"loraserve: error: adapter {tmp_path}: missing adapter_config.json"]
 
 
+def test_a_bad_adapter_name_exits_2_with_one_line(tiny):
+    root = tiny("llama")
+    out = cli("generate", "--model", str(root / "model"), "--adapter", f"../up={root / 'adapters' / 'r8'}",
+              "--prompt", "hi")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("loraserve: error: adapter name '../up' is not allowed")
+
+
 def test_unknown_architecture_exits_2(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
     out = cli("generate", "--model", str(tmp_path), "--prompt", "hi")

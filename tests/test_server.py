@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -165,7 +166,7 @@ def post(server, path, body):
 
 def metric(server, name: str) -> float:
     text = httpx.get(server[0] + "/metrics", headers={"authorization": f"Bearer {API_KEY}"}).text
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def test_load_and_unload_at_runtime(server, client, offline, lora_dir):
@@ -225,6 +226,7 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
         time.sleep(0.05)
     assert metric(server, "loraserve_running_kv_blocks") == 0
     assert metric(server, "loraserve_num_requests_running") == 0
+    assert metric(server, 'loraserve_requests_total{adapter="r16",finish_reason="abort"}') >= 1
     assert metric(server, "loraserve_requests_total") > 0
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
     assert metric(server, "loraserve_lora_slot_hits") + metric(server, "loraserve_lora_slot_loads") > 0
@@ -286,3 +288,111 @@ def test_schema_fuzz_finds_no_server_errors(server):
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     assert re.search(r"\d+ generated, \d+ passed", out.stdout)
+
+
+# -- hostile and odd input: a 4xx naming the field, the documented error shape, and the server serves on --
+
+def test_out_of_range_fields_get_400_naming_the_field(server, client):
+    big = "x" * 10_000_000  # refused before it is tokenized
+    image = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]
+    for path, body, field, says in [
+        ("/v1/completions", {"seed": 2**64}, "seed", "less than or equal to 9223372036854775807"),
+        ("/v1/completions", {"seed": 2**64 - 1, "n": 2}, "seed", "less than or equal"),
+        ("/v1/completions", {"seed": -(2**63) - 1}, "seed", "greater than or equal"),
+        ("/v1/completions", {"stop_token_ids": [10**9]}, "stop_token_ids", "must be in [0, "),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ("/v1/completions", {"top_p": 0}, "top_p", "greater than 0"),
+        ("/v1/completions", {"prompt": [[1, 2], [10**9]]}, "prompt", "token ids must be in"),
+        ("/v1/completions", {"prompt": big}, "prompt", "(10000000 characters) cannot fit the context length"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role",
+         "Input should be 'system'"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.0",
+         "a user message needs content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": image}]}, "messages.0",
+         "content[1]: parts of type 'image_url' are not supported"),
+    ]:
+        body = {"model": "base", "max_tokens": 2, **({} if "messages" in body else {"prompt": "x"}), **body}
+        r = post(server, path, body)
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"]["param"] == field and says in r.json()["error"]["message"], r.text
+    # a lone surrogate (JSON carries it as an unpaired escape) is named as such, not as a tokenizer error
+    for path, raw in [("/v1/completions", b'{"model": "base", "prompt": "a\\ud800b"}'),
+                      ("/v1/chat/completions", b'{"model": "base", "messages": [{"role": "user", "content": "\\udfff"}]}')]:
+        r = httpx.post(server[0] + path, content=raw, headers={"authorization": f"Bearer {API_KEY}",
+                                                               "content-type": "application/json"})
+        assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"], r.text
+    # the edges that are valid sample: 64-bit seeds with n choices, a huge top_k, a tiny temperature
+    edge = client.completions.create(model="base", prompt="x", max_tokens=3, n=2, seed=2**63 - 1, top_p=0.9,
+                                     extra_body={"top_k": 10**30, "ignore_eos": True})
+    assert [len(c.text) > 0 for c in edge.choices] == [True, True]
+    greedy = client.completions.create(model="base", prompt="x", max_tokens=4, temperature=0)
+    assert client.completions.create(model="base", prompt="x", max_tokens=4, temperature=1e-30,
+                                     seed=-(2**63)).choices[0].text == greedy.choices[0].text
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_every_error_has_the_documented_shape(server):
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for method, path, body, status, says in [
+        ("POST", "/v1/completions", b'{"model": "base", "prompt": "\xff\xfe"}', 400, "UnicodeDecodeError"),
+        ("POST", "/v1/completions", deep, 400, "RecursionError"),
+        ("POST", "/v1/completions", b"{not json", 400, "JSON"),
+        ("GET", "/v2/nothing", None, 404, "Not Found"),
+        ("DELETE", "/v1/models", None, 405, "Method Not Allowed"),
+    ]:
+        r = httpx.request(method, server[0] + path, content=body, headers={**auth, "content-type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == status and err["code"] == status and says in err["message"], r.text
+        assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_the_api_key_guards_every_path_but_health(server):
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"):
+        r = httpx.get(server[0] + path)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+        assert httpx.get(server[0] + path, headers={"authorization": f"Bearer {API_KEY}"}).status_code == 200, path
+    assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_public_metrics_flag(tiny):
+    proc, url = start_server(tiny("llama"), "--api-key", API_KEY, "--public-metrics")
+    try:
+        assert httpx.get(url + "/metrics").status_code == 200
+        assert httpx.get(url + "/openapi.json").status_code == 401
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_adapter_names_are_checked(server):
+    for name in ("../x", "x" * 100_000, 'a"b', "a\nb", "a b", "a/./b", "-x"):
+        r = post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": "/nonexistent"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
+        assert "is not allowed" in r.json()["error"]["message"]
+    assert "x" * 1000 not in httpx.get(server[0] + "/metrics", headers={"authorization": f"Bearer {API_KEY}"}).text
+
+
+def test_an_adapter_whose_config_lies_about_its_rank_is_refused(server, lora_dir):
+    lying = lora_dir / "lying"
+    shutil.copytree(lora_dir / "good", lying)
+    config = json.loads((lying / "adapter_config.json").read_text())
+    (lying / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))  # its tensors are rank 8
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "lying", "lora_path": str(lying)})
+    assert r.status_code == 400 and "says rank 16" in r.json()["error"]["message"], r.text
+    assert "rank 8" in r.json()["error"]["message"]
+
+
+def test_concurrent_unloads_of_one_adapter(server, lora_dir):
+    """Both race past the name check; the one that loses gets a JSON 404, not a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(3):
+        load = post(server, "/v1/load_lora_adapter", {"lora_name": "twice", "lora_path": str(lora_dir / "good")})
+        assert load.status_code == 200, load.text
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda _: post(server, "/v1/unload_lora_adapter", {"lora_name": "twice"}),
+                                    range(2)))
+        assert sorted(r.status_code for r in replies) == [200, 404], [r.text for r in replies]
+        missing = next(r for r in replies if r.status_code == 404).json()["error"]
+        assert missing["type"] == "not_found_error" and "no adapter named 'twice'" in missing["message"]

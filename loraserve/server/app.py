@@ -99,7 +99,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def _http_error(_: Request, e: HTTPException):  # unknown paths and methods, unparseable bodies
         metrics.errors.labels(str(e.status_code)).inc()
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        response = error_response(e.status_code, str(e.detail), kind=kind)
+        message = str(e.detail)
+        if e.__cause__ is not None:  # e.g. a body that is not UTF-8, or JSON nested past the parser's depth
+            message += f" ({type(e.__cause__).__name__}: {e.__cause__})"
+        response = error_response(e.status_code, message, kind=kind)
         response.headers.update(e.headers or {})
         return response
 
@@ -123,16 +126,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(403, "runtime adapter loading is off; start the server with --lora-dir", "lora_path",
                            "permission_error")
         try:
+            check_name(body.lora_name)
+        except AdapterError as e:
+            raise APIError(400, str(e), "lora_name") from e
+        try:
             path = Path(body.lora_path).resolve()
         except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
             raise APIError(400, f"lora_path: {e}", "lora_path") from e
         if not any(path.is_relative_to(d) for d in allowed):
             raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
                            "lora_path", "permission_error")
-        try:
-            check_name(body.lora_name)
-        except AdapterError as e:
-            raise APIError(400, str(e), "lora_name") from e
         if body.lora_name == model_name or body.lora_name in llm.adapters.by_name:
             raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", "lora_name")
         start = time.monotonic()
