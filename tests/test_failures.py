@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,10 +17,9 @@ from fastapi.testclient import TestClient
 from loraserve import LLM, SamplingParams
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.sampler import sample
-from loraserve.request import RequestStatus
 from loraserve.sampling import FieldError
 from loraserve.server.app import build_app
-from tests.test_server import free_port
+from tests.test_server import start_server
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "POISON in the well", "Count: 1 2 3", "Hello there"]
 ADAPTERS = ["r4", None, "r8", "r16", "r8"]
@@ -238,24 +235,9 @@ def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(llm, monkeypatch
 # -- over HTTP, in a real server process ----------------------------------------------
 
 def start_fault_server(root: Path, fault: str, *extra) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**__import__("os").environ, "LORASERVE_FAULT": fault}
-    script = Path(__file__).with_name("fault_server.py")
-    proc = subprocess.Popen([sys.executable, str(script), "serve", "--model", str(root / "model"), "--port", str(port),
-                             "--served-model-name", "base", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            httpx.get(url + "/health")
-            return proc, url
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("server did not start: " + proc.stdout.read())
+    """The real server with `fault` injected (see tests/fault_server.py)."""
+    script = str(Path(__file__).with_name("fault_server.py"))
+    return start_server(root, "--served-model-name", "base", *extra, entry=(script,), env={"LORASERVE_FAULT": fault})
 
 
 def test_over_http_a_poisoned_request_fails_alone(tiny, llm, expected):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -36,14 +37,17 @@ def lora_dir(tiny, tmp_path_factory):
     return d
 
 
-def start_server(root, *extra) -> tuple[subprocess.Popen, str]:
-    """`loraserve serve` on a free loopback port; returns the process and its URL."""
+def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`loraserve serve` (or another `entry` taking its arguments) on a free
+    loopback port; returns the process and its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"),
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, *entry, "serve", "--model", str(root / "model"), "--port", str(port),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             httpx.get(url + "/health")
             return proc, url

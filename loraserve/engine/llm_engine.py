@@ -141,6 +141,8 @@ class LLMEngine:
         vocab = self.spec.vocab_size
         if any(t >= vocab for t in sampling.stop_token_ids):
             raise FieldError("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
+        if (sampling.logprobs or 0) > vocab:
+            raise FieldError("logprobs", f"logprobs must be at most the vocabulary size {vocab}")
         if isinstance(prompt, str):
             # a prompt too long to fit is refused before it is tokenized (seconds for megabytes)
             limit = 2 * self.max_model_len * self.tokenizer.max_token_chars

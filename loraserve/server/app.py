@@ -28,7 +28,6 @@ from loraserve.engine.async_engine import AsyncEngine, EngineDeadError
 from loraserve.engine.output import RequestOutput
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.registry import check_name
-from loraserve.sampling import FieldError
 from loraserve.server.metrics import Metrics
 from loraserve.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraRequest,
                                        UnloadLoraRequest)
@@ -157,6 +156,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except KeyError as e:  # a concurrent unload of the same name got there first
             raise APIError(404, f"no adapter named {body.lora_name!r}", "lora_name", "not_found_error") from e
         while llm.adapter_loaded(adapter.id) and not llm.adapters.is_named(adapter.id):
+            if engine.dead is not None:  # they never will
+                raise APIError(503, f"the engine has stopped ({engine.dead})", kind="server_error")
             await asyncio.sleep(0.05)  # its running requests finish first
         return {"status": "ok", "lora_name": body.lora_name}
 
