@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.engine.torch_executor import TorchExecutor
-from loraserve.model.loader import load_model
+from loraserve.engine.tier_memory import TierMemory
+from loraserve.model.spec import ModelSpec
 
 
 def test_copy_blocks_between_tiers_round_trips(tiny):
-    model = load_model(tiny("llama") / "model", torch.float32)
-    ex = TorchExecutor(model, num_blocks=6, block_size=4, num_slots=2, adapters={}, seed=0, num_host_blocks=3)
+    spec = ModelSpec.from_dir(tiny("llama") / "model")
+    ex = TierMemory(spec, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"),
+                    num_host_blocks=3)
     device, host = ex.tiers["device"], ex.tiers["host"]
     device.copy_(torch.randn_like(device))
     ex.copy_blocks("device", "host", [(4, 0), (1, 2)])

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.batch import LoraBatch
-from loraserve.lora.ops import lora_delta, padded_lora_delta
 from loraserve.model.transformer import SMALL_BATCH, linear
 
 
@@ -58,8 +58,8 @@ def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
     b = {(0, "o"): torch.randn(slots, 4, 12, generator=g)}
     adapter = SimpleNamespace(weights={(0, "o"): None})  # only the keys matter here
     bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots)
-    token_slot = torch.tensor([slots] * num_base + [s for s, c in enumerate(counts) for _ in range(c)])
-    batch = LoraBatch(bank, counts, num_base, token_slot)
+    token_group = torch.tensor([0] * num_base + [s + 1 for s, c in enumerate(counts) for _ in range(c)])
+    batch = LoraBatch(bank, counts, num_base, token_group)
     live = [s for s, c in enumerate(counts) if c]
     assert batch.slots == slice(live[0], live[-1] + 1) and batch.padded == padded
     x = torch.randn(num_base + sum(counts), 16, generator=g)

@@ -73,12 +73,12 @@ def test_lora_slots_cap_distinct_adapters_without_blocking_others():
     assert [r.request_id for r in s.pending] == ["x", "y"]
     plan = step(s)  # copies landed: x takes the one slot, y has none while A runs: skipped
     assert [q.request.request_id for q in plan.seqs] == ["z", "x"]
-    assert [(slot, a) for slot, a, _ in plan.lora_loads] == [(0, "A")]
+    assert [a for a, _ in plan.lora_loads] == ["A"] and s.adapters.slot_of("A") == 0
     assert s.requests["x"].lora_wait == 0.001 and s.requests["z"].lora_wait == 0
     while s.requests["x"].status.value != "finished":
         step(s)
     plan = step(s)
-    assert [(slot, a) for slot, a, _ in plan.lora_loads] == [(0, "B")]
+    assert [a for a, _ in plan.lora_loads] == ["B"] and s.adapters.slot_of("B") == 0
 
 
 def test_preemption_frees_and_requeues_the_newest():

@@ -1,7 +1,8 @@
 """The mechanism side of a step, behind one small interface.
 
 The real engine plugs in `TorchExecutor`; the simulator plugs in a cost model.
-The scheduler never sees which.
+The scheduler never sees which. Block copies between tiers are the mover's
+(`cache/mover.py`), not the executor's.
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ from loraserve.engine.plan import StepPlan, StepResult
 
 class Executor(Protocol):
     def execute(self, plan: StepPlan) -> StepResult:
-        """Load the plan's adapters into their slots, run the step, sample."""
-        ...
-
-    def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:
-        """Copy blocks (KV or adapter rank slices alike) between tiers ("device", "host"):
-        (src block, dst block) pairs."""
+        """Load the plan's new adapters, run the step, sample."""
         ...
 
     def release(self, request_ids: list[str]) -> None:

@@ -3,8 +3,9 @@
 A step batches many requests into one forward pass, so an exception from it (a
 kernel error, an out-of-memory, a corrupt adapter slot) does not say whose row
 caused it. But a step is safe to run again on part of its sequences: the
-executor writes each sequence's KV at positions nobody else owns, loads LoRA
-slots from device blocks, and samples only after the forward, and none of it
+executor writes each sequence's KV at positions nobody else owns, the LoRA
+backend loads its slots from device blocks, and sampling comes only after
+the forward, and none of it
 counts as done until the scheduler commits the result. So a failed step runs
 again in halves, and a half that fails again is halved in turn: a single
 sequence that still fails is the culprit. The others get their tokens as if
@@ -54,8 +55,8 @@ def _split(executor: Executor, plan: StepPlan, seqs: list[ScheduledSeq], error: 
         return
     half = len(seqs) // 2
     for part in (seqs[:half], seqs[half:]):
-        slots = {q.lora_slot for q in part}
-        sub = StepPlan(seqs=part, lora_loads=[load for load in plan.lora_loads if load[0] in slots])
+        adapters = {q.adapter for q in part}
+        sub = StepPlan(seqs=part, lora_loads=[load for load in plan.lora_loads if load[0] in adapters])
         try:
             done = executor.execute(sub)
         except Exception as e:

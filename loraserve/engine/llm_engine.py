@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from functools import partial
 
 import torch
 
@@ -22,13 +23,14 @@ from loraserve.config import EngineConfig
 from loraserve.engine.isolation import execute_isolated
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora.backend import LocalLoraBackend
 from loraserve.lora.bank import lora_dtype
 from loraserve.lora.packing import pack
 from loraserve.lora.registry import AdapterRegistry
-from loraserve.lora.slots import LoraSlots
 from loraserve.model.loader import load_model, read_generation_eos
 from loraserve.request import FinishReason, Request
 from loraserve.sampling import FieldError, SamplingParams
@@ -63,14 +65,17 @@ class LLMEngine:
         if self.num_blocks * block_size < self.max_model_len:
             log.warning("the device pool holds %d tokens of KV, less than max_model_len %d",
                         self.num_blocks * block_size, self.max_model_len)
-        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, self.model.device))
-        self.executor = TorchExecutor(self.model, self.num_blocks, block_size, config.scheduler.max_loras,
-                                      self.adapters.by_id, config.seed, self.num_host_blocks)
-        assert self.executor.block_bytes == self.block_bytes
-        self.mover = TorchMover(self.executor, self._read_adapter)
+        device = self.model.device
+        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, device))
+        self.memory = TierMemory(self.spec, self.num_blocks, block_size, dtype, device, self.num_host_blocks)
+        assert self.memory.block_bytes == self.block_bytes
+        self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, lora_dtype(dtype, device),
+                                     device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
+        self.executor = TorchExecutor(self.model, self.memory, self.lora, config.seed)
+        self.mover = TorchMover(self.memory, self._read_adapter)
         self.cache = TieredCacheManager(cc, self.num_blocks, self.num_host_blocks, self.block_bytes,
                                         self.clock, self.mover)
-        self.slots = LoraSlots(config.scheduler.max_loras)
+        self.slots = self.lora.slots
         self.scheduler = Scheduler(config.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
         self.cache_stats: dict = self.cache.stats()
         self._stats_time = self.clock.now()
@@ -92,7 +97,7 @@ class LLMEngine:
             return self.adapters.register(name, adapter)
         blocks = self.cache.add_adapter(adapter.id, adapter.num_bytes)  # validates the size first
         if blocks:
-            self.executor.write_blocks("host", blocks, pack(adapter))
+            self.memory.write_blocks("host", blocks, pack(adapter))
         return self.adapters.register(name, dataclasses.replace(adapter, weights={}))
 
     def _read_adapter(self, adapter_id: str) -> LoraAdapter:
@@ -119,10 +124,7 @@ class LLMEngine:
             if self.adapters.is_named(adapter_id):  # re-registered under a name meanwhile
                 self._retiring.discard(adapter_id)
             elif adapter_id not in in_use:
-                slot = self.slots.slot_of(adapter_id)
-                self.slots.evict(adapter_id)
-                if slot is not None:
-                    self.executor.bank.clear(slot)
+                self.lora.forget(adapter_id)
                 self.cache.remove_adapter(adapter_id)
                 del self.adapters.by_id[adapter_id]
                 self._retiring.discard(adapter_id)
@@ -225,11 +227,8 @@ class LLMEngine:
         may have left the slot half written; the next request reloads it."""
         req = self.scheduler.requests[request_id]
         self.scheduler.fail(request_id, error)
-        if req.adapter is not None and not self.slots.pinned(req.adapter):
-            slot = self.slots.slot_of(req.adapter)
-            if slot is not None:
-                self.slots.evict(req.adapter)
-                self.executor.bank.clear(slot)
+        if req.adapter is not None:
+            self.lora.forget(req.adapter)
 
     def _output(self, req: Request) -> RequestOutput:
         try:

@@ -18,8 +18,11 @@ class ScheduledSeq:
     num_new_tokens: int
     """Tokens computed this step, starting at ``request.num_computed_tokens``."""
 
-    lora_slot: int | None
-    """Executor LoRA slot of the request's adapter (None: base model)."""
+
+    @property
+    def adapter(self) -> str | None:
+        """The request's adapter id (None: base model)."""
+        return self.request.adapter
 
     @property
     def samples(self) -> bool:
@@ -30,8 +33,9 @@ class ScheduledSeq:
 @dataclass
 class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
-    lora_loads: list[tuple[int, str, list[int]]] = field(default_factory=list)
-    """(slot, adapter id, its device blocks): slots to fill before the step runs."""
+    lora_loads: list[tuple[str, list[int]]] = field(default_factory=list)
+    """(adapter id, its device blocks) of adapters admitted this step that the
+    LoRA backend does not hold: it loads them before the step runs."""
 
     preempted: list[str] = field(default_factory=list)
     """Request ids preempted while planning (their blocks were freed)."""

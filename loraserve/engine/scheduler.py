@@ -2,11 +2,12 @@
 
 Each step: running requests first, oldest first (decodes cost one token, an
 unfinished chunked prefill its next chunk); then waiting requests are admitted
-in arrival order while the token budget, the seat limit, KV blocks and LoRA
-slots allow. Admission asks the cache manager to match the request's adapter
-and cached prefix: a request whose adapter or history KV must first be copied
-to the device goes to the pending set until the copies land, and one whose
-adapter has no slot or no room is skipped; neither blocks the queue. When a
+in arrival order while the token budget, the seat limit, KV blocks and the
+adapter budget allow. Admission asks the cache manager to match the request's
+adapter and cached prefix: a request whose adapter or history KV must first be
+copied to the device goes to the pending set until the copies land, and one
+whose adapter is over budget or has no room is skipped; neither blocks the
+queue. When a
 running request cannot grow, the most recently admitted running request is
 preempted: it lets go of its blocks (what it cached stays cached) and is
 recomputed later from its tokens, mostly from cache.
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Protocol
 
 from loraserve.cache.manager import CacheManager
 from loraserve.cache.tiered import Readiness
 from loraserve.clock import Clock
 from loraserve.config import SchedulerConfig
 from loraserve.engine.plan import SampledToken, ScheduledSeq, StepPlan, StepResult
-from loraserve.lora.slots import LoraSlots
 from loraserve.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,33 @@ log = logging.getLogger(__name__)
 _SKIP, _FULL = object(), object()
 """Admission outcomes besides a token count (see Scheduler._admit_one)."""
 
+class AdapterBudget(Protocol):
+    """Distinct adapters that running requests may use at once (each step
+    batches only those). `LoraSlots` is the local backend's; the scheduler
+    never learns where an adapter's weights sit."""
+
+    def can_acquire(self, adapter: str) -> bool: ...
+
+    def acquire(self, adapter: str) -> bool:
+        """Count a running request of the adapter; True if its weights must be loaded."""
+        ...
+
+    def release(self, adapter: str) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
         cache: CacheManager,
-        slots: LoraSlots,
+        adapters: AdapterBudget,
         clock: Clock,
         max_model_len: int,
     ) -> None:
         self.config = config
         self.cache = cache
-        self.slots = slots
+        self.adapters = adapters
+        """How many distinct adapters running requests may use (the LoRA backend's answer)."""
         self.clock = clock
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -54,9 +70,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_lora_hits = 0
-        """Admissions whose adapter already sat in a LoRA slot."""
+        """Admissions whose adapter the LoRA backend already held."""
         self.num_lora_loads = 0
-        """Admissions that had to copy their adapter into a slot."""
+        """Admissions whose adapter the LoRA backend had to load."""
         self.log: list[tuple] | None = None
         """When a list: (time, event, request id) for every admit, pend and preempt."""
 
@@ -105,7 +121,7 @@ class Scheduler:
         if num_new <= 0 or not self._make_room(req, num_new, plan):
             return 0
         self.cache.allocate(req, num_new)
-        plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+        plan.seqs.append(ScheduledSeq(req, num_new))
         return num_new
 
     def _planning_failed(self, req: Request, error: Exception, plan: StepPlan) -> None:
@@ -164,7 +180,7 @@ class Scheduler:
         """Admit the request at the head of the queue. Returns the tokens it was
         scheduled for (0: it went pending), _SKIP (it waits, the queue goes on)
         or _FULL (it waits at the head, admission stops)."""
-        if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+        if req.adapter is not None and not self.adapters.can_acquire(req.adapter):
             return _SKIP
         state = self.cache.prepare(req)
         if state is Readiness.WAITING:
@@ -183,10 +199,9 @@ class Scheduler:
             return _FULL
         self.cache.allocate(req, num_new)
         if req.adapter is not None:
-            blocks = self.cache.adapter_blocks(req.adapter)  # before the slot changes: this may raise
-            slot, load = self.slots.acquire(req.adapter)
-            if load:
-                plan.lora_loads.append((slot, req.adapter, blocks))
+            blocks = self.cache.adapter_blocks(req.adapter)  # before the budget changes: this may raise
+            if self.adapters.acquire(req.adapter):
+                plan.lora_loads.append((req.adapter, blocks))
                 self.num_lora_loads += 1
             else:
                 self.num_lora_hits += 1
@@ -195,18 +210,15 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.clock.now()
         self.running.append(req)
-        plan.seqs.append(ScheduledSeq(req, num_new, self._slot(req)))
+        plan.seqs.append(ScheduledSeq(req, num_new))
         return num_new
-
-    def _slot(self, req: Request) -> int | None:
-        return None if req.adapter is None else self.slots.slot_of(req.adapter)
 
     def _preempt(self, req: Request) -> None:
         self._note("preempt", req)
         self.running.remove(req)
         self.cache.free(req)
         if req.adapter is not None:
-            self.slots.release(req.adapter)
+            self.adapters.release(req.adapter)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -263,7 +275,7 @@ class Scheduler:
             self.running.remove(req)
             self.cache.free(req)
             if req.adapter is not None:
-                self.slots.release(req.adapter)
+                self.adapters.release(req.adapter)
         else:  # waiting or pending: it may hold a matched prefix
             if req in self.waiting:
                 self.waiting.remove(req)

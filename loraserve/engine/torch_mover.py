@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 
 from loraserve.cache.mover import CopyJob
-from loraserve.engine.torch_executor import TorchExecutor
+from loraserve.engine.tier_memory import TierMemory
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.packing import pack
 
 
 class TorchMover:
-    def __init__(self, executor: TorchExecutor, read_adapter: Callable[[str], LoraAdapter]) -> None:
-        self.executor = executor
+    def __init__(self, memory: TierMemory, read_adapter: Callable[[str], LoraAdapter]) -> None:
+        self.memory = memory
         self.read_adapter = read_adapter
         """Reads an adapter from its directory by id (the disk tier)."""
         self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
@@ -32,7 +32,7 @@ class TorchMover:
         self._finished: set[int] = set()
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        device = executor.model.device
+        device = memory.kv_cache.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # the thread holds the mover weakly, so an engine that is dropped frees its tiers
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._jobs),
@@ -74,12 +74,12 @@ class TorchMover:
         return True
 
     def _copy(self, job: CopyJob) -> None:
-        ex = self.executor
+        mem = self.memory
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             if job.src_tier == "disk":
-                ex.write_blocks(job.dst_tier, list(job.dst_blocks), pack(self.read_adapter(job.adapter)))
+                mem.write_blocks(job.dst_tier, list(job.dst_blocks), pack(self.read_adapter(job.adapter)))
             else:
-                ex.copy_blocks(job.src_tier, job.dst_tier, list(zip(job.src_blocks, job.dst_blocks)))
+                mem.copy_blocks(job.src_tier, job.dst_tier, list(zip(job.src_blocks, job.dst_blocks)))
         if self._stream is not None:
             self._stream.synchronize()
 

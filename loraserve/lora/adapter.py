@@ -25,22 +25,15 @@ import torch
 from safetensors import safe_open
 
 from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim
 
 
 class AdapterError(ValueError):
     """An adapter we refuse to serve; the message says why."""
 
 
-# PEFT module names of the sub-projections the engine fuses
-FUSED = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-SUB_TO_GROUP = {sub: group for group, subs in FUSED.items() for sub in subs}
 MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-SUPPORTED_TARGETS = set(SUB_TO_GROUP) | set(MIXTRAL_EXPERT)
+SUPPORTED_TARGETS = set(SUB_TO_TARGET) | set(MIXTRAL_EXPERT)
 
 _KEY = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _EXPERT = re.compile(r"experts\.(\d+)\.(\w+)$")
@@ -57,7 +50,7 @@ class LoraAdapter:
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
+    weights: dict[tuple[int, Target], tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
     """(layer, target) → (A, B), fused as the engine's projections are. Dense
     targets (qkv, o, gate_up, down, shared_gate_up, shared_down): A [in, R],
     B [R, out]. Expert targets (experts_gate_up, experts_down): A [E, in, R],
@@ -124,7 +117,7 @@ def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | N
             mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, u.module, alpha)
             u.b = u.b * (mod_alpha / (math.sqrt(r) if rslora else r))
             adapter.rank = max(adapter.rank, r)
-        adapter.weights[(layer, target)] = _fuse(us, _out_dim(spec, target), dtype)
+        adapter.weights[(layer, target)] = _fuse(us, out_dim(spec, target), dtype)
     if not adapter.weights:
         raise AdapterError(f"adapter {path}: no LoRA weights found")
     adapter.layout = tuple((key, tuple(a.shape), tuple(b.shape)) for key, (a, b) in adapter.weights.items())
@@ -152,7 +145,7 @@ def _check_config(path: Path, config: dict) -> None:
 
 
 def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor], config: dict
-           ) -> dict[tuple[int, str], list[_Unit]]:
+           ) -> dict[tuple[int, Target], list[_Unit]]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         m = _KEY.search(key)
@@ -162,7 +155,7 @@ def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor], config: di
         if m.group(3) == "A":
             module = key[:m.start(3) - len(".lora_")].removeprefix("base_model.model.")
             _check_rank(path, config, module, t.shape[0], spec.num_experts if _fused_param(module) else 1)
-    units: dict[tuple[int, str], list[_Unit]] = {}
+    units: dict[tuple[int, Target], list[_Unit]] = {}
     experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (layer, module), ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
@@ -180,18 +173,18 @@ def _units(path: Path, spec: ModelSpec, raw: dict[str, torch.Tensor], config: di
         elif _fused_param(module):
             target, unit = _fused_param_unit(path, spec, layer, module, a, b)
             units.setdefault((layer, target), []).append(unit)
-        elif parts[-1] in SUB_TO_GROUP:
+        elif parts[-1] in SUB_TO_TARGET:
             sub = parts[-1]
             shared = "shared_expert" in parts
-            if spec.is_moe_layer(layer) and SUB_TO_GROUP[sub] in ("gate_up", "down") and not shared:
+            if spec.is_moe_layer(layer) and SUB_TO_TARGET[sub].group in ("gate_up", "down") and not shared:
                 raise AdapterError(f"adapter {path}: {module} in layer {layer} targets a dense MLP, "
                                    f"but that layer is MoE")
-            target = ("shared_" if shared else "") + SUB_TO_GROUP[sub]
+            target = _target(SUB_TO_TARGET[sub], "shared_" if shared else "")
             units.setdefault((layer, target), []).append(_dense_unit(path, spec, layer, module, sub, a, b))
         else:
             raise AdapterError(f"adapter {path}: unknown target module {module!r} in layer {layer}")
     for (layer, sub), per_expert in experts.items():
-        units.setdefault((layer, "experts_" + SUB_TO_GROUP[sub]), []).append(
+        units.setdefault((layer, _target(SUB_TO_TARGET[sub], "experts_")), []).append(
             _stack_experts(path, spec, layer, sub, per_expert))
     return units
 
@@ -214,26 +207,12 @@ def _check_rank(path: Path, config: dict, module: str, rows: int, num_experts: i
                            f"{rows} rows{per}: rank {rows // num_experts}")
 
 
-def _in_dim(spec: ModelSpec, target: str) -> int:
-    group = target.split("_", 1)[1] if target.startswith(("shared_", "experts_")) else target
-    if group == "o":
-        return spec.q_size
-    if group == "down":
-        return {"shared": spec.shared_expert_intermediate_size, "experts": spec.moe_intermediate_size}.get(
-            target.split("_")[0], spec.intermediate_size)
-    return spec.hidden_size
+def _target(dense: Target, prefix: str) -> Target:
+    """The shared-expert or per-expert target of a dense one ("shared_", "experts_")."""
+    return Target(prefix + dense.value)
 
 
-def _out_dim(spec: ModelSpec, target: str) -> int:
-    if target == "qkv":
-        return spec.q_size + 2 * spec.kv_size
-    if target.endswith("gate_up"):
-        return 2 * {"shared": spec.shared_expert_intermediate_size, "experts": spec.moe_intermediate_size}.get(
-            target.split("_")[0], spec.intermediate_size)
-    return spec.hidden_size
-
-
-def _sub_slice(spec: ModelSpec, target: str, sub: str) -> tuple[int, int]:
+def _sub_slice(spec: ModelSpec, target: Target, sub: str) -> tuple[int, int]:
     """(offset, size) of a sub-projection inside its fused output."""
     if sub == "q_proj":
         return 0, spec.q_size
@@ -241,12 +220,12 @@ def _sub_slice(spec: ModelSpec, target: str, sub: str) -> tuple[int, int]:
         return spec.q_size, spec.kv_size
     if sub == "v_proj":
         return spec.q_size + spec.kv_size, spec.kv_size
-    half = _out_dim(spec, target) // 2
+    half = out_dim(spec, target) // 2
     if sub == "gate_proj":
         return 0, half
     if sub == "up_proj":
         return half, half
-    return 0, _out_dim(spec, target)
+    return 0, out_dim(spec, target)
 
 
 def _check(path, where, a, b, in_dim, out_dim) -> None:
@@ -257,21 +236,21 @@ def _check(path, where, a, b, in_dim, out_dim) -> None:
 
 
 def _dense_unit(path, spec, layer, module, sub, a, b) -> _Unit:
-    target = ("shared_" if "shared_expert" in module else "") + SUB_TO_GROUP[sub]
+    target = _target(SUB_TO_TARGET[sub], "shared_" if "shared_expert" in module else "")
     offset, size = _sub_slice(spec, target, sub)
-    _check(path, f"layer {layer} {module}", a, b, _in_dim(spec, target), size)
+    _check(path, f"layer {layer} {module}", a, b, in_dim(spec, target), size)
     return _Unit(a, b, offset, module)
 
 
 def _stack_experts(path, spec, layer, sub, per_expert) -> _Unit:
-    target = "experts_" + SUB_TO_GROUP[sub]
+    target = _target(SUB_TO_TARGET[sub], "experts_")
     offset, size = _sub_slice(spec, target, sub)
     for e, (a, b) in per_expert.items():
         if e >= spec.num_experts:
             raise AdapterError(f"adapter {path}: expert {e} in layer {layer}, the model has {spec.num_experts}")
-        _check(path, f"layer {layer} expert {e} {sub}", a, b, _in_dim(spec, target), size)
+        _check(path, f"layer {layer} expert {e} {sub}", a, b, in_dim(spec, target), size)
     r = next(iter(per_expert.values()))[0].shape[0]
-    a = torch.zeros(spec.num_experts, r, _in_dim(spec, target))
+    a = torch.zeros(spec.num_experts, r, in_dim(spec, target))
     b = torch.zeros(spec.num_experts, size, r)
     for e, (ae, be) in per_expert.items():
         if ae.shape[0] != r:
@@ -293,11 +272,11 @@ def _fused_param_unit(path, spec, layer, module, a, b) -> tuple[str, _Unit]:
         raise AdapterError(f"adapter {path}: {module} in layer {layer} has lora_A {tuple(a.shape)}, "
                            f"not a LoRA over {num_experts} experts")
     r = a.shape[0] // num_experts
-    for target in ("experts_gate_up", "experts_down"):
-        if a.shape[1] == _in_dim(spec, target) and b.shape[0] == _out_dim(spec, target):
+    for target in (Target.EXPERTS_GATE_UP, Target.EXPERTS_DOWN):
+        if a.shape[1] == in_dim(spec, target) and b.shape[0] == out_dim(spec, target):
             a3 = a.reshape(num_experts, r, -1)  # [E, r, in]
             b3 = b.reshape(b.shape[0], r, num_experts).permute(2, 0, 1)  # [E, out, r]
-            return target, _Unit(a3, b3, 0, module + "." + target.split("_", 1)[1] + "_proj")
+            return target, _Unit(a3, b3, 0, module + "." + target.group + "_proj")
     raise AdapterError(f"adapter {path}: {module} in layer {layer} has lora_A {tuple(a.shape)} and "
                        f"lora_B {tuple(b.shape)}, matching neither expert gate_up_proj nor down_proj")
 

@@ -3,8 +3,10 @@
 For each (layer, target) the bank holds A [S, in, W] and B [S, W, out], where
 S is the number of slots and W = width × rank (width 3 for q|k|v, 2 for
 gate|up, else 1). Stacking lets one segmented matmul serve every adapter of a
-step. Expert targets add an expert axis and one always-zero slot for base-model
-tokens: A [E * (S + 1), in, W], group index = expert * (S + 1) + slot.
+step. Expert targets add an expert axis and one always-zero group for
+base-model tokens, first in each expert: A [E * (S + 1), in, W], group index =
+expert * (S + 1) + (0 for the base model, else slot + 1). Base rows come first
+in a step, so rows sorted by expert alone are sorted by group too.
 
 The rank grows to the largest adapter loaded so far (the bank is reallocated
 then), so a fleet of rank-16 adapters pays for rank 16, not max_lora_rank.
@@ -14,24 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.lora.adapter import LoraAdapter, _in_dim, _out_dim
+from loraserve.lora.adapter import LoraAdapter
 from loraserve.model.spec import ModelSpec
-
-WIDTH = {"qkv": 3, "o": 1, "gate_up": 2, "down": 1, "shared_gate_up": 2, "shared_down": 1,
-         "experts_gate_up": 2, "experts_down": 1}
+from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
 
 
 def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Adapter weights and LoRA math stay fp32 on CPU: they are small, and CPUs
     without native bf16 have no fast kernel for small bf16 matmuls."""
     return torch.float32 if device.type == "cpu" else model_dtype
-
-
-def layer_targets(spec: ModelSpec, layer: int) -> list[str]:
-    if not spec.is_moe_layer(layer):
-        return ["qkv", "o", "gate_up", "down"]
-    shared = ["shared_gate_up", "shared_down"] if spec.shared_expert_intermediate_size else []
-    return ["qkv", "o", "experts_gate_up", "experts_down", *shared]
 
 
 class LoraBank:
@@ -42,19 +35,19 @@ class LoraBank:
         self.device = device
         self.rank = 0
         self.slots: list[LoraAdapter | None] = [None] * num_slots
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        self.a: dict[tuple[int, Target], torch.Tensor] = {}
+        self.b: dict[tuple[int, Target], torch.Tensor] = {}
 
     def _allocate(self, rank: int) -> None:
         s, e = self.spec, self.spec.num_experts
         self.rank = rank
         for layer in range(s.num_layers):
             for target in layer_targets(s, layer):
-                w = WIDTH[target] * rank
-                lead = (e * (self.num_slots + 1),) if target.startswith("experts_") else (self.num_slots,)
+                w = target.width * rank
+                lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
                 kw = dict(dtype=self.dtype, device=self.device)
-                self.a[(layer, target)] = torch.zeros(*lead, _in_dim(s, target), w, **kw)
-                self.b[(layer, target)] = torch.zeros(*lead, w, _out_dim(s, target), **kw)
+                self.a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
+                self.b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
 
     @property
     def num_bytes(self) -> int:
@@ -73,7 +66,7 @@ class LoraBank:
         stride = self.num_slots + 1
         for key, a_bank in self.a.items():
             # views of the slot: [in, W] / [W, out], or [E, in, W] / [E, W, out] for experts
-            rows = slice(slot, None, stride) if key[1].startswith("experts_") else slot
+            rows = slice(slot + 1, None, stride) if key[1].is_expert else slot
             a_slot, b_slot = a_bank[rows], self.b[key][rows]
             a_slot.zero_()
             b_slot.zero_()

@@ -20,28 +20,30 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.bank import LoraBank
-from loraserve.lora.ops import lora_delta, padded_lora_delta
+from loraserve.model.lora import Routing
+from loraserve.model.targets import Target
 
 MAX_PADDING = 2.0
 """Use the padded path while slots x longest segment <= this x adapter rows."""
 
 
 class LoraBatch:
-    def __init__(self, bank: LoraBank, slot_counts: list[int], num_base: int, token_slot: torch.Tensor) -> None:
+    def __init__(self, bank: LoraBank, slot_counts: list[int], num_base: int, token_group: torch.Tensor) -> None:
         self.bank = bank
         self.num_slots = bank.num_slots
         self.num_base = num_base
         """Leading rows that use no adapter."""
-        self.token_slot = token_slot
-        """[T] slot of each row; num_slots (the zero slot) for base-model rows."""
+        self.token_group = token_group
+        """[T] each row's group in an expert's bank rows: 0 for the base model, slot + 1 else."""
         num_rows = sum(slot_counts)
-        device = token_slot.device
+        device = token_group.device
         live = [s for s, c in enumerate(slot_counts) if c]
         self.slots = slice(live[0], live[-1] + 1) if live else slice(0, 0)
         """The slots that take part: the first to the last one with rows."""
         counts = slot_counts[self.slots]
-        self.targets: set[tuple[int, str]] = set().union(
+        self.targets: set[tuple[int, Target]] = set().union(
             *(bank.slots[i].weights.keys() for i in live if bank.slots[i] is not None))
         """(layer, target) pairs that some adapter of the step has: the others would add
         zeros (the bank holds every target for every slot), so they are skipped; an
@@ -56,7 +58,7 @@ class LoraBatch:
             idx = [s * self.pad + i for s, c in enumerate(counts) for i in range(c)]
             self.pad_index = torch.tensor(idx, dtype=torch.long, device=device)
 
-    def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def add(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter row t."""
         if (layer, target) not in self.targets:
             return
@@ -68,10 +70,13 @@ class LoraBatch:
         else:
             lora_delta(x, a, b, self.offs, out=out[n:])
 
-    def add_experts(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> None:
-        """Same for expert projections; rows sorted by keys = expert * (S + 1) + slot."""
+    def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
+        """Same for expert projections: rows sorted by expert, so by group
+        (expert * (S + 1) + token group) too, since a step's rows come base
+        model first, then by slot."""
         if (layer, target) in self.targets:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
+            keys = routing.expert * (self.num_slots + 1) + self.token_group[routing.token]
             offs = torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
             a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
             lora_delta(x.to(a.dtype), a, b, offs, out=out)

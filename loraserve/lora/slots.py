@@ -1,8 +1,10 @@
-"""Which adapters sit in the executor's LoRA slots (policy, no tensors).
+"""Which adapters sit in the local LoRA backend's slots (policy, no tensors).
 
-The executor keeps `num_slots` stacked adapter weights on the device; a step
+The backend keeps `num_slots` stacked adapter weights on the device; a step
 can only batch adapters that have a slot. A slot is pinned while any running
 request uses its adapter; an unpinned slot is reused least-recently-used first.
+To the scheduler this is only a budget of distinct adapters (`can_acquire`,
+`acquire`, `release`): which slot an adapter gets stays behind the backend.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class LoraSlots:
     def can_acquire(self, adapter: str) -> bool:
         return adapter in self._slot_of or bool(self._free) or self._victim() is not None
 
-    def acquire(self, adapter: str) -> tuple[int, bool]:
-        """Pin the adapter into a slot; returns (slot, whether its weights must be loaded)."""
+    def acquire(self, adapter: str) -> bool:
+        """Pin the adapter into a slot; returns whether its weights must be loaded."""
         load = adapter not in self._slot_of
         if load:
             if not self._free:
@@ -39,7 +41,7 @@ class LoraSlots:
             self._slot_of[adapter] = self._free.pop()
         self._slot_of.move_to_end(adapter)
         self._pins[adapter] = self._pins.get(adapter, 0) + 1
-        return self._slot_of[adapter], load
+        return load
 
     def release(self, adapter: str) -> None:
         if not self._pins.get(adapter):

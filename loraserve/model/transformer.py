@@ -7,25 +7,23 @@ I = (expert) intermediate size, V = vocab.
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
 fewer, larger matmuls, and kept in the checkpoint's [out, in] order (as
 nn.Linear); `linear` picks the matmul form that runs fastest on the device. LoRA enters
-through `LoraBatch.add`, which adds each token's adapter delta to a
-projection's output in place.
+through a `LoraBackend` (`model/lora.py`): each adapted projection submits its
+input before the base matmul and waits for the delta into its output after.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from loraserve.lora.ops import segmented_mm
+from loraserve.kernels import segmented_mm
 from loraserve.model.attention import AttnMetadata, paged_attention
+from loraserve.model.lora import LoraBackend, Routing
 from loraserve.model.spec import ModelSpec
-
-if TYPE_CHECKING:
-    from loraserve.lora.batch import LoraBatch
+from loraserve.model.targets import Target
 
 
 @dataclass
@@ -74,6 +72,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     xt = (torch.cat([x, x]) if rows == 1 else x).t()
     y = torch.mm(w, xt)[:, :rows].t().contiguous()
     return y if bias is None else y.add_(bias)
+
+
+def project(lora: LoraBackend | None, layer: int, target: Target, x: torch.Tensor, w: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x, w, bias) plus the LoRA delta of (layer, target), if any."""
+    handle = lora.submit(layer, target, x) if lora is not None else None
+    y = linear(x, w, bias)
+    if handle is not None:
+        lora.wait(handle, y)
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,7 +136,7 @@ class Transformer:
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor,
-                lora: "LoraBatch | None", sample_rows: torch.Tensor) -> torch.Tensor:
+                lora: LoraBackend | None, sample_rows: torch.Tensor) -> torch.Tensor:
         """input_ids: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D];
         sample_rows: [N] rows whose next-token logits are wanted. Returns [N, V] fp32 logits."""
         s = self.spec
@@ -137,9 +145,7 @@ class Transformer:
         sin = self.sin[meta.positions][:, None, :]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            qkv = linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
-            if lora is not None:
-                lora.add(i, "qkv", h, qkv)
+            qkv = project(lora, i, Target.QKV, h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
             qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
             qk = qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim)  # q heads, then k heads
             if layer.q_norm is not None:
@@ -148,31 +154,22 @@ class Transformer:
             q, k = self._rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
             attn = paged_attention(q, k, v, kv_cache[i], meta).view(-1, s.q_size)
-            o = linear(attn, layer.o, layer.o_bias)
-            if lora is not None:
-                lora.add(i, "o", attn, o)
+            o = project(lora, i, Target.O, attn, layer.o, layer.o_bias)
             x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
             if isinstance(layer.mlp, MoE):
                 x = x + self._moe(i, layer.mlp, h, lora)
             else:
-                x = x + self._mlp(i, layer.mlp, h, lora, "")
+                x = x + self._mlp(i, layer.mlp, h, lora)
         x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
         return linear(x, self.lm_head).float()
 
-    def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: "LoraBatch | None",
-             prefix: str) -> torch.Tensor:
-        gate_up = linear(h, mlp.gate_up)  # [T, 2I]
-        if lora is not None:
-            lora.add(i, prefix + "gate_up", h, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        out = linear(act, mlp.down)
-        if lora is not None:
-            lora.add(i, prefix + "down", act, out)
-        return out
+    def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: LoraBackend | None,
+             targets: tuple[Target, Target] = (Target.GATE_UP, Target.DOWN)) -> torch.Tensor:
+        gate, up = project(lora, i, targets[0], h, mlp.gate_up).chunk(2, dim=-1)  # [T, I] each
+        return project(lora, i, targets[1], F.silu(gate) * up, mlp.down)
 
-    def _moe(self, i: int, moe: MoE, h: torch.Tensor, lora: "LoraBatch | None") -> torch.Tensor:
+    def _moe(self, i: int, moe: MoE, h: torch.Tensor, lora: LoraBackend | None) -> torch.Tensor:
         s = self.spec
         num_tokens, k = h.shape[0], s.num_experts_per_tok
         probs = F.softmax(F.linear(h, moe.router).float(), dim=-1)  # [T, E]
@@ -181,28 +178,26 @@ class Transformer:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(h.dtype)
         token = torch.arange(num_tokens, device=h.device).repeat_interleave(k)  # [T*K]
-        expert = experts.flatten()
-        # sort (token, expert) pairs by expert, then by LoRA slot inside each expert
-        key = expert * (lora.num_slots + 1) + lora.token_slot[token] if lora is not None else expert
-        order = torch.argsort(key, stable=True)
-        token, expert = token[order], expert[order]
-        offs = torch.bincount(expert, minlength=s.num_experts).cumsum(0).to(torch.int32)
-        xs = h[token]  # [T*K, H]
-        gate_up = segmented_mm(xs, moe.gate_up.transpose(1, 2), offs)  # [T*K, 2I]
-        if lora is not None:
-            lora.add_experts(i, "experts_gate_up", xs, gate_up, key[order])
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        y = segmented_mm(act, moe.down.transpose(1, 2), offs)  # [T*K, H]
-        if lora is not None:
-            lora.add_experts(i, "experts_down", act, y, key[order])
-        y = y * weights.flatten()[order, None]
-        out = torch.zeros_like(h).index_add_(0, token, y)
+        order = torch.argsort(experts.flatten(), stable=True)  # (token, expert) pairs by expert
+        routing = Routing(token[order], experts.flatten()[order], weights.flatten()[order])
+        offs = torch.bincount(routing.expert, minlength=s.num_experts).cumsum(0).to(torch.int32)
+        xs = h[routing.token]  # [T*K, H]
+        gate, up = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing).chunk(2, dim=-1)
+        y = self._experts(lora, i, Target.EXPERTS_DOWN, F.silu(gate) * up, moe.down, offs, routing)  # [T*K, H]
+        out = torch.zeros_like(h).index_add_(0, routing.token, y * routing.weight[:, None])
         if moe.shared is not None:
-            shared = self._mlp(i, moe.shared, h, lora, "shared_")
+            shared = self._mlp(i, moe.shared, h, lora, (Target.SHARED_GATE_UP, Target.SHARED_DOWN))
             if moe.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(h, moe.shared_gate)) * shared
             out = out + shared
         return out
 
-
+    @staticmethod
+    def _experts(lora: LoraBackend | None, i: int, target: Target, x: torch.Tensor, w: torch.Tensor,
+                 offs: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each row through its expert's weights ([E, out, in]) plus its LoRA delta."""
+        handle = lora.submit(i, target, x, routing) if lora is not None else None
+        y = segmented_mm(x, w.transpose(1, 2), offs)
+        if handle is not None:
+            lora.wait(handle, y)
+        return y

@@ -68,7 +68,7 @@ class StepCost:
             size = self.lora_bytes(adapter)
             nbytes += size
             flops += 2.0 * n * size / d  # shrink and expand: 2 FLOPs per LoRA weight per token
-        for _, adapter, _ in plan.lora_loads:  # filling a LoRA slot: a device-to-device copy
+        for adapter, _ in plan.lora_loads:  # filling a LoRA slot: a device-to-device copy
             nbytes += 2 * self.lora_bytes(adapter)
         comm = 2 * s.num_layers * tokens * s.hidden_size * d * 2 * (self.tp - 1) / self.tp
         return StepWork(flops / self.tp, nbytes / self.tp, len(plan.seqs), tokens, comm)

@@ -1,4 +1,4 @@
-"""Batched LoRA math: the one place it lives.
+"""Segmented matmuls: the batched kernels under the base model (MoE experts) and LoRA.
 
 Tokens of one step arrive sorted by LoRA slot, so each adapter's tokens form a
 contiguous segment; every projection then needs two segmented matmuls (shrink

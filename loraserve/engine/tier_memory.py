@@ -1,0 +1,55 @@
+"""The tiers' memory: one arena of equal-size blocks per tier, and the block
+reads, writes and copies the executor, the mover and the LoRA backend share.
+
+Each arena is laid out for attention ([layers, K/V, block, token, head,
+dim]). A block holds either KV or a run of an adapter's packed rank slices
+(`lora/packing.py`): a block's bytes are its slice of every layer, so KV and
+adapter blocks are interchangeable and `copy_blocks` moves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loraserve.model.spec import ModelSpec
+
+
+class TierMemory:
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, num_host_blocks: int = 0) -> None:
+        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.tiers = {"device": torch.zeros(shape, dtype=dtype, device=device)}
+        if num_host_blocks:
+            host = torch.empty(shape[:2] + (num_host_blocks,) + shape[3:], dtype=dtype)
+            self.tiers["host"] = host.pin_memory() if device.type == "cuda" else host
+        self.block_size = block_size
+        self.block_bytes = math.prod(shape) // num_blocks * dtype.itemsize
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The device arena, as attention reads and writes it."""
+        return self.tiers["device"]
+
+    def copy_blocks(self, src_tier: str, dst_tier: str, pairs: list[tuple[int, int]]) -> None:
+        """Copy blocks (KV or adapter rank slices alike) between tiers: (src block, dst block) pairs."""
+        if not pairs:
+            return
+        src_t, dst_t = self.tiers[src_tier], self.tiers[dst_tier]
+        src = torch.tensor([p[0] for p in pairs], device=src_t.device)
+        dst = torch.tensor([p[1] for p in pairs], device=dst_t.device)
+        dst_t[:, :, dst] = src_t[:, :, src].to(dst_t.device, non_blocking=True)
+
+    def write_blocks(self, tier: str, blocks: list[int], data: torch.Tensor) -> None:
+        """Store flat bytes across blocks, in order (the last one zero-padded)."""
+        t = self.tiers[tier]
+        padded = torch.zeros(len(blocks) * self.block_bytes, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        view = padded.view(t.dtype).view(len(blocks), *t.shape[:2], *t.shape[3:]).movedim(0, 2)
+        t[:, :, torch.tensor(blocks, device=t.device)] = view.to(t.device)
+
+    def read_blocks(self, tier: str, blocks: list[int]) -> torch.Tensor:
+        """The flat bytes `write_blocks` stored (padding included)."""
+        t = self.tiers[tier]
+        return t[:, :, torch.tensor(blocks, device=t.device)].movedim(2, 0).contiguous().view(-1).view(torch.uint8)
