@@ -5,7 +5,8 @@ Run as `python tests/fault_server.py serve ...` with LORASERVE_FAULT set:
 - `execute:TEXT`: the executor raises on every step that computes a request
   whose prompt contains TEXT (the engine must fail that request alone);
 - `loop:TEXT`: the engine step itself raises once such a request runs (the
-  engine loop dies: /health turns 503 and the process exits non-zero).
+  engine loop dies: /health turns 503 and the process exits non-zero); steps
+  take at least 20 ms, so a long request is still running by then.
 
 The faults wrap the real classes; nothing else changes.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from loraserve import cli
 from loraserve.engine.llm_engine import LLMEngine
@@ -40,8 +42,10 @@ def execute(self, plan):
 
 
 def step(self):
-    if KIND == "loop" and any(r.request_id in POISONED for r in self.scheduler.running):
-        raise RuntimeError("injected engine loop fault")
+    if KIND == "loop":
+        if any(r.request_id in POISONED for r in self.scheduler.running):
+            raise RuntimeError("injected engine loop fault")
+        time.sleep(0.02)  # a slow model: a long request is still running when the fault comes
     return _step(self)
 
 

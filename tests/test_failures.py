@@ -98,14 +98,55 @@ def test_a_fault_that_depends_on_the_batch_fails_no_one(llm, expected, monkeypat
     engine = llm.engine
     real = engine.executor.execute
 
+    raised = []
+
     def oom(plan):
         if len(plan.seqs) >= 4:
+            raised.append(len(plan.seqs))
             raise RuntimeError("out of memory")
         return real(plan)
 
     monkeypatch.setattr(engine.executor, "execute", oom)
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
-    assert [o.token_ids for o in outs] == expected and {o.finish_reason for o in outs} == {"length"}
+    assert raised and [o.token_ids for o in outs] == expected and {o.finish_reason for o in outs} == {"length"}
+
+
+def test_a_failed_requests_adapter_leaves_its_slot(llm, expected, monkeypatch):
+    """Its load may have left the slot half written: the next request reloads it."""
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.executor.execute
+
+    def faulty(plan):
+        if any(q.request.prompt_token_ids == poison for q in plan.seqs):
+            raise RuntimeError("injected executor fault")
+        return real(plan)
+
+    monkeypatch.setattr(engine.executor, "execute", faulty)
+    outs = llm.generate([PROMPTS[2], PROMPTS[1]], GREEDY, adapter=["r16", None])
+    assert outs[0].finish_reason == "error" and outs[1].token_ids == expected[1]
+    r16 = engine.adapters.by_name["r16"].id
+    assert engine.slots.slot_of(r16) is None and r16 not in [a and a.id for a in engine.lora.bank.slots]
+    monkeypatch.undo()
+    assert llm.generate(PROMPTS[3], GREEDY, adapter="r16")[0].token_ids == expected[3]
+
+
+def test_a_broken_device_stops_the_engine(llm, monkeypatch):
+    """Every sequence fails and the probe fails too: not the requests' fault, so
+    the step raises (the engine loop then dies and the server restarts)."""
+    engine = llm.engine
+
+    def broken(*_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.executor, "execute", broken)
+    monkeypatch.setattr(engine.executor, "probe", broken)
+    engine.add_request(PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()
+    monkeypatch.undo()
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
+    assert_clean(engine)
 
 
 def test_a_planning_fault_fails_only_its_request(llm, expected, monkeypatch):
@@ -140,6 +181,21 @@ def test_a_detokenizer_fault_fails_only_its_request(llm, expected, monkeypatch):
     assert_clean(engine)
 
 
+def test_a_detokenizer_fault_on_the_last_token_is_still_an_error(llm, monkeypatch):
+    engine, poison = llm.engine, poison_ids(llm)
+    real = engine.detok.update
+
+    def faulty(req):
+        if req.prompt_token_ids == poison and req.is_finished:
+            raise ValueError("injected")
+        return real(req)
+
+    monkeypatch.setattr(engine.detok, "update", faulty)
+    out = llm.generate(PROMPTS[2], GREEDY, adapter="r8")[0]
+    assert out.finished and out.finish_reason == "error" and out.error == "ValueError: injected"
+    assert_clean(engine)
+
+
 # -- sampling never raises -----------------------------------------------------
 
 def test_degenerate_distributions_fall_back_to_the_most_likely_token():
@@ -149,6 +205,9 @@ def test_degenerate_distributions_fall_back_to_the_most_likely_token():
     gens = [torch.Generator().manual_seed(0) for _ in params]
     tokens = [t.token_id for t in sample(logits, params, gens)]
     assert tokens == [1, 2, 2]  # row 0 samples normally (top_p keeps only token 1); rows 1-2 fall back
+    greedy = sample(torch.tensor([[float("nan"), 1.0, 4.0, float("nan")]]), [SamplingParams(temperature=0.0)],
+                    [torch.Generator()])
+    assert greedy[0].token_id == 2  # NaNs rank last for greedy rows too
 
 
 def test_a_tiny_temperature_is_greedy(llm, expected):
@@ -208,10 +267,11 @@ def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(llm, monkeypatch
     still being tokenized (here held until /health has answered)."""
     engine = llm.engine
     real = engine.tokenizer.encode
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def slow_encode(text, *args):
         if "slow" in text:
+            entered.set()
             assert release.wait(timeout=60), "/health never answered while the prompt was tokenized"
         return real(text, *args)
 
@@ -223,6 +283,7 @@ def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(llm, monkeypatch
             t = threading.Thread(target=lambda: result.update(r=c.post("/v1/completions", json={
                 "model": "base", "prompt": "slow prompt", "max_tokens": 2, "temperature": 0})))
             t.start()
+            assert entered.wait(timeout=60)  # the prompt is being tokenized now
             assert c.get("/health").status_code == 200
             release.set()
             t.join(timeout=90)

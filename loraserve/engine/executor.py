@@ -17,6 +17,10 @@ class Executor(Protocol):
         """Load the plan's new adapters, run the step, sample."""
         ...
 
+    def probe(self) -> None:
+        """Raise if the executor itself is broken (not one request's fault)."""
+        ...
+
     def release(self, request_ids: list[str]) -> None:
         """Forget per-request state (e.g. seeded generators) of finished requests."""
         ...

@@ -13,6 +13,10 @@ nothing had happened, after O(k log n) extra passes for k culprits; a fault
 that depends on the batch (an out-of-memory) goes away in the smaller parts
 and fails nobody.
 
+When every sequence fails, the executor's `probe` tells a broken engine (a
+sticky device error: it raises, and the engine stops to be restarted) from a
+step of bad requests (it passes, and they alone fail).
+
 Not undone on a rerun: a seeded row's generator that had already drawn when
 sampling raised draws again (sampling itself does not raise on degenerate
 distributions, so only a bug gets there).
@@ -43,6 +47,8 @@ def execute_isolated(executor: Executor, plan: StepPlan) -> StepResult:
         _split(executor, plan, plan.seqs, error, result)
         for request_id, why in result.failed.items():
             log.error("request %s failed: %s", request_id, why)
+        if len(result.failed) == len(plan.seqs):
+            executor.probe()  # nothing ran: if the device itself is broken, this raises and the engine stops
         return result
 
 

@@ -20,6 +20,8 @@ from loraserve.sampling import SamplingParams
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
     """logits: [N, V] float32; one params and one generator per row."""
+    if logits.isnan().any():  # a broken row: its NaNs rank last, so every row has a most likely token
+        logits = logits.nan_to_num(nan=float("-inf"))
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -29,8 +31,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(rows):
             if sound[j]:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-            else:  # the most likely token, NaNs ranked last
-                tokens[i] = logits[i].nan_to_num(nan=float("-inf")).argmax()
+            else:  # the most likely token
+                tokens[i] = logits[i].argmax()
     token_list = tokens.tolist()
     out = [SampledToken(t, None, None) for t in token_list]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]

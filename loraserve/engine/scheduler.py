@@ -198,18 +198,18 @@ class Scheduler:
             self.waiting.appendleft(req)
             return _FULL
         self.cache.allocate(req, num_new)
-        if req.adapter is not None:
-            blocks = self.cache.adapter_blocks(req.adapter)  # before the budget changes: this may raise
-            if self.adapters.acquire(req.adapter):
-                plan.lora_loads.append((req.adapter, blocks))
-                self.num_lora_loads += 1
-            else:
-                self.num_lora_hits += 1
+        blocks = self.cache.adapter_blocks(req.adapter) if req.adapter is not None else []
+        # from here on nothing raises before the request is running, so a failure releases what it holds
+        if req.adapter is not None and self.adapters.acquire(req.adapter):
+            plan.lora_loads.append((req.adapter, blocks))
+            self.num_lora_loads += 1
+        elif req.adapter is not None:
+            self.num_lora_hits += 1
         req.status = RequestStatus.RUNNING
+        self.running.append(req)
         self._note("admit", req)
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.clock.now()
-        self.running.append(req)
         plan.seqs.append(ScheduledSeq(req, num_new))
         return num_new
 
@@ -260,8 +260,10 @@ class Scheduler:
     def fail(self, request_id: str, error: str) -> None:
         """Finish a request the engine could not serve; `error` says why."""
         req = self.requests[request_id]
-        if not req.is_finished:
-            req.error = error
+        req.error = error
+        if req.is_finished:  # e.g. its last output could not be detokenized: its blocks are already free
+            req.finish_reason = FinishReason.ERROR
+        else:
             self._finish(req, FinishReason.ERROR)
 
     def finish(self, request_id: str, reason: FinishReason) -> None:

@@ -64,6 +64,12 @@ class TorchExecutor:
             self.generators[request_id] = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         return self.generators[request_id]
 
+    def probe(self) -> None:
+        """A tiny matmul on the model's device, waited for: a device in a sticky
+        error state (as CUDA is after an illegal access) raises here."""
+        x = torch.ones(2, 2, dtype=self.model.dtype, device=self.model.device)
+        (x @ x).sum().item()
+
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.generators.pop(rid, None)

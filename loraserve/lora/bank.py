@@ -39,15 +39,18 @@ class LoraBank:
         self.b: dict[tuple[int, Target], torch.Tensor] = {}
 
     def _allocate(self, rank: int) -> None:
+        """Swap in zeroed tensors of a larger rank, all built before any is
+        replaced: an out-of-memory midway leaves the bank as it was."""
         s, e = self.spec, self.spec.num_experts
-        self.rank = rank
+        a, b = {}, {}
         for layer in range(s.num_layers):
             for target in layer_targets(s, layer):
                 w = target.width * rank
                 lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
                 kw = dict(dtype=self.dtype, device=self.device)
-                self.a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
-                self.b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
+                a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
+                b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
+        self.a, self.b, self.rank = a, b, rank
 
     @property
     def num_bytes(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import threading
 import time
@@ -168,6 +169,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if api_key and request.url.path not in open_paths:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.errors.labels("401").inc()
                 return error_response(401, "invalid or missing API key", kind="authentication_error")
         return await call_next(request)
 
@@ -252,8 +254,7 @@ async def _respond(engine: AsyncEngine, metrics: Metrics, body, adapter, prompts
     streams = [_timed(s, metrics, adapter or "base", start) for s in raw]
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(rid, body.model, streams, ids, chat, engine, usage, body.n),
-                                 media_type="text/event-stream")
+        return _EventStream(_sse(rid, body.model, streams, ids, chat, engine, usage, body.n), engine, ids)
     try:
         finals = []
         for s in streams:
@@ -326,10 +327,15 @@ def _usage(outs: list[RequestOutput], n: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _finite(logprob: float) -> float:
+    """JSON has no -inf or NaN: a token the model gave no mass reports -9999.0, as vLLM does."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> dict:
     tok = engine.engine.tokenizer
-    ids, lps = o.token_ids[start:], o.logprobs[start:]
-    tops = o.top_logprobs[start:] or [{}] * len(ids)
+    ids, lps = o.token_ids[start:], [_finite(v) for v in o.logprobs[start:]]
+    tops = [{t: _finite(v) for t, v in top.items()} for top in o.top_logprobs[start:]] or [{}] * len(ids)
     texts = [tok.decode([t], skip_special_tokens=False) for t in ids]
     if chat:
         return {"content": [{"token": s, "logprob": lp, "top_logprobs": [
@@ -388,6 +394,23 @@ async def _sse(rid, model, streams, ids, chat, engine, usage: bool = False, n: i
         await _close(streams)
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events whose requests are aborted however the response ends,
+    also when the client is gone before the body starts (then `_sse`, never
+    started, cannot clean up itself)."""
+
+    def __init__(self, content, engine: AsyncEngine, request_ids: list[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.engine, self.request_ids = engine, request_ids
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for request_id in self.request_ids:
+                self.engine.abort(request_id)
+
+
 def _error_event(e: APIError) -> str:
     """The last events of a stream that cannot be completed (as vLLM sends them;
     the openai client raises APIError on it)."""
@@ -407,6 +430,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         engine.on_death = self._engine_died
+        if engine.dead is not None:  # it died before it could tell us
+            self.should_exit = True
 
     def _engine_died(self) -> None:
         """The engine's errors are on their way to every open request; uvicorn's

@@ -24,6 +24,9 @@ class NullExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return StepResult({q.request.request_id: SampledToken(SIM_TOKEN) for q in plan.seqs if q.samples})
 
+    def probe(self) -> None:
+        pass
+
     def release(self, request_ids: list[str]) -> None:
         pass
 
