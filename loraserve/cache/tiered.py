@@ -18,7 +18,10 @@ This class is a facade over the parts, each one idea, imported one way
 - `cache/ledger.py`: pools, the tree, and the per-tier books kept over them.
 - `cache/check.py`: the invariant checker.
 
-No torch here.
+What is an adapter here is its node (identity: the namespace its KV lives
+under); whether its weights take local blocks is `Node.local` (residency).
+`add_adapter` registers local weights; `add_remote_adapter` one served from
+elsewhere, whose requests never wait for it. No torch here.
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ class TieredCacheManager:
             ledger.tree.move(node, HOST, blocks)
         ledger.acct(node, +1)
         return node.blocks
+
+    def add_remote_adapter(self, key: str) -> None:
+        """Register an adapter whose weights live elsewhere (a remote LoRA server):
+        its KV is keyed, matched and cached under it like any adapter's, but it
+        takes no local blocks, so it is always ready and never swapped or counted."""
+        self.ledger.tree.add_adapter(key, DEVICE, 0, 0, self.ledger.clock.now(), local=False)
 
     def remove_adapter(self, key: str) -> None:
         """Forget an adapter and all KV computed under it (no request may hold it)."""
