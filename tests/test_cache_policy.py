@@ -22,13 +22,16 @@ CONVERSATIONS = [[100 * c + t for t in range(40)] for c in range(5)]
 class Harness:
     """Drives the manager the way the scheduler does, with a link-speed mover on a manual clock."""
 
-    def __init__(self, policy: str, device_blocks: int = 40, host_blocks: int = 60, **config) -> None:
+    def __init__(self, policy: str, device_blocks: int = 40, host_blocks: int = 60, remote: tuple[str, ...] = (),
+                 **config) -> None:
         self.clock = ManualClock()
         self.mover = LinkMover(self.clock, bytes_per_s=1e6)
         cfg = CacheConfig(block_size=BS, policy=policy, swap_interval=0.0, **config)
         self.cache = TieredCacheManager(cfg, device_blocks, host_blocks, BLOCK_BYTES, self.clock, self.mover)
         for key, size in ADAPTERS.items():
             self.cache.add_adapter(key, size)
+        for key in remote:
+            self.cache.add_remote_adapter(key)
         self.running: list[Request] = []
         self.pending: list[Request] = []
         self.n = 0
@@ -197,3 +200,55 @@ def test_host_full_drops_cold_kv_but_keeps_adapters():
     adapters = [n for n in h.cache.tree.adapters.values() if n.kind is Kind.LORA and n.key != "base"]
     assert all(n.tier is not Tier.DISK for n in adapters)
     assert h.cache.counters["dropped_bytes"] > 0
+
+
+REMOTE = ("r0", "r1")
+remote_op = st.one_of(
+    st.tuples(st.just("new"), st.sampled_from([None, "a0", "a1", *REMOTE]), st.integers(0, 4), st.integers(1, 40)),
+    op,
+)
+
+
+@pytest.mark.parametrize("policy", ["elora", "elora-wom", "vllm", "slora"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(remote_op, max_size=80), host=st.sampled_from([0, 12, 60]))
+def test_invariants_hold_with_remote_adapters(policy, ops, host):
+    """Adapters served elsewhere, mixed with local ones: their KV follows every rule."""
+    h = Harness(policy, host_blocks=host, remote=REMOTE)
+    for name, *args in ops:
+        getattr(h, name)(*args)
+        h.check()
+        for key in REMOTE:
+            node = h.cache.tree.adapters[key]
+            assert node.tier is Tier.DEVICE and not node.blocks and not node.in_transfer
+
+
+def test_remote_adapter_keys_kv_under_it_with_no_local_blocks():
+    h = Harness("elora", remote=("r0",))
+    used, loras = h.cache.usage()["used"], dict(h.cache.num_loras)
+    req = Request("remote", CONVERSATIONS[0][:22], SamplingParams(), adapter="r0")
+    assert h.cache.prepare(req) is Readiness.READY  # nothing to copy first
+    assert h.cache.stats()["pending_transfers"] == 0 and h.cache.counters["swap_in_bytes"] == 0
+    assert h.cache.usage()["used"] == used and dict(h.cache.num_loras) == loras
+    h.running.append(req)
+    while not req.num_output_tokens:
+        h.progress(0, 8)
+    h.finish(0)
+    h.check()
+    kv = h.cache.tree.subtree(h.cache.tree.adapters["r0"])[:-1]
+    assert len(kv) == 5 and all(n.adapter == "r0" and n.tier is Tier.DEVICE for n in kv)
+    assert h.cache.bytes_by_kind()["device_bytes_adapters"] == 0  # counted: KV only
+    assert admit(h, "a1", 0, 22).num_computed_tokens == 0  # same tokens, other adapter: nothing to reuse
+    h.finish(0)
+    assert admit(h, None, 0, 22).num_computed_tokens == 0  # nor the base model
+    h.finish(0)
+    assert admit(h, "r0", 0, 30).num_computed_tokens == 20  # its own next turn reuses its history
+    h.finish(0)
+    stats = h.cache.stats()
+    assert stats["adapter_misses"] == 1 and stats["adapter_hits"] == 0  # a1 alone took a local slot
+    h.advance(0.01)  # the swapper runs; the remote adapter is never a candidate
+    h.advance(1.0)
+    assert h.cache.tree.adapters["r0"] not in h.cache.tree.device_leaves
+    h.cache.remove_adapter("r0")
+    assert "r0" not in h.cache.tree.adapters
+    h.check()

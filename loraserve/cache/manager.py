@@ -1,17 +1,25 @@
-"""The scheduler's view of device memory, as a protocol.
+"""The scheduler's view of device memory, as a protocol, with its answer type.
 
 `TieredCacheManager` (`cache/tiered.py`) implements it for every policy; the
-simulator drives the same class. The scheduler only ever asks these questions.
+simulator drives the same class. The scheduler only ever asks these questions,
+so this module depends on nothing else in the cache package.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import enum
+from typing import Protocol
 
 from loraserve.request import Request
 
-if TYPE_CHECKING:
-    from loraserve.cache.tiered import Readiness
+
+class Readiness(enum.Enum):
+    """What `prepare` found: the request can run now, waits for copies in flight
+    (blocking nobody), or its adapter cannot be placed now."""
+
+    READY = "ready"
+    WAITING = "waiting"
+    NO_ROOM = "no_room"
 
 
 def blocks_for(num_items: int, per_block: int) -> int:

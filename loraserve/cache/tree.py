@@ -37,7 +37,7 @@ class Kind(enum.Enum):
 
 BASE = "base"
 """Key of the pseudo-adapter node that holds base-model (no adapter) KV. It has
-no weights, so it is always 'on the device'."""
+no weights, so it is a non-local adapter (see `Node.local`): always 'on the device'."""
 
 
 @dataclass(eq=False)
@@ -65,6 +65,13 @@ class Node:
     in_transfer: bool = False
     """A copy to or from this node is in flight; it may not move again until done."""
 
+    local: bool = True
+    """Whether the node's bytes live in this cache's blocks. An adapter's identity
+    (the namespace its KV hangs under) is its node; whether its weights are here
+    is this flag. False for the base pseudo-adapter (no weights) and for an
+    adapter served from elsewhere (a remote LoRA server): zero blocks, always on
+    the device tier, never moved or counted, so its KV needs nothing copied first."""
+
     depth: int = 0
     seq: int = 0
     """Creation order: breaks ties between equal scores the same way in every run
@@ -85,7 +92,7 @@ class Node:
 
     @property
     def movable(self) -> bool:
-        return not self.pins and not self.in_transfer and self.kind is not Kind.ROOT and self.key != BASE
+        return not self.pins and not self.in_transfer and self.kind is not Kind.ROOT and self.local
 
     def ancestors(self):
         node = self.parent
@@ -114,9 +121,10 @@ class DependencyTree:
 
         self._seq = itertools.count(1)
 
-    def add_adapter(self, key: object, tier: Tier, num_blocks: int, num_bytes: int, now: float) -> Node:
+    def add_adapter(self, key: object, tier: Tier, num_blocks: int, num_bytes: int, now: float,
+                    local: bool = True) -> Node:
         node = Node(Kind.LORA, key, self.root, tier, num_blocks=num_blocks, num_bytes=num_bytes,
-                    last_use=now, depth=1, seq=next(self._seq))
+                    last_use=now, local=local, depth=1, seq=next(self._seq))
         self._link(node)
         self.adapters[key] = node
         return node
@@ -163,7 +171,7 @@ class DependencyTree:
             self._refresh(child)
 
     def _refresh(self, node: Node) -> None:
-        if node.kind is Kind.ROOT or node.key == BASE:
+        if node.kind is Kind.ROOT or not node.local:
             return
         if node.tier is Tier.DEVICE and not node.num_device_children:
             self.device_leaves.add(node)
