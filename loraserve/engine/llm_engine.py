@@ -17,12 +17,10 @@ from functools import partial
 
 import torch
 
-from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
-from loraserve.engine.isolation import execute_isolated
+from loraserve.engine.core import EngineCore
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
-from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.engine.torch_mover import TorchMover
@@ -41,15 +39,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class LLMEngine:
+class LLMEngine(EngineCore):
+    """The engine core plus what serving text needs: the model and its
+    tokenizer, adapters by name, validation on the way in and text on the way out."""
+
     def __init__(self, config: EngineConfig, clock: Clock | None = None) -> None:
         self.config = config
-        self.clock = clock or MonotonicClock()
+        clock = clock or MonotonicClock()
         dtype = DTYPES[config.dtype]
         self.model = load_model(config.model, dtype, config.device)
         self.spec = self.model.spec
-        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
-                                 self.spec.max_position_embeddings)
+        max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                            self.spec.max_position_embeddings)
         self.tokenizer = Tokenizer(config.model)
         eos = set(self.spec.eos_token_ids) | set(read_generation_eos(config.model))
         if self.tokenizer.eos_token_id is not None:
@@ -57,26 +58,24 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         cc = config.cache
         block_size = cc.block_size
-        self.block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
-        self.num_blocks = cc.device_bytes // self.block_bytes
-        self.num_host_blocks = cc.host_bytes // self.block_bytes
+        block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
+        self.num_blocks = cc.device_bytes // block_bytes
+        self.num_host_blocks = cc.host_bytes // block_bytes
         if self.num_blocks < 2:
-            raise ValueError(f"device_bytes {cc.device_bytes} holds fewer than 2 blocks of {self.block_bytes} bytes")
-        if self.num_blocks * block_size < self.max_model_len:
+            raise ValueError(f"device_bytes {cc.device_bytes} holds fewer than 2 blocks of {block_bytes} bytes")
+        if self.num_blocks * block_size < max_model_len:
             log.warning("the device pool holds %d tokens of KV, less than max_model_len %d",
-                        self.num_blocks * block_size, self.max_model_len)
+                        self.num_blocks * block_size, max_model_len)
         device = self.model.device
         self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, device))
         self.memory = TierMemory(self.spec, self.num_blocks, block_size, dtype, device, self.num_host_blocks)
-        assert self.memory.block_bytes == self.block_bytes
+        assert self.memory.block_bytes == block_bytes
         self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, lora_dtype(dtype, device),
                                      device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
-        self.executor = TorchExecutor(self.model, self.memory, self.lora, config.seed)
-        self.mover = TorchMover(self.memory, self._read_adapter)
-        self.cache = TieredCacheManager(cc, self.num_blocks, self.num_host_blocks, self.block_bytes,
-                                        self.clock, self.mover)
         self.slots = self.lora.slots
-        self.scheduler = Scheduler(config.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
+        super().__init__(cc, config.scheduler, self.num_blocks, self.num_host_blocks, block_bytes, max_model_len,
+                         clock, TorchMover(self.memory, self._read_adapter),
+                         TorchExecutor(self.model, self.memory, self.lora, config.seed), self.slots)
         self.cache_stats: dict = self.cache.stats()
         self._stats_time = self.clock.now()
         self.detok = Detokenizer(self.tokenizer)
@@ -184,17 +183,8 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
-    def abort(self, request_id: str) -> None:
-        req = self.scheduler.abort(request_id)
-        if req is not None:
-            self._forget(req)
-
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
     def idle_tick(self) -> None:
-        """Let the swapper run while no request is in flight (idle prefetch)."""
-        self.cache.tick(0)
+        super().idle_tick()
         self._refresh_stats()
 
     def _refresh_stats(self, period: float = 1.0) -> None:
@@ -210,25 +200,14 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if plan.is_empty and self.scheduler.pending:
+        out = self.run_step()
+        if out.plan.is_empty and self.scheduler.pending:
             time.sleep(0.0005)  # everything waits on copies: do not spin
-        result = execute_isolated(self.executor, plan)
-        for request_id, error in result.failed.items():
-            self._fail_computation(request_id, error)
-        touched = self.scheduler.update(plan, result)
+        for req in out.failed:
+            if req.adapter is not None:  # a load that raised may have left its slot half written
+                self.lora.forget(req.adapter)
         self._refresh_stats()
-        failed = [self.scheduler.requests[rid] for rid in (*plan.failed, *result.failed)]
-        return [self._output(req) for req in failed + touched]
-
-    def _fail_computation(self, request_id: str, error: str) -> None:
-        """Fail a request its step could not compute. Its adapter leaves its
-        LoRA slot (unless running requests pin it), since a load that raised
-        may have left the slot half written; the next request reloads it."""
-        req = self.scheduler.requests[request_id]
-        self.scheduler.fail(request_id, error)
-        if req.adapter is not None:
-            self.lora.forget(req.adapter)
+        return [self._output(req) for req in out.failed + out.touched]
 
     def _output(self, req: Request) -> RequestOutput:
         try:
@@ -241,12 +220,11 @@ class LLMEngine:
             self.scheduler.finish(req.request_id, FinishReason.STOP)
         out = make_output(req, text, delta)
         if req.is_finished:
-            self._forget(req)
+            self.forget(req)
         return out
 
-    def _forget(self, req: Request) -> None:
-        self.executor.release([req.request_id])
+    def forget(self, req: Request) -> None:
+        super().forget(req)
         self.detok.forget(req.request_id)
-        self.scheduler.forget(req.request_id)
         if self._retiring:  # every finish and abort passes here: an unloaded adapter may now go
             self._drop_retired()

@@ -11,11 +11,10 @@ import itertools
 from dataclasses import dataclass, field
 
 from loraserve.cache.mover import LinkMover
-from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import ManualClock
 from loraserve.config import CacheConfig, SchedulerConfig
+from loraserve.engine.core import EngineCore
 from loraserve.engine.output import RequestOutput, make_output
-from loraserve.engine.scheduler import Scheduler
 from loraserve.lora.slots import LoraSlots
 from loraserve.model.spec import ModelSpec
 from loraserve.request import Request
@@ -58,26 +57,26 @@ def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:
     return int(free)
 
 
-class SimEngine:
+class SimEngine(EngineCore):
+    """The engine core on a cost model: the executor only advances the clock by
+    the modelled step time, and the mover finishes copies when the modelled
+    link would have."""
+
     def __init__(self, spec: ModelSpec, hw: Hardware, cfg: SimConfig, adapters: dict[str, int],
                  clock: ManualClock | None = None) -> None:
         """adapters: name → size in bytes (see models.lora_params); a name is its id here."""
         self.spec = spec
         self.config = cfg
-        self.clock = clock or ManualClock()
-        self.max_model_len = cfg.max_model_len
-        self.block_bytes = cfg.cache.block_size * spec.kv_bytes_per_token(cfg.dtype_bytes)
-        num_blocks = device_tier_bytes(spec, hw, cfg) // self.block_bytes
+        clock = clock or ManualClock()
+        block_bytes = cfg.cache.block_size * spec.kv_bytes_per_token(cfg.dtype_bytes)
+        num_blocks = device_tier_bytes(spec, hw, cfg) // block_bytes
         self.adapter_bytes = dict(adapters)
         self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, self.adapter_bytes.__getitem__)
-        self.mover = LinkMover(self.clock, duration=self.cost.copy_time)
-        self.cache = TieredCacheManager(cfg.cache, num_blocks, cfg.cache.host_bytes // self.block_bytes,
-                                        self.block_bytes, self.clock, self.mover)
+        super().__init__(cfg.cache, cfg.scheduler, num_blocks, cfg.cache.host_bytes // block_bytes, block_bytes,
+                         cfg.max_model_len, clock, LinkMover(clock, duration=self.cost.copy_time),
+                         PacedExecutor(NullExecutor(), self.cost, clock), LoraSlots(cfg.scheduler.max_loras))
         for name, size in adapters.items():
             self.cache.add_adapter(name, size)
-        self.slots = LoraSlots(cfg.scheduler.max_loras)
-        self.scheduler = Scheduler(cfg.scheduler, self.cache, self.slots, self.clock, self.max_model_len)
-        self.executor = PacedExecutor(NullExecutor(), self.cost, self.clock)
         self._ids = itertools.count()
 
     def add_request(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
@@ -91,17 +90,10 @@ class SimEngine:
         self.scheduler.add(req)
         return req
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def idle_tick(self) -> None:
-        self.cache.tick(0)
-
     def step(self) -> list[RequestOutput]:
         """Outputs of the requests this step finished (there is no text to stream)."""
-        plan = self.scheduler.schedule()
-        result = self.executor.execute(plan)
-        done = [r for r in self.scheduler.update(plan, result) if r.is_finished]
+        out = self.run_step()
+        done = [r for r in out.failed + out.touched if r.is_finished]
         for r in done:
-            self.scheduler.forget(r.request_id)
+            self.forget(r)
         return [make_output(r, "", "") for r in done]
