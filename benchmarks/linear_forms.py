@@ -5,7 +5,7 @@ each weight its own tensor so they stream from DRAM as in the model, and the
 tied lm_head), times three forms of y = x W^T side by side, alternating, best
 of the repeats:
 
-- `x @ w_in_out`: weights stored [in, out] (loraserve's layout until 2026-11-23)
+- `x @ w_in_out`: weights stored [in, out] (loraserve's former layout)
 - `F.linear`: weights stored [out, in], the nn.Linear call
 - `linear`: weights stored [out, in], loraserve's `linear` (w @ x.T up to 64 rows, one row
   computed as two; F.linear above)

@@ -9,7 +9,7 @@ Poisson session starts), one after another in one run.
 
     python benchmarks/peers.py
     python benchmarks/peers.py --systems elora vllm-policy baseline --sessions 12
-    VLLM_PYTHON=/work/peers/vllm-venv/bin/python python benchmarks/peers.py   # include vLLM (see PEERS.md)
+    VLLM_PYTHON=VENV/bin/python python benchmarks/peers.py   # include vLLM from its virtualenv VENV (PEERS.md)
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 from loraserve.cache.policy import POLICIES
+from loraserve.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.flags import add_flag
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
-from loraserve.units import UNITS, split_size
+from loraserve.sampling import SamplingParams
+from loraserve.units import UNITS, format_bytes, split_size
 
 
 def default_home() -> Path:
@@ -34,7 +37,6 @@ def _name_path(value: str) -> tuple[str, str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loraserve.llm import LLM
-    from loraserve.sampling import SamplingParams
 
     adapters = dict(args.adapter or [])
     model = args.model
@@ -78,10 +80,21 @@ def _cache_bytes(text: str, tier: str, device: str) -> int:
     return int(value * free)
 
 
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    """The `serve` flags as an EngineConfig."""
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_loras=args.max_loras))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.llm_engine import LLMEngine
     from loraserve.server.app import DrainingServer, build_app
@@ -92,13 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         demo = demo_dir()
         model, served_name = str(demo / "model"), served_name or "smollm2"
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
-    engine = LLMEngine(EngineConfig(
-        model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
-                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
-                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_loras=args.max_loras)))
+    engine = LLMEngine(engine_config(args, model))
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine)
@@ -117,7 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from loraserve.demo import build_demo, build_tiny
 
@@ -126,7 +132,8 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags; engine and sampling defaults come from the dataclasses (`flags.add_flag`)."""
     parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base LLM with many LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -136,39 +143,43 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lora", help="adapter to use (default: the only --adapter, else the base model)")
     g.add_argument("--prompt", action="append", help="prompt (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    # a command-line answer is short and greedy unless asked, unlike SamplingParams' OpenAI defaults
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    add_flag(g, "--top-p", SamplingParams, "top_p", help="nucleus sampling; 1 keeps every token")
+    add_flag(g, "--top-k", SamplingParams, "top_k", help="keep the k most likely tokens; 0 keeps all")
+    add_flag(g, "--seed", SamplingParams, "seed", help="seed of the request (default: the engine's generator)")
+    add_flag(g, "--dtype", EngineConfig, "dtype", choices=DTYPES)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     v.add_argument("--model", help="HF model directory (default: the embedded demo model and its adapters)")
     v.add_argument("--lora", action="append", type=_name_path, metavar="NAME=PATH", help="PEFT adapter (repeatable)")
     v.add_argument("--served-model-name", help="the base model's name in the API (default: the directory name)")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health")
     v.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (for a scraper that cannot send one)")
     v.add_argument("--lora-dir", action="append", help="directory runtime-loaded adapters may come from (repeatable)")
-    v.add_argument("--max-waiting", type=int, default=1024, help="waiting requests past which new ones get 429")
-    v.add_argument("--max-lora-rank", type=int, default=64)
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
-    v.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    v.add_argument("--device", default="cpu", help="torch device of the model and the device tier (cpu, cuda)")
-    v.add_argument("--device-cache", type=_size, default="512MiB",
-                   help="device tier for adapters + KV: bytes (e.g. 512MiB, 2GiB) or a fraction of free memory (0.3)")
-    v.add_argument("--host-cache", type=_size, default="2GiB",
-                   help="host tier for adapters + evicted KV: bytes or a fraction of free host memory")
-    v.add_argument("--cache-policy", default="elora", choices=list(POLICIES),
-                   help="what to keep where: elora, its ablations, or the vllm / slora baselines")
-    v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    v.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
-    v.add_argument("--max-loras", type=int, default=8, help="LoRA slots (distinct adapters per step)")
+    # build_app's default, checked by tests/test_config.py (importing the server here would slow every command)
+    v.add_argument("--max-waiting", type=int, default=1024,
+                   help="waiting requests past which new ones get 429 (default: %(default)s)")
+    add_flag(v, "--max-lora-rank", EngineConfig, "max_lora_rank")
+    add_flag(v, "--dtype", EngineConfig, "dtype", choices=DTYPES)
+    add_flag(v, "--max-model-len", EngineConfig, "max_model_len",
+             help="prompt + output limit (default: the model's max_position_embeddings)")
+    add_flag(v, "--block-size", CacheConfig, "block_size")
+    add_flag(v, "--device", EngineConfig, "device")
+    add_flag(v, "--device-cache", CacheConfig, "device_bytes", type=_size, show=format_bytes,
+             help="device tier for adapters + KV: bytes (e.g. 512MiB, 2GiB) or a fraction of free memory (0.3)")
+    add_flag(v, "--host-cache", CacheConfig, "host_bytes", type=_size, show=format_bytes,
+             help="host tier for adapters + evicted KV: bytes or a fraction of free host memory; 0: none")
+    add_flag(v, "--cache-policy", CacheConfig, "policy", choices=list(POLICIES),
+             help="what to keep where: elora, its ablations, or the vllm / slora baselines")
+    add_flag(v, "--max-num-seqs", SchedulerConfig, "max_num_seqs")
+    add_flag(v, "--max-num-batched-tokens", SchedulerConfig, "max_num_batched_tokens")
+    add_flag(v, "--max-loras", SchedulerConfig, "max_loras")
     v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo-model", help="build the embedded demo model (or a tiny random one) with adapters")
@@ -183,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     add_workload(sub)
     add_bench(sub)
     add_simulate(sub)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from loraserve.cache.policy import POLICIES
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -121,6 +123,8 @@ class EngineConfig:
     native bf16 (no AVX512-BF16/AMX), float32 is the fast one."""
 
     device: str = "cpu"
+    """Torch device of the model and of the device tier: cpu, cuda."""
+
     max_lora_rank: int = 64
     """Adapters above this rank are rejected at load."""
 
@@ -134,7 +138,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random models and the SmolLM2 demo, built once.
 
 Models are cached under .cache/test-models (or $LORASERVE_TEST_CACHE), so a
-second run skips the building.
+second run skips the building. Every test that uses one is marked `slow`
+here; tests that start a server are marked where they are written.
+`pytest -m "not slow"` (`make test-fast`) runs the rest.
 """
 
 from __future__ import annotations
@@ -33,3 +35,12 @@ def tiny():
 @pytest.fixture(scope="session")
 def demo() -> Path:
     return build_demo(CACHE / "demo")
+
+
+MODEL_FIXTURES = {"tiny", "demo"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

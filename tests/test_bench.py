@@ -143,6 +143,7 @@ def fake_app(received: list[dict]) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def fake():
+    """The fake server on a loopback port, in a thread (its tests are marked slow: they start a server)."""
     received: list[dict] = []
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # the port is ours until the server closes it: no free-port race
@@ -167,6 +168,7 @@ def two_turns(n: int = 6, models=("a", "b", None)) -> Workload:
 
 # -- the load client ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_client_replays_sessions_with_history_think_times_and_timings(fake):
     fake.received.clear()
     res = run_workload_sync(two_turns(), fake.url, "base", progress=False)
@@ -194,6 +196,7 @@ def test_client_replays_sessions_with_history_think_times_and_timings(fake):
     assert json.loads(res.to_json())["records"][3]["output_len"] == 7
 
 
+@pytest.mark.slow
 def test_a_failed_turn_ends_its_session_only(fake):
     res = run_workload_sync(two_turns(3, models=("missing", "a", None)), fake.url, progress=False)
     errors = [r.error for r in res.records]
@@ -209,6 +212,7 @@ def test_unreachable_server_records_errors():
     assert summarize(res.records)["completed"] == 0
 
 
+@pytest.mark.slow
 def test_metrics_are_scraped_and_a_missing_endpoint_is_tolerated(fake):
     res = run_workload_sync(two_turns(), fake.url, progress=False, metrics_url=fake.metrics, scrape_interval=0.05)
     assert len(res.metrics) >= 4 and [m["t"] for m in res.metrics] == sorted(m["t"] for m in res.metrics)
@@ -245,6 +249,7 @@ def bench(*argv: str) -> int:
     return args.func(args)
 
 
+@pytest.mark.slow
 def test_bench_run_writes_json_plots_and_finds_the_serviceable_rate(fake, tmp_path, capsys):
     two_turns(4).save(tmp_path / "w.jsonl")
     rc = bench("--workload", str(tmp_path / "w.jsonl"), "--url", fake.url, "--rates", "20", "40", "--search",
@@ -266,6 +271,7 @@ def test_bench_run_writes_json_plots_and_finds_the_serviceable_rate(fake, tmp_pa
     assert "fake (latencies in ms)" in stdout and "serviceable rate: 40 sessions/s" in stdout
 
 
+@pytest.mark.slow
 def test_bench_run_reports_zero_when_even_the_lowest_rate_misses(fake, tmp_path, capsys):
     two_turns(2).save(tmp_path / "w.jsonl")
     rc = bench("--workload", str(tmp_path / "w.jsonl"), "--url", fake.url, "--rates", "5", "10", "--search",
@@ -275,6 +281,7 @@ def test_bench_run_reports_zero_when_even_the_lowest_rate_misses(fake, tmp_path,
     assert "serviceable rate: 0 sessions/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_run_bad_input_exits_2_with_one_line(fake, tmp_path, capsys):
     assert bench("--workload", str(tmp_path / "nope.jsonl"), "--url", fake.url) == 2
     err = capsys.readouterr().err.strip().splitlines()

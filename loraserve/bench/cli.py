@@ -16,8 +16,9 @@ from urllib.parse import urlparse
 
 import httpx
 
-from loraserve.bench.client import BenchResult, run_workload_sync
+from loraserve.bench.client import BenchResult, run_workload, run_workload_sync
 from loraserve.bench.metrics import SLO, serviceable_rate, summarize
+from loraserve.flags import add_flag
 from loraserve.workload import Workload
 
 
@@ -32,18 +33,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="replay a workload file at one or more rates")
     r.add_argument("--workload", required=True, help="workload JSONL file (`Workload.save`)")
     r.add_argument("--url", required=True, help="API base URL, e.g. http://127.0.0.1:8000/v1")
-    r.add_argument("--base-model", default="base", help="model name for turns without an adapter")
+    add_flag(r, "--base-model", run_workload, "base_model", help="model name for turns without an adapter")
     r.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)")
     r.add_argument("--rate", type=float, help="replay at this many sessions/s (default: the workload's rate)")
     r.add_argument("--rates", type=float, nargs="+", help="replay once per rate (sessions/s)")
     r.add_argument("--search", action="store_true", help="bisect for the serviceable rate between min and max of --rates")
-    r.add_argument("--search-iters", type=int, default=6, help="bisection steps after checking both ends")
+    add_flag(r, "--search-iters", serviceable_rate, "iters", help="bisection steps after checking both ends")
     r.add_argument("--slo-ttft", type=float, help="TTFT bound (s) on the --slo-percentile TTFT")
     r.add_argument("--slo-tpot", type=float, help="bound (s) on the mean time per output token")
-    r.add_argument("--slo-percentile", type=float, default=95, help="TTFT percentile the SLO bounds")
+    add_flag(r, "--slo-percentile", SLO, "ttft_percentile", help="TTFT percentile the SLO bounds")
     r.add_argument("--metrics-url", help="Prometheus endpoint to scrape during runs, e.g. http://host:port/metrics")
-    r.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes")
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next chunk")
+    add_flag(r, "--scrape-interval", run_workload, "scrape_interval", help="seconds between scrapes")
+    add_flag(r, "--timeout", run_workload, "timeout", help="seconds a request may wait for its next chunk")
     r.add_argument("--out", help="write summaries, records and the serviceable rate to this JSON file")
     r.add_argument("--plots", help="write PNG figures into this directory")
     r.add_argument("--label", help="system name in tables and plots (default: the URL's host:port)")

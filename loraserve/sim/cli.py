@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 from loraserve.cache.policy import POLICIES
-from loraserve.units import parse_bytes
+from loraserve.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.flags import add_flag
+from loraserve.sim.engine import SimConfig
+from loraserve.units import format_bytes, parse_bytes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,21 +20,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="simulate a workload file on a model and hardware")
     r.add_argument("--workload", required=True, help="workload file (`loraserve workload`)")
     r.add_argument("--model", required=True, help="preset (llama3-8b, mixtral-8x7b, ...) or a model directory")
-    r.add_argument("--hardware", default="h100", help="a100-80g, h100, h800, h20, cpu, or a profile JSON")
-    r.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    r.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight and KV element (2: bf16)")
-    r.add_argument("--rank", type=int, default=32, help="rank of every adapter (all seven projections)")
-    r.add_argument("--policy", nargs="+", default=["elora", "vllm", "slora"], choices=list(POLICIES))
+    r.add_argument("--hardware", default="h100",
+                   help="a100-80g, h100, h800, h20, cpu, or a profile JSON (default: %(default)s)")
+    add_flag(r, "--tp", SimConfig, "tp", help="tensor-parallel degree")
+    add_flag(r, "--dtype-bytes", SimConfig, "dtype_bytes", help="bytes per weight and KV element (2: bf16)")
+    r.add_argument("--rank", type=int, default=32,
+                   help="rank of every adapter (all seven projections; default: %(default)s)")
+    r.add_argument("--policy", nargs="+", default=["elora", "vllm", "slora"], choices=list(POLICIES),
+                   help="cache policies to compare (default: %(default)s)")
     r.add_argument("--rate", type=float, help="replay at this many sessions/s (default: the workload's)")
-    r.add_argument("--device-tier", type=parse_bytes, help="device tier bytes (default: memory left by the weights)")
-    r.add_argument("--mem-util", type=float, default=0.9, help="share of device memory for weights + device tier")
-    r.add_argument("--host-cache", type=parse_bytes, default=parse_bytes("64GiB"), help="host tier bytes")
-    r.add_argument("--adapter-fraction", type=float, default=0.2, help="vllm policy: device share for adapters")
-    r.add_argument("--block-size", type=int, default=16)
-    r.add_argument("--max-num-seqs", type=int, default=256)
-    r.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    r.add_argument("--max-loras", type=int, default=32)
-    r.add_argument("--max-model-len", type=int, default=8192)
+    add_flag(r, "--device-tier", SimConfig, "device_tier_bytes", type=parse_bytes,
+             help="device tier bytes (default: memory left by the weights)")
+    add_flag(r, "--mem-util", SimConfig, "mem_util", help="share of device memory for weights + device tier")
+    add_flag(r, "--host-cache", CacheConfig, "host_bytes", type=parse_bytes, show=format_bytes, help="host tier bytes")
+    add_flag(r, "--adapter-fraction", CacheConfig, "adapter_fraction")
+    add_flag(r, "--block-size", CacheConfig, "block_size")
+    add_flag(r, "--max-num-seqs", SchedulerConfig, "max_num_seqs")
+    add_flag(r, "--max-num-batched-tokens", SchedulerConfig, "max_num_batched_tokens")
+    add_flag(r, "--max-loras", SchedulerConfig, "max_loras")
+    add_flag(r, "--max-model-len", SimConfig, "max_model_len", help="prompt + output limit")
     r.add_argument("--slo-ttft", type=float, help="TTFT SLO (s) on P95")
     r.add_argument("--slo-tpot", type=float, help="mean TPOT SLO (s)")
     r.add_argument("--out", help="write summaries (and per-request records) to this JSON file")
@@ -42,20 +49,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="model directory (HF format)")
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="PEFT adapter (repeatable)")
     c.add_argument("--base", default="cpu", help="profile whose peaks the fit starts from")
-    c.add_argument("--sessions", type=int, default=40)
+    c.add_argument("--sessions", type=int, default=40, help="sessions of the measuring run (default: %(default)s)")
     c.add_argument("--rate", type=float, default=4.0, help="sessions/s of the measuring run")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_flag(c, "--dtype", EngineConfig, "dtype", choices=DTYPES)
     c.add_argument("--out", required=True, help="profile JSON to write (pass it to --hardware)")
     c.set_defaults(func=cmd_calibrate)
     return s
+
+
+def sim_config(args: argparse.Namespace, policy: str) -> SimConfig:
+    """The `simulate run` flags as the SimConfig of one policy."""
+    return SimConfig(tp=args.tp, dtype_bytes=args.dtype_bytes, mem_util=args.mem_util,
+                     max_model_len=args.max_model_len, device_tier_bytes=args.device_tier,
+                     cache=CacheConfig(block_size=args.block_size, policy=policy, host_bytes=args.host_cache,
+                                       adapter_fraction=args.adapter_fraction),
+                     scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                               max_num_batched_tokens=args.max_num_batched_tokens,
+                                               max_loras=args.max_loras))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from loraserve.bench.metrics import SLO
-    from loraserve.config import CacheConfig, SchedulerConfig
-    from loraserve.sim.engine import SimConfig
     from loraserve.sim.hardware import hardware
     from loraserve.sim.models import model_spec
     from loraserve.sim.run import adapter_sizes, simulate
@@ -71,11 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sizes = adapter_sizes(wl.adapters, spec, args.rank, args.dtype_bytes)
     results = {}
     for policy in args.policy:
-        cfg = SimConfig(tp=args.tp, dtype_bytes=args.dtype_bytes, mem_util=args.mem_util,
-                        max_model_len=args.max_model_len, device_tier_bytes=args.device_tier,
-                        cache=CacheConfig(block_size=args.block_size, policy=policy, host_bytes=args.host_cache,
-                                          adapter_fraction=args.adapter_fraction),
-                        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_loras))
+        cfg = sim_config(args, policy)
         with tqdm(total=wl.num_requests, desc=policy, unit="req", leave=False, disable=None) as bar:
             results[policy] = simulate(wl, spec, hw, cfg, sizes, slo, progress=bar)
     print(f"{wl.num_requests} requests at {wl.rate:.3g} sessions/s, {args.model} on {args.tp}× {hw.name}")
@@ -104,7 +116,6 @@ def _ms(x: float | None) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from loraserve.config import CacheConfig, EngineConfig
     from loraserve.sim.calibrate import fit, measure
     from loraserve.sim.hardware import hardware
     from loraserve.workload import ArrivalConfig, Lengths, WorkloadConfig, generate

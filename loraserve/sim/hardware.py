@@ -64,7 +64,7 @@ PROFILES: dict[str, Hardware] = {
                      interconnect_bw=200 * GB),
     "h20": Hardware("h20", flops=148e12, mem_bw=4000 * GB, mem_bytes=96 * GiB, pcie_bw=50 * GB,
                     interconnect_bw=450 * GB),
-    # this machine (2 cores, AVX2, torch CPU; see ../shared/research/env-notes.md): the "device"
+    # a 2-core CPU with torch (peaks from the team's environment notes; `calibrate` fits yours): the "device"
     # is an arena in RAM, so a swap is a memcpy; fp32 matmul peak, measured read bandwidth. A copy
     # job's latency is the mover thread's hand-off: it waits for the GIL, which the engine thread
     # gives up only every few ms (measured: 1-5 ms per job)

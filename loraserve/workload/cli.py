@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loraserve.flags import add_flag
 from loraserve.workload.arrivals import ARRIVALS, ArrivalConfig
 from loraserve.workload.popularity import POPULARITY, PopularityConfig
 from loraserve.workload.workload import LENGTHS, Lengths, WorkloadConfig, from_trace, generate
@@ -14,46 +15,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, help="workload file to write (JSONL)")
     w.add_argument("--trace", help="convert this trace (CSV/JSONL: timestamp, adapter, input_len, output_len"
                                    "[, session, turn]) instead of generating")
-    w.add_argument("--sessions", type=int, default=100)
-    w.add_argument("--adapters", type=int, default=50, help="adapters named <prefix>0 .. <prefix>N-1")
-    w.add_argument("--adapter-prefix", default="lora-")
-    w.add_argument("--base-fraction", type=float, default=0.0, help="share of sessions on the base model")
-    w.add_argument("--arrival", choices=ARRIVALS, default="poisson")
-    w.add_argument("--rate", type=float, default=1.0, help="sessions started per second")
-    w.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation of the gaps")
-    w.add_argument("--on", type=float, default=5.0, help="onoff arrivals: seconds on")
-    w.add_argument("--off", type=float, default=5.0, help="onoff arrivals: seconds off")
-    w.add_argument("--popularity", choices=POPULARITY, default="zipf")
-    w.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent (zipf, shifting)")
-    w.add_argument("--sigma", type=float, default=0.15, help="gaussian popularity: spread as a share of adapters")
-    w.add_argument("--period", type=float, default=30.0, help="shifting: seconds between rotations of the hot set")
-    w.add_argument("--shift", type=int, default=0, help="shifting: adapters rotated each period (0: a tenth)")
-    w.add_argument("--turns", type=float, default=1.0, help="mean turns per session (geometric above 1)")
-    w.add_argument("--think", type=float, default=5.0, help="mean seconds between a reply and the next turn")
-    w.add_argument("--first-input", type=int, default=256, help="mean tokens of a session's first prompt")
-    w.add_argument("--input", type=int, default=64, help="mean new tokens of each later turn")
-    w.add_argument("--output", type=int, default=128, help="mean output tokens")
-    w.add_argument("--lengths", choices=LENGTHS, default="uniform", help="distribution of all three lengths")
-    w.add_argument("--spread", type=float, default=0.5, help="uniform: ±share of the mean; lognormal: sigma")
-    w.add_argument("--seed", type=int, default=0)
+    add_flag(w, "--sessions", WorkloadConfig, "num_sessions", help="sessions to generate")
+    add_flag(w, "--adapters", WorkloadConfig, "num_adapters", help="adapters named <prefix>0 .. <prefix>N-1")
+    add_flag(w, "--adapter-prefix", WorkloadConfig, "adapter_prefix", help="adapter names' prefix")
+    add_flag(w, "--base-fraction", WorkloadConfig, "base_fraction")
+    add_flag(w, "--arrival", ArrivalConfig, "kind", choices=ARRIVALS, help="how sessions start")
+    add_flag(w, "--rate", ArrivalConfig, "rate", help="sessions started per second")
+    add_flag(w, "--cv", ArrivalConfig, "cv", help="gamma arrivals: coefficient of variation of the gaps")
+    add_flag(w, "--on", ArrivalConfig, "on_s", help="onoff arrivals: seconds on")
+    add_flag(w, "--off", ArrivalConfig, "off_s", help="onoff arrivals: seconds off")
+    add_flag(w, "--popularity", PopularityConfig, "kind", choices=POPULARITY, help="which adapters sessions use")
+    add_flag(w, "--zipf", PopularityConfig, "s", help="Zipf exponent (zipf, shifting)")
+    add_flag(w, "--sigma", PopularityConfig, "sigma", help="gaussian popularity: spread as a share of adapters")
+    add_flag(w, "--period", PopularityConfig, "period", help="shifting: seconds between rotations of the hot set")
+    add_flag(w, "--shift", PopularityConfig, "shift", help="shifting: adapters rotated each period (0: a tenth)")
+    add_flag(w, "--turns", WorkloadConfig, "turns", help="mean turns per session (geometric above 1)")
+    add_flag(w, "--think", WorkloadConfig, "think_s", help="mean seconds between a reply and the next turn")
+    add_flag(w, "--first-input", WorkloadConfig, "first_input.mean", help="mean tokens of a session's first prompt")
+    add_flag(w, "--input", WorkloadConfig, "input.mean", help="mean new tokens of each later turn")
+    add_flag(w, "--output", WorkloadConfig, "output.mean", help="mean output tokens")
+    # the command line spreads lengths by default; a WorkloadConfig built in code keeps them fixed
+    w.add_argument("--lengths", choices=LENGTHS, default="uniform",
+                   help="distribution of all three lengths (default: %(default)s)")
+    add_flag(w, "--spread", Lengths, "spread", help="uniform: ±share of the mean; lognormal: sigma")
+    add_flag(w, "--seed", WorkloadConfig, "seed", help="seed of every random draw: the same flags give the same file")
     w.set_defaults(func=run)
     return w
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.trace:
-        wl = from_trace(args.trace)
-    else:
-        def lengths(mean: int) -> Lengths:
-            return Lengths(mean, args.lengths, args.spread)
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    """The `workload` flags as a WorkloadConfig."""
+    def lengths(mean: int) -> Lengths:
+        return Lengths(mean, args.lengths, args.spread)
 
-        wl = generate(WorkloadConfig(
-            num_sessions=args.sessions, num_adapters=args.adapters, adapter_prefix=args.adapter_prefix,
-            base_fraction=args.base_fraction,
-            arrival=ArrivalConfig(args.arrival, args.rate, args.cv, args.on, args.off),
-            popularity=PopularityConfig(args.popularity, args.zipf, args.sigma, args.period, args.shift),
-            turns=args.turns, think_s=args.think, first_input=lengths(args.first_input), input=lengths(args.input),
-            output=lengths(args.output), seed=args.seed))
+    return WorkloadConfig(
+        num_sessions=args.sessions, num_adapters=args.adapters, adapter_prefix=args.adapter_prefix,
+        base_fraction=args.base_fraction,
+        arrival=ArrivalConfig(args.arrival, args.rate, args.cv, args.on, args.off),
+        popularity=PopularityConfig(args.popularity, args.zipf, args.sigma, args.period, args.shift),
+        turns=args.turns, think_s=args.think, first_input=lengths(args.first_input), input=lengths(args.input),
+        output=lengths(args.output), seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    wl = from_trace(args.trace) if args.trace else generate(workload_config(args))
     wl.save(args.out)
     print(f"{args.out}: {len(wl.sessions())} sessions, {wl.num_requests} requests, {len(wl.adapters)} adapters, "
           f"{wl.rate:.3g} sessions/s")
