@@ -36,7 +36,7 @@ def make_request(self, prompt, *args, **kwargs):
 
 
 def execute(self, plan):
-    if KIND == "execute" and any(q.request.request_id in POISONED for q in plan.seqs):
+    if KIND == "execute" and any(q.request_id in POISONED for q in plan.seqs):
         raise RuntimeError("injected executor fault")
     return _execute(self, plan)
 

@@ -30,7 +30,7 @@ class CountingExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         self.steps += 1
         self.loads += [adapter for adapter, _ in plan.lora_loads]
-        return StepResult({q.request.request_id: SampledToken(7 + self.steps) for q in plan.seqs if q.samples})
+        return StepResult({q.request_id: SampledToken(7 + self.steps) for q in plan.seqs if q.samples})
 
     def probe(self) -> None:
         pass

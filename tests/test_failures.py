@@ -41,6 +41,10 @@ def poison_ids(llm) -> list[int]:
     return llm.engine.tokenizer.encode(PROMPTS[2])
 
 
+def prompt_of(engine, seq) -> list[int]:
+    return engine.scheduler.requests[seq.request_id].prompt_token_ids
+
+
 def assert_clean(engine) -> None:
     """Nothing of a failed request is left behind: no request, no running KV, no pinned slot."""
     s = engine.scheduler
@@ -59,7 +63,7 @@ def test_an_executor_fault_fails_only_its_request(llm, expected, monkeypatch):
 
     def faulty(plan):
         calls.append(len(plan.seqs))
-        if any(q.request.prompt_token_ids == poison for q in plan.seqs):
+        if any(prompt_of(engine, q) == poison for q in plan.seqs):
             raise RuntimeError("injected executor fault")
         return real(plan)
 
@@ -82,7 +86,7 @@ def test_a_fault_mid_decode_keeps_the_tokens_so_far(llm, expected, monkeypatch):
     real = engine.executor.execute
 
     def faulty(plan):
-        if any(q.request.prompt_token_ids == poison and q.request.num_output_tokens >= 3 for q in plan.seqs):
+        if any(prompt_of(engine, q) == poison and q.start >= len(poison) + 2 for q in plan.seqs):
             raise RuntimeError("late fault")
         return real(plan)
 
@@ -117,7 +121,7 @@ def test_a_failed_requests_adapter_leaves_its_slot(llm, expected, monkeypatch):
     real = engine.executor.execute
 
     def faulty(plan):
-        if any(q.request.prompt_token_ids == poison for q in plan.seqs):
+        if any(prompt_of(engine, q) == poison for q in plan.seqs):
             raise RuntimeError("injected executor fault")
         return real(plan)
 

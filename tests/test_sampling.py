@@ -121,3 +121,53 @@ def test_unfiltered_rows_skip_the_sort_and_keep_the_distribution():
     mixed = _filtered_probs(logits, [plain[0], SamplingParams(temperature=1.0, top_k=5), plain[2]])
     torch.testing.assert_close(mixed[[0, 2]], expected[[0, 2]], atol=1e-6, rtol=0)
     assert (mixed[1] > 0).sum() == 5 and mixed[1].topk(5).indices.sort().values.equal(logits[1].topk(5).indices.sort().values)
+
+
+# -- text: incremental decoding and stop strings ------------------------------------
+
+def _feed(tokenizer, ids, stop=()):
+    """Drive the Detokenizer one token at a time, as the engine does; returns
+    (concatenated deltas, final text, stop hit, the longest window decoded)."""
+    from loraserve.engine.output import Detokenizer
+    from loraserve.request import FinishReason, Request, RequestStatus
+
+    windows = []
+    real = tokenizer.decode
+
+    class Counting:
+        def decode(self, window, **kw):
+            windows.append(len(window))
+            return real(window, **kw)
+
+    detok = Detokenizer(Counting())
+    req = Request("r", [1], SamplingParams(stop=list(stop)))
+    deltas, hit = [], False
+    for i, t in enumerate(ids):
+        req.output_token_ids.append(t)
+        if i + 1 == len(ids):
+            req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.LENGTH
+        delta, hit = detok.update(req)
+        deltas.append(delta)
+        if hit:
+            break
+    return "".join(deltas), detok.text("r"), hit, max(windows)
+
+
+def test_incremental_text_equals_the_whole_decode_and_reads_a_small_window(llm):
+    tok = llm.engine.tokenizer
+    g = torch.Generator().manual_seed(0)
+    text = "Hello wörld — ünïcödé 日本語のテキスト and emoji 🎉🚀 end."
+    ids = tok.encode(text, add_special_tokens=False) * 3 + torch.randint(0, 49152, (4000,), generator=g).tolist()
+    streamed, final, hit, window = _feed(tok, ids)
+    assert streamed == final == tok.decode(ids) and not hit
+    assert window <= 8  # a 4,000-token generation never decodes more than a few tokens at a time
+
+
+def test_incremental_stop_strings_cut_where_the_whole_text_would(llm):
+    tok = llm.engine.tokenizer
+    ids = tok.encode("one two three four five six seven", add_special_tokens=False)
+    whole = tok.decode(ids)
+    for stop in (["three"], ["ee fo"], ["x", "six"], ["seven"], ["absent"]):
+        streamed, final, hit, _ = _feed(tok, ids, stop)
+        cut = min((whole.find(s) for s in stop if s in whole), default=-1)
+        assert hit == (cut >= 0) and streamed == final == (whole[:cut] if cut >= 0 else whole), stop

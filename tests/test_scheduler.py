@@ -32,7 +32,7 @@ def req(rid, n_prompt, max_tokens=4, adapter=None):
 def step(s: Scheduler):
     """Schedule, 'execute' by sampling token 1 for every finishing seq, update; a step takes 1 ms."""
     plan = s.schedule()
-    result = StepResult({q.request.request_id: SampledToken(1) for q in plan.seqs if q.samples})
+    result = StepResult({q.request_id: SampledToken(1) for q in plan.seqs if q.samples})
     s.update(plan, result)
     s.clock.advance(0.001)
     s.cache.check()
@@ -50,7 +50,7 @@ def test_token_budget_chunks_prefill_and_mixes_decodes():
     step(s)  # a prefilled (3 tokens) and sampled
     s.add(req("b", 20))
     plan = step(s)
-    assert [(q.request.request_id, q.num_new_tokens) for q in plan.seqs] == [("a", 1), ("b", 7)]
+    assert [(q.request_id, q.num_new_tokens) for q in plan.seqs] == [("a", 1), ("b", 7)]
     assert not plan.seqs[1].samples  # b's prefill continues next step
 
 
@@ -59,7 +59,7 @@ def test_seat_limit():
     for i in range(3):
         s.add(req(str(i), 2))
     plan = step(s)
-    assert [q.request.request_id for q in plan.seqs] == ["0", "1"]
+    assert [q.request_id for q in plan.seqs] == ["0", "1"]
     assert [r.request_id for r in s.waiting] == ["2"]
 
 
@@ -69,10 +69,10 @@ def test_lora_slots_cap_distinct_adapters_without_blocking_others():
     s.add(req("y", 2, adapter="B"))
     s.add(req("z", 2))  # base model needs no slot
     plan = step(s)  # x and y wait for their adapters' copies to the device; z does not wait for them
-    assert [q.request.request_id for q in plan.seqs] == ["z"]
+    assert [q.request_id for q in plan.seqs] == ["z"]
     assert [r.request_id for r in s.pending] == ["x", "y"]
     plan = step(s)  # copies landed: x takes the one slot, y has none while A runs: skipped
-    assert [q.request.request_id for q in plan.seqs] == ["z", "x"]
+    assert [q.request_id for q in plan.seqs] == ["z", "x"]
     assert [a for a, _ in plan.lora_loads] == ["A"] and s.adapters.slot_of("A") == 0
     assert s.requests["x"].lora_wait == 0.001 and s.requests["z"].lora_wait == 0
     while s.requests["x"].status.value != "finished":

@@ -40,7 +40,7 @@ def decode_plan(spec, batch: int, context: int, adapter: str | None = None) -> S
     for i in range(batch):
         r = Request(f"r{i}", list(range(context)), SamplingParams(), adapter=adapter)
         r.num_computed_tokens = context - 1
-        plan.seqs.append(ScheduledSeq(r, 1))
+        plan.seqs.append(ScheduledSeq.of(r, 1))
     return plan
 
 
@@ -52,7 +52,7 @@ def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():
     assert one.bytes == pytest.approx(weights + 1024 * spec.kv_bytes_per_token(2), rel=1e-6)
     # batch-1 decode of an 8B model on an H100: ~16 GB / (3.35 TB/s · 0.8) ≈ 6 ms + overheads
     assert 5e-3 < cost.time(one) < 8e-3
-    prefill = StepPlan([ScheduledSeq(Request("p", list(range(4096)), SamplingParams()), 4096)])
+    prefill = StepPlan([ScheduledSeq.of(Request("p", list(range(4096)), SamplingParams()), 4096)])
     w = cost.work(prefill)
     assert w.flops / (hw.flops * hw.flops_eff) > w.bytes / (hw.mem_bw * hw.bw_eff)  # compute bound
     # tensor parallelism halves the work per GPU and adds all-reduces

@@ -78,6 +78,10 @@ class TieredCacheManager:
         self.copies = Copies(self.ledger, mover)
         self.swapper = Swapper(self.ledger, self.copies)
         self.admission = Admission(self.ledger, self.copies, self.swapper)
+        self.max_request_blocks = self._max_request_blocks()
+        """The longest block table a request can ever get (its adapter may share the
+        pool). A plain int, recomputed when adapters come and go, so validation on
+        other threads reads it without touching the tree the engine thread mutates."""
 
     # -- adapters ------------------------------------------------------------
 
@@ -95,6 +99,7 @@ class TieredCacheManager:
             blocks = ledger.host.allocate(n)
             ledger.tree.move(node, HOST, blocks)
         ledger.acct(node, +1)
+        self.max_request_blocks = self._max_request_blocks()
         return node.blocks
 
     def add_remote_adapter(self, key: str) -> None:
@@ -109,10 +114,9 @@ class TieredCacheManager:
         if node.pins:
             raise ValueError(f"adapter {key} is in use")
         self.copies.drop(node)
+        self.max_request_blocks = self._max_request_blocks()
 
-    @property
-    def max_request_blocks(self) -> int:
-        """The longest block table a request can ever get (its adapter may share the pool)."""
+    def _max_request_blocks(self) -> int:
         ledger = self.ledger
         if not ledger.policy.unified:
             return ledger.device["kv"].num_blocks

@@ -211,14 +211,15 @@ class LLMEngine(EngineCore):
 
     def _output(self, req: Request) -> RequestOutput:
         try:
-            text, delta, stop_hit = self.detok.update(req)
+            delta, stop_hit = self.detok.update(req)
         except Exception as e:  # e.g. a tokenizer that cannot decode what was sampled
             log.exception("detokenizing request %s failed", req.request_id)
             self.scheduler.fail(req.request_id, f"{type(e).__name__}: {e}")
-            text, delta, stop_hit = "", "", False
+            delta, stop_hit = "", False
         if stop_hit:
             self.scheduler.finish(req.request_id, FinishReason.STOP)
-        out = make_output(req, text, delta)
+        since = self.detok.mark_sent(req.request_id, req.num_output_tokens)
+        out = make_output(req, delta, since, self.detok.text(req.request_id) if req.is_finished else "")
         if req.is_finished:
             self.forget(req)
         return out

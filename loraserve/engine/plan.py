@@ -1,8 +1,8 @@
 """What the scheduler hands the executor, and what comes back.
 
 The only contract between policy (scheduler) and mechanism (executor): both
-sides can be swapped (real model or simulated cost model) without the other
-noticing.
+sides can be swapped (real model, simulated cost model, an executor in another
+process) without the other noticing. Both are plain data: no live requests.
 """
 
 from __future__ import annotations
@@ -10,24 +10,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loraserve.request import Request
+from loraserve.sampling import SamplingParams
 
 
 @dataclass
 class ScheduledSeq:
-    request: Request
-    num_new_tokens: int
-    """Tokens computed this step, starting at ``request.num_computed_tokens``."""
+    """One request's share of a step, as plain data: what an executor in
+    another process would need, and nothing it could change."""
 
+    request_id: str
+    token_ids: list[int]
+    """The tokens computed this step, at positions start, start + 1, ..."""
+
+    start: int
+    """Tokens of the request already in its KV (its num_computed_tokens)."""
+
+    block_ids: list[int]
+    """Its block table: where positions 0 .. start + len(token_ids) - 1 live."""
+
+    adapter: str | None
+    """Adapter id (None: base model)."""
+
+    sampling: SamplingParams | None
+    """Set when this step reaches the request's last token, so it samples the next one."""
+
+    @classmethod
+    def of(cls, req: Request, num_new_tokens: int) -> ScheduledSeq:
+        """The next `num_new_tokens` of a request whose blocks are allocated."""
+        start = req.num_computed_tokens
+        samples = start + num_new_tokens == req.num_tokens
+        return cls(req.request_id, req.token_slice(start, start + num_new_tokens), start, list(req.block_ids),
+                   req.adapter, req.sampling if samples else None)
 
     @property
-    def adapter(self) -> str | None:
-        """The request's adapter id (None: base model)."""
-        return self.request.adapter
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def samples(self) -> bool:
-        """Whether this step reaches the request's last token, so it yields a new token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.sampling is not None
 
 
 @dataclass

@@ -121,12 +121,12 @@ class Scheduler:
         if num_new <= 0 or not self._make_room(req, num_new, plan):
             return 0
         self.cache.allocate(req, num_new)
-        plan.seqs.append(ScheduledSeq(req, num_new))
+        plan.seqs.append(ScheduledSeq.of(req, num_new))
         return num_new
 
     def _planning_failed(self, req: Request, error: Exception, plan: StepPlan) -> None:
         log.error("planning request %s failed", req.request_id, exc_info=error)
-        plan.seqs = [q for q in plan.seqs if q.request is not req]
+        plan.seqs = [q for q in plan.seqs if q.request_id != req.request_id]
         plan.failed[req.request_id] = f"{type(error).__name__}: {error}"
         self.fail(req.request_id, plan.failed[req.request_id])
 
@@ -210,7 +210,7 @@ class Scheduler:
         self._note("admit", req)
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.clock.now()
-        plan.seqs.append(ScheduledSeq(req, num_new))
+        plan.seqs.append(ScheduledSeq.of(req, num_new))
         return num_new
 
     def _preempt(self, req: Request) -> None:
@@ -232,8 +232,8 @@ class Scheduler:
         now = self.clock.now()
         touched = []
         for seq in plan.seqs:
-            req = seq.request
-            if req.is_finished:  # aborted while the step ran
+            req = self.requests.get(seq.request_id)
+            if req is None or req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += seq.num_new_tokens
             self.cache.commit(req)

@@ -35,12 +35,11 @@ class TorchExecutor:
         seqs = [plan.seqs[i] for i in order]
         ids, sample_rows = [], []
         for q in seqs:
-            start_tok = q.request.num_computed_tokens
-            ids.extend(q.request.token_slice(start_tok, start_tok + q.num_new_tokens))
+            ids.extend(q.token_ids)
             if q.samples:
                 sample_rows.append(len(ids) - 1)
         dev = self.model.device
-        meta = build_metadata([(q.request.block_ids, q.request.num_computed_tokens, q.num_new_tokens) for q in seqs],
+        meta = build_metadata([(q.block_ids, q.start, q.num_new_tokens) for q in seqs],
                               self.memory.block_size, self.model.spec.sliding_window, dev)
         sampling = [q for q in seqs if q.samples]
         result = StepResult()
@@ -49,10 +48,10 @@ class TorchExecutor:
                                         self.lora if self.lora.active else None,
                                         torch.tensor(sample_rows, dtype=torch.long, device=dev))
             if sampling:
-                params = [q.request.sampling for q in sampling]
-                gens = [self._generator(q.request.request_id, q.request.sampling.seed) for q in sampling]
+                params = [q.sampling for q in sampling]
+                gens = [self._generator(q.request_id, q.sampling.seed) for q in sampling]
                 for q, tok in zip(sampling, sample(logits.cpu(), params, gens)):
-                    result.sampled[q.request.request_id] = tok
+                    result.sampled[q.request_id] = tok
         result.elapsed = time.perf_counter() - start
         return result
 

@@ -283,12 +283,12 @@ async def _timed(stream, metrics: Metrics, label: str, start: float):
     try:
         async for out in stream:
             now = time.monotonic()
-            if first is None and out.token_ids:
+            if first is None and out.new_token_ids:
                 first = now
                 metrics.ttft.labels(label).observe(now - start)
             if out.finished:
                 ended = True
-                n = len(out.token_ids)
+                n = out.num_output_tokens
                 metrics.requests.labels(label, out.finish_reason or "none").inc()
                 metrics.e2e.labels(label).observe(now - start)
                 metrics.tokens_in.inc(len(out.prompt_token_ids))
@@ -310,7 +310,7 @@ async def _timed(stream, metrics: Metrics, label: str, start: float):
 def _final(rid: str, model: str, outs: list[RequestOutput], n: int, chat: bool, engine: AsyncEngine) -> dict:
     choices = []
     for i, o in enumerate(outs):
-        lp = _logprobs(o, 0, chat, engine) if o.logprobs else None
+        lp = _logprobs(o.token_ids, o.logprobs, o.top_logprobs, chat, engine) if o.logprobs else None
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
                             "logprobs": lp, "finish_reason": o.finish_reason})
@@ -322,7 +322,7 @@ def _final(rid: str, model: str, outs: list[RequestOutput], n: int, chat: bool, 
 
 def _usage(outs: list[RequestOutput], n: int) -> dict:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])  # outs are prompt-major, n per prompt
-    completion_tokens = sum(len(o.token_ids) for o in outs)
+    completion_tokens = sum(o.num_output_tokens for o in outs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -332,10 +332,12 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
-def _logprobs(o: RequestOutput, start: int, chat: bool, engine: AsyncEngine) -> dict:
+def _logprobs(ids: list[int], logprobs: list[float], top_logprobs: list[dict[int, float]], chat: bool,
+              engine: AsyncEngine) -> dict:
+    """The OpenAI logprobs object of some tokens (a whole choice, or a stream chunk's new ones)."""
     tok = engine.engine.tokenizer
-    ids, lps = o.token_ids[start:], [_finite(v) for v in o.logprobs[start:]]
-    tops = [{t: _finite(v) for t, v in top.items()} for top in o.top_logprobs[start:]] or [{}] * len(ids)
+    lps = [_finite(v) for v in logprobs]
+    tops = [{t: _finite(v) for t, v in top.items()} for top in top_logprobs] or [{}] * len(ids)
     texts = [tok.decode([t], skip_special_tokens=False) for t in ids]
     if chat:
         return {"content": [{"token": s, "logprob": lp, "top_logprobs": [
@@ -350,11 +352,11 @@ async def _sse(rid, model, streams, ids, chat, engine, usage: bool = False, n: i
     with the usage and no choices, then [DONE]."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
-    sent = [0] * len(streams)
 
     def chunk(i: int, out: RequestOutput) -> str:
-        lp = _logprobs(out, sent[i], chat, engine) if out.logprobs else None
-        sent[i] = len(out.token_ids)
+        lp = None
+        if out.new_logprobs:
+            lp = _logprobs(out.new_token_ids, out.new_logprobs, out.new_top_logprobs, chat, engine)
         if chat:
             choice = {"index": i, "delta": {"role": "assistant", "content": out.delta}, "logprobs": lp,
                       "finish_reason": out.finish_reason}

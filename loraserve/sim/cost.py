@@ -59,11 +59,11 @@ class StepCost:
         nbytes = params * d
         per_adapter: dict[str, int] = {}
         for q in plan.seqs:
-            done, n = q.request.num_computed_tokens, q.num_new_tokens
+            done, n = q.start, q.num_new_tokens
             flops += 4.0 * s.num_layers * s.q_size * n * (done + (n + 1) / 2)  # QK^T and PV, causal
             nbytes += (done + n) * self.kv_per_token  # read the context, write the new KV
-            if q.request.adapter is not None:
-                per_adapter[q.request.adapter] = per_adapter.get(q.request.adapter, 0) + n
+            if q.adapter is not None:
+                per_adapter[q.adapter] = per_adapter.get(q.adapter, 0) + n
         for adapter, n in per_adapter.items():
             size = self.lora_bytes(adapter)
             nbytes += size

@@ -96,4 +96,4 @@ class SimEngine(EngineCore):
         done = [r for r in out.failed + out.touched if r.is_finished]
         for r in done:
             self.forget(r)
-        return [make_output(r, "", "") for r in done]
+        return [make_output(r, "", 0) for r in done]

@@ -22,7 +22,7 @@ SIM_TOKEN = 1000
 
 class NullExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
-        return StepResult({q.request.request_id: SampledToken(SIM_TOKEN) for q in plan.seqs if q.samples})
+        return StepResult({q.request_id: SampledToken(SIM_TOKEN) for q in plan.seqs if q.samples})
 
     def probe(self) -> None:
         pass
