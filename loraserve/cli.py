@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.llm_engine import LLMEngine
-    from loraserve.server.app import DrainingServer, build_app
+    from loraserve.server.app import build_app
+    from loraserve.server.lifecycle import DrainingServer
 
     adapters = dict(args.lora or [])
     model, served_name = args.model, args.served_model_name
@@ -108,9 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config(args, model))
     for name, path in adapters.items():
         engine.add_adapter(name, path)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
-                    lora_dirs=args.lora_dir, max_waiting=args.max_waiting, public_metrics=args.public_metrics)
+                    lora_dirs=args.lora_dir, public_metrics=args.public_metrics)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10), async_engine)
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (for a scraper that cannot send one)")
     v.add_argument("--lora-dir", action="append", help="directory runtime-loaded adapters may come from (repeatable)")
-    # build_app's default, checked by tests/test_config.py (importing the server here would slow every command)
+    # AsyncEngine's default, checked by tests/test_config.py (importing the server here would slow every command)
     v.add_argument("--max-waiting", type=int, default=1024,
                    help="waiting requests past which new ones get 429 (default: %(default)s)")
     add_flag(v, "--max-lora-rank", EngineConfig, "max_lora_rank")

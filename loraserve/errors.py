@@ -17,12 +17,15 @@ class InvalidRequest(RequestError, ValueError):
         self.field = field
 
 
-class UnknownModel(RequestError, LookupError):
+class UnknownModel(RequestError, KeyError):
     """No base model or adapter of that name (or it was unloaded meanwhile)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"the model {name!r} does not exist; see GET /v1/models")
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"no adapter named {name!r}")
         self.name = name
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0])
 
 
 class Overloaded(RequestError):

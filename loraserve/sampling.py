@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loraserve.errors import InvalidRequest
+
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds are 64-bit: signed (as vLLM takes them) or unsigned (as torch's generators do)."""
 
 MIN_TEMPERATURE = 1e-5
 """Below this a temperature divides logits into infinities: treated as greedy (as vLLM does)."""
-
-
-class FieldError(ValueError):
-    """A request field out of range. `field` names it (the OpenAI error's `param`)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass
@@ -45,7 +39,7 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise FieldError naming the first bad field: whatever passes here can
+        """Raise InvalidRequest naming the first bad field: whatever passes here can
         be sampled from without raising on the engine thread."""
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
@@ -61,7 +55,7 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise FieldError(name, f"{name} {why}, got {_short(getattr(self, name))}")
+                raise InvalidRequest(name, f"{name} {why}, got {_short(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:

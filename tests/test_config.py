@@ -34,9 +34,9 @@ def test_serve_defaults_are_engine_configs():
 
 
 def test_serve_max_waiting_is_the_servers():
-    from loraserve.server.app import build_app
+    from loraserve.engine.async_engine import AsyncEngine
 
-    assert defaults("serve").max_waiting == inspect.signature(build_app).parameters["max_waiting"].default
+    assert defaults("serve").max_waiting == inspect.signature(AsyncEngine).parameters["max_waiting"].default
 
 
 def test_generate_defaults():

@@ -4,6 +4,11 @@ implements `submit` and `wait`."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from loraserve.cache import LinkMover
@@ -138,3 +143,37 @@ def test_the_model_runs_on_any_lora_backend(tiny):
         assert (logits[0] - logits[2]).abs().max() > 1e-2  # the adapter does change them
         if family == "mixtral":
             assert Target.EXPERTS_GATE_UP in naive.calls and Target.EXPERTS_DOWN in naive.calls
+
+
+# -- the shape of the package ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent / "loraserve"
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Top-level part of loraserve (package or module) → the others it imports, type-only imports included."""
+    deps: dict[str, set[str]] = {}
+    for f in ROOT.rglob("*.py"):
+        part = f.relative_to(ROOT).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraserve."):
+                other = node.module.split(".")[1]
+                if other != part:
+                    deps.setdefault(part, set()).add(other)
+    return deps
+
+
+def test_packages_import_one_way_and_modules_stay_small():
+    deps = package_imports()
+    assert "lora" not in deps["model"] and "engine" not in deps["model"]  # the model owns its LoRA interface
+    cycles = {(a, b) for a, bs in deps.items() for b in bs if a in deps.get(b, ())}
+    assert not cycles
+    sizes = {str(f.relative_to(ROOT)): len(f.read_text().splitlines()) for f in ROOT.rglob("*.py")}
+    assert max(sizes.values()) <= 400, max(sizes.items(), key=lambda kv: kv[1])
+
+
+def test_the_simulator_needs_no_tokenizer_template_engine_or_http_client():
+    code = ("import sys\n"
+            "for m in ('tokenizers', 'jinja2', 'httpx', 'fastapi', 'transformers'): sys.modules[m] = None\n"
+            "import loraserve.sim.engine, loraserve.sim.cli, loraserve.sim.run, loraserve.sim.replay\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from loraserve import LLM, SamplingParams
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.sampler import sample
-from loraserve.sampling import FieldError
+from loraserve.errors import InvalidRequest
 from loraserve.server.app import build_app
 from tests.test_server import start_server
 
@@ -221,7 +221,7 @@ def test_a_tiny_temperature_is_greedy(llm, expected):
 
 @pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -(2**63) - 1), ("stop_token_ids", [-1])])
 def test_out_of_range_fields_are_refused_naming_the_field(field, value):
-    with pytest.raises(FieldError, match=field) as refused:
+    with pytest.raises(InvalidRequest, match=field) as refused:
         SamplingParams(**{field: value})
     assert refused.value.field == field
 

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
-
 from loraserve.cache.block_pool import BlockPool
+from loraserve.cache.config import CacheConfig
 from loraserve.cache.policy import POLICIES
 from loraserve.cache.tree import BASE, DependencyTree, Kind, Node, Tier
 from loraserve.clock import Clock
-
-if TYPE_CHECKING:  # config validates policy names against cache.policy: import it lazily
-    from loraserve.config import CacheConfig
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 

@@ -26,10 +26,9 @@ elsewhere, whose requests never wait for it. No torch here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from loraserve.cache.admission import Admission
 from loraserve.cache.check import check_invariants, invalid_kv_fraction
+from loraserve.cache.config import CacheConfig
 from loraserve.cache.copies import Copies
 from loraserve.cache.ledger import DEVICE, DISK, HOST, Ledger
 from loraserve.cache.manager import Readiness, blocks_for
@@ -38,9 +37,6 @@ from loraserve.cache.swapper import Swapper
 from loraserve.cache.tree import Kind
 from loraserve.clock import Clock
 from loraserve.request import Request
-
-if TYPE_CHECKING:  # config validates policy names against cache.policy: import it lazily
-    from loraserve.config import CacheConfig
 
 __all__ = ["Readiness", "TieredCacheManager"]
 

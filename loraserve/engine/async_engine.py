@@ -1,15 +1,17 @@
-"""The engine loop in a background thread, fed and drained from asyncio.
+"""The engine loop in a background thread, and the client interface the HTTP
+server uses (nothing else of the engine).
 
 The event loop never runs model compute: it validates requests (on a worker
 thread, since tokenizing a long prompt takes a while), hands them to the loop
 thread through a thread-safe queue, and awaits outputs on an asyncio.Queue
-that the loop thread fills with `call_soon_threadsafe`. Aborts travel the same
-way.
+that the loop thread fills with `call_soon_threadsafe`. Aborts and adapter
+changes travel the same way. What other threads read of the engine's state
+is a snapshot the loop thread publishes (`stats`, `adapters`).
 
 A failure on behalf of one request ends that request (the engine isolates
 it). If the loop itself dies, the engine is `dead`: every request waiting on
-it ends with EngineDeadError at once, new ones are refused, and `on_death`
-tells the server to exit so that a supervisor restarts it.
+it ends with EngineDead at once, new ones are refused, and `on_death` tells
+the server to exit so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import asyncio
 import logging
 import queue
 import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.output import RequestOutput
+from loraserve.errors import Draining, EngineDead, Overloaded, UnknownModel
+from loraserve.lora.adapter import AdapterError
+from loraserve.lora.registry import AdapterInfo, check_name
 from loraserve.request import Request
 from loraserve.sampling import SamplingParams
 
@@ -31,15 +38,31 @@ RequestSpec = tuple[str | list[int], SamplingParams, str | None, str]
 """(prompt, sampling, adapter name or None, request id): what `submit` takes."""
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped: nothing more will be computed."""
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state as of its last step (or idle tick), for metrics and admission."""
+
+    running: int = 0
+    waiting: int = 0
+    pending: int = 0
+    preemptions: int = 0
+    running_kv_blocks: int = 0
+    adapters_loaded: int = 0
+    lora_slots_used: int = 0
+    lora_slot_hits: int = 0
+    lora_slot_loads: int = 0
+    cache: dict = field(default_factory=dict)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_death: Callable[[], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_death: Callable[[], None] | None = None,
+                 max_waiting: int = 1024) -> None:
+        """`max_waiting`: queue length past which new requests are refused (Overloaded)."""
         self.engine = engine
         self.on_death = on_death
         """Called on the loop thread once the loop has died (the server exits)."""
+        self.max_waiting = max_waiting
+        self.model_root = engine.config.model
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         """request id → where its outputs (or an exception) go."""
@@ -48,17 +71,22 @@ class AsyncEngine:
         """Set on shutdown: running requests finish, new ones are refused."""
         self.dead: str | None = None
         """Why the engine loop stopped, once it has."""
+        self._stats = EngineStats()
+        self._publish()
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
 
-    # -- event-loop side ---------------------------------------------------
+    # -- the client interface (event-loop side) ---------------------------------
 
     async def submit(self, specs: list[RequestSpec]) -> list[AsyncIterator[RequestOutput]]:
         """Validate every request off the event loop, then queue them together
         (so they batch from the first step); returns each one's outputs as they
-        come. Raises ValueError / KeyError / RuntimeError before anything is
-        queued. Stopping an iteration early aborts its request."""
+        come. Raises (InvalidRequest, UnknownModel, Overloaded, Draining,
+        EngineDead) before anything is queued. Stopping an iteration early
+        aborts its request."""
         self._check_open()
+        if self._stats.waiting >= self.max_waiting:
+            raise Overloaded(f"too many waiting requests (--max-waiting {self.max_waiting}); retry later")
         made = await asyncio.to_thread(lambda: [self.engine.make_request(*spec) for spec in specs])
         self._check_open()
         loop = asyncio.get_running_loop()
@@ -73,14 +101,84 @@ class AsyncEngine:
                 self._deliver(req.request_id, self._dead_error())
         return streams
 
-    def _check_open(self) -> None:
+    def abort(self, request_id: str) -> None:
+        """Abort a submitted request (a no-op once it has finished)."""
+        if self._streams.pop(request_id, None) is not None:
+            self._inbox.put(("abort", request_id))
+
+    def adapters(self) -> tuple[AdapterInfo, ...]:
+        return self.engine.adapters.listing
+
+    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
+        """Read and validate an adapter (a worker thread), then name it (the
+        loop thread). Raises AdapterError with the reason."""
+        check_name(name)
+        if any(a.name == name for a in self.adapters()):
+            raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
+        adapter = await asyncio.to_thread(self.engine.adapters.load, name, path)
+        try:
+            await self.call(self.engine.register_adapter, name, adapter)
+        except AdapterError:
+            raise
+        except ValueError as e:  # e.g. too big for the device pool
+            raise AdapterError(str(e)) from e
+        return AdapterInfo(name, adapter.id, adapter.path, adapter.rank)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for it at once; return once its running requests
+        have finished and its weights are gone. Raises UnknownModel."""
+        info = next((a for a in self.adapters() if a.name == name), None)
+        if info is None:
+            raise UnknownModel(name)
+        await self.call(self.engine.remove_adapter, name)  # UnknownModel if a concurrent unload won
+        while self.engine.adapter_loaded(info.id) and not self.engine.adapters.is_named(info.id):
+            self._check_alive()  # a dead engine never finishes them
+            await asyncio.sleep(0.05)
+
+    def health(self) -> str:
+        """"ok", "draining" or "dead" (then `dead` says why)."""
+        return "dead" if self.dead is not None else "draining" if self.draining else "ok"
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The chat template rendered for a generation (ValueError on what it refuses)."""
+        return self.engine.tokenizer.apply_chat_template(messages)
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def call(self, fn, *args):
+        """Run fn(*args) on the loop thread, between steps (engine state is the
+        loop thread's alone); returns its result or raises its exception."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (loop, future, fn, args)))
+        if self.dead is not None:
+            _settle(future, None, self._dead_error())
+        return await future
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    def _check_alive(self) -> None:
         if self.dead is not None:
             raise self._dead_error()
-        if self.draining:
-            raise RuntimeError("the server is shutting down")
 
-    def _dead_error(self) -> EngineDeadError:
-        return EngineDeadError(f"the engine has stopped ({self.dead}); the server is exiting to be restarted")
+    def _check_open(self) -> None:
+        self._check_alive()
+        if self.draining:
+            raise Draining("the server is shutting down")
+
+    def _dead_error(self) -> EngineDead:
+        return EngineDead(f"the engine has stopped ({self.dead}); the server is exiting to be restarted")
 
     async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -97,31 +195,6 @@ class AsyncEngine:
                 self.abort(request_id)
             self._streams.pop(request_id, None)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a submitted request (a no-op once it has finished)."""
-        if self._streams.pop(request_id, None) is not None:
-            self._inbox.put(("abort", request_id))
-
-    async def call(self, fn, *args):
-        """Run fn(*args) on the loop thread, between steps (engine state is the
-        loop thread's alone); returns its result or raises its exception."""
-        if self.dead is not None:
-            raise self._dead_error()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._inbox.put(("call", (loop, future, fn, args)))
-        if self.dead is not None:
-            _settle(future, None, self._dead_error())
-        return await future
-
-    def num_unfinished(self) -> int:
-        return len(self._streams)
-
-    def shutdown(self) -> None:
-        self._running = False
-        self._inbox.put(("wake", None))
-        self._thread.join(timeout=10)
-
     # -- loop thread -------------------------------------------------------
 
     def _loop(self) -> None:
@@ -130,11 +203,22 @@ class AsyncEngine:
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if not self.engine.has_unfinished():
                     self.engine.idle_tick()  # the swapper's idle timer: prefetch while nothing runs
-                    continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                else:
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                self._publish()
         except BaseException as e:  # the engine itself is broken: say so everywhere, then go
             self._die(e)
+
+    def _publish(self) -> None:
+        """Snapshot what other threads may read (lengths and counters, and the
+        cache stats the engine refreshes at most once a second)."""
+        e, s = self.engine, self.engine.scheduler
+        self._stats = EngineStats(
+            running=len(s.running), waiting=len(s.waiting), pending=len(s.pending), preemptions=s.num_preemptions,
+            running_kv_blocks=sum(len(r.block_ids) for r in s.running), adapters_loaded=len(e.adapters.by_id),
+            lora_slots_used=len(e.slots.resident()), lora_slot_hits=s.num_lora_hits,
+            lora_slot_loads=s.num_lora_loads, cache=e.cache_stats)
 
     def _die(self, error: BaseException) -> None:
         self.dead = f"{type(error).__name__}: {error}"
@@ -190,8 +274,7 @@ class AsyncEngine:
         if req.request_id not in self._streams:
             return  # aborted before it reached the loop
         if req.adapter is not None and not self.engine.adapter_loaded(req.adapter):
-            # unloaded between validation and now
-            self._deliver(req.request_id, KeyError(f"no adapter named {req.adapter_name!r}"))
+            self._deliver(req.request_id, UnknownModel(req.adapter_name))  # unloaded since it was validated
             return
         try:
             self.engine.scheduler.add(req)

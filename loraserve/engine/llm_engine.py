@@ -31,7 +31,8 @@ from loraserve.lora.packing import pack
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.model.loader import load_model, read_generation_eos
 from loraserve.request import FinishReason, Request
-from loraserve.sampling import FieldError, SamplingParams
+from loraserve.errors import InvalidRequest
+from loraserve.sampling import SamplingParams
 from loraserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class LLMEngine(EngineCore):
             elif adapter_id not in in_use:
                 self.lora.forget(adapter_id)
                 self.cache.remove_adapter(adapter_id)
-                del self.adapters.by_id[adapter_id]
+                self.adapters.drop(adapter_id)
                 self._retiring.discard(adapter_id)
 
     # -- requests ----------------------------------------------------------
@@ -134,36 +135,38 @@ class LLMEngine(EngineCore):
                      adapter: str | None = None, request_id: str | None = None) -> Request:
         """Validate and build a request without queueing it (callable from any
         thread; tokenizing a long prompt takes a while, so the server calls it
-        off its event loop). Raises FieldError / ValueError (bad input, naming
-        the field) or KeyError (unknown adapter). What passes can be scheduled,
+        off its event loop). Raises InvalidRequest (bad input, naming the field) or
+        UnknownModel (no adapter of that name). What passes can be scheduled,
         computed and sampled without raising."""
-        sampling = sampling or SamplingParams()
-        sampling.validate()
+        sampling = sampling or SamplingParams()  # validated when it was made
         vocab = self.spec.vocab_size
         if any(t >= vocab for t in sampling.stop_token_ids):
-            raise FieldError("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
         if (sampling.logprobs or 0) > vocab:
-            raise FieldError("logprobs", f"logprobs must be at most the vocabulary size {vocab}")
+            raise InvalidRequest("logprobs", f"logprobs must be at most the vocabulary size {vocab}")
         if isinstance(prompt, str):
             # a prompt too long to fit is refused before it is tokenized (seconds for megabytes)
             limit = 2 * self.max_model_len * self.tokenizer.max_token_chars
             if len(prompt) > limit:
-                raise FieldError("prompt", f"prompt ({len(prompt)} characters) cannot fit the context length "
+                raise InvalidRequest("prompt", f"prompt ({len(prompt)} characters) cannot fit the context length "
                                            f"{self.max_model_len} tokens")
             try:
                 ids = self.tokenizer.encode(prompt)
             except ValueError as e:
-                raise FieldError("prompt", f"prompt: {e}") from None
+                raise InvalidRequest("prompt", f"prompt: {e}") from None
         else:
             ids = list(prompt)
         if not ids:
-            raise FieldError("prompt", "prompt is empty")
+            raise InvalidRequest("prompt", "prompt is empty")
         if any(not 0 <= t < vocab for t in ids):
-            raise FieldError("prompt", f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
         if len(ids) + sampling.max_tokens > self.max_model_len:
-            raise FieldError("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+            raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                            f"exceeds the context length {self.max_model_len}")
-        self.cache.check_request_size(len(ids) + sampling.max_tokens)
+        try:
+            self.cache.check_request_size(len(ids) + sampling.max_tokens)
+        except ValueError as e:
+            raise InvalidRequest("max_tokens", str(e)) from None
         lora = self.adapters.resolve(adapter)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         return Request(

@@ -10,9 +10,12 @@ of the last few tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loraserve.request import FinishReason, Request
-from loraserve.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # a type only: the simulator makes outputs without a tokenizer (or jinja2) installed
+    from loraserve.tokenizer import Tokenizer
 
 
 @dataclass

@@ -24,12 +24,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraserve.errors import InvalidRequest
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim
 
 
-class AdapterError(ValueError):
-    """An adapter we refuse to serve; the message says why."""
+class AdapterError(InvalidRequest):
+    """An adapter we refuse to serve; the message says why (`field`: the request
+    field at fault, the adapter's path unless said otherwise)."""
+
+    def __init__(self, message: str, field: str = "lora_path") -> None:
+        super().__init__(field, message)
 
 
 MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from loraserve.errors import UnknownModel
 from loraserve.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from loraserve.model.spec import ModelSpec
 
@@ -21,14 +24,30 @@ def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME.fullmatch(name) or {".", ".."} & set(name.split("/")):
         shown = repr(name) if len(str(name)) <= 60 else repr(str(name)[:57]) + "..."
         raise AdapterError(f"adapter name {shown} is not allowed: use 1-256 letters, digits and ._-/:@+, "
-                           f"starting with a letter or digit, with no '.' or '..' path segment")
+                           f"starting with a letter or digit, with no '.' or '..' path segment", "lora_name")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the API shows of an adapter."""
+
+    name: str
+    id: str
+    path: str
+    rank: int
 
 
 class AdapterRegistry:
+    """Names and identities, changed by the engine thread and read by request
+    validation on other threads: changes hold a lock, and `listing` is an
+    immutable snapshot rebuilt on each change."""
+
     def __init__(self, spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> None:
         self.spec, self.max_rank, self.dtype = spec, max_rank, dtype
         self.by_name: dict[str, LoraAdapter] = {}
         self.by_id: dict[str, LoraAdapter] = {}
+        self.listing: tuple[AdapterInfo, ...] = ()
+        self._lock = threading.Lock()
 
     def load(self, name: str, path: str | Path) -> LoraAdapter:
         """Read and validate (slow, touches no registry state: any thread)."""
@@ -37,30 +56,39 @@ class AdapterRegistry:
 
     def register(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
         check_name(name)
-        if name in self.by_name:
-            raise AdapterError(f"an adapter named {name!r} is already loaded")
-        adapter = self.by_id.setdefault(adapter.id, adapter)  # same bytes under two names: one adapter
-        self.by_name[name] = adapter
+        with self._lock:
+            if name in self.by_name:
+                raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
+            adapter = self.by_id.setdefault(adapter.id, adapter)  # same bytes under two names: one adapter
+            self.by_name[name] = adapter
+            self._relist()
         return adapter
-
-    def add(self, name: str, path: str | Path) -> LoraAdapter:
-        if name in self.by_name:
-            raise AdapterError(f"an adapter named {name!r} is already loaded")
-        return self.register(name, self.load(name, path))
 
     def remove(self, name: str) -> LoraAdapter:
         """Forget a name. The weights (`by_id`) stay until the engine drops them,
         once no request uses them."""
-        if name not in self.by_name:
-            raise KeyError(f"no adapter named {name!r}")
-        return self.by_name.pop(name)
+        with self._lock:
+            if name not in self.by_name:
+                raise UnknownModel(name)
+            adapter = self.by_name.pop(name)
+            self._relist()
+        return adapter
+
+    def drop(self, adapter_id: str) -> None:
+        """Forget an identity no name refers to any more."""
+        with self._lock:
+            del self.by_id[adapter_id]
 
     def is_named(self, adapter_id: str) -> bool:
-        return any(a.id == adapter_id for a in self.by_name.values())
+        return any(a.id == adapter_id for a in self.listing)
 
     def resolve(self, name: str | None) -> LoraAdapter | None:
         if name is None:
             return None
-        if name not in self.by_name:
-            raise KeyError(f"no adapter named {name!r}")
-        return self.by_name[name]
+        with self._lock:
+            if name not in self.by_name:
+                raise UnknownModel(name)
+            return self.by_name[name]
+
+    def _relist(self) -> None:
+        self.listing = tuple(AdapterInfo(n, a.id, a.path, a.rank) for n, a in self.by_name.items())

@@ -5,13 +5,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from loraserve.engine.llm_engine import LLMEngine
+from typing import Callable
+
+from loraserve.engine.async_engine import EngineStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("loraserve_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
         self.errors = Counter("loraserve_request_errors", "Requests refused or failed", ["status"], registry=r)
@@ -26,35 +28,34 @@ class Metrics:
         self.adapter_load = Histogram("loraserve_adapter_load_seconds", "Adapter load time (disk → registry)",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("loraserve_requests_in_flight", "Requests accepted and not yet answered", registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _EngineCollector:
-    """Engine state read at scrape time (lengths and counters: safe to read racily)."""
+    """Engine state as of its last step, from the snapshot the engine thread publishes."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
 
     def collect(self):
-        e = self.engine
-        stats = e.cache_stats  # a snapshot the engine thread refreshes (the tree is its alone)
+        e = self.stats()
+        stats = e.cache
         for name, doc, value in [
-            ("loraserve_num_requests_running", "Requests running", len(e.scheduler.running)),
-            ("loraserve_num_requests_waiting", "Requests waiting", len(e.scheduler.waiting)),
+            ("loraserve_num_requests_running", "Requests running", e.running),
+            ("loraserve_num_requests_waiting", "Requests waiting", e.waiting),
             ("loraserve_num_requests_pending", "Requests waiting for their adapter or KV to reach the device",
-             len(e.scheduler.pending)),
-            ("loraserve_num_preemptions", "Preemptions so far", e.scheduler.num_preemptions),
+             e.pending),
+            ("loraserve_num_preemptions", "Preemptions so far", e.preemptions),
             ("loraserve_running_kv_blocks", "KV blocks in running requests' block tables (cached prefixes included)",
-             sum(len(r.block_ids) for r in list(e.scheduler.running))),
-            ("loraserve_adapters_loaded", "Adapters registered", len(e.adapters.by_id)),
+             e.running_kv_blocks),
+            ("loraserve_adapters_loaded", "Adapters registered", e.adapters_loaded),
             ("loraserve_adapters_on_device", "Adapters resident in the device tier", stats.get("device_adapters", 0)),
-            ("loraserve_lora_slots_used", "LoRA slots holding an adapter", len(e.slots.resident())),
-            ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.scheduler.num_lora_hits),
-            ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot",
-             e.scheduler.num_lora_loads),
+            ("loraserve_lora_slots_used", "LoRA slots holding an adapter", e.lora_slots_used),
+            ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.lora_slot_hits),
+            ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot", e.lora_slot_loads),
             ("loraserve_adapter_hit_rate", "Admissions whose adapter was already on the device",
              stats.get("adapter_hit_rate", 0.0)),
             ("loraserve_kv_hit_rate", "Prompt tokens served from cached history KV", stats.get("kv_hit_rate", 0.0)),
