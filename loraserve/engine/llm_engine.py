@@ -93,7 +93,7 @@ class LLMEngine(EngineCore):
         """Name a loaded adapter. A new one enters the cache: its packed weights
         go to host blocks (or, if the host tier is full, stay on disk), and the
         engine keeps only its metadata."""
-        if adapter.id in self.adapters.by_id:
+        if self.adapters.has(adapter.id):
             return self.adapters.register(name, adapter)
         blocks = self.cache.add_adapter(adapter.id, adapter.num_bytes)  # validates the size first
         if blocks:
@@ -102,7 +102,7 @@ class LLMEngine(EngineCore):
 
     def _read_adapter(self, adapter_id: str) -> LoraAdapter:
         """The disk tier: read an adapter again from its directory (mover thread)."""
-        meta = self.adapters.by_id[adapter_id]
+        meta = self.adapters.get(adapter_id)
         adapter = self.adapters.load(meta.name, meta.path)
         if adapter.id != adapter_id:
             raise RuntimeError(f"adapter {meta.path} changed on disk since it was loaded")
@@ -116,7 +116,7 @@ class LLMEngine(EngineCore):
         self._drop_retired()
 
     def adapter_loaded(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters.by_id
+        return self.adapters.has(adapter_id)
 
     def _drop_retired(self) -> None:
         in_use = {r.adapter for r in self.scheduler.requests.values() if not r.is_finished}

@@ -79,6 +79,16 @@ class AdapterRegistry:
         with self._lock:
             del self.by_id[adapter_id]
 
+    def get(self, adapter_id: str) -> LoraAdapter:
+        """An adapter's metadata by identity (any thread: the mover reads adapters from disk)."""
+        with self._lock:
+            return self.by_id[adapter_id]
+
+    def has(self, adapter_id: str) -> bool:
+        """Whether the adapter's weights are still known (named or waiting to go)."""
+        with self._lock:
+            return adapter_id in self.by_id
+
     def is_named(self, adapter_id: str) -> bool:
         return any(a.id == adapter_id for a in self.listing)
 

@@ -82,7 +82,7 @@ def measure(config, adapters: dict[str, str], workload, hw: Hardware):
         while engine.has_unfinished():
             engine.step()
         cost = StepCost(engine.spec, hw, engine.model.dtype.itemsize,
-                        lora_bytes=lambda a: engine.adapters.by_id[a].num_bytes)
+                        lora_bytes=lambda a: engine.adapters.get(a).num_bytes)
         recorder = engine.executor = RecordingExecutor(engine.executor, cost)
         seconds: list[float] = []
         requests = replay(engine, workload, step_times=seconds)

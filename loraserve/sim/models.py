@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
@@ -39,9 +40,6 @@ PRESETS: dict[str, dict] = {
                           "max_position_embeddings": 8192},
 }
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
 def model_spec(name_or_dir: str) -> ModelSpec:
     """A preset by name, or a model directory's config.json."""
     if name_or_dir in PRESETS:
@@ -51,23 +49,15 @@ def model_spec(name_or_dir: str) -> ModelSpec:
     raise ValueError(f"unknown model {name_or_dir!r}: one of {', '.join(PRESETS)} or a directory with config.json")
 
 
-def _mlp_shapes(spec: ModelSpec, layer: int) -> tuple[int, int]:
-    """(intermediate size, number of copies) of the MLP LoRA targets in a layer:
-    on MoE layers one LoRA per expert (and one for the shared expert)."""
-    if spec.is_moe_layer(layer):
-        return spec.moe_intermediate_size, spec.num_experts + (1 if spec.shared_expert_intermediate_size else 0)
-    return spec.intermediate_size, 1
-
-
-def lora_params(spec: ModelSpec, rank: int, targets: tuple[str, ...] = TARGETS) -> int:
-    """Parameters of a rank-r adapter: r·(d_in + d_out) per targeted projection."""
-    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
-    attn = {"q": h + q, "k": h + kv, "v": h + kv, "o": q + h}
+def lora_params(spec: ModelSpec, rank: int, targets: frozenset[Target] = frozenset(Target)) -> int:
+    """Parameters of a rank-r adapter on `targets` (by default every projection,
+    each expert's included): r·(d_in + d_out) per adapted sub-projection."""
     total = 0
     for layer in range(spec.num_layers):
-        inter, copies = _mlp_shapes(spec, layer)
-        total += sum(attn[t] for t in targets if t in attn)
-        total += copies * sum(h + inter for t in targets if t in ("gate", "up", "down"))
+        for t in layer_targets(spec, layer):
+            if t in targets:
+                copies = spec.num_experts if t.is_expert else 1
+                total += copies * (t.width * in_dim(spec, t) + out_dim(spec, t))
     return rank * total
 
 
