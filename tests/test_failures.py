@@ -41,8 +41,29 @@ def poison_ids(llm) -> list[int]:
     return llm.engine.tokenizer.encode(PROMPTS[2])
 
 
-def prompt_of(engine, seq) -> list[int]:
-    return engine.scheduler.requests[seq.request_id].prompt_token_ids
+def inject(monkeypatch, obj, name: str, when, error: Exception) -> list[tuple]:
+    """Make `obj.name` raise `error` whenever `when(*args)` holds (the real call
+    otherwise); returns the arguments of every call that raised."""
+    real, raised = getattr(obj, name), []
+
+    def faulty(*args):
+        if when(*args):
+            raised.append(args)
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, faulty)
+    return raised
+
+
+def poisoned(engine, plan) -> list:
+    """The plan's sequences of the poisoned prompt."""
+    poison = engine.tokenizer.encode(PROMPTS[2])
+    return [q for q in plan.seqs if engine.scheduler.requests[q.request_id].prompt_token_ids == poison]
+
+
+def assert_others_unchanged(outs, expected, failed: int = 2) -> None:
+    assert [o.token_ids for i, o in enumerate(outs) if i != failed] == [e for i, e in enumerate(expected) if i != failed]
 
 
 def assert_clean(engine) -> None:
@@ -57,17 +78,14 @@ def assert_clean(engine) -> None:
 def test_an_executor_fault_fails_only_its_request(llm, expected, monkeypatch):
     """The step with the poisoned row raises; the engine reruns it in parts and
     fails the poisoned request alone, with the others' tokens unchanged."""
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.executor.execute
+    engine = llm.engine
     calls = []
 
-    def faulty(plan):
+    def when(plan) -> bool:
         calls.append(len(plan.seqs))
-        if any(prompt_of(engine, q) == poison for q in plan.seqs):
-            raise RuntimeError("injected executor fault")
-        return real(plan)
+        return bool(poisoned(engine, plan))
 
-    monkeypatch.setattr(engine.executor, "execute", faulty)
+    inject(monkeypatch, engine.executor, "execute", when, RuntimeError("injected executor fault"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     for i, out in enumerate(outs):
         if i == 2:
@@ -82,50 +100,28 @@ def test_an_executor_fault_fails_only_its_request(llm, expected, monkeypatch):
 
 
 def test_a_fault_mid_decode_keeps_the_tokens_so_far(llm, expected, monkeypatch):
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.executor.execute
-
-    def faulty(plan):
-        if any(prompt_of(engine, q) == poison and q.start >= len(poison) + 2 for q in plan.seqs):
-            raise RuntimeError("late fault")
-        return real(plan)
-
-    monkeypatch.setattr(engine.executor, "execute", faulty)
+    engine, started = llm.engine, len(poison_ids(llm)) + 2  # the step after its third token
+    inject(monkeypatch, engine.executor, "execute",
+           lambda plan: any(q.start >= started for q in poisoned(engine, plan)), RuntimeError("late fault"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     assert outs[2].finish_reason == "error" and outs[2].token_ids == expected[2][:3]
-    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert_others_unchanged(outs, expected)
     assert_clean(engine)
 
 
 def test_a_fault_that_depends_on_the_batch_fails_no_one(llm, expected, monkeypatch):
     """An out-of-memory at full batch size goes away in the halves."""
-    engine = llm.engine
-    real = engine.executor.execute
-
-    raised = []
-
-    def oom(plan):
-        if len(plan.seqs) >= 4:
-            raised.append(len(plan.seqs))
-            raise RuntimeError("out of memory")
-        return real(plan)
-
-    monkeypatch.setattr(engine.executor, "execute", oom)
+    raised = inject(monkeypatch, llm.engine.executor, "execute", lambda plan: len(plan.seqs) >= 4,
+                    RuntimeError("out of memory"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     assert raised and [o.token_ids for o in outs] == expected and {o.finish_reason for o in outs} == {"length"}
 
 
 def test_a_failed_requests_adapter_leaves_its_slot(llm, expected, monkeypatch):
     """Its load may have left the slot half written: the next request reloads it."""
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.executor.execute
-
-    def faulty(plan):
-        if any(prompt_of(engine, q) == poison for q in plan.seqs):
-            raise RuntimeError("injected executor fault")
-        return real(plan)
-
-    monkeypatch.setattr(engine.executor, "execute", faulty)
+    engine = llm.engine
+    inject(monkeypatch, engine.executor, "execute", lambda plan: bool(poisoned(engine, plan)),
+           RuntimeError("injected executor fault"))
     outs = llm.generate([PROMPTS[2], PROMPTS[1]], GREEDY, adapter=["r16", None])
     assert outs[0].finish_reason == "error" and outs[1].token_ids == expected[1]
     r16 = engine.adapters.by_name["r16"].id
@@ -138,12 +134,9 @@ def test_a_broken_device_stops_the_engine(llm, monkeypatch):
     """Every sequence fails and the probe fails too: not the requests' fault, so
     the step raises (the engine loop then dies and the server restarts)."""
     engine = llm.engine
-
-    def broken(*_):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(engine.executor, "execute", broken)
-    monkeypatch.setattr(engine.executor, "probe", broken)
+    broken = RuntimeError("CUDA error: an illegal memory access was encountered")
+    inject(monkeypatch, engine.executor, "execute", lambda *_: True, broken)
+    inject(monkeypatch, engine.executor, "probe", lambda *_: True, broken)
     engine.add_request(PROMPTS[0], GREEDY)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         engine.step()
@@ -154,50 +147,32 @@ def test_a_broken_device_stops_the_engine(llm, monkeypatch):
 
 
 def test_a_planning_fault_fails_only_its_request(llm, expected, monkeypatch):
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.cache.prepare
-
-    def faulty(req):
-        if req.prompt_token_ids == poison:
-            raise KeyError("injected cache fault")
-        return real(req)
-
-    monkeypatch.setattr(engine.cache, "prepare", faulty)
+    poison = poison_ids(llm)
+    inject(monkeypatch, llm.engine.cache, "prepare", lambda req: req.prompt_token_ids == poison,
+           KeyError("injected cache fault"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     assert outs[2].finish_reason == "error" and "injected cache fault" in outs[2].error
-    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
-    assert_clean(engine)
+    assert_others_unchanged(outs, expected)
+    assert_clean(llm.engine)
 
 
 def test_a_detokenizer_fault_fails_only_its_request(llm, expected, monkeypatch):
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.detok.update
-
-    def faulty(req):
-        if req.prompt_token_ids == poison:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return real(req)
-
-    monkeypatch.setattr(engine.detok, "update", faulty)
+    poison = poison_ids(llm)
+    inject(monkeypatch, llm.engine.detok, "update", lambda req: req.prompt_token_ids == poison,
+           UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     assert outs[2].finish_reason == "error" and outs[2].error.startswith("UnicodeDecodeError")
-    assert [o.token_ids for i, o in enumerate(outs) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
-    assert_clean(engine)
+    assert_others_unchanged(outs, expected)
+    assert_clean(llm.engine)
 
 
 def test_a_detokenizer_fault_on_the_last_token_is_still_an_error(llm, monkeypatch):
-    engine, poison = llm.engine, poison_ids(llm)
-    real = engine.detok.update
-
-    def faulty(req):
-        if req.prompt_token_ids == poison and req.is_finished:
-            raise ValueError("injected")
-        return real(req)
-
-    monkeypatch.setattr(engine.detok, "update", faulty)
+    poison = poison_ids(llm)
+    inject(monkeypatch, llm.engine.detok, "update", lambda req: req.prompt_token_ids == poison and req.is_finished,
+           ValueError("injected"))
     out = llm.generate(PROMPTS[2], GREEDY, adapter="r8")[0]
     assert out.finished and out.finish_reason == "error" and out.error == "ValueError: injected"
-    assert_clean(engine)
+    assert_clean(llm.engine)
 
 
 # -- sampling never raises -----------------------------------------------------

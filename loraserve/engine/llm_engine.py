@@ -20,6 +20,7 @@ import torch
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
+from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
@@ -31,7 +32,6 @@ from loraserve.lora.packing import pack
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.model.loader import load_model, read_generation_eos
 from loraserve.request import FinishReason, Request
-from loraserve.errors import InvalidRequest
 from loraserve.sampling import SamplingParams
 from loraserve.tokenizer import Tokenizer
 

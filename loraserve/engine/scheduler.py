@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _SKIP, _FULL = object(), object()
 """Admission outcomes besides a token count (see Scheduler._admit_one)."""
 
+
 class AdapterBudget(Protocol):
     """Distinct adapters that running requests may use at once (each step
     batches only those). `LoraSlots` is the local backend's; the scheduler

@@ -37,6 +37,8 @@ class LoraBatch:
         """Leading rows that use no adapter."""
         self.token_group = token_group
         """[T] each row's group in an expert's bank rows: 0 for the base model, slot + 1 else."""
+        self._routed: tuple[Routing, torch.Tensor] | None = None
+        """The last routing seen and its group offsets (see _group_offsets)."""
         num_rows = sum(slot_counts)
         device = token_group.device
         live = [s for s, c in enumerate(slot_counts) if c]
@@ -75,8 +77,14 @@ class LoraBatch:
         (expert * (S + 1) + token group) too, since a step's rows come base
         model first, then by slot."""
         if (layer, target) in self.targets:
+            a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
+            lora_delta(x.to(a.dtype), a, b, self._group_offsets(routing), out=out)
+
+    def _group_offsets(self, routing: Routing) -> torch.Tensor:
+        """Cumulative row ends of every (expert, group): computed once per layer's
+        routing, which its gate|up and down projections share."""
+        if self._routed is None or self._routed[0] is not routing:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             keys = routing.expert * (self.num_slots + 1) + self.token_group[routing.token]
-            offs = torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
-            a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
-            lora_delta(x.to(a.dtype), a, b, offs, out=out)
+            self._routed = routing, torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
+        return self._routed[1]
