@@ -1,4 +1,4 @@
-"""Command line: `loraserve serve | generate | workload | bench | simulate | demo-model`."""
+"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | demo-model`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 from loraserve.cache.policy import POLICIES
 from loraserve.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from loraserve.flags import add_flag
+from loraserve.errors import RequestError
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
+from loraserve.remote.config import MODES, LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.units import UNITS, format_bytes, split_size
 
@@ -82,7 +84,12 @@ def _cache_bytes(text: str, tier: str, device: str) -> int:
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     """The `serve` flags as an EngineConfig."""
+    remote = None
+    if args.lora_server:
+        remote = RemoteLoraConfig(args.lora_server, mode=args.lora_mode, overlap=args.lora_overlap,
+                                  timeout_s=args.lora_server_timeout)
     return EngineConfig(
+        lora_server=remote,
         model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
@@ -106,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         demo = demo_dir()
         model, served_name = str(demo / "model"), served_name or "smollm2"
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
+    if args.lora_server and args.model is None:
+        raise ValueError("--lora-server needs --model (the demo's adapters are the LoRA server's to serve)")
     engine = LLMEngine(engine_config(args, model))
     for name, path in adapters.items():
         engine.add_adapter(name, path)
@@ -122,6 +131,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if async_engine.dead is not None:  # non-zero, so that a supervisor restarts the server
         print(f"loraserve: error: the engine stopped ({async_engine.dead}); exiting", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_lora_server(args: argparse.Namespace) -> int:
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from loraserve.remote.server import LoraServer
+
+    config = LoraServerConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras, batch_window_us=args.batch_window_us, layerwise=args.layerwise,
+        ep=args.ep, pp=args.pp,
+        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)))
+    server = LoraServer(config, args.listen)
+    try:
+        for name, path in args.lora or []:
+            server.load(name, path)
+        for name in args.lora_dir or []:
+            for path in sorted(Path(name).iterdir()):
+                if (path / "adapter_config.json").is_file():
+                    server.load(path.name, str(path))
+        if args.metrics_port is not None:
+            http, _ = start_http_server(args.metrics_port, addr=args.metrics_host, registry=server.metrics.registry)
+            print(f"loraserve lora-server: metrics on http://{args.metrics_host}:{http.server_port}/metrics",
+                  flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop.set())
+        print(f"loraserve lora-server: {len(server.store.listing())} adapters, listening on {server.endpoint}",
+              flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
     return 0
 
 
@@ -181,7 +227,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(v, "--max-num-seqs", SchedulerConfig, "max_num_seqs")
     add_flag(v, "--max-num-batched-tokens", SchedulerConfig, "max_num_batched_tokens")
     add_flag(v, "--max-loras", SchedulerConfig, "max_loras")
+    r = v.add_argument_group("disaggregated LoRA (adapters on a LoRA server)")
+    r.add_argument("--lora-server", metavar="ADDRESS",
+                   help="tcp://HOST:PORT or ipc://PATH of a `loraserve lora-server`: this instance then holds no "
+                        "adapter weights; its adapters are the server's (and --lora loads there)")
+    add_flag(r, "--lora-mode", RemoteLoraConfig, "mode", choices=MODES)
+    add_flag(r, "--lora-overlap", RemoteLoraConfig, "overlap", action=argparse.BooleanOptionalAction)
+    add_flag(r, "--lora-server-timeout", RemoteLoraConfig, "timeout_s", type=float)
     v.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser("lora-server", help="hold every adapter and compute LoRA deltas for base-model instances")
+    ls.add_argument("--model", required=True, help="the base model's directory (only config.json is read)")
+    ls.add_argument("--listen", default="tcp://127.0.0.1:5557",
+                    help="tcp://HOST:PORT (port 0: any free one) or ipc://PATH (default: %(default)s)")
+    ls.add_argument("--lora", action="append", type=_name_path, metavar="NAME=PATH", help="PEFT adapter (repeatable)")
+    ls.add_argument("--lora-dir", action="append", help="load every adapter directory in this directory (repeatable)")
+    ls.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
+    ls.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default: %(default)s)")
+    add_flag(ls, "--device", LoraServerConfig, "device")
+    add_flag(ls, "--dtype", LoraServerConfig, "dtype", choices=DTYPES)
+    add_flag(ls, "--max-lora-rank", LoraServerConfig, "max_lora_rank")
+    add_flag(ls, "--max-loras", LoraServerConfig, "max_loras")
+    add_flag(ls, "--batch-window-us", LoraServerConfig, "batch_window_us")
+    add_flag(ls, "--layerwise", LoraServerConfig, "layerwise", action=argparse.BooleanOptionalAction)
+    add_flag(ls, "--ep", LoraServerConfig, "ep")
+    add_flag(ls, "--pp", LoraServerConfig, "pp")
+    add_flag(ls, "--block-size", CacheConfig, "block_size")
+    add_flag(ls, "--device-cache", LoraServerConfig, "cache.device_bytes", type=_size, show=format_bytes)
+    add_flag(ls, "--host-cache", LoraServerConfig, "cache.host_bytes", type=_size, show=format_bytes)
+    add_flag(ls, "--cache-policy", CacheConfig, "policy", choices=list(POLICIES))
+    ls.set_defaults(func=cmd_lora_server)
 
     d = sub.add_parser("demo-model", help="build the embedded demo model (or a tiny random one) with adapters")
     d.add_argument("dir")
@@ -204,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ModelError, AdapterError, ValueError, KeyError, RuntimeError) as e:
+    except (ModelError, AdapterError, ValueError, KeyError, RuntimeError, RequestError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"loraserve: error: {msg}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
+from loraserve.remote.config import RemoteLoraConfig
 
 __all__ = ["DTYPES", "CacheConfig", "EngineConfig", "SchedulerConfig"]
 
@@ -53,6 +54,10 @@ class EngineConfig:
 
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    lora_server: RemoteLoraConfig | None = None
+    """Where adapters live when not in this process (`serve --lora-server`):
+    then this instance holds no adapter weights and every LoRA delta is
+    computed by the LoRA server."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

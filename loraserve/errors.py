@@ -36,5 +36,9 @@ class Draining(RequestError):
     """The server is shutting down: no new requests."""
 
 
+class Unavailable(RequestError):
+    """A service the request needs is down (the LoRA server): retry later (a 503)."""
+
+
 class EngineDead(RequestError):
     """The engine loop has stopped: nothing more will be computed."""

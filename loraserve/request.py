@@ -63,6 +63,9 @@ class Request:
     error: str | None = None
     """Why the engine failed this request (finish reason ERROR)."""
 
+    error_status: int = 500
+    """The HTTP status of that failure: 503 when a service it needs (the LoRA server) is down."""
+
     stop_token_ids: frozenset[int] = frozenset()
     """EOS ids (unless ignore_eos) plus the request's own stop ids; set on admission."""
 

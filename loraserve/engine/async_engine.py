@@ -115,7 +115,7 @@ class AsyncEngine:
         check_name(name)
         if any(a.name == name for a in self.adapters()):
             raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
-        adapter = await asyncio.to_thread(self.engine.adapters.load, name, path)
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
         try:
             await self.call(self.engine.register_adapter, name, adapter)
         except AdapterError:
@@ -134,6 +134,7 @@ class AsyncEngine:
         while self.engine.adapter_loaded(info.id) and not self.engine.adapters.is_named(info.id):
             self._check_alive()  # a dead engine never finishes them
             await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.engine.unload_remote, name)
 
     def health(self) -> str:
         """"ok", "draining" or "dead" (then `dead` says why)."""
@@ -277,7 +278,7 @@ class AsyncEngine:
             self._deliver(req.request_id, UnknownModel(req.adapter_name))  # unloaded since it was validated
             return
         try:
-            self.engine.scheduler.add(req)
+            self.engine.queue(req)
         except ValueError as e:  # e.g. a request id already in use: this request's fault alone
             self._deliver(req.request_id, e)
 

@@ -57,7 +57,7 @@ def _split(executor: Executor, plan: StepPlan, seqs: list[ScheduledSeq], error: 
     """`seqs` failed together with `error`: run each half alone, recursing into
     a half that fails again."""
     if len(seqs) == 1:
-        result.failed[seqs[0].request_id] = f"{type(error).__name__}: {error}"
+        result.failed[seqs[0].request_id] = error
         return
     half = len(seqs) // 2
     for part in (seqs[:half], seqs[half:]):

@@ -9,11 +9,11 @@ A request that fails in any of these fails alone, finishing with the reason
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -28,9 +28,9 @@ from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.backend import LocalLoraBackend
 from loraserve.lora.bank import lora_dtype
-from loraserve.lora.packing import pack
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.model.loader import load_model, read_generation_eos
+from loraserve.remote.client import LoraServerClient, RemoteLoraBackend, adapter_meta
 from loraserve.request import FinishReason, Request
 from loraserve.sampling import SamplingParams
 from loraserve.tokenizer import Tokenizer
@@ -71,11 +71,19 @@ class LLMEngine(EngineCore):
         self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, device))
         self.memory = TierMemory(self.spec, self.num_blocks, block_size, dtype, device, self.num_host_blocks)
         assert self.memory.block_bytes == block_bytes
-        self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, lora_dtype(dtype, device),
-                                     device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
+        self.remote: LoraServerClient | None = None
+        """The LoRA server, when adapters live there (`serve --lora-server`)."""
+        catalogue: list[dict] = []
+        if config.lora_server is None:
+            self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, lora_dtype(dtype, device),
+                                         device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
+        else:
+            self.remote = LoraServerClient(config.lora_server)
+            catalogue = self.remote.connect()  # Unavailable if it is not there
+            self.lora = RemoteLoraBackend(self.spec, self.remote, self.adapters.by_id)
         self.slots = self.lora.slots
         super().__init__(cc, config.scheduler, self.num_blocks, self.num_host_blocks, block_bytes, max_model_len,
-                         clock, TorchMover(self.memory, self._read_adapter),
+                         clock, TorchMover(self.memory, self.adapters.reload),
                          TorchExecutor(self.model, self.memory, self.lora, config.seed), self.slots)
         self.cache_stats: dict = self.cache.stats()
         self._stats_time = self.clock.now()
@@ -83,35 +91,59 @@ class LLMEngine(EngineCore):
         self._ids = itertools.count()
         self._retiring: set[str] = set()
         """Ids of unloaded adapters whose weights wait for their last request."""
+        self._unloading: set[str] = set()
+        """Names unloaded here whose unload the LoRA server's catalogue does not show yet."""
+        if self.remote is not None:
+            self._apply_catalogue(catalogue)
+            self.remote.start()
 
     # -- adapters ----------------------------------------------------------
 
     def add_adapter(self, name: str, path: str) -> LoraAdapter:
-        return self.register_adapter(name, self.adapters.load(name, path))
+        return self.register_adapter(name, self.read_adapter(name, path))
+
+    def read_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Read and validate an adapter (any thread): here, or, with a LoRA
+        server, there (the path is the server's), returning its metadata."""
+        if self.remote is not None:
+            return self.remote.load(name, str(path))
+        return self.adapters.load(name, path)
 
     def register_adapter(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
-        """Name a loaded adapter. A new one enters the cache: its packed weights
-        go to host blocks (or, if the host tier is full, stay on disk), and the
-        engine keeps only its metadata."""
-        if self.adapters.has(adapter.id):
-            return self.adapters.register(name, adapter)
-        blocks = self.cache.add_adapter(adapter.id, adapter.num_bytes)  # validates the size first
-        if blocks:
-            self.memory.write_blocks("host", blocks, pack(adapter))
-        return self.adapters.register(name, dataclasses.replace(adapter, weights={}))
+        """Name a read adapter. Its weights go to the cache's host tier (see
+        `AdapterRegistry.add_cached`); with a LoRA server only its identity
+        enters the cache, as the namespace of its history KV."""
+        if self.remote is None:
+            return self.adapters.add_cached(name, adapter, self.cache, self.memory)
+        if any(a.name == name and a.id == adapter.id for a in self.adapters.listing):
+            return adapter  # the catalogue brought it first
+        if adapter.id not in self.cache.tree.adapters:
+            self.cache.add_remote_adapter(adapter.id)
+        return self.adapters.register(name, adapter)
 
-    def _read_adapter(self, adapter_id: str) -> LoraAdapter:
-        """The disk tier: read an adapter again from its directory (mover thread)."""
-        meta = self.adapters.get(adapter_id)
-        adapter = self.adapters.load(meta.name, meta.path)
-        if adapter.id != adapter_id:
-            raise RuntimeError(f"adapter {meta.path} changed on disk since it was loaded")
-        return adapter
+    def unload_remote(self, name: str) -> None:
+        """Forward an unload to the LoRA server (any thread), once this instance is done with it."""
+        if self.remote is not None:
+            self.remote.unload(name)
+
+    def _apply_catalogue(self, entries: list[dict]) -> None:
+        """Make the adapters by name those of the LoRA server's catalogue (engine thread)."""
+        served = {e["name"]: e for e in entries}
+        self._unloading &= set(served)
+        for info in self.adapters.listing:
+            if info.name not in served or served[info.name]["id"] != info.id:
+                self.remove_adapter(info.name)
+        named = {a.name for a in self.adapters.listing}
+        for name, entry in served.items():
+            if name not in named and name not in self._unloading:
+                self.register_adapter(name, adapter_meta(entry))
 
     def remove_adapter(self, name: str) -> None:
         """Unload by name. New requests for it are refused at once; requests
         already accepted finish with its weights, which go when the last one ends."""
         adapter = self.adapters.remove(name)
+        if self.remote is not None:
+            self._unloading.add(name)
         self._retiring.add(adapter.id)
         self._drop_retired()
 
@@ -183,12 +215,24 @@ class LLMEngine(EngineCore):
                     adapter: str | None = None, request_id: str | None = None) -> Request:
         """Validate and queue a request; nothing is queued if validation fails."""
         req = self.make_request(prompt, sampling, adapter, request_id)
-        self.scheduler.add(req)
+        self.queue(req)
         return req
+
+    def queue(self, req: Request) -> None:
+        """Queue a validated request (engine thread). With a LoRA server, tell
+        it the adapter is coming, so it can load it before the first delta."""
+        self.scheduler.add(req)
+        if self.remote is not None and req.adapter is not None:
+            self.lora.hint([req.adapter])
 
     def idle_tick(self) -> None:
         super().idle_tick()
+        self._sync_remote()
         self._refresh_stats()
+
+    def _sync_remote(self) -> None:
+        if self.remote is not None and (catalogue := self.remote.take_catalogue()) is not None:
+            self._apply_catalogue(catalogue)
 
     def _refresh_stats(self, period: float = 1.0) -> None:
         """Snapshot cache stats for other threads (metrics) at most once a period."""
@@ -199,10 +243,14 @@ class LLMEngine(EngineCore):
 
     def close(self) -> None:
         self.mover.close()
+        if self.remote is not None:
+            self.remote.close()
+            self.lora.close()
 
     # -- the loop ----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._sync_remote()
         out = self.run_step()
         if out.plan.is_empty and self.scheduler.pending:
             time.sleep(0.0005)  # everything waits on copies: do not spin

@@ -48,6 +48,9 @@ class RequestOutput:
     """Set when finish_reason is "error": what failed (the HTTP layer sends it
     as an OpenAI-style error, a 500 or a stream's error event)."""
 
+    error_status: int = 500
+    """503 when what failed was a service the request needs (the LoRA server)."""
+
 
 @dataclass
 class _Text:
@@ -135,4 +138,5 @@ def make_output(req: Request, delta: str, since: int, text: str = "") -> Request
         top_logprobs=req.output_top_logprobs if done else [],
         adapter=req.adapter_name,
         error=req.error,
+        error_status=req.error_status,
     )

@@ -61,7 +61,7 @@ class StepPlan:
     preempted: list[str] = field(default_factory=list)
     """Request ids preempted while planning (their blocks were freed)."""
 
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str | Exception] = field(default_factory=dict)
     """Request id → error, for requests whose planning raised (not in `seqs`)."""
 
     @property
@@ -88,6 +88,6 @@ class StepResult:
     elapsed: float = 0.0
     """Seconds the step took (measured or simulated)."""
 
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str | Exception] = field(default_factory=dict)
     """Request id → error, for scheduled requests the step could not compute
     (see `engine/isolation.py`); they get no token and no committed KV."""

@@ -27,6 +27,7 @@ from loraserve.cache.tiered import Readiness
 from loraserve.clock import Clock
 from loraserve.config import SchedulerConfig
 from loraserve.engine.plan import SampledToken, ScheduledSeq, StepPlan, StepResult
+from loraserve.errors import Unavailable
 from loraserve.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ class Scheduler:
     def _planning_failed(self, req: Request, error: Exception, plan: StepPlan) -> None:
         log.error("planning request %s failed", req.request_id, exc_info=error)
         plan.seqs = [q for q in plan.seqs if q.request_id != req.request_id]
-        plan.failed[req.request_id] = f"{type(error).__name__}: {error}"
-        self.fail(req.request_id, plan.failed[req.request_id])
+        plan.failed[req.request_id] = error
+        self.fail(req.request_id, error)
 
     def _make_room(self, req: Request, num_new: int, plan: StepPlan) -> bool:
         """Preempt from the back of the running list until `req` fits; False if
@@ -258,10 +259,12 @@ class Scheduler:
         elif req.num_output_tokens >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
 
-    def fail(self, request_id: str, error: str) -> None:
-        """Finish a request the engine could not serve; `error` says why."""
+    def fail(self, request_id: str, error: str | Exception) -> None:
+        """Finish a request the engine could not serve; `error` says why (an
+        `Unavailable` one makes it a 503: retry later)."""
         req = self.requests[request_id]
-        req.error = error
+        req.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        req.error_status = 503 if isinstance(error, Unavailable) else 500
         if req.is_finished:  # e.g. its last output could not be detokenized: its blocks are already free
             req.finish_reason = FinishReason.ERROR
         else:

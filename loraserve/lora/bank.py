@@ -56,18 +56,21 @@ class LoraBank:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
 
-    def load(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy an adapter's weights into a slot (host → device)."""
+    def load(self, slot: int, adapter: LoraAdapter, layers: range | None = None) -> None:
+        """Copy an adapter's weights into a slot (host → device): all of them,
+        or only those of `layers` (the LoRA server loads layer by layer)."""
         if adapter.rank > self.rank:
-            resident = [(i, a) for i, a in enumerate(self.slots) if a is not None]
+            resident = [(i, a) for i, a in enumerate(self.slots) if a is not None and i != slot]
             self._allocate(-(-adapter.rank // 4) * 4)  # multiple of 4: aligned rows for grouped matmuls
             for i, a in resident:
                 self._write(i, a)
-        self._write(slot, adapter)
+        self._write(slot, adapter, layers)
 
-    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+    def _write(self, slot: int, adapter: LoraAdapter, layers: range | None = None) -> None:
         stride = self.num_slots + 1
         for key, a_bank in self.a.items():
+            if layers is not None and key[0] not in layers:
+                continue
             # views of the slot: [in, W] / [W, out], or [E, in, W] / [E, W, out] for experts
             rows = slice(slot + 1, None, stride) if key[1].is_expert else slot
             a_slot, b_slot = a_bank[rows], self.b[key][rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from loraserve.errors import UnknownModel
 from loraserve.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from loraserve.lora.packing import pack
 from loraserve.model.spec import ModelSpec
 
 
@@ -73,6 +75,27 @@ class AdapterRegistry:
             adapter = self.by_name.pop(name)
             self._relist()
         return adapter
+
+    def reload(self, adapter_id: str) -> LoraAdapter:
+        """The disk tier: read a known adapter again from its directory (the mover thread)."""
+        meta = self.get(adapter_id)
+        adapter = self.load(meta.name, meta.path)
+        if adapter.id != adapter_id:
+            raise RuntimeError(f"adapter {meta.path} changed on disk since it was loaded")
+        return adapter
+
+    def add_cached(self, name: str, adapter: LoraAdapter, cache, memory) -> LoraAdapter:
+        """Name a loaded adapter whose bytes the tiered `cache` keeps. A new one
+        enters the cache: its packed weights go to host blocks of `memory` (or,
+        if the host tier is full, stay on disk), and the registry keeps only its
+        metadata. Raises ValueError if it can never fit the device."""
+        if self.has(adapter.id):
+            return self.register(name, adapter)
+        check_name(name)
+        blocks = cache.add_adapter(adapter.id, adapter.num_bytes)  # validates the size first
+        if blocks:
+            memory.write_blocks("host", blocks, pack(adapter))
+        return self.register(name, dataclasses.replace(adapter, weights={}))
 
     def drop(self, adapter_id: str) -> None:
         """Forget an identity no name refers to any more."""

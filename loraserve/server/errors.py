@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from loraserve.errors import Draining, EngineDead, InvalidRequest, Overloaded, RequestError, UnknownModel
+from loraserve.errors import Draining, EngineDead, InvalidRequest, Overloaded, RequestError, Unavailable, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ STATUS: list[tuple[type[Exception], int, str]] = [
     (Overloaded, 429, "rate_limit_error"),
     (Draining, 503, "server_error"),
     (EngineDead, 503, "server_error"),
+    (Unavailable, 503, "server_error"),  # the LoRA server is down
 ]
 """Each kind of failure and its status; the first match wins."""
 

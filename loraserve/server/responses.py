@@ -46,9 +46,17 @@ async def respond(client: AsyncEngine, metrics: Metrics, body, adapter: str | No
             await s.aclose()
     failed = next((o for o in finals if o.error is not None), None)
     if failed is not None:
-        raise APIError(500, f"the engine failed on this request: {failed.error}", kind="server_error")
+        raise failure(failed)
     return fmt.completion(rid, body.model, finals, body.n, chat, client.token_text)
 
+
+
+def failure(out: RequestOutput) -> APIError:
+    """The error a failed request is answered with: a 500, or a 503 when a
+    service it needs (the LoRA server) is down and a retry may succeed."""
+    if out.error_status == 503:
+        return APIError(503, f"a service this request needs is unavailable: {out.error}", kind="server_error")
+    return APIError(500, f"the engine failed on this request: {out.error}", kind="server_error")
 
 class EventStream(StreamingResponse):
     """Server-sent events whose requests are aborted however the response ends,
@@ -120,8 +128,7 @@ async def _sse(rid: str, model: str, streams, ids: list[str], chat: bool, client
                     yield error_event(api_error(e))
                     return
                 if out.error is not None:
-                    yield error_event(APIError(500, f"the engine failed on this request: {out.error}",
-                                               kind="server_error"))
+                    yield error_event(failure(out))
                     return
                 last[i] = out
                 yield fmt.chunk(rid, model, created, i, out, chat, client.token_text)

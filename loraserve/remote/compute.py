@@ -1,0 +1,33 @@
+"""One batched LoRA delta over rows from any number of instances.
+
+Rows arrive in whatever order their messages had; each carries its adapter's
+slot (and, for expert projections, its expert). Sorting by group (slot, or
+expert × (slots + 1) + slot + 1, the bank's expert layout) makes every group
+one segment, so one shrink and one expand (`kernels.lora_delta`) serve every
+adapter and expert of the batch, as in the coupled engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraserve.kernels import lora_delta
+from loraserve.lora.bank import LoraBank
+from loraserve.model.targets import Target
+
+
+def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, slot: torch.Tensor,
+                  expert: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [N, in]; slot: [N] each row's slot; expert: [N] its expert (expert
+    targets). Returns the [N, out] deltas in x's row order, in the bank's dtype."""
+    a, b = bank.a[(layer, target)], bank.b[(layer, target)]
+    if expert is None:
+        key, groups = slot, bank.num_slots
+    else:
+        key, groups = expert * (bank.num_slots + 1) + slot + 1, a.shape[0]
+    order = torch.argsort(key, stable=True)
+    offs = torch.bincount(key, minlength=groups).cumsum(0, dtype=torch.int32)
+    y = lora_delta(x[order].to(a.dtype), a, b, offs)
+    out = torch.empty_like(y)
+    out[order] = y
+    return out

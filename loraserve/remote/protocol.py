@@ -1,0 +1,137 @@
+"""The wire format between base-model instances and the LoRA server.
+
+A message is a list of frames: one JSON header, then raw tensor bytes (never
+pickled: a peer can only ever hand us numbers). The header says what each
+tensor frame is (dtype and shape), so a receiver checks sizes before it
+touches the bytes, and a frame that does not match is refused with an error,
+not a crash.
+
+Header fields every message has: `v` (PROTOCOL_VERSION; another version is
+refused) and `kind`. Kinds, instance → server:
+
+- hello: who is asking (`instance`); the reply carries the server's identity
+  and the catalogue version.
+- catalogue: the adapters the server serves (name, id, rank, layout).
+- load (`name`, `path`) / unload (`name`): forwarded from the instance's API.
+- hint (`adapters`): requests for these adapters were queued or admitted;
+  start bringing them to the device (scheduler-driven prefetch).
+- delta: one (layer, target)'s LoRA input rows. Fields: `id` (the sender's
+  sequence number, echoed in the reply), `layer`, `target`, `dtype`, `rows`,
+  `segments` [[adapter id, rows], ...] for dense targets (rows sorted by
+  adapter), or for expert targets `adapters` [ids] with per-row frames
+  `expert` and `adapter` (an index into `adapters`); `push` (reply at once)
+  or pull (keep the result until a `pull` for the same `id`).
+- pull (`id`): send the result of a pull-mode delta when it is ready.
+- ping: liveness and the catalogue version; stats: the server's counters.
+
+Server → instance: result (`id`, one frame: the delta [rows, out]), error
+(`id` if any, `status` HTTP-like, `message`), and each request's reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+
+MAX_ROWS = 1 << 20
+"""Most rows one delta may carry (a step's tokens times top-k): a bound, so a
+hostile header cannot make the server allocate without limit."""
+
+MAX_HEADER = 1 << 20
+"""Most bytes of a JSON header (a catalogue of thousands of adapters fits)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int32": torch.int32}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message we refuse; `status` is what the reply says (400 bad frame,
+    404 unknown adapter, 409 conflict, 503 not ready)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Message:
+    header: dict
+    tensors: list[torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+
+def encode(header: dict, tensors: list[torch.Tensor] = ()) -> list:
+    """Frames for a message: the header (with each tensor's dtype and shape) then the tensors' bytes."""
+    header = {"v": PROTOCOL_VERSION, **header,
+              "tensors": [[NAMES[t.dtype], list(t.shape)] for t in tensors]}
+    frames = [json.dumps(header, separators=(",", ":")).encode()]
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        # bf16 has no numpy dtype: its bytes travel as int16
+        frames.append(memoryview(t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()))
+    return frames
+
+
+def decode(frames: list) -> Message:
+    """Parse and check frames; raises ProtocolError for anything malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = bytes(frames[0])
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(raw)} bytes is over the {MAX_HEADER} limit")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+        raise ProtocolError("header must be a JSON object with a 'kind'")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not spoken here (this is "
+                            f"version {PROTOCOL_VERSION})", 426)
+    specs = header.get("tensors", [])
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise ProtocolError(f"header describes {len(specs) if isinstance(specs, list) else '?'} tensors, "
+                            f"{len(frames) - 1} frames came")
+    tensors = []
+    for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
+        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in DTYPES or not isinstance(spec[1], list)
+                or not all(isinstance(d, int) and 0 <= d <= MAX_ROWS * 65536 for d in spec[1])):
+            raise ProtocolError(f"tensor {i}: bad dtype or shape {spec!r}")
+        dtype, shape = DTYPES[spec[0]], spec[1]
+        buf = memoryview(frame)
+        want = math.prod(shape) * dtype.itemsize
+        if buf.nbytes != want:
+            raise ProtocolError(f"tensor {i}: {buf.nbytes} bytes for {spec[0]}{shape} (wants {want})")
+        tensors.append(as_tensor(buf, dtype, shape))
+    return Message(header, tensors)
+
+
+def as_tensor(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor over received bytes (no copy; bf16 travels as int16)."""
+    np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape) if buf.nbytes else np.zeros(shape, np_dtype)
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def error(message: str, status: int = 400, **fields) -> list:
+    return encode({"kind": "error", "status": status, "message": message, **fields})
+
+
+def field(header: dict, name: str, kind: type | tuple[type, ...]):
+    """A required header field of the given type (bool is not an int here)."""
+    value = header.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                 else (kind,))):
+        raise ProtocolError(f"'{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
