@@ -139,7 +139,7 @@ def cmd_lora_server(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server
 
-    from loraserve.remote.server import LoraServer
+    from loraserve.lora_server.server import LoraServer
 
     config = LoraServerConfig(
         model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,

@@ -1,9 +1,5 @@
-"""Disaggregated LoRA (InfiniLoRA): base-model instances without adapters, and
-one LoRA server that holds every adapter and computes every delta.
-
-Read in this order: `protocol.py` (the messages), `transport.py` (ZeroMQ
-behind a small interface), `server.py` (the loop: batching across instances),
-`store.py` (the server's adapters: registry, tiered cache, slots filled layer
-by layer), `compute.py` (one batched kernel), `client.py` (the instance side:
-the `LoraBackend` the model calls, and liveness).
+"""Disaggregated LoRA (InfiniLoRA), what instances and the LoRA server share,
+and the instance's side: `protocol.py` (the messages), `transport.py`
+(ZeroMQ behind a small interface), `config.py`, `client.py` (the
+`LoraBackend` the model calls, and liveness). The server is `lora_server/`.
 """

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from loraserve.model.targets import Target
 
 if TYPE_CHECKING:
-    from loraserve.remote.server import Delta, LoraServer
+    from loraserve.lora_server.server import Delta, LoraServer
 
 SECONDS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)

@@ -28,11 +28,11 @@ from loraserve.clock import MonotonicClock
 from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets
-from loraserve.remote.compute import batched_delta
+from loraserve.lora_server.compute import batched_delta
 from loraserve.remote.config import LoraServerConfig
-from loraserve.remote.metrics import ServerMetrics
+from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.remote.protocol import DTYPES, MAX_ROWS, Message, ProtocolError, decode, encode, error, field
-from loraserve.remote.store import AdapterStore
+from loraserve.lora_server.store import AdapterStore
 from loraserve.remote.transport import ServerSocket
 
 log = logging.getLogger(__name__)
