@@ -31,7 +31,8 @@ from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.lora_server.compute import batched_delta
 from loraserve.remote.config import LoraServerConfig
 from loraserve.lora_server.metrics import ServerMetrics
-from loraserve.remote.protocol import DTYPES, MAX_ROWS, Message, ProtocolError, decode, encode, error, field
+from loraserve.remote.protocol import (DTYPES, MAX_ROWS, Message, ProtocolError, decode, encode, error, field,
+                                       position)
 from loraserve.lora_server.store import AdapterStore
 from loraserve.remote.transport import ServerSocket
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 PULL_TTL_S = 60.0
 """How long a pull-mode result waits to be pulled before it is dropped."""
+
+WEIGHT_POLL_S = 0.0005
+"""How long the loop sleeps on the socket while deltas wait for adapter weights."""
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Delta:
 
     arrived: float
 
+    position: int = 0
+    """Where (layer, target) comes in a forward pass: deltas of one step arrive in this order."""
+
 
 class LoraServer:
     def __init__(self, config: LoraServerConfig, listen: str) -> None:
@@ -82,6 +89,10 @@ class LoraServer:
         """Pull mode: (peer, id) → (result frames, when computed)."""
         self.pullers: set[tuple[bytes, int]] = set()
         """Pulls that came before their result."""
+        self.last_seen: dict[bytes, tuple[float, int]] = {}
+        """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
+        self.plans: dict[bytes, frozenset[int]] = {}
+        """Instance → the positions its current step sends deltas for."""
         self.stop = threading.Event()
 
     # -- the loop --------------------------------------------------------------
@@ -94,20 +105,40 @@ class LoraServer:
             self.close()
 
     def run_once(self, idle_wait: float = 0.05) -> None:
-        busy = bool(self.pending) or bool(self.store.prefetch)
-        if self.sock.poll(0 if busy else idle_wait):
+        # deltas waiting for weights poll briefly (the mover thread needs the CPU); prefetch work does not wait
+        wait = WEIGHT_POLL_S if self.pending else 0 if self.store.prefetch else idle_wait
+        if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
-            # give other instances' deltas of the same layer a moment to arrive
+            # give instances that are behind in their forward pass a moment to catch up
             window_end = min(d.arrived for d in self.pending) + self.config.batch_window_us / 1e6
-            while (left := window_end - time.monotonic()) > 0 and self.sock.poll(left):
+            while ((left := window_end - time.monotonic()) > 0 and self._someone_is_coming()
+                   and self.sock.poll(left)):
                 self._drain()
         if self.pending:
             self._compute()
-        if not self.pending or not self._drain():
+        if not self.pending:
             self.store.advance()
         self._expire_results()
         self.metrics.refresh()
+
+    def _someone_is_coming(self) -> bool:
+        """Whether an instance active in the last second is behind some pending
+        delta in its forward pass (its latest delta was for an earlier layer or
+        projection), so its rows for that delta's projection are on the way.
+        Waiting for it puts instances in step, and their deltas batch from then
+        on; an instance already past that projection will not send it before
+        its next step, and waiting for it would only add latency."""
+        now = time.monotonic()
+        for peer in [p for p, (t, _) in self.last_seen.items() if now - t > 1.0]:
+            del self.last_seen[peer]
+        waiting = {(d.peer, d.position) for d in self.pending}
+        for d in self.pending:
+            for peer, (_, position) in self.last_seen.items():
+                if (peer != d.peer and position < d.position and d.position in self.plans.get(peer, ())
+                        and (peer, d.position) not in waiting):
+                    return True
+        return False
 
     def _drain(self) -> bool:
         """Handle every message waiting; returns whether there were any."""
@@ -142,7 +173,14 @@ class LoraServer:
     def _dispatch(self, peer: bytes, msg: Message) -> list | None:
         h, kind = msg.header, msg.kind
         if kind == "delta":
-            self.pending.append(self._parse_delta(peer, msg))
+            delta = self._parse_delta(peer, msg)
+            if "plan" in msg.header:
+                plan = field(msg.header, "plan", list)
+                if len(plan) > self.spec.num_layers * len(Target) or not all(isinstance(p, int) for p in plan):
+                    raise ProtocolError("'plan' must list at most one position per layer and target")
+                self.plans[peer] = frozenset(plan)
+            self.pending.append(delta)
+            self.last_seen[peer] = (delta.arrived, delta.position)
             return None
         if kind == "pull":
             key = (peer, field(h, "id", int))
@@ -210,7 +248,7 @@ class LoraServer:
             _check_index(expert, rows, s.num_experts, "expert")
             expert = expert.long()
         return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                     row_adapter.long(), expert, time.monotonic())
+                     row_adapter.long(), expert, time.monotonic(), position(s, layer, target))
 
     # -- computing -------------------------------------------------------------
 
