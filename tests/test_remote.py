@@ -43,7 +43,7 @@ class LoraServerProc:
 
     def __init__(self, root: Path, *extra: str, listen: str = "tcp://127.0.0.1:0") -> None:
         args = [sys.executable, "-m", "loraserve.cli", "lora-server", "--model", str(root / "model"),
-                "--listen", listen, "--metrics-port", "0", *extra]
+                "--listen", listen, "--metrics-port", "0", "--lora-dir", str(root / "adapters"), *extra]
         for name in ADAPTERS:
             args += ["--lora", f"{name}={root / 'adapters' / name}"]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -235,6 +235,16 @@ def test_hostile_frames_are_refused_and_the_server_keeps_serving(tiny, servers):
             reply = ask(sock, frames)
             assert reply["kind"] == "error" and reply["status"] == status, (reply, status)
         assert ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping", "id": 1}).encode()])["kind"] == "ping"
+        # loads: the same bytes under their name again is no change; other bytes under it, or a path
+        # outside --lora-dir, are refused
+        version = ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping"}).encode()])["version"]
+        load = {"v": PROTOCOL_VERSION, "kind": "load", "name": "r4", "path": str(root / "adapters" / "r4")}
+        assert ask(sock, [json.dumps(load).encode()])["kind"] == "loaded"
+        reply = ask(sock, [json.dumps({**load, "path": str(root / "adapters" / "r8")}).encode()])
+        assert reply["status"] == 400 and "already loaded" in reply["message"]
+        reply = ask(sock, [json.dumps({**load, "name": "etc", "path": str(root / "model")}).encode()])
+        assert reply["status"] == 403 and "--lora-dir" in reply["message"]
+        assert ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping"}).encode()])["version"] == version
         # and it still computes, for an instance too
         engine = remote_engine(root, server.endpoint)
         try:

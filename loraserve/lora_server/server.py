@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 import time
 import uuid
 from collections import defaultdict
@@ -74,8 +75,10 @@ class Delta:
 
 
 class LoraServer:
-    def __init__(self, config: LoraServerConfig, listen: str) -> None:
+    def __init__(self, config: LoraServerConfig, listen: str, lora_dirs: list[str] = ()) -> None:
+        """`lora_dirs`: the only directories runtime loads may read from (none: runtime loading is off)."""
         self.config = config
+        self.lora_dirs = [Path(d).resolve() for d in lora_dirs]
         self.spec = ModelSpec.from_dir(config.model)
         self.clock = MonotonicClock()
         self.store = AdapterStore(self.spec, config, self.clock)
@@ -163,7 +166,7 @@ class LoraServer:
             reply = error(f"no adapter named {e.args[0]!r}", 404, id=msg_id)
         except InvalidRequest as e:  # AdapterError: a bad adapter or name
             self.metrics.refused.labels("400").inc()
-            reply = error(e.message, 400, id=msg_id, field=e.field)
+            reply = error(str(e), 400, id=msg_id, field=e.field)
         except Exception as e:  # a bug: answer, log, keep serving
             log.exception("handling a %s message failed", frames and bytes(frames[0])[:40])
             reply = error(f"{type(e).__name__}: {e}", 500, id=msg_id)
@@ -198,7 +201,13 @@ class LoraServer:
             return encode({"kind": "catalogue", "id": h.get("id"), "incarnation": self.incarnation,
                            "version": self.store.version, "adapters": self.store.catalogue()})
         if kind == "load":
-            adapter = self.store.add(field(h, "name", str), field(h, "path", str))
+            path = Path(field(h, "path", str)).resolve()
+            if not any(path.is_relative_to(d) for d in self.lora_dirs):
+                raise ProtocolError(f"lora_path {h['path']!r} is outside the LoRA server's --lora-dir "
+                                    f"directories" if self.lora_dirs else
+                                    "runtime adapter loading is off on the LoRA server; start it with --lora-dir",
+                                    403)
+            adapter = self.store.add(field(h, "name", str), str(path))
             return encode({"kind": "loaded", "id": h.get("id"), "name": h["name"], "adapter": adapter.id,
                            "rank": adapter.rank, "version": self.store.version})
         if kind == "unload":
@@ -286,6 +295,11 @@ class LoraServer:
             for d in batch:
                 self.sock.send(d.peer, error(str(e), e.status, id=d.id))
             return []
+        except Exception as e:  # a bug or a device fault: these deltas fail, the server goes on
+            log.exception("a batched delta of layer %d %s failed", layer, target)
+            for d in batch:
+                self.sock.send(d.peer, error(f"{type(e).__name__}: {e}", 500, id=d.id))
+            return []
         finally:
             for a in slots:
                 self.store.release(a)
@@ -312,6 +326,7 @@ class LoraServer:
     # -- the rest --------------------------------------------------------------
 
     def load(self, name: str, path: str) -> None:
+        """Serve an adapter from the start (any path: the operator's choice)."""
         self.store.add(name, path)
 
     def stats(self) -> dict:

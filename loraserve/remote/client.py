@@ -41,7 +41,7 @@ class LoraServerError(RuntimeError):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"the LoRA server answered {status}: {message}")
-        self.status = status
+        self.status, self.message = status, message
 
 
 def _answer(msg: Message) -> Message:
@@ -130,8 +130,8 @@ class LoraServerClient:
         try:
             msg = self.call({"kind": "load", "name": name, "path": path}, timeout_s=max(60.0, self.config.timeout_s))
         except LoraServerError as e:
-            if e.status == 400:
-                raise AdapterError(str(e).split(": ", 1)[-1]) from None
+            if e.status in (400, 403, 404):  # a bad adapter, a path it may not read: the request's fault
+                raise AdapterError(e.message) from None
             raise
         entries = self.call({"kind": "catalogue"}).header["adapters"]
         entry = next(e for e in entries if e["name"] == name and e["id"] == msg.header["adapter"])
