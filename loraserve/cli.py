@@ -134,6 +134,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_server_config(args: argparse.Namespace) -> LoraServerConfig:
+    """The `lora-server` flags as a LoraServerConfig."""
+    return LoraServerConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras, batch_window_us=args.batch_window_us, layerwise=args.layerwise,
+        ep=args.ep, pp=args.pp,
+        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)))
+
+
 def cmd_lora_server(args: argparse.Namespace) -> int:
     import signal
 
@@ -141,14 +152,7 @@ def cmd_lora_server(args: argparse.Namespace) -> int:
 
     from loraserve.lora_server.server import LoraServer
 
-    config = LoraServerConfig(
-        model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
-        max_loras=args.max_loras, batch_window_us=args.batch_window_us, layerwise=args.layerwise,
-        ep=args.ep, pp=args.pp,
-        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
-                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
-                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)))
-    server = LoraServer(config, args.listen, args.lora_dir or [])
+    server = LoraServer(lora_server_config(args), args.listen, args.lora_dir or [])
     try:
         for name, path in args.lora or []:
             server.load(name, path)

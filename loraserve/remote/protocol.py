@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +126,9 @@ def as_tensor(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Te
     """A tensor over received bytes (no copy; bf16 travels as int16)."""
     np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape) if buf.nbytes else np.zeros(shape, np_dtype)
-    t = torch.from_numpy(arr)
+    with warnings.catch_warnings():  # received bytes are read-only, and only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
