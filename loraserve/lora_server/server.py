@@ -21,6 +21,7 @@ from pathlib import Path
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,9 @@ class LoraServer:
         self.plans: dict[bytes, frozenset[int]] = {}
         """Instance → the positions its current step sends deltas for."""
         self.stop = threading.Event()
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
+        self.loads: list[tuple[bytes, object, str, Future]] = []
+        """Runtime loads being read: (peer, message id, name, the read)."""
 
     # -- the loop --------------------------------------------------------------
 
@@ -109,7 +113,7 @@ class LoraServer:
 
     def run_once(self, idle_wait: float = 0.05) -> None:
         # deltas waiting for weights poll briefly (the mover thread needs the CPU); prefetch work does not wait
-        wait = WEIGHT_POLL_S if self.pending else 0 if self.store.prefetch else idle_wait
+        wait = WEIGHT_POLL_S if self.pending or self.loads else 0 if self.store.prefetch else idle_wait
         if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
@@ -120,6 +124,8 @@ class LoraServer:
                 self._drain()
         if self.pending:
             self._compute()
+        if self.loads:
+            self._finish_loads()
         if not self.pending:
             self.store.advance()
         self._expire_results()
@@ -158,19 +164,36 @@ class LoraServer:
             msg = decode(frames)
             msg_id = msg.header.get("id")
             reply = self._dispatch(peer, msg)
-        except ProtocolError as e:
-            self.metrics.refused.labels(str(e.status)).inc()
-            reply = error(str(e), e.status, id=msg_id)
-        except UnknownModel as e:
-            self.metrics.refused.labels("404").inc()
-            reply = error(f"no adapter named {e.args[0]!r}", 404, id=msg_id)
-        except InvalidRequest as e:  # AdapterError: a bad adapter or name
-            self.metrics.refused.labels("400").inc()
-            reply = error(str(e), 400, id=msg_id, field=e.field)
-        except Exception as e:  # a bug: answer, log, keep serving
-            log.exception("handling a %s message failed", frames and bytes(frames[0])[:40])
-            reply = error(f"{type(e).__name__}: {e}", 500, id=msg_id)
+        except Exception as e:
+            reply = self._refusal(e, msg_id)
         if reply is not None:
+            self.sock.send(peer, reply)
+
+    def _refusal(self, e: Exception, msg_id) -> list:
+        """The error reply for what a message raised (a bug is logged and answered too)."""
+        if isinstance(e, ProtocolError):
+            status, text, extra = e.status, str(e), {}
+        elif isinstance(e, UnknownModel):
+            status, text, extra = 404, f"no adapter named {e.name!r}", {}
+        elif isinstance(e, InvalidRequest):  # AdapterError: a bad adapter or name
+            status, text, extra = 400, str(e), {"field": e.field}
+        else:
+            log.exception("handling a message failed", exc_info=e)
+            status, text, extra = 500, f"{type(e).__name__}: {e}", {}
+        self.metrics.refused.labels(str(status)).inc()
+        return error(text, status, id=msg_id, **extra)
+
+    def _finish_loads(self) -> None:
+        """Name the adapters the loader thread has read (the store is the loop thread's)."""
+        for item in [x for x in self.loads if x[3].done()]:
+            self.loads.remove(item)
+            peer, msg_id, name, future = item
+            try:
+                adapter = self.store.add_loaded(name, future.result())
+                reply = encode({"kind": "loaded", "id": msg_id, "name": name, "adapter": adapter.id,
+                                "rank": adapter.rank, "version": self.store.version})
+            except Exception as e:
+                reply = self._refusal(e, msg_id)
             self.sock.send(peer, reply)
 
     def _dispatch(self, peer: bytes, msg: Message) -> list | None:
@@ -207,9 +230,10 @@ class LoraServer:
                                     f"directories" if self.lora_dirs else
                                     "runtime adapter loading is off on the LoRA server; start it with --lora-dir",
                                     403)
-            adapter = self.store.add(field(h, "name", str), str(path))
-            return encode({"kind": "loaded", "id": h.get("id"), "name": h["name"], "adapter": adapter.id,
-                           "rank": adapter.rank, "version": self.store.version})
+            # reading a large adapter takes seconds: a worker thread reads, the loop goes on serving deltas
+            name = field(h, "name", str)
+            self.loads.append((peer, h.get("id"), name, self.loader.submit(self.store.registry.load, name, path)))
+            return None
         if kind == "unload":
             self.store.remove(field(h, "name", str))
             return encode({"kind": "unloaded", "id": h.get("id"), "version": self.store.version})
@@ -337,6 +361,7 @@ class LoraServer:
         return out
 
     def close(self) -> None:
+        self.loader.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
         self.store.close()
 

@@ -77,10 +77,13 @@ class AdapterStore:
     # -- names ---------------------------------------------------------------
 
     def add(self, name: str, path: str) -> LoraAdapter:
-        """Load, validate and name an adapter (AdapterError says why not). The
-        same bytes under a name they already have is no change (an instance
-        that restarts with its --lora flags loads them again)."""
-        adapter = self.registry.load(name, path)
+        """Load, validate and name an adapter (AdapterError says why not)."""
+        return self.add_loaded(name, self.registry.load(name, path))
+
+    def add_loaded(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
+        """Name an adapter read by `registry.load` (on any thread). The same
+        bytes under a name they already have is no change (an instance that
+        restarts with its --lora flags loads them again)."""
         if any(a.name == name and a.id == adapter.id for a in self.registry.listing):
             return self.registry.get(adapter.id)
         adapter = self.registry.add_cached(name, adapter, self.cache, self.memory)
