@@ -36,7 +36,6 @@ from typing import Iterator
 
 import torch
 
-import loraserve
 from loraserve.lora_server import wire
 from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.rank import config_json, rank_stats
@@ -103,7 +102,7 @@ class Ranks:
     def _spawn(self, config: LoraServerConfig, port: int) -> None:
         env = dict(os.environ)
         # the ranks run this very code, wherever it was imported from
-        root = str(Path(loraserve.__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         for rank in range(1, self.layout.world):
             cmd = [sys.executable, "-m", "loraserve.lora_server.rank", "--rank", str(rank),
