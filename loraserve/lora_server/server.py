@@ -11,6 +11,11 @@ so does nothing else. In idle time the store fills hinted adapters' slots.
 
 Anything malformed gets an error reply naming the problem; the loop never
 dies of a message.
+
+With `--ep`/`--pp` this process is rank 0 of a parallel server: the loop is
+the same, its store holds rank 0's shard, and `parallel.Ranks` carries
+control messages to the other ranks and routes each batch's rows to the
+ranks that own them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import torch
 
 from loraserve.clock import MonotonicClock
 from loraserve.errors import InvalidRequest, UnknownModel
-from loraserve.lora_server.compute import batched_delta
+from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
+from loraserve.lora_server.parallel import RankFailed, Ranks
+from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.lora_server.store import AdapterStore
 from loraserve.model.spec import ModelSpec
@@ -53,8 +61,17 @@ class LoraServer:
         self.lora_dirs = [Path(d).resolve() for d in lora_dirs]
         self.spec = ModelSpec.from_dir(config.model)
         self.clock = MonotonicClock()
-        self.store = AdapterStore(self.spec, config, self.clock)
+        layout = Layout.of(config.ep, config.pp, self.spec)
+        self.store = AdapterStore(self.spec, config, self.clock, layout.shard(0) if layout.world > 1 else None)
         self.sock = ServerSocket(listen)
+        self.ranks: Ranks | None = None
+        if layout.world > 1:
+            try:
+                self.ranks = Ranks(config, layout, self.store)
+            except BaseException:
+                self.sock.close()
+                self.store.close()
+                raise
         self.endpoint = self.sock.endpoint
         self.incarnation = uuid.uuid4().hex[:12]
         """Changes with every start: an instance that sees a new one re-reads the catalogue."""
@@ -70,8 +87,8 @@ class LoraServer:
         """Instance → the positions its current step sends deltas for."""
         self.stop = threading.Event()
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
-        self.loads: list[tuple[bytes, object, str, Future]] = []
-        """Runtime loads being read: (peer, message id, name, the read)."""
+        self.loads: list[tuple[bytes, object, str, str, Future]] = []
+        """Runtime loads being read: (peer, message id, name, path, the read)."""
 
     # -- the loop --------------------------------------------------------------
 
@@ -156,11 +173,11 @@ class LoraServer:
 
     def _finish_loads(self) -> None:
         """Name the adapters the loader thread has read (the store is the loop thread's)."""
-        for item in [x for x in self.loads if x[3].done()]:
+        for item in [x for x in self.loads if x[4].done()]:
             self.loads.remove(item)
-            peer, msg_id, name, future = item
+            peer, msg_id, name, path, future = item
             try:
-                adapter = self.store.add_loaded(name, future.result())
+                adapter = self._register(name, path, future.result())
                 reply = encode({"kind": "loaded", "id": msg_id, "name": name, "adapter": adapter.id,
                                 "rank": adapter.rank, "version": self.store.version})
             except Exception as e:
@@ -186,7 +203,10 @@ class LoraServer:
             self.pullers.add(key)
             return None
         if kind == "hint":
-            self.store.hint([a for a in field(h, "adapters", list) if isinstance(a, str)])
+            adapters = [a for a in field(h, "adapters", list) if isinstance(a, str)]
+            self.store.hint(adapters)
+            if self.ranks is not None:
+                self.ranks.hint(adapters)
             return None
         if kind in ("ping", "hello"):
             return encode({"kind": kind, "id": h.get("id"), "incarnation": self.incarnation,
@@ -203,10 +223,13 @@ class LoraServer:
                                     403)
             # reading a large adapter takes seconds: a worker thread reads, the loop goes on serving deltas
             name = field(h, "name", str)
-            self.loads.append((peer, h.get("id"), name, self.loader.submit(self.store.registry.load, name, path)))
+            self.loads.append((peer, h.get("id"), name, str(path),
+                               self.loader.submit(self.store.registry.load, name, path)))
             return None
         if kind == "unload":
             self.store.remove(field(h, "name", str))
+            if self.ranks is not None:
+                self.ranks.call({"kind": "unload", "name": h["name"]})
             return encode({"kind": "unloaded", "id": h.get("id"), "version": self.store.version})
         if kind == "stats":
             return encode({"kind": "stats", "id": h.get("id"), "stats": self.stats()})
@@ -229,33 +252,30 @@ class LoraServer:
     def _run(self, layer: int, target: Target, batch: list[Delta]) -> list[Delta]:
         """Compute one batch; returns the deltas that must wait (weights not there yet)."""
         adapters = list(dict.fromkeys(a for d in batch for a in d.adapters))
-        slots: dict[str, int] = {}
+        index = {a: i for i, a in enumerate(adapters)}
+        start = time.perf_counter()
+        x = torch.cat([d.x for d in batch])
+        row_adapter = torch.cat([torch.tensor([index[a] for a in d.adapters])[d.row_adapter] for d in batch])
+        expert = torch.cat([d.expert for d in batch]) if target.is_expert else None
         try:
-            for a in adapters:
-                slot = self.store.acquire(a, layer)
-                if slot is None:
-                    return batch
-                slots[a] = slot
-            start = time.perf_counter()
-            x = torch.cat([d.x.to(self.store.bank.dtype) for d in batch]).to(self.store.bank.device)
-            slot = torch.cat([torch.tensor([slots[a] for a in d.adapters])[d.row_adapter] for d in batch])
-            expert = torch.cat([d.expert for d in batch]) if target.is_expert else None
-            dev = self.store.bank.device
-            y = batched_delta(self.store.bank, layer, target, x, slot.to(dev),
-                              None if expert is None else expert.to(dev))
-            compute_s = time.perf_counter() - start
+            if self.ranks is None:
+                y = store_delta(self.store, layer, target, x, adapters, row_adapter, expert)
+            else:
+                y = self.ranks.delta(layer, target, x, adapters, row_adapter, expert)
         except ProtocolError as e:  # e.g. an adapter unloaded while its delta waited
             for d in batch:
                 self.sock.send(d.peer, error(str(e), e.status, id=d.id))
             return []
+        except RankFailed:  # a rank is gone: this server cannot compute any more, let its supervisor restart it
+            raise
         except Exception as e:  # a bug or a device fault: these deltas fail, the server goes on
             log.exception("a batched delta of layer %d %s failed", layer, target)
             for d in batch:
                 self.sock.send(d.peer, error(f"{type(e).__name__}: {e}", 500, id=d.id))
             return []
-        finally:
-            for a in slots:
-                self.store.release(a)
+        if y is None:
+            return batch
+        compute_s = time.perf_counter() - start
         self.metrics.observe_batch(target, batch, compute_s)
         at = 0
         for d in batch:
@@ -280,18 +300,34 @@ class LoraServer:
 
     def load(self, name: str, path: str) -> None:
         """Serve an adapter from the start (any path: the operator's choice)."""
-        self.store.add(name, path)
+        self._register(name, path, self.store.registry.load(name, path))
+
+    def _register(self, name: str, path: str, adapter: LoraAdapter) -> LoraAdapter:
+        """Name a read adapter here and on every other rank (undone here if a rank refuses it)."""
+        adapter = self.store.add_loaded(name, adapter)
+        if self.ranks is not None:
+            try:
+                self.ranks.load(name, path)
+            except BaseException:
+                self.store.remove(name)
+                raise
+        return adapter
 
     def stats(self) -> dict:
         out = self.store.stats()
         out.update(self.metrics.snapshot())
         out["bytes_in"], out["bytes_out"] = self.sock.bytes_in, self.sock.bytes_out
         out["pending_deltas"] = len(self.pending)
+        if self.ranks is not None:
+            out["ranks"] = self.ranks.stats()
+            out["rank_not_ready"] = self.ranks.not_ready
         return out
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
+        if self.ranks is not None:
+            self.ranks.close()
         self.store.close()
 
 
