@@ -128,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_engine.shutdown()
+        engine.close()
     if async_engine.dead is not None:  # non-zero, so that a supervisor restarts the server
         print(f"loraserve: error: the engine stopped ({async_engine.dead}); exiting", file=sys.stderr)
         return 1

@@ -115,6 +115,11 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None:
             self._inbox.put(("abort", request_id))
 
+    @property
+    def adapters_remote(self) -> bool:
+        """Whether adapters live on a LoRA server (loads are forwarded there, with its paths)."""
+        return self.engine.remote is not None
+
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
 

@@ -33,6 +33,7 @@ import torch
 
 from loraserve.cache.tiered import Readiness, TieredCacheManager
 from loraserve.clock import Clock
+from loraserve.dtypes import torch_dtype
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
@@ -49,7 +50,6 @@ from loraserve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AdapterStore:
@@ -58,7 +58,7 @@ class AdapterStore:
         self.shard = shard
         self.config = config
         self.clock = clock
-        dtype, device = DTYPES[config.dtype], torch.device(config.device)
+        dtype, device = torch_dtype(config.dtype), torch.device(config.device)
         self.registry = AdapterRegistry(spec, config.max_lora_rank, dtype)
         cc = config.cache
         block_bytes = cc.block_size * spec.kv_bytes_per_token(dtype.itemsize)

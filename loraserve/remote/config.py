@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
+from loraserve.dtypes import DTYPES
 
 MODES = ("push", "pull")
 
@@ -48,6 +49,8 @@ class LoraServerConfig:
     cache: CacheConfig = CacheConfig(device_bytes=1 << 30, host_bytes=2 << 30)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("max_lora_rank", "max_loras", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -40,9 +40,12 @@ class Unreachable(ConnectionError):
 class ServerSocket:
     """The LoRA server's end: messages from any number of instances."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, max_message_bytes: int = -1) -> None:
+        """`max_message_bytes`: a peer sending a larger message is disconnected
+        before ZeroMQ allocates it (-1: no limit)."""
         self.sock = context().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished instance is dropped
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # ZeroMQ spells "any free port" this way
