@@ -34,6 +34,7 @@ from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.remote.protocol import (DTYPES, MAX_ROWS, Message, ProtocolError, decode, encode, error, field,
                                        position)
 from loraserve.lora_server.store import AdapterStore
+from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ServerSocket
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class Delta:
     position: int = 0
     """Where (layer, target) comes in a forward pass: deltas of one step arrive in this order."""
 
+    at: int | None = None
+    """NIXL push: where in the instance's registered arena the result is to be written."""
+
 
 class LoraServer:
     def __init__(self, config: LoraServerConfig, listen: str) -> None:
@@ -93,6 +97,8 @@ class LoraServer:
         """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
         self.plans: dict[bytes, frozenset[int]] = {}
         """Instance → the positions its current step sends deltas for."""
+        self.nixl: nixl_transport.NixlWriter | None = None
+        """One-sided writes of pushed results, once an instance registered an arena (`remote/nixl_transport.py`)."""
         self.stop = threading.Event()
 
     # -- the loop --------------------------------------------------------------
@@ -106,7 +112,8 @@ class LoraServer:
 
     def run_once(self, idle_wait: float = 0.05) -> None:
         # deltas waiting for weights poll briefly (the mover thread needs the CPU); prefetch work does not wait
-        wait = WEIGHT_POLL_S if self.pending else 0 if self.store.prefetch else idle_wait
+        busy = self.pending or (self.nixl is not None and self.nixl.busy)
+        wait = WEIGHT_POLL_S if busy else 0 if self.store.prefetch else idle_wait
         if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
@@ -120,6 +127,9 @@ class LoraServer:
         if not self.pending:
             self.store.advance()
         self._expire_results()
+        if self.nixl is not None and self.nixl.busy:
+            for peer, msg_id in self.nixl.progress():
+                self.sock.send(peer, error("the NIXL write of this result failed", 503, id=msg_id))
         self.metrics.refresh()
 
     def _someone_is_coming(self) -> bool:
@@ -188,6 +198,8 @@ class LoraServer:
                 return self.results.pop(key)[0]
             self.pullers.add(key)
             return None
+        if kind == "nixl":
+            return self._nixl_register(peer, h)
         if kind == "hint":
             self.store.hint([a for a in field(h, "adapters", list) if isinstance(a, str)])
             return None
@@ -247,8 +259,11 @@ class LoraServer:
             expert = msg.tensors[2]
             _check_index(expert, rows, s.num_experts, "expert")
             expert = expert.long()
+        at = h.get("at")
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+            raise ProtocolError(f"'at' must be an offset >= 0 in the instance's NIXL arena, got {at!r}")
         return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                     row_adapter.long(), expert, time.monotonic(), position(s, layer, target))
+                     row_adapter.long(), expert, time.monotonic(), position(s, layer, target), at)
 
     # -- computing -------------------------------------------------------------
 
@@ -293,8 +308,15 @@ class LoraServer:
         at = 0
         for d in batch:
             n = d.x.shape[0]
-            frames = encode({"kind": "result", "id": d.id}, [y[at:at + n].to(d.dtype)])
+            rows = y[at:at + n].to(d.dtype)
             at += n
+            extra = {}
+            if d.at is not None and d.push:
+                if self.nixl is None or d.peer not in self.nixl.peers:
+                    extra["nixl"] = "unregistered"  # e.g. this server restarted: the instance registers again
+                elif self.nixl.write(d.peer, d.id, rows, d.at):
+                    continue
+            frames = encode({"kind": "result", "id": d.id, **extra}, [rows])
             key = (d.peer, d.id)
             if d.push or key in self.pullers:
                 self.pullers.discard(key)
@@ -309,6 +331,18 @@ class LoraServer:
             for key in [k for k, (_, t) in self.results.items() if t < old]:
                 del self.results[key]
 
+    def _nixl_register(self, peer: bytes, h: dict) -> list:
+        """An instance registers (or withdraws) its NIXL arena. The answer fences:
+        the peer's queued deltas are dropped and its writes in flight finished first."""
+        if self.nixl is None and not h.get("close"):
+            try:
+                self.nixl = nixl_transport.NixlWriter(f"loraserve-lora-server-{self.incarnation}")
+            except nixl_transport.NixlUnavailable as e:
+                raise ProtocolError(f"this LoRA server cannot write over NIXL: {e}", 501) from None
+        self.pending = [d for d in self.pending if d.peer != peer]
+        fields = self.nixl.register(peer, h) if self.nixl is not None else {}
+        return encode({"kind": "nixl", "id": h.get("id"), **fields})
+
     # -- the rest --------------------------------------------------------------
 
     def load(self, name: str, path: str) -> None:
@@ -319,9 +353,13 @@ class LoraServer:
         out.update(self.metrics.snapshot())
         out["bytes_in"], out["bytes_out"] = self.sock.bytes_in, self.sock.bytes_out
         out["pending_deltas"] = len(self.pending)
+        out["nixl_writes"] = self.nixl.writes if self.nixl is not None else 0
+        out["nixl_bytes_out"] = self.nixl.bytes_out if self.nixl is not None else 0
         return out
 
     def close(self) -> None:
+        if self.nixl is not None:
+            self.nixl.close()
         self.sock.close()
         self.store.close()
 
