@@ -43,6 +43,7 @@ from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.remote.config import LoraServerConfig
 from loraserve.remote.protocol import (MAX_HEADER, MAX_ROWS, Message, ProtocolError, decode, encode, error, field,
                                        refusal)
+from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ServerSocket
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class LoraServer:
         """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
         self.plans: dict[bytes, frozenset[int]] = {}
         """Instance → the positions its current step sends deltas for."""
+        self.nixl: nixl_transport.NixlWriter | None = None
+        """One-sided writes of pushed results, once an instance registered an arena (`remote/nixl_transport.py`)."""
         self.stop = threading.Event()
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
         self.loads: list[tuple[bytes, object, str, str, Future]] = []
@@ -109,8 +112,9 @@ class LoraServer:
             self.close()
 
     def run_once(self, idle_wait: float = 0.05) -> None:
-        # deltas waiting for weights poll briefly (the mover and reader threads need the CPU)
-        wait = WEIGHT_POLL_S if self.pending or self.loads or self.store.prefetch else idle_wait
+        # deltas waiting for weights (or NIXL writes in flight) poll briefly: other threads need the CPU
+        busy = self.pending or self.loads or self.store.prefetch or (self.nixl is not None and self.nixl.busy)
+        wait = WEIGHT_POLL_S if busy else idle_wait
         if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
@@ -126,6 +130,9 @@ class LoraServer:
         if not self.pending:
             self.store.advance()
         self._expire()
+        if self.nixl is not None and self.nixl.busy:
+            for peer, msg_id in self.nixl.progress():
+                self.sock.send(peer, error("the NIXL write of this result failed", 503, id=msg_id))
         self.metrics.refresh()
 
     def _someone_is_coming(self) -> bool:
@@ -205,6 +212,8 @@ class LoraServer:
                 return self.results.pop(key)[0]
             self.pullers[key] = time.monotonic()
             return None
+        if kind == "nixl":
+            return self._nixl_register(peer, h)
         if kind == "hint":
             adapters = [a for a in field(h, "adapters", list) if isinstance(a, str)]
             self.store.hint(adapters)
@@ -290,8 +299,15 @@ class LoraServer:
         at = 0
         for d in batch:
             n = d.x.shape[0]
-            frames = encode({"kind": "result", "id": d.id}, [y[at:at + n].to(d.dtype)])
+            rows = y[at:at + n].to(d.dtype)
             at += n
+            extra = {}
+            if d.at is not None and d.push:
+                if self.nixl is None or d.peer not in self.nixl.peers:
+                    extra["nixl"] = "unregistered"  # e.g. this server restarted: the instance registers again
+                elif self.nixl.write(d.peer, d.id, rows, d.at):
+                    continue
+            frames = encode({"kind": "result", "id": d.id, **extra}, [rows])
             key = (d.peer, d.id)
             if d.push or key in self.pullers:
                 self.pullers.pop(key, None)
@@ -319,6 +335,18 @@ class LoraServer:
         for peer in [p for p in self.plans if p not in self.last_seen]:
             del self.plans[peer]
 
+    def _nixl_register(self, peer: bytes, h: dict) -> list:
+        """An instance registers (or withdraws) its NIXL arena. The answer fences:
+        the peer's queued deltas are dropped and its writes in flight finished first."""
+        if self.nixl is None and not h.get("close"):
+            try:
+                self.nixl = nixl_transport.NixlWriter(f"loraserve-lora-server-{self.incarnation}")
+            except nixl_transport.NixlUnavailable as e:
+                raise ProtocolError(f"this LoRA server cannot write over NIXL: {e}", 501) from None
+        self.pending = [d for d in self.pending if d.peer != peer]
+        fields = self.nixl.register(peer, h) if self.nixl is not None else {}
+        return encode({"kind": "nixl", "id": h.get("id"), **fields})
+
     # -- the rest --------------------------------------------------------------
 
     def load(self, name: str, path: str) -> None:
@@ -344,10 +372,14 @@ class LoraServer:
         if self.ranks is not None:
             out["ranks"] = self.ranks.stats()
             out["rank_not_ready"] = self.ranks.not_ready
+        out["nixl_writes"] = self.nixl.writes if self.nixl is not None else 0
+        out["nixl_bytes_out"] = self.nixl.bytes_out if self.nixl is not None else 0
         return out
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
+        if self.nixl is not None:
+            self.nixl.close()
         self.sock.close()
         if self.ranks is not None:
             self.ranks.close()

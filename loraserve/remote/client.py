@@ -31,6 +31,7 @@ from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, out_dim
 from loraserve.remote.config import RemoteLoraConfig
 from loraserve.remote.protocol import Message, position
+from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ClientSocket, Unreachable
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,13 @@ class RemoteLoraBackend:
         """Seconds the engine thread spent waiting for deltas (the remote-LoRA wait, for metrics)."""
         self.steps = 0
         """Steps with adapter rows (wait_s / steps: the mean remote-LoRA wait per step)."""
+        self.nixl: nixl_transport.NixlArena | None = None
+        """With the nixl transport: the arena pushed deltas are written into (`remote/nixl_transport.py`)."""
+        self.nixl_ready = False
+        """Whether the server holds our arena's registration (and no late write can land in a region in use)."""
+        if self.config.transport == "nixl":
+            self.nixl = nixl_transport.NixlArena(self.config.arena_bytes)
+            self._nixl_register()
 
     @property
     def active(self) -> bool:
@@ -235,6 +243,11 @@ class RemoteLoraBackend:
         if ids:
             if not self.client.up:
                 raise Unavailable(f"the LoRA server at {self.config.endpoint} is down")
+            if self.nixl is not None and not self.nixl_ready:
+                try:
+                    self._nixl_register()
+                except LoraServerError as e:
+                    raise Unavailable(str(e)) from None
             self.steps += 1
             index = {a: k for k, a in enumerate(ids)}
             self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
@@ -279,12 +292,22 @@ class RemoteLoraBackend:
         try:
             if self.config.mode == "pull":
                 self.sock.send({"kind": "pull", "id": header["id"]})
-            msg = _answer(self.sock.recv(self.config.timeout_s, want_id=header["id"]))
+            if self.nixl is not None:
+                msg = _answer(nixl_transport.wait_result(self.sock, self.nixl, header["id"], tensors[0].dtype,
+                                                         [header["rows"], out_dim(self.spec, target)],
+                                                         self.config.timeout_s))
+                if msg.header.get("nixl") == "unregistered":  # the server restarted: register before the next step
+                    self.nixl_ready = False
+            else:
+                msg = _answer(self.sock.recv(self.config.timeout_s, want_id=header["id"]))
         except Unreachable as e:
             self.client.mark_down()
+            self.nixl_ready = False  # regions in flight stay taken until the next fence
             raise Unavailable(str(e)) from None
         except LoraServerError as e:
             self.sock.buffers.pop(header["id"], None)
+            if self.nixl is not None:
+                self.nixl.release(header["id"])
             if e.status in (426, 503):
                 raise Unavailable(str(e)) from None
             raise
@@ -295,11 +318,16 @@ class RemoteLoraBackend:
             out[self.num_base:] += delta
         else:
             out.index_add_(0, rows, delta.to(out.dtype))
+        if self.nixl is not None:
+            self.nixl.release(header["id"])
 
     def _send(self, header: dict, tensors: list[torch.Tensor], target: Target) -> None:
         if self.config.mode == "push":
-            dtype = tensors[0].dtype
-            self.sock.register(header["id"], torch.empty(header["rows"], out_dim(self.spec, target), dtype=dtype))
+            dtype, shape = tensors[0].dtype, (header["rows"], out_dim(self.spec, target))
+            if self.nixl is None:
+                self.sock.register(header["id"], torch.empty(shape, dtype=dtype))
+            elif (at := self.nixl.alloc(header["id"], shape[0] * shape[1] * dtype.itemsize)) is not None:
+                header["at"] = at
         try:
             self.sock.send(header, tensors, timeout_s=self.config.timeout_s)
         except Unreachable as e:
@@ -317,7 +345,24 @@ class RemoteLoraBackend:
     def forget(self, adapter_id: str) -> None:
         """Nothing to drop here: the adapter's weights live on the server."""
 
+    def _nixl_register(self, close: bool = False) -> None:
+        """Register the arena with the server (or withdraw it); its answer is also the fence
+        after which no write of an earlier request can land."""
+        try:
+            _answer(nixl_transport.register(self.sock, self.nixl, next(self._ids),
+                                            1.0 if close else self.config.timeout_s, close))
+        except Unreachable as e:
+            self.client.up = False
+            raise Unavailable(str(e)) from None
+        self.nixl_ready = not close
+
     def close(self) -> None:
+        if self.nixl is not None:
+            try:
+                self._nixl_register(close=True)
+            except (Unavailable, LoraServerError):
+                pass
+            self.nixl.close(fenced=not self.nixl.regions)
         self.sock.close()
 
 

@@ -24,9 +24,13 @@ refused) and `kind`. Kinds, instance → server:
   first delta also carries `plan`: the `position`s of every delta the step
   will send, so the server knows whom a batch is worth waiting for.
 - pull (`id`): send the result of a pull-mode delta when it is ready.
+- nixl (`agent`, `arena`, `memory`, or `close`): register (or withdraw) the
+  NIXL arena pushed results are written into; a push delta may then carry
+  `at`, its result's offset in the arena (`remote/nixl_transport.py`).
 - ping: liveness and the catalogue version; stats: the server's counters.
 
-Server → instance: result (`id`, one frame: the delta [rows, out]), error
+Server → instance: result (`id`, one frame: the delta [rows, out]; or, for a
+delta with `at`, a NIXL write of it with the id as notification), error
 (`id` if any, `status` HTTP-like, `message`), and each request's reply.
 """
 

@@ -6,8 +6,9 @@ multipart frames (`remote/protocol.py`). The interface is shaped for a
 one-sided transport later (NIXL, RDMA): an instance `register`s the buffer a
 result is to land in, keyed by the request's id, and the server's reply is
 written straight into it (here `recv_into`, with no intermediate copy; with
-RDMA, a one-sided write plus a notification). A NIXL backend would implement
-the same two classes.
+RDMA, a one-sided write plus a notification). The NIXL backend
+(`remote/nixl_transport.py`) keeps these sockets for requests and errors and
+moves pushed results by one-sided writes into a registered arena.
 """
 
 from __future__ import annotations
