@@ -316,7 +316,8 @@ def test_two_instances_share_one_server(tiny):
             text = httpx.get(url + "/metrics").text
             assert metric_value(text, "loraserve_lora_bank_bytes") == 0
             assert metric_value(text, 'loraserve_cache_bytes{kind="adapters",tier="device"}') == 0
-            assert metric_value(text, "loraserve_remote_lora_steps") > 0
+            steps = metric_value(text, "loraserve_remote_lora_steps")
+            assert steps > 0 and metric_value(text, "loraserve_remote_lora_step_wait_seconds_count") == steps
         # each adapter once on the server, however many instances use it
         assert server.metric("loraserve_lora_server_adapters", 'tier="slot"') == len(ADAPTERS)
         # a load through instance 0 reaches instance 1 (the catalogue is the server's)

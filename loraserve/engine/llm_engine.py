@@ -256,6 +256,8 @@ class LLMEngine(EngineCore):
     def step(self) -> list[RequestOutput]:
         self._sync_remote()
         out = self.run_step()
+        if self.remote is not None:
+            self.lora.end_step()
         if out.plan.is_empty and self.scheduler.pending:
             time.sleep(0.0005)  # everything waits on copies: do not spin
         for req in out.failed:

@@ -16,10 +16,12 @@ applies the new catalogue on its own thread (`take_catalogue`).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -220,6 +222,9 @@ class RemoteLoraBackend:
         """Seconds the engine thread spent waiting for deltas (the remote-LoRA wait, for metrics)."""
         self.steps = 0
         """Steps with adapter rows (wait_s / steps: the mean remote-LoRA wait per step)."""
+        self.step_waits = StepWaits()
+        """Each such step's wait, as a histogram (exported by the instance's /metrics)."""
+        self._step_wait: float | None = None
         self.nixl: nixl_transport.NixlArena | None = None
         """With the nixl transport: the arena pushed deltas are written into (`remote/nixl_transport.py`)."""
         self.nixl_ready = False
@@ -249,6 +254,7 @@ class RemoteLoraBackend:
                 except LoraServerError as e:
                     raise Unavailable(str(e)) from None
             self.steps += 1
+            self._step_wait = self._step_wait or 0.0
             index = {a: k for k, a in enumerate(ids)}
             self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
                                              for _ in range(rows[i])], dtype=torch.int32)
@@ -312,7 +318,9 @@ class RemoteLoraBackend:
                 raise Unavailable(str(e)) from None
             raise
         finally:
-            self.wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_s += waited
+            self._step_wait = (self._step_wait or 0.0) + waited
         delta = msg.tensors[0].to(out.device)
         if rows is None:
             out[self.num_base:] += delta
@@ -333,6 +341,12 @@ class RemoteLoraBackend:
         except Unreachable as e:
             self.client.mark_down()
             raise Unavailable(str(e)) from None
+
+    def end_step(self) -> None:
+        """The engine step is over: record its remote-LoRA wait (all its passes, reruns included)."""
+        if self._step_wait is not None:
+            self.step_waits.observe(self._step_wait)
+            self._step_wait = None
 
     def hint(self, adapter_ids: list[str]) -> None:
         """Requests for these adapters were queued: the server may start loading them."""
@@ -364,6 +378,28 @@ class RemoteLoraBackend:
                 pass
             self.nixl.close(fenced=not self.nixl.regions)
         self.sock.close()
+
+
+@dataclass
+class StepWaits:
+    """A fixed-bucket histogram the engine thread fills and the metrics thread
+    reads as a snapshot (`cumulative`)."""
+
+    bounds: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    counts: list[int] = field(default_factory=lambda: [0] * 13)
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """Prometheus buckets (upper bound, count at or below it), +Inf last, and the sum."""
+        out, running = [], 0
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], list(self.counts)):
+            running += n
+            out.append((bound, running))
+        return out, self.total
 
 
 class UnboundedBudget:
