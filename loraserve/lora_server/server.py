@@ -5,7 +5,7 @@ control ones at once (hello, catalogue, load, unload, hint, ping, stats),
 and queue deltas. A delta waits a short window (`batch_window_us`) for deltas
 of the same (layer, projection) from other instances; then each such group
 whose adapters have that layer's weights in a slot runs as one batched kernel
-(`remote/compute.py`), and each instance gets its rows back: pushed at once,
+(`lora_server/compute.py`), and each instance gets its rows back: pushed at once,
 or kept until it pulls them. Deltas whose weights are still travelling wait;
 so does nothing else. In idle time the store fills hinted adapters' slots.
 

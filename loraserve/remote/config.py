@@ -28,7 +28,9 @@ class LoraServerConfig:
 
     max_loras: int = 32
     """Adapter slots: the most distinct adapters one batched kernel can serve.
-    Deltas for adapters without a slot wait for one."""
+    Deltas for adapters without a slot wait for one; a single delta naming
+    more adapters than this is refused (503): size it to at least the
+    instances' --max-num-seqs."""
 
     batch_window_us: int = 200
     """After a delta arrives, how long to wait for deltas of the same layer
