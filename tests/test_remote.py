@@ -437,3 +437,23 @@ def test_an_instance_started_before_its_lora_server_serves_adapters_once_it_is_u
             proc.kill()
         if server is not None:
             server.kill()
+
+
+def test_a_catalogue_read_before_a_load_does_not_undo_it(tiny):
+    """The heartbeat may read the catalogue just before a load through this
+    instance: applied after it, that older catalogue must not drop the adapter."""
+    root = tiny("llama")
+    server = LoraServerProc(root)
+    engine = None
+    try:
+        engine = remote_engine(root, server.endpoint, heartbeat_s=0.1)
+        engine.add_adapter("x4", str(root / "adapters" / "r4"))
+        time.sleep(0.5)  # heartbeats read the catalogue with x4; the engine applies none yet
+        engine.add_adapter("x8", str(root / "adapters" / "r8"))
+        engine.step()  # applies the latest catalogue read: it must show x8
+        assert {"x4", "x8"} <= {a.name for a in engine.adapters.listing}
+        assert run(engine, adapters=(None, "x4", "x8")) == coupled_tokens(root)[:3]
+    finally:
+        if engine is not None:
+            engine.close()
+        server.kill()

@@ -114,11 +114,17 @@ class LoraServerClient:
         self.up = False
 
     def _refresh(self, sock: ClientSocket) -> None:
-        msg = self.call({"kind": "catalogue"}, sock=sock)
-        with self._state_lock:
-            self._catalogue = msg.header["adapters"]
-            self.incarnation, self.version = msg.header["incarnation"], msg.header["version"]
+        self._offer(self.call({"kind": "catalogue"}, sock=sock))
         self._answered()
+
+    def _offer(self, msg: Message) -> None:
+        """Keep a catalogue read on any thread unless a newer one was read
+        already (a heartbeat's read that crossed a load must not undo it)."""
+        h = msg.header
+        with self._state_lock:
+            if h["incarnation"] != self.incarnation or h["version"] > (self.version or -1):
+                self._catalogue = h["adapters"]
+                self.incarnation, self.version = h["incarnation"], h["version"]
 
     def _answered(self) -> None:
         if not self.up and self._ever_up:
@@ -158,7 +164,9 @@ class LoraServerClient:
         """Have the server load an adapter (its path is the server's); returns its metadata."""
         try:
             msg = self.call({"kind": "load", "name": name, "path": path}, timeout_s=max(60.0, self.config.timeout_s))
-            entries = self.call({"kind": "catalogue"}).header["adapters"]
+            catalogue = self.call({"kind": "catalogue"})
+            self._offer(catalogue)  # at least as new as the load: what the engine applies next shows it
+            entries = catalogue.header["adapters"]
         except LoraServerError as e:
             if e.status in (400, 403, 404):  # a bad adapter, a path it may not read: the request's fault
                 raise AdapterError(e.message) from None

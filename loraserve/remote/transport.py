@@ -47,6 +47,10 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
         sock.send(frame, flags | (zmq.SNDMORE if i < last else 0), copy=size < ZERO_COPY_BYTES)
 
 
+POLL_SLICE_S = 50e-6
+"""Sleep between checks of a sub-millisecond wait."""
+
+
 class Unreachable(ConnectionError):
     """The peer did not answer in time (or cannot be sent to)."""
 
@@ -70,7 +74,18 @@ class ServerSocket:
         self.bytes_out = 0
 
     def poll(self, timeout_s: float) -> bool:
-        return bool(self.sock.poll(max(0, int(timeout_s * 1000))))
+        """Whether a message is waiting, waiting at most `timeout_s`. ZeroMQ
+        counts whole milliseconds; a shorter wait (a batching window of 200 us)
+        sleeps in short slices between checks rather than not waiting at all."""
+        if timeout_s >= 1e-3:
+            return bool(self.sock.poll(int(timeout_s * 1000)))
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while not self.sock.poll(0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, POLL_SLICE_S))
+        return True
 
     def recv(self) -> tuple[bytes, list] | None:
         """(peer, raw frames) of the next message, or None if none is waiting."""
