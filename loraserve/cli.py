@@ -134,6 +134,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_server_config(args: argparse.Namespace) -> LoraServerConfig:
+    """The `lora-server` flags as a LoraServerConfig."""
+    return LoraServerConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras, batch_window_us=args.batch_window_us, layerwise=args.layerwise,
+        ep=args.ep, pp=args.pp,
+        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)))
+
+
 def cmd_lora_server(args: argparse.Namespace) -> int:
     import signal
 
@@ -141,21 +152,10 @@ def cmd_lora_server(args: argparse.Namespace) -> int:
 
     from loraserve.lora_server.server import LoraServer
 
-    config = LoraServerConfig(
-        model=args.model, device=args.device, dtype=args.dtype, max_lora_rank=args.max_lora_rank,
-        max_loras=args.max_loras, batch_window_us=args.batch_window_us, layerwise=args.layerwise,
-        ep=args.ep, pp=args.pp,
-        cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
-                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
-                          host_bytes=_cache_bytes(args.host_cache, "host", args.device)))
-    server = LoraServer(config, args.listen)
+    server = LoraServer(lora_server_config(args), args.listen, args.lora_dir or [])
     try:
         for name, path in args.lora or []:
             server.load(name, path)
-        for name in args.lora_dir or []:
-            for path in sorted(Path(name).iterdir()):
-                if (path / "adapter_config.json").is_file():
-                    server.load(path.name, str(path))
         if args.metrics_port is not None:
             http, _ = start_http_server(args.metrics_port, addr=args.metrics_host, registry=server.metrics.registry)
             print(f"loraserve lora-server: metrics on http://{args.metrics_host}:{http.server_port}/metrics",
@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--listen", default="tcp://127.0.0.1:5557",
                     help="tcp://HOST:PORT (port 0: any free one) or ipc://PATH (default: %(default)s)")
     ls.add_argument("--lora", action="append", type=_name_path, metavar="NAME=PATH", help="PEFT adapter (repeatable)")
-    ls.add_argument("--lora-dir", action="append", help="load every adapter directory in this directory (repeatable)")
+    ls.add_argument("--lora-dir", action="append",
+                    help="directory runtime loads (forwarded by instances) may come from (repeatable); "
+                         "without it runtime loading is off")
     ls.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
     ls.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default: %(default)s)")
     add_flag(ls, "--device", LoraServerConfig, "device")

@@ -11,9 +11,10 @@ import pytest
 
 from loraserve.bench.client import run_workload
 from loraserve.bench.metrics import SLO, serviceable_rate
-from loraserve.cli import build_parser, engine_config
+from loraserve.cli import build_parser, engine_config, lora_server_config
 from loraserve.config import CacheConfig, EngineConfig
 from loraserve.flags import add_flag, default_of, first_sentence
+from loraserve.remote.config import LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.sim.cli import sim_config
 from loraserve.sim.engine import SimConfig
@@ -22,7 +23,7 @@ from loraserve.workload import WorkloadConfig
 from loraserve.workload.cli import workload_config
 
 REQUIRED = {"bench": ["run", "--workload", "w", "--url", "u"], "simulate": ["run", "--workload", "w", "--model", "m"],
-            "workload": ["--out", "w"]}
+            "workload": ["--out", "w"], "lora-server": ["--model", "m"]}
 
 
 def defaults(command: str) -> argparse.Namespace:
@@ -31,6 +32,15 @@ def defaults(command: str) -> argparse.Namespace:
 
 def test_serve_defaults_are_engine_configs():
     assert engine_config(defaults("serve"), "m") == EngineConfig(model="m")
+
+
+def test_lora_server_defaults_are_its_config():
+    assert lora_server_config(defaults("lora-server")) == LoraServerConfig(model="m")
+
+
+def test_serve_with_a_lora_server_defaults_to_its_remote_config():
+    args = build_parser().parse_args(["serve", "--lora-server", "tcp://127.0.0.1:5557"])
+    assert engine_config(args, "m") == EngineConfig(model="m", lora_server=RemoteLoraConfig("tcp://127.0.0.1:5557"))
 
 
 def test_serve_max_waiting_is_the_servers():

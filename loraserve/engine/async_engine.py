@@ -51,6 +51,15 @@ class EngineStats:
     lora_slots_used: int = 0
     lora_slot_hits: int = 0
     lora_slot_loads: int = 0
+    lora_bank_bytes: int = 0
+    """Adapter weights in this process's LoRA slots (0 with a LoRA server)."""
+
+    remote_lora_wait_s: float = 0.0
+    """Seconds steps spent waiting for deltas from the LoRA server, in all."""
+
+    remote_lora_steps: int = 0
+    """Steps that sent deltas to the LoRA server."""
+
     cache: dict = field(default_factory=dict)
 
 
@@ -219,7 +228,9 @@ class AsyncEngine:
             running=len(s.running), waiting=len(s.waiting), pending=len(s.pending), preemptions=s.num_preemptions,
             running_kv_blocks=sum(len(r.block_ids) for r in s.running), adapters_loaded=len(e.adapters.by_id),
             lora_slots_used=len(e.slots.resident()), lora_slot_hits=s.num_lora_hits,
-            lora_slot_loads=s.num_lora_loads, cache=e.cache_stats)
+            lora_slot_loads=s.num_lora_loads, lora_bank_bytes=e.lora.bank.num_bytes if e.remote is None else 0,
+            remote_lora_wait_s=getattr(e.lora, "wait_s", 0.0), remote_lora_steps=getattr(e.lora, "steps", 0),
+            cache=e.cache_stats)
 
     def _die(self, error: BaseException) -> None:
         self.dead = f"{type(error).__name__}: {error}"

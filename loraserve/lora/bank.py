@@ -10,6 +10,10 @@ in a step, so rows sorted by expert alone are sorted by group too.
 
 The rank grows to the largest adapter loaded so far (the bank is reallocated
 then), so a fleet of rank-16 adapters pays for rank 16, not max_lora_rank.
+
+A bank may hold a shard (a LoRA server rank under expert or pipeline
+parallelism): only the (layer, target)s in `keys`, and `num_experts` experts
+per expert target.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from loraserve.lora.adapter import LoraAdapter
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
 
+Key = tuple[int, Target]
+
 
 def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Adapter weights and LoRA math stay fp32 on CPU: they are small, and CPUs
@@ -28,28 +34,31 @@ def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class LoraBank:
-    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 keys: list[Key] | None = None, num_experts: int | None = None) -> None:
         self.spec = spec
+        self.keys = keys if keys is not None else [(layer, t) for layer in range(spec.num_layers)
+                                                    for t in layer_targets(spec, layer)]
+        self.num_experts = spec.num_experts if num_experts is None else num_experts
         self.num_slots = num_slots
         self.dtype = dtype
         self.device = device
         self.rank = 0
         self.slots: list[LoraAdapter | None] = [None] * num_slots
-        self.a: dict[tuple[int, Target], torch.Tensor] = {}
-        self.b: dict[tuple[int, Target], torch.Tensor] = {}
+        self.a: dict[Key, torch.Tensor] = {}
+        self.b: dict[Key, torch.Tensor] = {}
 
     def _allocate(self, rank: int) -> None:
         """Swap in zeroed tensors of a larger rank, all built before any is
         replaced: an out-of-memory midway leaves the bank as it was."""
-        s, e = self.spec, self.spec.num_experts
+        s, e = self.spec, self.num_experts
         a, b = {}, {}
-        for layer in range(s.num_layers):
-            for target in layer_targets(s, layer):
-                w = target.width * rank
-                lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
-                kw = dict(dtype=self.dtype, device=self.device)
-                a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
-                b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
+        for layer, target in self.keys:
+            w = target.width * rank
+            lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
+            kw = dict(dtype=self.dtype, device=self.device)
+            a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
+            b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
         self.a, self.b, self.rank = a, b, rank
 
     @property

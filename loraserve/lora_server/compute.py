@@ -5,6 +5,9 @@ slot (and, for expert projections, its expert). Sorting by group (slot, or
 expert × (slots + 1) + slot + 1, the bank's expert layout) makes every group
 one segment, so one shrink and one expand (`kernels.lora_delta`) serve every
 adapter and expert of the batch, as in the coupled engine.
+
+`store_delta` is the same kernel behind the store's slots: what a server
+(or one rank of a parallel server) runs for a batch of rows.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from loraserve.kernels import lora_delta
 from loraserve.lora.bank import LoraBank
+from loraserve.lora_server.store import AdapterStore
 from loraserve.model.targets import Target
 
 
@@ -31,3 +35,25 @@ def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, s
     out = torch.empty_like(y)
     out[order] = y
     return out
+
+
+def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor, adapters: list[str],
+                row_adapter: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The deltas of rows under `adapters` (row_adapter: [N] each row's index
+    into it) with the store's slots; None if some adapter's weights for this
+    layer are not in a slot yet (the rows wait). ProtocolError for an unknown
+    adapter."""
+    slots: list[int] = []
+    try:
+        for a in adapters:
+            slot = store.acquire(a, layer)
+            if slot is None:
+                return None
+            slots.append(slot)
+        dev = store.bank.device
+        slot = torch.tensor(slots)[row_adapter]
+        return batched_delta(store.bank, layer, target, x.to(dev, store.bank.dtype), slot.to(dev),
+                             None if expert is None else expert.to(dev))
+    finally:
+        for a in adapters[:len(slots)]:
+            store.release(a)

@@ -42,7 +42,11 @@ class ServerMetrics:
         self.refused = Counter(p + "refused_messages", "Messages answered with an error", ["status"], registry=r)
         self.cache_bytes = Gauge(p + "cache_bytes", "Adapter bytes by tier", ["tier"], registry=r)
         self.adapters = Gauge(p + "adapters", "Adapters by tier", ["tier"], registry=r)
-        self.hit_rate = Gauge(p + "slot_hit_rate", "Deltas whose adapter layer was already in a slot", registry=r)
+        self.hit_rate = Gauge(p + "hit_rate", "Lookups that found the adapter in the tier: slot (its layer "
+                              "already in a slot, per delta) or device (on the device tier, per load)", ["tier"],
+                              registry=r)
+        self.loading = Gauge(p + "adapters_loading", "Adapters on their way to the device or into a slot",
+                             registry=r)
         self.layers_loaded = Gauge(p + "layers_loaded", "Adapter layers written into slots so far", registry=r)
         self.wire = Gauge(p + "wire_bytes", "Payload bytes received and sent", ["direction"], registry=r)
         self.max_instances = 0
@@ -75,7 +79,9 @@ class ServerMetrics:
             self.adapters.labels(tier).set(st.get(f"{tier}_adapters", 0))
         self.adapters.labels("slot").set(st["slot_adapters"])
         looked = st["slot_hits"] + st["slot_misses"]
-        self.hit_rate.set(st["slot_hits"] / looked if looked else 0.0)
+        self.hit_rate.labels("slot").set(st["slot_hits"] / looked if looked else 0.0)
+        self.hit_rate.labels("device").set(st["adapter_hit_rate"])
+        self.loading.set(len(self.server.store.prefetch) + len(self.server.store.holds))
         self.layers_loaded.set(st["layers_loaded"])
         self.wire.labels("in").set(self.server.sock.bytes_in)
         self.wire.labels("out").set(self.server.sock.bytes_out)

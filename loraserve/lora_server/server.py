@@ -11,6 +11,11 @@ so does nothing else. In idle time the store fills hinted adapters' slots.
 
 Anything malformed gets an error reply naming the problem; the loop never
 dies of a message.
+
+With `--ep`/`--pp` this process is rank 0 of a parallel server: the loop is
+the same, its store holds rank 0's shard, and `parallel.Ranks` carries
+control messages to the other ranks and routes each batch's rows to the
+ranks that own them.
 """
 
 from __future__ import annotations
@@ -20,19 +25,24 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from loraserve.clock import MonotonicClock
 from loraserve.errors import InvalidRequest, UnknownModel
-from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target, in_dim, layer_targets
-from loraserve.lora_server.compute import batched_delta
-from loraserve.remote.config import LoraServerConfig
+from loraserve.lora.adapter import LoraAdapter
+from loraserve.lora_server.compute import store_delta
+from loraserve.lora_server.delta import Delta, parse_delta
+from loraserve.lora_server.parallel import RankFailed, Ranks
+from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
-from loraserve.remote.protocol import DTYPES, MAX_ROWS, Message, ProtocolError, decode, encode, error, field
 from loraserve.lora_server.store import AdapterStore
+from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import Target
+from loraserve.remote.config import LoraServerConfig
+from loraserve.remote.protocol import Message, ProtocolError, decode, encode, error, field
 from loraserve.remote.transport import ServerSocket
 
 log = logging.getLogger(__name__)
@@ -40,39 +50,28 @@ log = logging.getLogger(__name__)
 PULL_TTL_S = 60.0
 """How long a pull-mode result waits to be pulled before it is dropped."""
 
-
-@dataclass
-class Delta:
-    """One instance's rows of one (layer, target), parsed and checked."""
-
-    peer: bytes
-    id: int
-    layer: int
-    target: Target
-    dtype: torch.dtype
-    push: bool
-    x: torch.Tensor
-    """[N, in] the projection's input rows (only rows under some adapter)."""
-
-    adapters: list[str]
-    """Adapter ids the rows refer to."""
-
-    row_adapter: torch.Tensor
-    """[N] each row's index into `adapters`."""
-
-    expert: torch.Tensor | None
-    """[N] each row's expert (expert targets only)."""
-
-    arrived: float
+WEIGHT_POLL_S = 0.0005
+"""How long the loop sleeps on the socket while deltas wait for adapter weights."""
 
 
 class LoraServer:
-    def __init__(self, config: LoraServerConfig, listen: str) -> None:
+    def __init__(self, config: LoraServerConfig, listen: str, lora_dirs: list[str] = ()) -> None:
+        """`lora_dirs`: the only directories runtime loads may read from (none: runtime loading is off)."""
         self.config = config
+        self.lora_dirs = [Path(d).resolve() for d in lora_dirs]
         self.spec = ModelSpec.from_dir(config.model)
         self.clock = MonotonicClock()
-        self.store = AdapterStore(self.spec, config, self.clock)
+        layout = Layout.of(config.ep, config.pp, self.spec)
+        self.store = AdapterStore(self.spec, config, self.clock, layout.shard(0) if layout.world > 1 else None)
         self.sock = ServerSocket(listen)
+        self.ranks: Ranks | None = None
+        if layout.world > 1:
+            try:
+                self.ranks = Ranks(config, layout, self.store)
+            except BaseException:
+                self.sock.close()
+                self.store.close()
+                raise
         self.endpoint = self.sock.endpoint
         self.incarnation = uuid.uuid4().hex[:12]
         """Changes with every start: an instance that sees a new one re-reads the catalogue."""
@@ -82,7 +81,14 @@ class LoraServer:
         """Pull mode: (peer, id) → (result frames, when computed)."""
         self.pullers: set[tuple[bytes, int]] = set()
         """Pulls that came before their result."""
+        self.last_seen: dict[bytes, tuple[float, int]] = {}
+        """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
+        self.plans: dict[bytes, frozenset[int]] = {}
+        """Instance → the positions its current step sends deltas for."""
         self.stop = threading.Event()
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
+        self.loads: list[tuple[bytes, object, str, str, Future]] = []
+        """Runtime loads being read: (peer, message id, name, path, the read)."""
 
     # -- the loop --------------------------------------------------------------
 
@@ -94,20 +100,42 @@ class LoraServer:
             self.close()
 
     def run_once(self, idle_wait: float = 0.05) -> None:
-        busy = bool(self.pending) or bool(self.store.prefetch)
-        if self.sock.poll(0 if busy else idle_wait):
+        # deltas waiting for weights poll briefly (the mover thread needs the CPU); prefetch work does not wait
+        wait = WEIGHT_POLL_S if self.pending or self.loads else 0 if self.store.prefetch else idle_wait
+        if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
-            # give other instances' deltas of the same layer a moment to arrive
+            # give instances that are behind in their forward pass a moment to catch up
             window_end = min(d.arrived for d in self.pending) + self.config.batch_window_us / 1e6
-            while (left := window_end - time.monotonic()) > 0 and self.sock.poll(left):
+            while ((left := window_end - time.monotonic()) > 0 and self._someone_is_coming()
+                   and self.sock.poll(left)):
                 self._drain()
         if self.pending:
             self._compute()
-        if not self.pending or not self._drain():
+        if self.loads:
+            self._finish_loads()
+        if not self.pending:
             self.store.advance()
         self._expire_results()
         self.metrics.refresh()
+
+    def _someone_is_coming(self) -> bool:
+        """Whether an instance active in the last second is behind some pending
+        delta in its forward pass (its latest delta was for an earlier layer or
+        projection), so its rows for that delta's projection are on the way.
+        Waiting for it puts instances in step, and their deltas batch from then
+        on; an instance already past that projection will not send it before
+        its next step, and waiting for it would only add latency."""
+        now = time.monotonic()
+        for peer in [p for p, (t, _) in self.last_seen.items() if now - t > 1.0]:
+            del self.last_seen[peer]
+        waiting = {(d.peer, d.position) for d in self.pending}
+        for d in self.pending:
+            for peer, (_, position) in self.last_seen.items():
+                if (peer != d.peer and position < d.position and d.position in self.plans.get(peer, ())
+                        and (peer, d.position) not in waiting):
+                    return True
+        return False
 
     def _drain(self) -> bool:
         """Handle every message waiting; returns whether there were any."""
@@ -124,25 +152,49 @@ class LoraServer:
             msg = decode(frames)
             msg_id = msg.header.get("id")
             reply = self._dispatch(peer, msg)
-        except ProtocolError as e:
-            self.metrics.refused.labels(str(e.status)).inc()
-            reply = error(str(e), e.status, id=msg_id)
-        except UnknownModel as e:
-            self.metrics.refused.labels("404").inc()
-            reply = error(f"no adapter named {e.args[0]!r}", 404, id=msg_id)
-        except InvalidRequest as e:  # AdapterError: a bad adapter or name
-            self.metrics.refused.labels("400").inc()
-            reply = error(e.message, 400, id=msg_id, field=e.field)
-        except Exception as e:  # a bug: answer, log, keep serving
-            log.exception("handling a %s message failed", frames and bytes(frames[0])[:40])
-            reply = error(f"{type(e).__name__}: {e}", 500, id=msg_id)
+        except Exception as e:
+            reply = self._refusal(e, msg_id)
         if reply is not None:
+            self.sock.send(peer, reply)
+
+    def _refusal(self, e: Exception, msg_id) -> list:
+        """The error reply for what a message raised (a bug is logged and answered too)."""
+        if isinstance(e, ProtocolError):
+            status, text, extra = e.status, str(e), {}
+        elif isinstance(e, UnknownModel):
+            status, text, extra = 404, f"no adapter named {e.name!r}", {}
+        elif isinstance(e, InvalidRequest):  # AdapterError: a bad adapter or name
+            status, text, extra = 400, str(e), {"field": e.field}
+        else:
+            log.exception("handling a message failed", exc_info=e)
+            status, text, extra = 500, f"{type(e).__name__}: {e}", {}
+        self.metrics.refused.labels(str(status)).inc()
+        return error(text, status, id=msg_id, **extra)
+
+    def _finish_loads(self) -> None:
+        """Name the adapters the loader thread has read (the store is the loop thread's)."""
+        for item in [x for x in self.loads if x[4].done()]:
+            self.loads.remove(item)
+            peer, msg_id, name, path, future = item
+            try:
+                adapter = self._register(name, path, future.result())
+                reply = encode({"kind": "loaded", "id": msg_id, "name": name, "adapter": adapter.id,
+                                "rank": adapter.rank, "version": self.store.version})
+            except Exception as e:
+                reply = self._refusal(e, msg_id)
             self.sock.send(peer, reply)
 
     def _dispatch(self, peer: bytes, msg: Message) -> list | None:
         h, kind = msg.header, msg.kind
         if kind == "delta":
-            self.pending.append(self._parse_delta(peer, msg))
+            delta = parse_delta(peer, msg, self.spec, self.store, self.config.max_loras)
+            if "plan" in msg.header:
+                plan = field(msg.header, "plan", list)
+                if len(plan) > self.spec.num_layers * len(Target) or not all(isinstance(p, int) for p in plan):
+                    raise ProtocolError("'plan' must list at most one position per layer and target")
+                self.plans[peer] = frozenset(plan)
+            self.pending.append(delta)
+            self.last_seen[peer] = (delta.arrived, delta.position)
             return None
         if kind == "pull":
             key = (peer, field(h, "id", int))
@@ -151,7 +203,10 @@ class LoraServer:
             self.pullers.add(key)
             return None
         if kind == "hint":
-            self.store.hint([a for a in field(h, "adapters", list) if isinstance(a, str)])
+            adapters = [a for a in field(h, "adapters", list) if isinstance(a, str)]
+            self.store.hint(adapters)
+            if self.ranks is not None:
+                self.ranks.hint(adapters)
             return None
         if kind in ("ping", "hello"):
             return encode({"kind": kind, "id": h.get("id"), "incarnation": self.incarnation,
@@ -160,57 +215,25 @@ class LoraServer:
             return encode({"kind": "catalogue", "id": h.get("id"), "incarnation": self.incarnation,
                            "version": self.store.version, "adapters": self.store.catalogue()})
         if kind == "load":
-            adapter = self.store.add(field(h, "name", str), field(h, "path", str))
-            return encode({"kind": "loaded", "id": h.get("id"), "name": h["name"], "adapter": adapter.id,
-                           "rank": adapter.rank, "version": self.store.version})
+            path = Path(field(h, "path", str)).resolve()
+            if not any(path.is_relative_to(d) for d in self.lora_dirs):
+                raise ProtocolError(f"lora_path {h['path']!r} is outside the LoRA server's --lora-dir "
+                                    f"directories" if self.lora_dirs else
+                                    "runtime adapter loading is off on the LoRA server; start it with --lora-dir",
+                                    403)
+            # reading a large adapter takes seconds: a worker thread reads, the loop goes on serving deltas
+            name = field(h, "name", str)
+            self.loads.append((peer, h.get("id"), name, str(path),
+                               self.loader.submit(self.store.registry.load, name, path)))
+            return None
         if kind == "unload":
             self.store.remove(field(h, "name", str))
+            if self.ranks is not None:
+                self.ranks.call({"kind": "unload", "name": h["name"]})
             return encode({"kind": "unloaded", "id": h.get("id"), "version": self.store.version})
         if kind == "stats":
             return encode({"kind": "stats", "id": h.get("id"), "stats": self.stats()})
         raise ProtocolError(f"unknown message kind {kind!r}")
-
-    def _parse_delta(self, peer: bytes, msg: Message) -> Delta:
-        h, s = msg.header, self.spec
-        msg_id = field(h, "id", int)
-        layer = field(h, "layer", int)
-        if not 0 <= layer < s.num_layers:
-            raise ProtocolError(f"layer {layer} is outside [0, {s.num_layers})")
-        try:
-            target = Target(field(h, "target", str))
-        except ValueError:
-            raise ProtocolError(f"unknown target {h['target']!r}") from None
-        if target not in layer_targets(s, layer):
-            raise ProtocolError(f"layer {layer} has no {target} projection")
-        if h.get("dtype") not in DTYPES or DTYPES[h["dtype"]] == torch.int32:
-            raise ProtocolError(f"dtype {h.get('dtype')!r} is not a float type")
-        rows = field(h, "rows", int)
-        if not 0 < rows <= MAX_ROWS:
-            raise ProtocolError(f"rows {rows} is outside (0, {MAX_ROWS}]")
-        want = 2 if target.is_expert else 1
-        if len(msg.tensors) != 1 + want:
-            raise ProtocolError(f"a {target} delta carries {1 + want} tensors, got {len(msg.tensors)}")
-        x = msg.tensors[0]
-        if x.dtype != DTYPES[h["dtype"]] or list(x.shape) != [rows, in_dim(s, target)]:
-            raise ProtocolError(f"x must be {h['dtype']}[{rows}, {in_dim(s, target)}], "
-                                f"got {str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
-        adapters = field(h, "adapters", list)
-        if not adapters or not all(isinstance(a, str) for a in adapters):
-            raise ProtocolError("'adapters' must be a non-empty list of adapter ids")
-        unknown = [a for a in adapters if not self.store.registry.has(a)]
-        if unknown:
-            raise ProtocolError(f"unknown adapter {unknown[0]!r}", 404)
-        if len(set(adapters)) > self.config.max_loras:
-            raise ProtocolError(f"{len(set(adapters))} adapters in one delta; this server has "
-                                f"{self.config.max_loras} slots", 503)
-        row_adapter, expert = msg.tensors[1], None
-        _check_index(row_adapter, rows, len(adapters), "adapter")
-        if target.is_expert:
-            expert = msg.tensors[2]
-            _check_index(expert, rows, s.num_experts, "expert")
-            expert = expert.long()
-        return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                     row_adapter.long(), expert, time.monotonic())
 
     # -- computing -------------------------------------------------------------
 
@@ -229,28 +252,30 @@ class LoraServer:
     def _run(self, layer: int, target: Target, batch: list[Delta]) -> list[Delta]:
         """Compute one batch; returns the deltas that must wait (weights not there yet)."""
         adapters = list(dict.fromkeys(a for d in batch for a in d.adapters))
-        slots: dict[str, int] = {}
+        index = {a: i for i, a in enumerate(adapters)}
+        start = time.perf_counter()
+        x = torch.cat([d.x for d in batch])
+        row_adapter = torch.cat([torch.tensor([index[a] for a in d.adapters])[d.row_adapter] for d in batch])
+        expert = torch.cat([d.expert for d in batch]) if target.is_expert else None
         try:
-            for a in adapters:
-                slot = self.store.acquire(a, layer)
-                if slot is None:
-                    return batch
-                slots[a] = slot
-            start = time.perf_counter()
-            x = torch.cat([d.x.to(self.store.bank.dtype) for d in batch]).to(self.store.bank.device)
-            slot = torch.cat([torch.tensor([slots[a] for a in d.adapters])[d.row_adapter] for d in batch])
-            expert = torch.cat([d.expert for d in batch]) if target.is_expert else None
-            dev = self.store.bank.device
-            y = batched_delta(self.store.bank, layer, target, x, slot.to(dev),
-                              None if expert is None else expert.to(dev))
-            compute_s = time.perf_counter() - start
+            if self.ranks is None:
+                y = store_delta(self.store, layer, target, x, adapters, row_adapter, expert)
+            else:
+                y = self.ranks.delta(layer, target, x, adapters, row_adapter, expert)
         except ProtocolError as e:  # e.g. an adapter unloaded while its delta waited
             for d in batch:
                 self.sock.send(d.peer, error(str(e), e.status, id=d.id))
             return []
-        finally:
-            for a in slots:
-                self.store.release(a)
+        except RankFailed:  # a rank is gone: this server cannot compute any more, let its supervisor restart it
+            raise
+        except Exception as e:  # a bug or a device fault: these deltas fail, the server goes on
+            log.exception("a batched delta of layer %d %s failed", layer, target)
+            for d in batch:
+                self.sock.send(d.peer, error(f"{type(e).__name__}: {e}", 500, id=d.id))
+            return []
+        if y is None:
+            return batch
+        compute_s = time.perf_counter() - start
         self.metrics.observe_batch(target, batch, compute_s)
         at = 0
         for d in batch:
@@ -274,25 +299,36 @@ class LoraServer:
     # -- the rest --------------------------------------------------------------
 
     def load(self, name: str, path: str) -> None:
-        self.store.add(name, path)
+        """Serve an adapter from the start (any path: the operator's choice)."""
+        self._register(name, path, self.store.registry.load(name, path))
+
+    def _register(self, name: str, path: str, adapter: LoraAdapter) -> LoraAdapter:
+        """Name a read adapter here and on every other rank (undone here if a rank refuses it)."""
+        adapter = self.store.add_loaded(name, adapter)
+        if self.ranks is not None:
+            try:
+                self.ranks.load(name, path)
+            except BaseException:
+                self.store.remove(name)
+                raise
+        return adapter
 
     def stats(self) -> dict:
         out = self.store.stats()
         out.update(self.metrics.snapshot())
         out["bytes_in"], out["bytes_out"] = self.sock.bytes_in, self.sock.bytes_out
         out["pending_deltas"] = len(self.pending)
+        if self.ranks is not None:
+            out["ranks"] = self.ranks.stats()
+            out["rank_not_ready"] = self.ranks.not_ready
         return out
 
     def close(self) -> None:
+        self.loader.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
+        if self.ranks is not None:
+            self.ranks.close()
         self.store.close()
-
-
-def _check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:
-    if t.dtype != torch.int32 or list(t.shape) != [rows]:
-        raise ProtocolError(f"{what} ids must be int32[{rows}]")
-    if rows and (int(t.min()) < 0 or int(t.max()) >= bound):
-        raise ProtocolError(f"{what} ids must be in [0, {bound})")
 
 
 def _fit(deltas: list[Delta], max_adapters: int) -> tuple[list[Delta], list[Delta]]:

@@ -16,10 +16,17 @@ layer l's weights (a request's first layers compute while the rest arrive);
 without it, the whole adapter goes in before its first delta. A prefetch hint
 (an instance queued a request for the adapter) starts the cache's copy to the
 device and fills the slot layer by layer in the server's idle time.
+
+A rank of a parallel server (`--ep`, `--pp`) has a store of its `Shard`: every
+adapter is cut to the shard as it is read (at load and when the disk tier
+reads it again), so cache blocks, slots and the bank hold only the shard's
+bytes; the catalogue still shows whole adapters. An adapter with nothing in
+the shard takes no cache blocks: its slot is all zeros.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -33,6 +40,7 @@ from loraserve.lora.bank import LoraBank
 from loraserve.lora.packing import unpack
 from loraserve.lora.registry import AdapterInfo, AdapterRegistry
 from loraserve.lora.slots import LoraSlots
+from loraserve.lora_server.shard import Shard
 from loraserve.model.spec import ModelSpec
 from loraserve.remote.config import LoraServerConfig
 from loraserve.remote.protocol import ProtocolError
@@ -45,8 +53,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class AdapterStore:
-    def __init__(self, spec: ModelSpec, config: LoraServerConfig, clock: Clock) -> None:
+    def __init__(self, spec: ModelSpec, config: LoraServerConfig, clock: Clock, shard: Shard | None = None) -> None:
         self.spec = spec
+        self.shard = shard
         self.config = config
         self.clock = clock
         dtype, device = DTYPES[config.dtype], torch.device(config.device)
@@ -57,9 +66,12 @@ class AdapterStore:
         if num_blocks < 1:
             raise ValueError(f"device_bytes {cc.device_bytes} holds no block of {block_bytes} bytes")
         self.memory = TierMemory(spec, num_blocks, cc.block_size, dtype, device, num_host)
-        self.mover = TorchMover(self.memory, self.registry.reload)
+        registry = self.registry
+        read = registry.reload if shard is None else lambda adapter_id: shard.apply(registry.reload(adapter_id))
+        self.mover = TorchMover(self.memory, read)
         self.cache = TieredCacheManager(cc, num_blocks, num_host, block_bytes, clock, self.mover)
-        self.bank = LoraBank(spec, config.max_loras, dtype, device)
+        self.bank = LoraBank(spec, config.max_loras, dtype, device, *(
+            (shard.keys(spec), shard.num_experts(spec)) if shard is not None else ()))
         self.slots = LoraSlots(config.max_loras)
         self.filled: dict[str, set[int]] = {}
         """Layers whose weights are in the adapter's slot (only adapters with a slot)."""
@@ -72,13 +84,29 @@ class AdapterStore:
         self.version = 0
         """Catalogue version: bumped on every load and unload, so instances re-read it."""
         self.counters = {"slot_hits": 0, "slot_misses": 0, "layers_loaded": 0, "layer_waits": 0}
-        self.all_layers = frozenset(range(spec.num_layers))
+        self.all_layers = frozenset(shard.layers if shard is not None else range(spec.num_layers))
+        self.whole: dict[str, LoraAdapter] = {}
+        """A shard's store: each adapter's whole metadata (for the catalogue)."""
 
     # -- names ---------------------------------------------------------------
 
     def add(self, name: str, path: str) -> LoraAdapter:
         """Load, validate and name an adapter (AdapterError says why not)."""
-        adapter = self.registry.add_cached(name, self.registry.load(name, path), self.cache, self.memory)
+        return self.add_loaded(name, self.registry.load(name, path))
+
+    def add_loaded(self, name: str, whole: LoraAdapter) -> LoraAdapter:
+        """Name an adapter read by `registry.load` (on any thread), keeping this
+        store's part of it. The same bytes under a name they already have is
+        no change (an instance that restarts with its --lora flags loads them again)."""
+        adapter = self._own(whole)
+        if any(a.name == name and a.id == adapter.id for a in self.registry.listing):
+            return self.registry.get(adapter.id)
+        if adapter.num_bytes or self.registry.has(adapter.id):
+            adapter = self.registry.add_cached(name, adapter, self.cache, self.memory)
+        else:  # nothing of it in this shard
+            adapter = self.registry.register(name, adapter)
+        if self.shard is not None:
+            self.whole.setdefault(adapter.id, dataclasses.replace(whole, weights={}))
         self.version += 1
         return adapter
 
@@ -98,13 +126,15 @@ class AdapterStore:
             self.slots.evict(adapter.id)
             self.bank.clear(slot)
             self.filled.pop(adapter.id, None)
-        self.cache.remove_adapter(adapter.id)
+        if adapter.num_bytes:
+            self.cache.remove_adapter(adapter.id)
+        self.whole.pop(adapter.id, None)
         self.registry.drop(adapter.id)
 
     def catalogue(self) -> list[dict]:
         out = []
         for info in self.registry.listing:
-            meta = self.registry.get(info.id)
+            meta = self.whole.get(info.id) or self.registry.get(info.id)
             out.append({"name": info.name, "id": info.id, "rank": info.rank, "path": info.path,
                         "num_bytes": meta.num_bytes,
                         "layout": [[list(key), list(a), list(b)] for key, a, b in meta.layout]})
@@ -196,6 +226,9 @@ class AdapterStore:
         staged = self.staged.get(adapter_id)
         if staged is not None:
             return staged
+        if not self.registry.get(adapter_id).num_bytes:  # an empty shard: zeros
+            self.staged[adapter_id] = self.registry.get(adapter_id)
+            return self.staged[adapter_id]
         hold = self.holds.get(adapter_id)
         if hold is None:
             hold = Request(f"hold:{adapter_id}", [0], SamplingParams(max_tokens=1), adapter=adapter_id,
@@ -215,6 +248,10 @@ class AdapterStore:
             self.cache.free(hold)
         self.staged[adapter_id] = staged
         return staged
+
+    def _own(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The part of an adapter this store keeps (all of it unless it holds a shard)."""
+        return self.shard.apply(adapter) if self.shard is not None else adapter
 
     def stats(self) -> dict:
         out = dict(self.cache.stats())

@@ -30,7 +30,7 @@ from loraserve.model.lora import Routing
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, out_dim
 from loraserve.remote.config import RemoteLoraConfig
-from loraserve.remote.protocol import Message
+from loraserve.remote.protocol import Message, position
 from loraserve.remote.transport import ClientSocket, Unreachable
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class LoraServerError(RuntimeError):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"the LoRA server answered {status}: {message}")
-        self.status = status
+        self.status, self.message = status, message
 
 
 def _answer(msg: Message) -> Message:
@@ -130,8 +130,8 @@ class LoraServerClient:
         try:
             msg = self.call({"kind": "load", "name": name, "path": path}, timeout_s=max(60.0, self.config.timeout_s))
         except LoraServerError as e:
-            if e.status == 400:
-                raise AdapterError(str(e).split(": ", 1)[-1]) from None
+            if e.status in (400, 403, 404):  # a bad adapter, a path it may not read: the request's fault
+                raise AdapterError(e.message) from None
             raise
         entries = self.call({"kind": "catalogue"}).header["adapters"]
         entry = next(e for e in entries if e["name"] == name and e["id"] == msg.header["adapter"])
@@ -178,8 +178,12 @@ class RemoteLoraBackend:
         self.step_adapters: list[str] = []
         self.row_adapter: torch.Tensor | None = None
         self.targets: set[tuple[int, Target]] = set()
+        self.plan: list[int] | None = None
+        """Positions of the step's deltas, sent with its first one (then None)."""
         self.wait_s = 0.0
         """Seconds the engine thread spent waiting for deltas (the remote-LoRA wait, for metrics)."""
+        self.steps = 0
+        """Steps with adapter rows (wait_s / steps: the mean remote-LoRA wait per step)."""
 
     @property
     def active(self) -> bool:
@@ -195,6 +199,7 @@ class RemoteLoraBackend:
         if ids:
             if not self.client.up:
                 raise Unavailable(f"the LoRA server at {self.config.endpoint} is down")
+            self.steps += 1
             index = {a: k for k, a in enumerate(ids)}
             self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
                                              for _ in range(rows[i])], dtype=torch.int32)
@@ -203,6 +208,7 @@ class RemoteLoraBackend:
                 if meta is None:
                     raise UnknownModel(a, f"adapter {a} is not in the LoRA server's catalogue")
                 self.targets.update(key for key, _, _ in meta.layout)
+            self.plan = sorted(position(self.spec, layer, target) for layer, target in self.targets)
         return order
 
     def submit(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
@@ -221,6 +227,8 @@ class RemoteLoraBackend:
         header = {"kind": "delta", "id": next(self._ids), "layer": layer, "target": target.value,
                   "dtype": str(x.dtype).removeprefix("torch."), "rows": xs.shape[0], "adapters": self.step_adapters,
                   "push": self.config.mode == "push"}
+        if self.plan is not None:
+            header["plan"], self.plan = self.plan, None
         tensors = [xs.cpu(), row_adapter] + ([expert] if expert is not None else [])
         handle = (header, tensors, rows, target)
         if self.config.overlap:

@@ -39,7 +39,8 @@ class LoraServerConfig:
 
     ep: int = 1
     """Expert-parallel ranks per pipeline stage: each holds 1/ep of every MoE
-    layer's expert LoRA."""
+    layer's expert LoRA (expert e on rank e mod ep). ep * pp > 1 runs that many
+    rank processes; the cache sizes are per rank."""
 
     pp: int = 1
     """Pipeline stages: each owns a contiguous range of layers."""

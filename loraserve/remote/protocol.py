@@ -20,7 +20,9 @@ refused) and `kind`. Kinds, instance → server:
   `segments` [[adapter id, rows], ...] for dense targets (rows sorted by
   adapter), or for expert targets `adapters` [ids] with per-row frames
   `expert` and `adapter` (an index into `adapters`); `push` (reply at once)
-  or pull (keep the result until a `pull` for the same `id`).
+  or pull (keep the result until a `pull` for the same `id`). A step's
+  first delta also carries `plan`: the `position`s of every delta the step
+  will send, so the server knows whom a batch is worth waiting for.
 - pull (`id`): send the result of a pull-mode delta when it is ready.
 - ping: liveness and the catalogue version; stats: the server's counters.
 
@@ -32,10 +34,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import Target, layer_targets
 
 PROTOCOL_VERSION = 1
 
@@ -120,8 +126,15 @@ def as_tensor(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Te
     """A tensor over received bytes (no copy; bf16 travels as int16)."""
     np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape) if buf.nbytes else np.zeros(shape, np_dtype)
-    t = torch.from_numpy(arr)
+    with warnings.catch_warnings():  # received bytes are read-only, and only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def position(spec: ModelSpec, layer: int, target: Target) -> int:
+    """Where (layer, target) comes in a forward pass: a step's deltas are sent in this order."""
+    return layer * len(Target) + layer_targets(spec, layer).index(target)
 
 
 def error(message: str, status: int = 400, **fields) -> list:

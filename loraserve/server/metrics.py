@@ -64,6 +64,11 @@ class _EngineCollector:
             ("loraserve_low_lora", "ELORA's expected number of adapters a batch needs", stats.get("low_lora", 0.0)),
             ("loraserve_swap_in_bytes", "Bytes copied to the device tier", stats.get("swap_in_bytes", 0)),
             ("loraserve_swap_out_bytes", "Bytes copied off the device tier", stats.get("swap_out_bytes", 0)),
+            ("loraserve_lora_bank_bytes", "Adapter weights in this process's LoRA slots (0 with a LoRA server)",
+             e.lora_bank_bytes),
+            ("loraserve_remote_lora_wait_seconds", "Seconds steps waited for the LoRA server's deltas, in all",
+             e.remote_lora_wait_s),
+            ("loraserve_remote_lora_steps", "Steps that sent deltas to the LoRA server", e.remote_lora_steps),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
         cache = GaugeMetricFamily("loraserve_cache_bytes", "Tier bytes by kind", labels=["tier", "kind"])

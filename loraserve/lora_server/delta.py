@@ -1,0 +1,94 @@
+"""A delta request: one instance's rows of one (layer, projection), parsed
+and checked against the model and the adapters before the server queues it,
+so nothing malformed ever reaches a kernel."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.lora_server.store import AdapterStore
+from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import Target, in_dim, layer_targets
+from loraserve.remote.protocol import DTYPES, MAX_ROWS, Message, ProtocolError, field, position
+
+
+@dataclass
+class Delta:
+    """One instance's rows of one (layer, target), parsed and checked."""
+
+    peer: bytes
+    id: int
+    layer: int
+    target: Target
+    dtype: torch.dtype
+    push: bool
+    x: torch.Tensor
+    """[N, in] the projection's input rows (only rows under some adapter)."""
+
+    adapters: list[str]
+    """Adapter ids the rows refer to."""
+
+    row_adapter: torch.Tensor
+    """[N] each row's index into `adapters`."""
+
+    expert: torch.Tensor | None
+    """[N] each row's expert (expert targets only)."""
+
+    arrived: float
+
+    position: int = 0
+    """Where (layer, target) comes in a forward pass: deltas of one step arrive in this order."""
+
+
+def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore, max_loras: int) -> Delta:
+    """Check a delta message against the model and the store; raises ProtocolError saying what is wrong."""
+    h, s = msg.header, spec
+    msg_id = field(h, "id", int)
+    layer = field(h, "layer", int)
+    if not 0 <= layer < s.num_layers:
+        raise ProtocolError(f"layer {layer} is outside [0, {s.num_layers})")
+    try:
+        target = Target(field(h, "target", str))
+    except ValueError:
+        raise ProtocolError(f"unknown target {h['target']!r}") from None
+    if target not in layer_targets(s, layer):
+        raise ProtocolError(f"layer {layer} has no {target} projection")
+    if h.get("dtype") not in DTYPES or DTYPES[h["dtype"]] == torch.int32:
+        raise ProtocolError(f"dtype {h.get('dtype')!r} is not a float type")
+    rows = field(h, "rows", int)
+    if not 0 < rows <= MAX_ROWS:
+        raise ProtocolError(f"rows {rows} is outside (0, {MAX_ROWS}]")
+    want = 2 if target.is_expert else 1
+    if len(msg.tensors) != 1 + want:
+        raise ProtocolError(f"a {target} delta carries {1 + want} tensors, got {len(msg.tensors)}")
+    x = msg.tensors[0]
+    if x.dtype != DTYPES[h["dtype"]] or list(x.shape) != [rows, in_dim(s, target)]:
+        raise ProtocolError(f"x must be {h['dtype']}[{rows}, {in_dim(s, target)}], "
+                            f"got {str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
+    adapters = field(h, "adapters", list)
+    if not adapters or not all(isinstance(a, str) for a in adapters):
+        raise ProtocolError("'adapters' must be a non-empty list of adapter ids")
+    unknown = [a for a in adapters if not store.registry.has(a)]
+    if unknown:
+        raise ProtocolError(f"unknown adapter {unknown[0]!r}", 404)
+    if len(set(adapters)) > max_loras:
+        raise ProtocolError(f"{len(set(adapters))} adapters in one delta; this server has "
+                            f"{max_loras} slots", 503)
+    row_adapter, expert = msg.tensors[1], None
+    check_index(row_adapter, rows, len(adapters), "adapter")
+    if target.is_expert:
+        expert = msg.tensors[2]
+        check_index(expert, rows, s.num_experts, "expert")
+        expert = expert.long()
+    return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
+                 row_adapter.long(), expert, time.monotonic(), position(s, layer, target))
+
+
+def check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:
+    if t.dtype != torch.int32 or list(t.shape) != [rows]:
+        raise ProtocolError(f"{what} ids must be int32[{rows}]")
+    if rows and (int(t.min()) < 0 or int(t.max()) >= bound):
+        raise ProtocolError(f"{what} ids must be in [0, {bound})")
