@@ -24,7 +24,7 @@ repeat has fresh prompts (no history-KV hits carry over). Processes bind
 127.0.0.1 on free ports and are all stopped at the end.
 
     python benchmarks/disagg.py                          # all parts, about 12 minutes
-    python benchmarks/disagg.py --parts a b --models tiny-mixtral --repeats 3
+    python benchmarks/disagg.py --parts ab --models tiny-mixtral --repeats 3
 
 Results: benchmarks/results/disagg.json and .txt.
 """
@@ -280,6 +280,9 @@ def instance_memory(m: dict[str, float]) -> dict:
             "adapter_bytes_host": m.get('loraserve_cache_bytes{kind="adapters",tier="host"}', 0.0),
             "adapters_on_device": m.get("loraserve_adapters_on_device", 0.0),
             "lora_slots_used": m.get("loraserve_lora_slots_used", 0.0),
+            "bank_bytes": m.get("loraserve_lora_bank_bytes", 0.0),
+            "remote_lora_wait_s": m.get("loraserve_remote_lora_wait_seconds", 0.0),
+            "remote_lora_steps": m.get("loraserve_remote_lora_steps", 0.0),
             "kv_bytes_device": m.get('loraserve_cache_bytes{kind="running_kv",tier="device"}', 0.0)
             + m.get('loraserve_cache_bytes{kind="history_kv",tier="device"}', 0.0)}
 
@@ -322,7 +325,9 @@ def part_c(model_name: str, num_adapters: int, sessions: int, rate: float, outpu
             server_port = None
             if deployment == "disaggregated":
                 server_port = free_port()
-                proc, endpoint = lora_server(model_dir, adapters, threads, metrics_port=server_port)
+                # as many slots as the coupled pair has together (serve's default --max-loras 8, twice)
+                proc, endpoint = lora_server(model_dir, adapters, threads, "--max-loras", "16",
+                                             metrics_port=server_port)
                 procs.append(proc)
                 for p in ports:
                     procs.append(serve(model_dir, p, threads, "--lora-server", endpoint))
@@ -364,18 +369,7 @@ def part_c(model_name: str, num_adapters: int, sessions: int, rate: float, outpu
     return result
 
 
-def bank_bytes(model_dir: Path, slots: int, rank: int) -> int:
-    """Bytes of a coupled instance's compute slots (`LoraBank`) at this rank: not in
-    its /metrics, so computed from the same class."""
-    from loraserve.lora.bank import LoraBank
-    from loraserve.model.spec import ModelSpec
-
-    bank = LoraBank(ModelSpec.from_dir(model_dir), slots, torch.float32, torch.device("cpu"))
-    bank._allocate(-(-rank // 4) * 4)
-    return bank.num_bytes
-
-
-def memory_summary(c: dict, model_dir: Path) -> dict:
+def memory_summary(c: dict) -> dict:
     """Adapter memory of each deployment, and how many adapters each keeps for the same bytes."""
     coupled, disagg = c["deployments"].get("coupled"), c["deployments"].get("disaggregated")
     if not coupled or not disagg:
@@ -385,13 +379,17 @@ def memory_summary(c: dict, model_dir: Path) -> dict:
     inst_d = [i["adapter_bytes_device"] + i["adapter_bytes_host"] for i in disagg["instances"]]
     srv = disagg["server"]["cache_bytes_device"] + disagg["server"]["cache_bytes_host"]
     per_adapter = srv / n if n else 0
-    coupled_bank = bank_bytes(model_dir, 8, 16)  # serve's default --max-loras 8, rank 16
     out = {"coupled_instance_adapter_bytes": inst_c, "disagg_instance_adapter_bytes": inst_d,
            "server_adapter_bytes": srv, "bytes_per_adapter": per_adapter,
            "coupled_total_adapter_bytes": sum(inst_c), "disagg_total_adapter_bytes": sum(inst_d) + srv,
            "copies_per_adapter": {"coupled": sum(inst_c) / srv if srv else None,
                                   "disaggregated": (sum(inst_d) + srv) / srv if srv else None},
-           "coupled_instance_bank_bytes": coupled_bank, "server_bank_bytes": disagg["server"]["bank_bytes"]}
+           "coupled_instance_bank_bytes": [i["bank_bytes"] for i in coupled["instances"]],
+           "disagg_instance_bank_bytes": [i["bank_bytes"] for i in disagg["instances"]],
+           "server_bank_bytes": disagg["server"]["bank_bytes"]}
+    out["coupled_total_with_banks"] = sum(inst_c) + sum(out["coupled_instance_bank_bytes"])
+    out["disagg_total_with_banks"] = (sum(inst_d) + srv + sum(out["disagg_instance_bank_bytes"])
+                                      + (out["server_bank_bytes"] or 0))
     # the same adapter memory as the coupled pair holds, spent once on the server
     out["adapters_for_coupled_memory"] = {"coupled": n,
                                           "disaggregated": int(sum(inst_c) // per_adapter) if per_adapter else None}
@@ -450,10 +448,18 @@ def table(result: dict) -> str:
                           f"{mem['copies_per_adapter']['disaggregated']:.1f}; for the coupled pair's adapter bytes "
                           f"({mem['coupled_total_adapter_bytes'] / 2**20:.1f} MiB) the server keeps "
                           f"{mem['adapters_for_coupled_memory']['disaggregated']} adapters resident against "
-                          f"{mem['adapters_for_coupled_memory']['coupled']}; compute slots: "
-                          f"{mem['coupled_instance_bank_bytes'] / 2**20:.1f} MiB per coupled instance (8 slots, "
-                          f"rank 16), {mem['server_bank_bytes'] / 2**20:.1f} MiB on the server (its 32 slots), none "
-                          "on a disaggregated instance"]
+                          f"{mem['adapters_for_coupled_memory']['coupled']}; compute slots (LoRA banks): "
+                          f"{' / '.join(f'{b / 2**20:.1f}' for b in mem['coupled_instance_bank_bytes'])} MiB in the "
+                          f"coupled instances, {' / '.join(f'{b / 2**20:.1f}' for b in mem['disagg_instance_bank_bytes'])}"
+                          f" MiB in the disaggregated ones, {mem['server_bank_bytes'] / 2**20:.1f} MiB on the server "
+                          "(--max-loras 16: the pair's 2 x 8 slots)"]
+            lines.append(f"all adapter memory, tiers and slots: coupled pair {mem['coupled_total_with_banks'] / 2**20:.1f}"
+                         f" MiB, disaggregated (instances + server) {mem['disagg_total_with_banks'] / 2**20:.1f} MiB")
+            waits = [i["remote_lora_wait_s"] / i["remote_lora_steps"] * 1e3
+                     for i in c["deployments"]["disaggregated"]["instances"] if i["remote_lora_steps"]]
+            if waits:
+                lines.append("disaggregated instances' wait for deltas: " + " / ".join(f"{w:.1f}" for w in waits)
+                             + " ms per step (loraserve_remote_lora_wait_seconds / loraserve_remote_lora_steps)")
             srv = c["deployments"]["disaggregated"]["server"]
             lines.append(f"server: {srv['adapters_device']:.0f} adapters on its device tier, "
                          f"{srv['adapters_in_slots']:.0f} in slots; most instances one batched kernel served: "
@@ -463,8 +469,8 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["a", "c"], choices=["a", "b", "c"],
-                    help="a and b run together (b's ablations share a's workload)")
+    ap.add_argument("--parts", nargs="+", default=["ab", "c"], choices=["ab", "c"],
+                    help="ab: (a) and (b), which share one workload; c: two instances over HTTP")
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "smollm2"], help="models of (a) and (b)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the LoRA server in (a), (b)")
@@ -480,12 +486,12 @@ def main() -> None:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "machine": machine(),
                     "args": vars(args)}
     print(json.dumps(result["machine"]), flush=True)
-    if "a" in args.parts or "b" in args.parts:
+    if "ab" in args.parts:
         result["ab"] = [part_ab(m, args.repeats, args.server_threads) for m in args.models]
     if "c" in args.parts:
         c = part_c(args.c_model, args.c_adapters, args.c_sessions, args.c_rate, args.c_output, args.c_threads,
                    ["coupled", "disaggregated"])
-        c["memory"] = memory_summary(c, model(args.c_model)[0])
+        c["memory"] = memory_summary(c)
         result["c"] = c
     result["runtime_s"] = time.monotonic() - t0
     result["loadavg_end"] = os.getloadavg()

@@ -16,12 +16,16 @@ request. Two adapters, each on its own server (a server's slots share one
 rank, the largest loaded, so a rank-1 adapter beside a rank-16 one would
 compute at rank 16): rank 1 (the LoRA compute is negligible: the round trip is
 framing + batching + transport) and rank 16. The server's own compute time
-per delta comes from its Prometheus histograms (`compute_seconds`,
-`queue_seconds`), scraped around every block of round trips. Systems alternate
-in blocks inside every repeat, so all columns of a row are from the same
-minutes.
+per delta comes from its Prometheus histograms (`compute_seconds`: from the
+batch's concatenation to its result; `queue_seconds`), scraped around every
+block of round trips. Systems alternate in blocks inside every repeat, so all
+columns of a row are from the same minutes. The servers run with one torch
+thread (`--server-threads`): on two cores shared with the client, two OpenMP
+threads per server stalled round trips by milliseconds. A last sweep starts
+one fresh server per (`--batch-window-us`, torch threads) and times one
+instance's round trips against each.
 
-    python benchmarks/remote_roundtrip.py                 # about 3 minutes
+    python benchmarks/remote_roundtrip.py                 # about 2-3 minutes
     python benchmarks/remote_roundtrip.py --repeats 20 --block 25
 
 Results: benchmarks/results/remote_roundtrip.json and .txt.
