@@ -101,7 +101,7 @@ class Running:
         self.root = root
         config = LoraServerConfig(model=str(root / "model"), batch_window_us=0, max_loras=MAX_LORAS, ep=ep, pp=pp,
                                   cache=CacheConfig(device_bytes=16 << 20, host_bytes=16 << 20, policy=policy))
-        self.server = LoraServer(config, "tcp://127.0.0.1:0")
+        self.server = LoraServer(config, "tcp://127.0.0.1:0", [str(root / "adapters")])
         try:
             for name in ADAPTERS:
                 self.server.load(name, str(root / "adapters" / name))
