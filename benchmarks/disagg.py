@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from remote_roundtrip import free_port, git_commit, machine, start, stop  # noqa: E402
 
-from loraserve.config import EngineConfig  # noqa: E402
+from loraserve.config import CacheConfig, EngineConfig  # noqa: E402
 from loraserve.engine.llm_engine import LLMEngine  # noqa: E402
 from loraserve.remote.config import RemoteLoraConfig  # noqa: E402
 from loraserve.sampling import SamplingParams  # noqa: E402
@@ -61,6 +62,9 @@ CACHE = ROOT / ".cache" / "bench" / "disagg"
 BATCH, PROMPT_LEN = 8, 64
 OUTPUT_LEN = {"smollm2": 32}
 """Output tokens per request in (a) and (b) (64 unless listed)."""
+CACHE_CONFIG = CacheConfig(device_bytes=256 * 2**20, host_bytes=256 * 2**20)
+"""Each in-process engine's tiers: room for the batch's KV and the coupled engine's adapters, and
+small enough that seven SmolLM2 engines fit beside other work on this machine."""
 COLD_PROMPT_LEN = 16
 """The layer-wise test's prompt: short, so that the prefill does not hide the slot fill."""
 
@@ -156,14 +160,15 @@ def run_batch(engine: LLMEngine, batch: list[list[int]], adapters: list[str | No
 
 def engines_for(model_dir: Path, adapters: dict[str, Path], endpoint: str) -> dict[str, LLMEngine]:
     out = {}
-    coupled = LLMEngine(EngineConfig(model=str(model_dir)))
+    coupled = LLMEngine(EngineConfig(model=str(model_dir), cache=CACHE_CONFIG))
     for n, p in adapters.items():
         coupled.add_adapter(n, str(p))
     out["coupled"] = coupled
     for mode in ("push", "pull"):
         for overlap in (True, False):
             out[f"{mode}, {'overlap' if overlap else 'naive'}"] = LLMEngine(EngineConfig(
-                model=str(model_dir), lora_server=RemoteLoraConfig(endpoint, mode=mode, overlap=overlap)))
+                model=str(model_dir), cache=CACHE_CONFIG,
+                lora_server=RemoteLoraConfig(endpoint, mode=mode, overlap=overlap)))
     return out
 
 
@@ -199,6 +204,8 @@ def part_ab(model_name: str, repeats: int, server_threads: int) -> dict:
     finally:
         for e in engines.values():
             e.close()
+        engines.clear()  # their weights go before the layer-wise test loads two more
+        gc.collect()
         stop(proc)
     result["layerwise"] = layerwise(model_name, model_dir, big_template(model_name, model_dir, template), repeats,
                                     server_threads)
@@ -221,8 +228,11 @@ def layerwise(model_name: str, model_dir: Path, template: Path, repeats: int, se
                  "runs": {"layerwise": [], "whole": []}}
     try:
         for k, flag in (("layerwise", "--layerwise"), ("whole", "--no-layerwise")):
-            procs[k], endpoint = lora_server(model_dir, {**warmup, **cold}, server_threads, flag)
-            engines[k] = LLMEngine(EngineConfig(model=str(model_dir), lora_server=RemoteLoraConfig(endpoint)))
+            # 8 slots: a server's slots are allocated at the largest rank loaded (rank 64 on SmolLM2:
+            # 116 MiB a slot, 3.5 GiB for the default 32), and two servers run side by side here
+            procs[k], endpoint = lora_server(model_dir, {**warmup, **cold}, server_threads, flag, "--max-loras", "8")
+            engines[k] = LLMEngine(EngineConfig(model=str(model_dir), cache=CACHE_CONFIG,
+                                                lora_server=RemoteLoraConfig(endpoint)))
             run_batch(engines[k], prompts(998, 1, COLD_PROMPT_LEN), list(warmup), 2)
         for i, name in enumerate(cold):
             order = ["layerwise", "whole"] if i % 2 == 0 else ["whole", "layerwise"]
@@ -484,7 +494,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.monotonic()
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "machine": machine(),
-                    "args": vars(args)}
+                    "args": {**vars(args), "out": os.path.relpath(args.out, ROOT)}}
     print(json.dumps(result["machine"]), flush=True)
     if "ab" in args.parts:
         result["ab"] = [part_ab(m, args.repeats, args.server_threads) for m in args.models]
