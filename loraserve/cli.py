@@ -14,7 +14,7 @@ from loraserve.flags import add_flag
 from loraserve.errors import RequestError
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
-from loraserve.remote.config import MODES, LoraServerConfig, RemoteLoraConfig
+from loraserve.remote.config import MODES, TRANSPORTS, LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.units import UNITS, format_bytes, split_size
 
@@ -87,7 +87,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     remote = None
     if args.lora_server:
         remote = RemoteLoraConfig(args.lora_server, mode=args.lora_mode, overlap=args.lora_overlap,
-                                  timeout_s=args.lora_server_timeout)
+                                  timeout_s=args.lora_server_timeout, transport=args.lora_transport)
     return EngineConfig(
         lora_server=remote,
         model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank,
@@ -128,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_engine.shutdown()
+        engine.close()
     if async_engine.dead is not None:  # non-zero, so that a supervisor restarts the server
         print(f"loraserve: error: the engine stopped ({async_engine.dead}); exiting", file=sys.stderr)
         return 1
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(r, "--lora-mode", RemoteLoraConfig, "mode", choices=MODES)
     add_flag(r, "--lora-overlap", RemoteLoraConfig, "overlap", action=argparse.BooleanOptionalAction)
     add_flag(r, "--lora-server-timeout", RemoteLoraConfig, "timeout_s", type=float)
+    add_flag(r, "--lora-transport", RemoteLoraConfig, "transport", choices=TRANSPORTS)
     v.set_defaults(func=cmd_serve)
 
     ls = sub.add_parser("lora-server", help="hold every adapter and compute LoRA deltas for base-model instances")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
+from loraserve.dtypes import DTYPES
 from loraserve.remote.config import RemoteLoraConfig
 
 __all__ = ["DTYPES", "CacheConfig", "EngineConfig", "SchedulerConfig"]
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

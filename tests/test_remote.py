@@ -235,6 +235,16 @@ def test_hostile_frames_are_refused_and_the_server_keeps_serving(tiny, servers):
             reply = ask(sock, frames)
             assert reply["kind"] == "error" and reply["status"] == status, (reply, status)
         assert ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping", "id": 1}).encode()])["kind"] == "ping"
+        # a message past the largest a delta can be is cut off before it is allocated
+        flood = zmq.Context.instance().socket(zmq.DEALER)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(server.endpoint)
+        try:
+            flood.send_multipart([b"{}", bytes((1 << 16) * (spec["intermediate_size"] + 3) * 4 + (2 << 20))])
+            assert not flood.poll(2000)  # no answer: the peer was disconnected
+        finally:
+            flood.close(0)
+        assert ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping", "id": 1}).encode()])["kind"] == "ping"
         # loads: the same bytes under their name again is no change; other bytes under it, or a path
         # outside --lora-dir, are refused
         version = ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping"}).encode()])["version"]
@@ -306,7 +316,8 @@ def test_two_instances_share_one_server(tiny):
             text = httpx.get(url + "/metrics").text
             assert metric_value(text, "loraserve_lora_bank_bytes") == 0
             assert metric_value(text, 'loraserve_cache_bytes{kind="adapters",tier="device"}') == 0
-            assert metric_value(text, "loraserve_remote_lora_steps") > 0
+            steps = metric_value(text, "loraserve_remote_lora_steps")
+            assert steps > 0 and metric_value(text, "loraserve_remote_lora_step_wait_seconds_count") == steps
         # each adapter once on the server, however many instances use it
         assert server.metric("loraserve_lora_server_adapters", 'tier="slot"') == len(ADAPTERS)
         # a load through instance 0 reaches instance 1 (the catalogue is the server's)
@@ -394,11 +405,35 @@ def test_a_dead_lora_server_fails_only_adapter_requests_then_serves_again(tiny):
         server.kill()
 
 
-def test_an_instance_refuses_to_start_without_its_lora_server(tiny):
+def test_an_instance_started_before_its_lora_server_serves_adapters_once_it_is_up(tiny):
+    """No start order: the instance serves the base model, and the server's
+    adapters as soon as its heartbeat reaches it."""
+    from loraserve import LLM
+
     root = tiny("llama")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    out = subprocess.run([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(root / "model"),
-                          "--port", str(free_port()), "--lora-server", endpoint, "--lora-server-timeout", "1"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "LoRA server" in out.stderr and endpoint in out.stderr
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    proc, url = start_server(root, "--lora-server", listen)
+    server = None
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list().data} == {"model"}
+        assert client.completions.create(model="model", prompt="Hello", max_tokens=4).choices[0].text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="r8", prompt="Hello", max_tokens=4)
+        server = LoraServerProc(root, listen=listen)
+        deadline = time.monotonic() + 30
+        while "r8" not in {m.id for m in client.models.list().data}:
+            assert time.monotonic() < deadline, "the instance never read the server's catalogue"
+            time.sleep(0.2)
+        got = client.completions.create(model="r8", prompt="Hello", max_tokens=6, temperature=0)
+        offline = LLM(str(root / "model"), adapters={"r8": str(root / "adapters" / "r8")})
+        assert got.choices[0].text == offline.generate(["Hello"], SamplingParams(max_tokens=6, temperature=0),
+                                                       adapter="r8")[0].text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if server is not None:
+            server.kill()

@@ -60,6 +60,9 @@ class EngineStats:
     remote_lora_steps: int = 0
     """Steps that sent deltas to the LoRA server."""
 
+    remote_lora_step_waits: tuple = ()
+    """Per step, the seconds waited for deltas: (Prometheus buckets, sum); () without a LoRA server."""
+
     cache: dict = field(default_factory=dict)
 
 
@@ -114,6 +117,11 @@ class AsyncEngine:
         """Abort a submitted request (a no-op once it has finished)."""
         if self._streams.pop(request_id, None) is not None:
             self._inbox.put(("abort", request_id))
+
+    @property
+    def adapters_remote(self) -> bool:
+        """Whether adapters live on a LoRA server (loads are forwarded there, with its paths)."""
+        return self.engine.remote is not None
 
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
@@ -230,6 +238,7 @@ class AsyncEngine:
             lora_slots_used=len(e.slots.resident()), lora_slot_hits=s.num_lora_hits,
             lora_slot_loads=s.num_lora_loads, lora_bank_bytes=e.lora.bank.num_bytes if e.remote is None else 0,
             remote_lora_wait_s=getattr(e.lora, "wait_s", 0.0), remote_lora_steps=getattr(e.lora, "steps", 0),
+            remote_lora_step_waits=e.lora.step_waits.cumulative() if e.remote is not None else (),
             cache=e.cache_stats)
 
     def _die(self, error: BaseException) -> None:

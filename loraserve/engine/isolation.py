@@ -28,6 +28,7 @@ import logging
 
 from loraserve.engine.executor import Executor
 from loraserve.engine.plan import ScheduledSeq, StepPlan, StepResult
+from loraserve.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ def execute_isolated(executor: Executor, plan: StepPlan) -> StepResult:
     sequences (LoRA loads alone) fails: then there is no one to blame."""
     try:
         return executor.execute(plan)
+    except Unavailable as error:  # the LoRA server is down: every adapter row would fail alike
+        log.error("the LoRA server is unavailable: failing the step's adapter requests (%s)", error)
+        return _without_adapters(executor, plan, error)
     except Exception as error:
         if not plan.seqs:
             raise
@@ -50,6 +54,19 @@ def execute_isolated(executor: Executor, plan: StepPlan) -> StepResult:
         if len(result.failed) == len(plan.seqs):
             executor.probe()  # nothing ran: if the device itself is broken, this raises and the engine stops
         return result
+
+
+def _without_adapters(executor: Executor, plan: StepPlan, error: Unavailable) -> StepResult:
+    """Fail the sequences that need an adapter, and run the base-model ones
+    (isolated in turn): halving would only wait for the server again and again."""
+    result = StepResult(failed={q.request_id: error for q in plan.seqs if q.adapter is not None})
+    base = [q for q in plan.seqs if q.adapter is None]
+    if base:
+        done = execute_isolated(executor, StepPlan(seqs=base))
+        result.sampled.update(done.sampled)
+        result.failed.update(done.failed)
+        result.elapsed += done.elapsed
+    return result
 
 
 def _split(executor: Executor, plan: StepPlan, seqs: list[ScheduledSeq], error: Exception,

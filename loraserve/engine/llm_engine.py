@@ -15,11 +15,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
 
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
+from loraserve.dtypes import torch_dtype
 from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.tier_memory import TierMemory
@@ -37,7 +37,6 @@ from loraserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLMEngine(EngineCore):
@@ -47,7 +46,7 @@ class LLMEngine(EngineCore):
     def __init__(self, config: EngineConfig, clock: Clock | None = None) -> None:
         self.config = config
         clock = clock or MonotonicClock()
-        dtype = DTYPES[config.dtype]
+        dtype = torch_dtype(config.dtype)
         self.model = load_model(config.model, dtype, config.device)
         self.spec = self.model.spec
         max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
@@ -91,8 +90,8 @@ class LLMEngine(EngineCore):
         self._ids = itertools.count()
         self._retiring: set[str] = set()
         """Ids of unloaded adapters whose weights wait for their last request."""
-        self._unloading: set[str] = set()
-        """Names unloaded here whose unload the LoRA server's catalogue does not show yet."""
+        self._unloading: set[tuple[str, str]] = set()
+        """(name, id) unloaded here that the LoRA server's catalogue may still show."""
         if self.remote is not None:
             self._apply_catalogue(catalogue)
             self.remote.start()
@@ -129,23 +128,28 @@ class LLMEngine(EngineCore):
     def _apply_catalogue(self, entries: list[dict]) -> None:
         """Make the adapters by name those of the LoRA server's catalogue (engine thread)."""
         served = {e["name"]: e for e in entries}
-        self._unloading &= set(served)
+        self._unloading = {(n, i) for n, i in self._unloading if n in served and served[n]["id"] == i}
         for info in self.adapters.listing:
             if info.name not in served or served[info.name]["id"] != info.id:
-                self.remove_adapter(info.name)
+                self._retire(info.name)
         named = {a.name for a in self.adapters.listing}
         for name, entry in served.items():
-            if name not in named and name not in self._unloading:
+            if name not in named and (name, entry["id"]) not in self._unloading:
                 self.register_adapter(name, adapter_meta(entry))
 
     def remove_adapter(self, name: str) -> None:
         """Unload by name. New requests for it are refused at once; requests
         already accepted finish with its weights, which go when the last one ends."""
-        adapter = self.adapters.remove(name)
+        adapter = self._retire(name)
         if self.remote is not None:
-            self._unloading.add(name)
+            self._unloading.add((name, adapter.id))
+
+    def _retire(self, name: str) -> LoraAdapter:
+        """Forget a name; its weights (or its KV namespace) go with its last request."""
+        adapter = self.adapters.remove(name)
         self._retiring.add(adapter.id)
         self._drop_retired()
+        return adapter
 
     def adapter_loaded(self, adapter_id: str) -> bool:
         return self.adapters.has(adapter_id)
@@ -252,6 +256,8 @@ class LLMEngine(EngineCore):
     def step(self) -> list[RequestOutput]:
         self._sync_remote()
         out = self.run_step()
+        if self.remote is not None:
+            self.lora.end_step()
         if out.plan.is_empty and self.scheduler.pending:
             time.sleep(0.0005)  # everything waits on copies: do not spin
         for req in out.failed:

@@ -42,6 +42,9 @@ class Delta:
     position: int = 0
     """Where (layer, target) comes in a forward pass: deltas of one step arrive in this order."""
 
+    at: int | None = None
+    """NIXL push: where in the instance's registered arena the result is to be written."""
+
 
 def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore, max_loras: int) -> Delta:
     """Check a delta message against the model and the store; raises ProtocolError saying what is wrong."""
@@ -83,8 +86,11 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
         expert = msg.tensors[2]
         check_index(expert, rows, s.num_experts, "expert")
         expert = expert.long()
+    at = h.get("at")
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+        raise ProtocolError(f"'at' must be an offset >= 0 in the instance's NIXL arena, got {at!r}")
     return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                 row_adapter.long(), expert, time.monotonic(), position(s, layer, target))
+                 row_adapter.long(), expert, time.monotonic(), position(s, layer, target), at)
 
 
 def check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:

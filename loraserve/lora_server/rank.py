@@ -29,7 +29,6 @@ import torch
 
 from loraserve.cache.config import CacheConfig
 from loraserve.clock import MonotonicClock
-from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.lora_server import wire
 from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.shard import Layout
@@ -37,7 +36,7 @@ from loraserve.lora_server.store import AdapterStore
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import in_dim
 from loraserve.remote.config import LoraServerConfig
-from loraserve.remote.protocol import ProtocolError
+from loraserve.remote.protocol import ProtocolError, refusal
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +122,11 @@ class Rank:
         try:
             with self.lock:
                 reply = self._apply(request)
-        except UnknownModel as e:
-            failure = (404, f"no adapter named {e.args[0]!r}")
-        except ProtocolError as e:
-            failure = (e.status, str(e))
-        except InvalidRequest as e:  # AdapterError
-            failure = (400, e.message)
         except Exception as e:
-            log.exception("rank %d: %s failed", self.rank, request.get("kind"))
-            failure = (500, f"rank {self.rank}: {type(e).__name__}: {e}")
+            status, text, _ = refusal(e)
+            if status == 500:
+                log.exception("rank %d: %s failed", self.rank, request.get("kind"))
+            failure = (status, f"rank {self.rank}: {text}" if status == 500 else text)
         else:
             if answer:
                 payload = wire.encode_json(reply)

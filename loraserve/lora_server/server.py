@@ -5,7 +5,7 @@ control ones at once (hello, catalogue, load, unload, hint, ping, stats),
 and queue deltas. A delta waits a short window (`batch_window_us`) for deltas
 of the same (layer, projection) from other instances; then each such group
 whose adapters have that layer's weights in a slot runs as one batched kernel
-(`remote/compute.py`), and each instance gets its rows back: pushed at once,
+(`lora_server/compute.py`), and each instance gets its rows back: pushed at once,
 or kept until it pulls them. Deltas whose weights are still travelling wait;
 so does nothing else. In idle time the store fills hinted adapters' slots.
 
@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from loraserve.clock import MonotonicClock
-from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
@@ -40,9 +39,11 @@ from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.lora_server.store import AdapterStore
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target
+from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.remote.config import LoraServerConfig
-from loraserve.remote.protocol import Message, ProtocolError, decode, encode, error, field
+from loraserve.remote.protocol import (MAX_HEADER, MAX_ROWS, Message, ProtocolError, decode, encode, error, field,
+                                       refusal)
+from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ServerSocket
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ PULL_TTL_S = 60.0
 
 WEIGHT_POLL_S = 0.0005
 """How long the loop sleeps on the socket while deltas wait for adapter weights."""
+
+PENDING_TTL_S = 30.0
+"""Longest a delta waits for its weights before it is refused (503)."""
+
+MAX_MESSAGES_PER_TURN = 4096
+"""Messages handled before the loop computes again."""
 
 
 class LoraServer:
@@ -63,7 +70,10 @@ class LoraServer:
         self.clock = MonotonicClock()
         layout = Layout.of(config.ep, config.pp, self.spec)
         self.store = AdapterStore(self.spec, config, self.clock, layout.shard(0) if layout.world > 1 else None)
-        self.sock = ServerSocket(listen)
+        widest = max(in_dim(self.spec, t) for layer in range(self.spec.num_layers)
+                     for t in layer_targets(self.spec, layer))
+        # the largest legitimate message: a delta of MAX_ROWS fp32 rows of the widest input, its ids, a header
+        self.sock = ServerSocket(listen, MAX_ROWS * (widest + 2) * 4 + MAX_HEADER)
         self.ranks: Ranks | None = None
         if layout.world > 1:
             try:
@@ -79,12 +89,14 @@ class LoraServer:
         self.pending: list[Delta] = []
         self.results: dict[tuple[bytes, int], tuple[list, float]] = {}
         """Pull mode: (peer, id) → (result frames, when computed)."""
-        self.pullers: set[tuple[bytes, int]] = set()
-        """Pulls that came before their result."""
+        self.pullers: dict[tuple[bytes, int], float] = {}
+        """Pulls that came before their result (and when)."""
         self.last_seen: dict[bytes, tuple[float, int]] = {}
         """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
         self.plans: dict[bytes, frozenset[int]] = {}
         """Instance → the positions its current step sends deltas for."""
+        self.nixl: nixl_transport.NixlWriter | None = None
+        """One-sided writes of pushed results, once an instance registered an arena (`remote/nixl_transport.py`)."""
         self.stop = threading.Event()
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
         self.loads: list[tuple[bytes, object, str, str, Future]] = []
@@ -100,8 +112,9 @@ class LoraServer:
             self.close()
 
     def run_once(self, idle_wait: float = 0.05) -> None:
-        # deltas waiting for weights poll briefly (the mover thread needs the CPU); prefetch work does not wait
-        wait = WEIGHT_POLL_S if self.pending or self.loads else 0 if self.store.prefetch else idle_wait
+        # deltas waiting for weights (or NIXL writes in flight) poll briefly: other threads need the CPU
+        busy = self.pending or self.loads or self.store.prefetch or (self.nixl is not None and self.nixl.busy)
+        wait = WEIGHT_POLL_S if busy else idle_wait
         if self.sock.poll(wait):
             self._drain()
         if self.pending and self.config.batch_window_us:
@@ -116,7 +129,10 @@ class LoraServer:
             self._finish_loads()
         if not self.pending:
             self.store.advance()
-        self._expire_results()
+        self._expire()
+        if self.nixl is not None and self.nixl.busy:
+            for peer, msg_id in self.nixl.progress():
+                self.sock.send(peer, error("the NIXL write of this result failed", 503, id=msg_id))
         self.metrics.refresh()
 
     def _someone_is_coming(self) -> bool:
@@ -138,13 +154,13 @@ class LoraServer:
         return False
 
     def _drain(self) -> bool:
-        """Handle every message waiting; returns whether there were any."""
-        got = False
-        while (item := self.sock.recv()) is not None:
-            got = True
-            peer, frames = item
-            self._handle(peer, frames)
-        return got
+        """Handle the messages waiting (at most a turn's worth, so a flood
+        cannot starve the kernels); returns whether there were any."""
+        for n in range(MAX_MESSAGES_PER_TURN):
+            if (item := self.sock.recv()) is None:
+                return n > 0
+            self._handle(*item)
+        return True
 
     def _handle(self, peer: bytes, frames: list) -> None:
         msg_id = None
@@ -159,15 +175,9 @@ class LoraServer:
 
     def _refusal(self, e: Exception, msg_id) -> list:
         """The error reply for what a message raised (a bug is logged and answered too)."""
-        if isinstance(e, ProtocolError):
-            status, text, extra = e.status, str(e), {}
-        elif isinstance(e, UnknownModel):
-            status, text, extra = 404, f"no adapter named {e.name!r}", {}
-        elif isinstance(e, InvalidRequest):  # AdapterError: a bad adapter or name
-            status, text, extra = 400, str(e), {"field": e.field}
-        else:
-            log.exception("handling a message failed", exc_info=e)
-            status, text, extra = 500, f"{type(e).__name__}: {e}", {}
+        status, text, extra = refusal(e)
+        if status == 500:
+            log.error("handling a message failed", exc_info=e)
         self.metrics.refused.labels(str(status)).inc()
         return error(text, status, id=msg_id, **extra)
 
@@ -200,8 +210,10 @@ class LoraServer:
             key = (peer, field(h, "id", int))
             if key in self.results:
                 return self.results.pop(key)[0]
-            self.pullers.add(key)
+            self.pullers[key] = time.monotonic()
             return None
+        if kind == "nixl":
+            return self._nixl_register(peer, h)
         if kind == "hint":
             adapters = [a for a in field(h, "adapters", list) if isinstance(a, str)]
             self.store.hint(adapters)
@@ -215,7 +227,10 @@ class LoraServer:
             return encode({"kind": "catalogue", "id": h.get("id"), "incarnation": self.incarnation,
                            "version": self.store.version, "adapters": self.store.catalogue()})
         if kind == "load":
-            path = Path(field(h, "path", str)).resolve()
+            try:
+                path = Path(field(h, "path", str)).resolve()
+            except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
+                raise ProtocolError(f"lora_path: {e}") from None
             if not any(path.is_relative_to(d) for d in self.lora_dirs):
                 raise ProtocolError(f"lora_path {h['path']!r} is outside the LoRA server's --lora-dir "
                                     f"directories" if self.lora_dirs else
@@ -241,6 +256,10 @@ class LoraServer:
         """Run every group of pending deltas whose weights are in place."""
         groups: dict[tuple[int, Target], list[Delta]] = defaultdict(list)
         for d in self.pending:
+            gone = next((a for a in d.adapters if not self.store.registry.has(a)), None)
+            if gone is not None:  # unloaded while it waited: this delta fails, not its whole batch
+                self.sock.send(d.peer, error(f"adapter {gone} was unloaded from the LoRA server", 404, id=d.id))
+                continue
             groups[(d.layer, d.target)].append(d)
         waiting = []
         for (layer, target), deltas in groups.items():
@@ -280,21 +299,53 @@ class LoraServer:
         at = 0
         for d in batch:
             n = d.x.shape[0]
-            frames = encode({"kind": "result", "id": d.id}, [y[at:at + n].to(d.dtype)])
+            rows = y[at:at + n].to(d.dtype)
             at += n
+            extra = {}
+            if d.at is not None and d.push:
+                if self.nixl is None or d.peer not in self.nixl.peers:
+                    extra["nixl"] = "unregistered"  # e.g. this server restarted: the instance registers again
+                elif self.nixl.write(d.peer, d.id, rows, d.at):
+                    continue
+            frames = encode({"kind": "result", "id": d.id, **extra}, [rows])
             key = (d.peer, d.id)
             if d.push or key in self.pullers:
-                self.pullers.discard(key)
+                self.pullers.pop(key, None)
                 self.sock.send(d.peer, frames)
             else:
                 self.results[key] = (frames, time.monotonic())
         return []
 
-    def _expire_results(self) -> None:
+    def _expire(self) -> None:
+        """Drop what nobody will come for: pull results and pulls past their
+        time, and deltas that waited for weights longer than any instance
+        waits (answered 503, so a live instance hears why)."""
+        now = time.monotonic()
         if self.results:
-            old = time.monotonic() - PULL_TTL_S
-            for key in [k for k, (_, t) in self.results.items() if t < old]:
+            for key in [k for k, (_, t) in self.results.items() if now - t > PULL_TTL_S]:
                 del self.results[key]
+        if self.pullers:
+            for key in [k for k, t in self.pullers.items() if now - t > PULL_TTL_S]:
+                del self.pullers[key]
+        stale = [d for d in self.pending if now - d.arrived > PENDING_TTL_S]
+        for d in stale:
+            self.pending.remove(d)
+            self.sock.send(d.peer, error(f"the weights for layer {d.layer} did not reach a slot within "
+                                         f"{PENDING_TTL_S:g} s", 503, id=d.id))
+        for peer in [p for p in self.plans if p not in self.last_seen]:
+            del self.plans[peer]
+
+    def _nixl_register(self, peer: bytes, h: dict) -> list:
+        """An instance registers (or withdraws) its NIXL arena. The answer fences:
+        the peer's queued deltas are dropped and its writes in flight finished first."""
+        if self.nixl is None and not h.get("close"):
+            try:
+                self.nixl = nixl_transport.NixlWriter(f"loraserve-lora-server-{self.incarnation}")
+            except nixl_transport.NixlUnavailable as e:
+                raise ProtocolError(f"this LoRA server cannot write over NIXL: {e}", 501) from None
+        self.pending = [d for d in self.pending if d.peer != peer]
+        fields = self.nixl.register(peer, h) if self.nixl is not None else {}
+        return encode({"kind": "nixl", "id": h.get("id"), **fields})
 
     # -- the rest --------------------------------------------------------------
 
@@ -321,10 +372,14 @@ class LoraServer:
         if self.ranks is not None:
             out["ranks"] = self.ranks.stats()
             out["rank_not_ready"] = self.ranks.not_ready
+        out["nixl_writes"] = self.nixl.writes if self.nixl is not None else 0
+        out["nixl_bytes_out"] = self.nixl.bytes_out if self.nixl is not None else 0
         return out
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
+        if self.nixl is not None:
+            self.nixl.close()
         self.sock.close()
         if self.ranks is not None:
             self.ranks.close()

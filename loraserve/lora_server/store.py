@@ -33,6 +33,7 @@ import torch
 
 from loraserve.cache.tiered import Readiness, TieredCacheManager
 from loraserve.clock import Clock
+from loraserve.dtypes import torch_dtype
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
@@ -49,7 +50,6 @@ from loraserve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AdapterStore:
@@ -58,7 +58,7 @@ class AdapterStore:
         self.shard = shard
         self.config = config
         self.clock = clock
-        dtype, device = DTYPES[config.dtype], torch.device(config.device)
+        dtype, device = torch_dtype(config.dtype), torch.device(config.device)
         self.registry = AdapterRegistry(spec, config.max_lora_rank, dtype)
         cc = config.cache
         block_bytes = cc.block_size * spec.kv_bytes_per_token(dtype.itemsize)
@@ -146,11 +146,17 @@ class AdapterStore:
     # -- residency -------------------------------------------------------------
 
     def hint(self, adapter_ids: list[str]) -> None:
-        """Requests for these adapters are coming: start their copies to the device."""
+        """Requests for these adapters are coming: start their copies to the
+        device tier (the cache bounds those), and queue them to be filled into
+        slots in idle time (at most a slot's worth; the newest hints win)."""
         for adapter_id in adapter_ids:
             if self.registry.has(adapter_id) and self.filled.get(adapter_id) != self.all_layers:
+                self.prefetch.pop(adapter_id, None)
                 self.prefetch[adapter_id] = None
-                self._stage(adapter_id)
+                if (hold := self._bring(adapter_id)) is not None:
+                    self.cache.free(hold)  # on the device: the swapper keeps it there while it is wanted
+        while len(self.prefetch) > self.slots.num_slots:
+            del self.prefetch[next(iter(self.prefetch))]
 
     def acquire(self, adapter_id: str, layer: int) -> int | None:
         """Pin the adapter's slot for a delta of `layer`, filling what is missing.
@@ -216,9 +222,11 @@ class AdapterStore:
             self.staged.pop(adapter_id, None)
 
     def _forget_evicted(self) -> None:
-        """Slots reassigned by LoraSlots' LRU take their fill state with them."""
+        """Slots reassigned by LoraSlots' LRU take their fill state, and any
+        half-filled adapter's unpacked weights, with them."""
         for adapter_id in [a for a in self.filled if self.slots.slot_of(a) is None]:
             del self.filled[adapter_id]
+            self.staged.pop(adapter_id, None)
 
     def _stage(self, adapter_id: str) -> LoraAdapter | None:
         """The adapter's weights unpacked from its device blocks, once the cache
@@ -229,17 +237,8 @@ class AdapterStore:
         if not self.registry.get(adapter_id).num_bytes:  # an empty shard: zeros
             self.staged[adapter_id] = self.registry.get(adapter_id)
             return self.staged[adapter_id]
-        hold = self.holds.get(adapter_id)
+        hold = self._bring(adapter_id)
         if hold is None:
-            hold = Request(f"hold:{adapter_id}", [0], SamplingParams(max_tokens=1), adapter=adapter_id,
-                           arrival_time=self.clock.now())
-        self.cache.tick(0)
-        state = self.cache.prepare(hold)
-        if state is Readiness.WAITING:
-            self.holds[adapter_id] = hold
-            return None
-        self.holds.pop(adapter_id, None)
-        if state is Readiness.NO_ROOM:
             return None
         try:
             data = self.memory.read_blocks("device", self.cache.adapter_blocks(adapter_id))
@@ -248,6 +247,21 @@ class AdapterStore:
             self.cache.free(hold)
         self.staged[adapter_id] = staged
         return staged
+
+    def _bring(self, adapter_id: str) -> Request | None:
+        """Get the adapter to the device tier. Returns the cache hold that pins
+        it there once it is (the caller frees it), None while its copy travels
+        (the hold is kept meanwhile) or if the device has no room for it."""
+        hold = self.holds.pop(adapter_id, None)
+        if hold is None:
+            hold = Request(f"hold:{adapter_id}", [0], SamplingParams(max_tokens=1), adapter=adapter_id,
+                           arrival_time=self.clock.now())
+        self.cache.tick(0)
+        state = self.cache.prepare(hold)
+        if state is Readiness.WAITING:
+            self.holds[adapter_id] = hold
+            return None
+        return hold if state is Readiness.READY else None
 
     def _own(self, adapter: LoraAdapter) -> LoraAdapter:
         """The part of an adapter this store keeps (all of it unless it holds a shard)."""

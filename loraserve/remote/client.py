@@ -16,10 +16,12 @@ applies the new catalogue on its own thread (`take_catalogue`).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -31,6 +33,7 @@ from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, out_dim
 from loraserve.remote.config import RemoteLoraConfig
 from loraserve.remote.protocol import Message, position
+from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ClientSocket, Unreachable
 
 log = logging.getLogger(__name__)
@@ -59,12 +62,23 @@ def adapter_meta(entry: dict) -> LoraAdapter:
 
 
 class LoraServerClient:
+    """Control calls (any thread) and liveness (its heartbeat thread), each on
+    its own socket: a slow load never delays a ping, and the engine thread
+    never waits on either (`up` and `take_catalogue` read plain state)."""
+
     def __init__(self, config: RemoteLoraConfig) -> None:
         self.config = config
         self._sock = ClientSocket(config.endpoint)
-        self._lock = threading.Lock()
+        self._sock_lock = threading.Lock()
+        """Held for a control call's whole round trip (API threads take turns)."""
+        self._state_lock = threading.Lock()
+        """Held only to read or swap the catalogue (never across the network)."""
         self._ids = itertools.count(1)
         self.up = False
+        """Whether deltas can be asked for: False from a delta's timeout, or
+        `timeout_s` without an answered ping, until the next answered ping."""
+        self._last_answer = time.monotonic()
+        self._ever_up = False
         self.incarnation: str | None = None
         self.version: int | None = None
         self._catalogue: list[dict] | None = None
@@ -72,56 +86,78 @@ class LoraServerClient:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def call(self, header: dict, timeout_s: float | None = None) -> Message:
-        """One request and its reply (any thread). Raises Unavailable if the
-        server does not answer in time, LoraServerError if it refuses."""
-        with self._lock:
-            msg_id = next(self._ids)
-            try:
-                self._sock.send({**header, "id": msg_id})
-                return _answer(self._sock.recv(timeout_s or self.config.timeout_s, want_id=msg_id))
-            except Unreachable as e:
-                self.up = False
-                raise Unavailable(str(e)) from None
+    def call(self, header: dict, timeout_s: float | None = None, sock: ClientSocket | None = None) -> Message:
+        """One request and its reply. Raises Unavailable if the server does not
+        answer in time, LoraServerError if it refuses."""
+        if sock is None:
+            with self._sock_lock:
+                return self.call(header, timeout_s, self._sock)
+        msg_id = next(self._ids)
+        try:
+            sock.send({**header, "id": msg_id})
+            return _answer(sock.recv(timeout_s or self.config.timeout_s, want_id=msg_id))
+        except Unreachable as e:
+            raise Unavailable(str(e)) from None
 
     def connect(self) -> list[dict]:
-        """Read the catalogue (at start); raises Unavailable if the server is not there."""
-        self._refresh()
+        """Read the catalogue at start. A server that is not there yet is no
+        error: the instance serves the base model, and the heartbeat reads the
+        catalogue once the server answers."""
+        try:
+            self._refresh(self._sock)
+        except Unavailable:
+            log.warning("the LoRA server at %s does not answer yet; serving the base model until it does",
+                        self.config.endpoint)
         return self.take_catalogue() or []
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="loraserve-lora-heartbeat", daemon=True)
         self._thread.start()
 
-    def _refresh(self) -> None:
-        msg = self.call({"kind": "catalogue"})
-        with self._lock:
+    def mark_down(self) -> None:
+        """A delta went unanswered: adapter rows fail at once until a ping is answered."""
+        if self.up:
+            log.error("the LoRA server at %s does not answer deltas", self.config.endpoint)
+        self.up = False
+
+    def _refresh(self, sock: ClientSocket) -> None:
+        msg = self.call({"kind": "catalogue"}, sock=sock)
+        with self._state_lock:
             self._catalogue = msg.header["adapters"]
             self.incarnation, self.version = msg.header["incarnation"], msg.header["version"]
-            self.up = True
+        self._answered()
+
+    def _answered(self) -> None:
+        if not self.up and self._ever_up:
+            log.warning("the LoRA server at %s answers again", self.config.endpoint)
+        self._last_answer = time.monotonic()
+        self.up = self._ever_up = True
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.config.heartbeat_s):
-            try:
-                msg = self.call({"kind": "ping"}, timeout_s=max(self.config.heartbeat_s, 1.0))
-                if (msg.header["incarnation"], msg.header["version"]) != (self.incarnation, self.version):
-                    if self.incarnation is not None and msg.header["incarnation"] != self.incarnation:
-                        log.warning("the LoRA server at %s restarted; reading its catalogue again",
-                                    self.config.endpoint)
-                    self._refresh()
-                if not self.up:
-                    log.warning("the LoRA server at %s answers again", self.config.endpoint)
-                self.up = True
-            except Unavailable:
-                if self.up:
-                    log.error("the LoRA server at %s does not answer", self.config.endpoint)
-                self.up = False
-            except Exception:  # keep beating whatever one reply was
-                log.exception("LoRA server heartbeat")
+        sock = ClientSocket(self.config.endpoint)  # this thread's own
+        try:
+            while not self._stop.wait(self.config.heartbeat_s):
+                try:
+                    msg = self.call({"kind": "ping"}, timeout_s=max(self.config.heartbeat_s, 1.0), sock=sock)
+                    if (msg.header["incarnation"], msg.header["version"]) != (self.incarnation, self.version):
+                        if self.incarnation not in (None, msg.header["incarnation"]):
+                            log.warning("the LoRA server at %s restarted; reading its catalogue again",
+                                        self.config.endpoint)
+                        self._refresh(sock)
+                    self._answered()
+                except Unavailable:
+                    if self.up and time.monotonic() - self._last_answer > self.config.timeout_s:
+                        log.error("the LoRA server at %s has not answered for %g s", self.config.endpoint,
+                                  self.config.timeout_s)
+                        self.up = False
+                except Exception:  # keep beating whatever one reply was
+                    log.exception("LoRA server heartbeat")
+        finally:
+            sock.close()
 
     def take_catalogue(self) -> list[dict] | None:
         """The catalogue read since the last call, if any (the engine thread applies it)."""
-        with self._lock:
+        with self._state_lock:
             out, self._catalogue = self._catalogue, None
         return out
 
@@ -129,12 +165,14 @@ class LoraServerClient:
         """Have the server load an adapter (its path is the server's); returns its metadata."""
         try:
             msg = self.call({"kind": "load", "name": name, "path": path}, timeout_s=max(60.0, self.config.timeout_s))
+            entries = self.call({"kind": "catalogue"}).header["adapters"]
         except LoraServerError as e:
             if e.status in (400, 403, 404):  # a bad adapter, a path it may not read: the request's fault
                 raise AdapterError(e.message) from None
             raise
-        entries = self.call({"kind": "catalogue"}).header["adapters"]
-        entry = next(e for e in entries if e["name"] == name and e["id"] == msg.header["adapter"])
+        entry = next((e for e in entries if e["name"] == name and e["id"] == msg.header["adapter"]), None)
+        if entry is None:
+            raise AdapterError(f"adapter {name!r} was unloaded from the LoRA server as it was being loaded")
         return adapter_meta(entry)
 
     def unload(self, name: str) -> None:
@@ -184,6 +222,16 @@ class RemoteLoraBackend:
         """Seconds the engine thread spent waiting for deltas (the remote-LoRA wait, for metrics)."""
         self.steps = 0
         """Steps with adapter rows (wait_s / steps: the mean remote-LoRA wait per step)."""
+        self.step_waits = StepWaits()
+        """Each such step's wait, as a histogram (exported by the instance's /metrics)."""
+        self._step_wait: float | None = None
+        self.nixl: nixl_transport.NixlArena | None = None
+        """With the nixl transport: the arena pushed deltas are written into (`remote/nixl_transport.py`)."""
+        self.nixl_ready = False
+        """Whether the server holds our arena's registration (and no late write can land in a region in use)."""
+        if self.config.transport == "nixl":
+            self.nixl = nixl_transport.NixlArena(self.config.arena_bytes)
+            self._nixl_register()
 
     @property
     def active(self) -> bool:
@@ -195,11 +243,18 @@ class RemoteLoraBackend:
         ids = list(dict.fromkeys(adapters[i] for i in order if adapters[i] is not None))
         self.step_adapters = ids
         self.row_adapter = None
+        self.sock.buffers.clear()  # landing buffers of an earlier step that raised midway
         self.targets = set()
         if ids:
             if not self.client.up:
                 raise Unavailable(f"the LoRA server at {self.config.endpoint} is down")
+            if self.nixl is not None and not self.nixl_ready:
+                try:
+                    self._nixl_register()
+                except LoraServerError as e:
+                    raise Unavailable(str(e)) from None
             self.steps += 1
+            self._step_wait = self._step_wait or 0.0
             index = {a: k for k, a in enumerate(ids)}
             self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
                                              for _ in range(rows[i])], dtype=torch.int32)
@@ -243,47 +298,108 @@ class RemoteLoraBackend:
         try:
             if self.config.mode == "pull":
                 self.sock.send({"kind": "pull", "id": header["id"]})
-            msg = _answer(self.sock.recv(self.config.timeout_s, want_id=header["id"]))
+            if self.nixl is not None:
+                msg = _answer(nixl_transport.wait_result(self.sock, self.nixl, header["id"], tensors[0].dtype,
+                                                         [header["rows"], out_dim(self.spec, target)],
+                                                         self.config.timeout_s))
+                if msg.header.get("nixl") == "unregistered":  # the server restarted: register before the next step
+                    self.nixl_ready = False
+            else:
+                msg = _answer(self.sock.recv(self.config.timeout_s, want_id=header["id"]))
         except Unreachable as e:
-            self.client.up = False
-            self.sock.buffers.clear()
+            self.client.mark_down()
+            self.nixl_ready = False  # regions in flight stay taken until the next fence
             raise Unavailable(str(e)) from None
         except LoraServerError as e:
             self.sock.buffers.pop(header["id"], None)
+            if self.nixl is not None:
+                self.nixl.release(header["id"])
             if e.status in (426, 503):
                 raise Unavailable(str(e)) from None
             raise
         finally:
-            self.wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_s += waited
+            self._step_wait = (self._step_wait or 0.0) + waited
         delta = msg.tensors[0].to(out.device)
         if rows is None:
             out[self.num_base:] += delta
         else:
             out.index_add_(0, rows, delta.to(out.dtype))
+        if self.nixl is not None:
+            self.nixl.release(header["id"])
 
     def _send(self, header: dict, tensors: list[torch.Tensor], target: Target) -> None:
         if self.config.mode == "push":
-            dtype = tensors[0].dtype
-            self.sock.register(header["id"], torch.empty(header["rows"], out_dim(self.spec, target), dtype=dtype))
+            dtype, shape = tensors[0].dtype, (header["rows"], out_dim(self.spec, target))
+            if self.nixl is None:
+                self.sock.register(header["id"], torch.empty(shape, dtype=dtype))
+            elif (at := self.nixl.alloc(header["id"], shape[0] * shape[1] * dtype.itemsize)) is not None:
+                header["at"] = at
         try:
-            self.sock.send(header, tensors)
+            self.sock.send(header, tensors, timeout_s=self.config.timeout_s)
         except Unreachable as e:
-            self.client.up = False
+            self.client.mark_down()
             raise Unavailable(str(e)) from None
+
+    def end_step(self) -> None:
+        """The engine step is over: record its remote-LoRA wait (all its passes, reruns included)."""
+        if self._step_wait is not None:
+            self.step_waits.observe(self._step_wait)
+            self._step_wait = None
 
     def hint(self, adapter_ids: list[str]) -> None:
         """Requests for these adapters were queued: the server may start loading them."""
         if adapter_ids and self.client.up:
             try:
-                self.sock.send({"kind": "hint", "adapters": adapter_ids})
+                self.sock.send({"kind": "hint", "adapters": adapter_ids}, timeout_s=0)
             except Unreachable:
                 pass  # a hint is advice: the delta will ask again
 
     def forget(self, adapter_id: str) -> None:
         """Nothing to drop here: the adapter's weights live on the server."""
 
+    def _nixl_register(self, close: bool = False) -> None:
+        """Register the arena with the server (or withdraw it); its answer is also the fence
+        after which no write of an earlier request can land."""
+        try:
+            _answer(nixl_transport.register(self.sock, self.nixl, next(self._ids),
+                                            1.0 if close else self.config.timeout_s, close))
+        except Unreachable as e:
+            self.client.up = False
+            raise Unavailable(str(e)) from None
+        self.nixl_ready = not close
+
     def close(self) -> None:
+        if self.nixl is not None:
+            try:
+                self._nixl_register(close=True)
+            except (Unavailable, LoraServerError):
+                pass
+            self.nixl.close(fenced=not self.nixl.regions)
         self.sock.close()
+
+
+@dataclass
+class StepWaits:
+    """A fixed-bucket histogram the engine thread fills and the metrics thread
+    reads as a snapshot (`cumulative`)."""
+
+    bounds: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    counts: list[int] = field(default_factory=lambda: [0] * 13)
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """Prometheus buckets (upper bound, count at or below it), +Inf last, and the sum."""
+        out, running = [], 0
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], list(self.counts)):
+            running += n
+            out.append((bound, running))
+        return out, self.total
 
 
 class UnboundedBudget:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
+from loraserve.dtypes import DTYPES
 
 MODES = ("push", "pull")
+TRANSPORTS = ("zmq", "nixl")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,9 @@ class LoraServerConfig:
 
     max_loras: int = 32
     """Adapter slots: the most distinct adapters one batched kernel can serve.
-    Deltas for adapters without a slot wait for one."""
+    Deltas for adapters without a slot wait for one; a single delta naming
+    more adapters than this is refused (503): size it to at least the
+    instances' --max-num-seqs."""
 
     batch_window_us: int = 200
     """After a delta arrives, how long to wait for deltas of the same layer
@@ -48,6 +52,8 @@ class LoraServerConfig:
     cache: CacheConfig = CacheConfig(device_bytes=1 << 30, host_bytes=2 << 30)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("max_lora_rank", "max_loras", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -73,6 +79,16 @@ class RemoteLoraConfig:
     """How long a step waits for a delta before the LoRA server counts as down:
     requests that need it then fail with a 503 and base-model requests go on."""
 
+    transport: str = "zmq"
+    """How pushed deltas come back: zmq (over the request socket), or nixl (the
+    server writes each one into a registered arena here, one-sided, plus a
+    notification; needs `pip install 'loraserve[nixl]'` on both sides, and push).
+    Requests, control and errors always travel over ZeroMQ."""
+
+    arena_bytes: int = 64 << 20
+    """NIXL: bytes of the receive arena deltas are written into; a delta that
+    does not fit comes over ZeroMQ."""
+
     heartbeat_s: float = 0.5
     """How often the instance checks that the server is there (and whether its
     catalogue of adapters changed)."""
@@ -80,6 +96,12 @@ class RemoteLoraConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be push or pull, got {self.mode!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be zmq or nixl, got {self.transport!r}")
+        if self.transport == "nixl" and self.mode != "push":
+            raise ValueError("the nixl transport carries pushed deltas: pull mode travels over ZeroMQ only")
+        if self.arena_bytes < 1:
+            raise ValueError(f"arena_bytes must be >= 1, got {self.arena_bytes}")
         if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ValueError(f"the LoRA server address must be tcp://HOST:PORT or ipc://PATH, got {self.endpoint!r}")
         if self.timeout_s <= 0 or self.heartbeat_s <= 0:

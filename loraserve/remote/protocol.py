@@ -24,9 +24,13 @@ refused) and `kind`. Kinds, instance → server:
   first delta also carries `plan`: the `position`s of every delta the step
   will send, so the server knows whom a batch is worth waiting for.
 - pull (`id`): send the result of a pull-mode delta when it is ready.
+- nixl (`agent`, `arena`, `memory`, or `close`): register (or withdraw) the
+  NIXL arena pushed results are written into; a push delta may then carry
+  `at`, its result's offset in the arena (`remote/nixl_transport.py`).
 - ping: liveness and the catalogue version; stats: the server's counters.
 
-Server → instance: result (`id`, one frame: the delta [rows, out]), error
+Server → instance: result (`id`, one frame: the delta [rows, out]; or, for a
+delta with `at`, a NIXL write of it with the id as notification), error
 (`id` if any, `status` HTTP-like, `message`), and each request's reply.
 """
 
@@ -40,14 +44,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
 
 PROTOCOL_VERSION = 1
 
-MAX_ROWS = 1 << 20
-"""Most rows one delta may carry (a step's tokens times top-k): a bound, so a
-hostile header cannot make the server allocate without limit."""
+MAX_ROWS = 1 << 16
+"""Most rows one delta may carry (a step's tokens times top-k: 2048 × 8 is
+16,384): with the model's widths it bounds a message's size, so a hostile
+peer cannot make the server allocate without limit."""
 
 MAX_HEADER = 1 << 20
 """Most bytes of a JSON header (a catalogue of thousands of adapters fits)."""
@@ -59,7 +65,8 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 class ProtocolError(ValueError):
     """A message we refuse; `status` is what the reply says (400 bad frame,
-    404 unknown adapter, 409 conflict, 503 not ready)."""
+    403 a load from outside --lora-dir, 404 unknown adapter, 426 another
+    protocol version, 503 not servable now)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -135,6 +142,18 @@ def as_tensor(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Te
 def position(spec: ModelSpec, layer: int, target: Target) -> int:
     """Where (layer, target) comes in a forward pass: a step's deltas are sent in this order."""
     return layer * len(Target) + layer_targets(spec, layer).index(target)
+
+
+def refusal(e: Exception) -> tuple[int, str, dict]:
+    """The status, message and extra fields an error reply gives for what
+    handling a message raised (anything unexpected is a 500)."""
+    if isinstance(e, ProtocolError):
+        return e.status, str(e), {}
+    if isinstance(e, UnknownModel):
+        return 404, f"no adapter named {e.name!r}", {}
+    if isinstance(e, InvalidRequest):  # AdapterError: a bad adapter or name
+        return 400, str(e), {"field": e.field}
+    return 500, f"{type(e).__name__}: {e}", {}
 
 
 def error(message: str, status: int = 400, **fields) -> list:

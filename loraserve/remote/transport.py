@@ -6,8 +6,9 @@ multipart frames (`remote/protocol.py`). The interface is shaped for a
 one-sided transport later (NIXL, RDMA): an instance `register`s the buffer a
 result is to land in, keyed by the request's id, and the server's reply is
 written straight into it (here `recv_into`, with no intermediate copy; with
-RDMA, a one-sided write plus a notification). A NIXL backend would implement
-the same two classes.
+RDMA, a one-sided write plus a notification). The NIXL backend
+(`remote/nixl_transport.py`) keeps these sockets for requests and errors and
+moves pushed results by one-sided writes into a registered arena.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ class Unreachable(ConnectionError):
 class ServerSocket:
     """The LoRA server's end: messages from any number of instances."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, max_message_bytes: int = -1) -> None:
+        """`max_message_bytes`: a peer sending a larger message is disconnected
+        before ZeroMQ allocates it (-1: no limit)."""
         self.sock = context().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished instance is dropped
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # ZeroMQ spells "any free port" this way

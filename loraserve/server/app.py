@@ -32,7 +32,7 @@ OPEN_PATHS = ("/health",)
 def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
               lora_dirs: list[str] | None = None, public_metrics: bool = False) -> FastAPI:
     """`lora_dirs`: the only directories runtime-loaded adapters may come from
-    (none: runtime loading is off). With `api_key`, every path but /health
+    (none: runtime loading is off; with a LoRA server, its own --lora-dir decides). With `api_key`, every path but /health
     needs it (/metrics names every adapter and its traffic; /docs and
     /openapi.json describe the API), and /metrics too unless `public_metrics`."""
     app = FastAPI(title="loraserve", version="0.1.0")
@@ -76,6 +76,10 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest):
+        if client.adapters_remote:  # the LoRA server reads the path, and its --lora-dir decides
+            check_name(body.lora_name)
+            info = await client.load_adapter(body.lora_name, body.lora_path)
+            return {"status": "ok", "lora_name": info.name, "id": info.id, "rank": info.rank}
         if not allowed:
             raise APIError(403, "runtime adapter loading is off; start the server with --lora-dir", "lora_path",
                            "permission_error")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from typing import Callable
 
@@ -71,6 +71,11 @@ class _EngineCollector:
             ("loraserve_remote_lora_steps", "Steps that sent deltas to the LoRA server", e.remote_lora_steps),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
+        if e.remote_lora_step_waits:
+            buckets, total = e.remote_lora_step_waits
+            yield HistogramMetricFamily("loraserve_remote_lora_step_wait_seconds",
+                                        "Per engine step, seconds waited for the LoRA server's deltas",
+                                        buckets=buckets, sum_value=total)
         cache = GaugeMetricFamily("loraserve_cache_bytes", "Tier bytes by kind", labels=["tier", "kind"])
         for tier in ("device", "host"):
             for kind in ("adapters", "history_kv", "running_kv"):
