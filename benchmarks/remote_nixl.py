@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from loraserve.model.spec import ModelSpec  # noqa: E402
 from loraserve.model.targets import Target, in_dim, out_dim  # noqa: E402
-from loraserve.remote.client import LoraServerClient, RemoteLoraBackend, adapter_meta  # noqa: E402
+from loraserve.remote.backend import RemoteLoraBackend
+from loraserve.remote.client import LoraServerClient, adapter_meta  # noqa: E402
 from loraserve.remote.config import RemoteLoraConfig  # noqa: E402
 
 ROWS = [16, 256, 1024, 4096]

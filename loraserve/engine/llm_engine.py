@@ -30,7 +30,8 @@ from loraserve.lora.backend import LocalLoraBackend
 from loraserve.lora.bank import lora_dtype
 from loraserve.lora.registry import AdapterRegistry
 from loraserve.model.loader import load_model, read_generation_eos
-from loraserve.remote.client import LoraServerClient, RemoteLoraBackend, adapter_meta
+from loraserve.remote.backend import RemoteLoraBackend
+from loraserve.remote.client import LoraServerClient, adapter_meta
 from loraserve.request import FinishReason, Request
 from loraserve.sampling import SamplingParams
 from loraserve.tokenizer import Tokenizer
