@@ -222,7 +222,8 @@ class Lora:
 
     def __init__(self, endpoint: str, model_dir: Path) -> None:
         from loraserve.model.spec import ModelSpec
-        from loraserve.remote.client import LoraServerClient, RemoteLoraBackend, adapter_meta
+        from loraserve.remote.backend import RemoteLoraBackend
+        from loraserve.remote.client import LoraServerClient, adapter_meta
         from loraserve.remote.config import RemoteLoraConfig
 
         spec = ModelSpec.from_dir(model_dir)
