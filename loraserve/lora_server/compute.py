@@ -50,7 +50,10 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
             if slot is None:
                 return None
             slots.append(slot)
-        dev = store.bank.device
+        dev, bank = store.bank.device, store.bank
+        if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): two plain matmuls
+            a, b = bank.a[(layer, target)][slots[0]], bank.b[(layer, target)][slots[0]]
+            return x.to(dev, bank.dtype) @ a @ b
         slot = torch.tensor(slots)[row_adapter]
         return batched_delta(store.bank, layer, target, x.to(dev, store.bank.dtype), slot.to(dev),
                              None if expert is None else expert.to(dev))

@@ -49,17 +49,20 @@ class ServerMetrics:
                              registry=r)
         self.layers_loaded = Gauge(p + "layers_loaded", "Adapter layers written into slots so far", registry=r)
         self.wire = Gauge(p + "wire_bytes", "Payload bytes received and sent", ["direction"], registry=r)
+        self._by_class = {cls: (self.requests.labels(cls), self.tokens.labels(cls))
+                          for cls in ("attention", "mlp", "shared_expert", "experts")}
+        """Each layer class's counters (a label lookup per delta costs more than the count)."""
         self.max_instances = 0
         """Most instances one batch has served (also in `stats`, for tests and benchmarks)."""
         self._refreshed = 0.0
 
     def observe_batch(self, target: Target, batch: list[Delta], compute_s: float) -> None:
         now = time.monotonic()
-        cls = layer_class(target)
+        requests, tokens = self._by_class[layer_class(target)]
         rows = sum(d.x.shape[0] for d in batch)
         instances = len({d.peer for d in batch})
-        self.requests.labels(cls).inc(len(batch))
-        self.tokens.labels(cls).inc(rows)
+        requests.inc(len(batch))
+        tokens.inc(rows)
         self.batch_instances.observe(instances)
         self.batch_tokens.observe(rows)
         self.compute.observe(compute_s)
