@@ -97,11 +97,12 @@ class LoraServerClient:
         error: the instance serves the base model, and the heartbeat reads the
         catalogue once the server answers."""
         try:
-            self._refresh(self._sock)
+            with self._sock_lock:
+                return self._refresh(self._sock)
         except Unavailable:
             log.warning("the LoRA server at %s does not answer yet; serving the base model until it does",
                         self.config.endpoint)
-        return self.take_catalogue() or []
+            return []
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="loraserve-lora-heartbeat", daemon=True)
@@ -113,9 +114,12 @@ class LoraServerClient:
             log.error("the LoRA server at %s does not answer deltas", self.config.endpoint)
         self.up = False
 
-    def _refresh(self, sock: ClientSocket) -> None:
-        self._offer(self.call({"kind": "catalogue"}, sock=sock))
+    def _refresh(self, sock: ClientSocket) -> list[dict]:
+        """Read the catalogue (offered to the engine unless a newer one was); returns it."""
+        msg = self.call({"kind": "catalogue"}, sock=sock)
+        self._offer(msg)
         self._answered()
+        return msg.header["adapters"]
 
     def _offer(self, msg: Message) -> None:
         """Keep a catalogue read on any thread unless a newer one was read
