@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from remote_roundtrip import free_port, git_commit, machine, start, stop  # noqa: E402
+from remote_roundtrip import free_port, git_commit, machine, start, stop, write_results  # noqa: E402
 
 from loraserve.config import CacheConfig, EngineConfig  # noqa: E402
 from loraserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -504,13 +504,7 @@ def main() -> None:
         c["memory"] = memory_summary(c)
         result["c"] = c
     result["runtime_s"] = time.monotonic() - t0
-    result["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    text = table(result)
-    out.with_suffix(".txt").write_text(text)
-    print(text)
+    write_results(result, Path(args.out), table)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from loraserve.model.spec import ModelSpec  # noqa: E402
 from loraserve.model.targets import Target, in_dim, out_dim  # noqa: E402
-from loraserve.remote.backend import RemoteLoraBackend
+from loraserve.remote.backend import RemoteLoraBackend  # noqa: E402
 from loraserve.remote.client import LoraServerClient, adapter_meta  # noqa: E402
+from remote_roundtrip import machine  # noqa: E402  (a sibling script)
 from loraserve.remote.config import RemoteLoraConfig  # noqa: E402
 
 ROWS = [16, 256, 1024, 4096]
@@ -111,8 +112,7 @@ def main() -> None:
             b.client.close()
         proc.kill()
         proc.wait(timeout=30)
-    flags = open("/proc/cpuinfo").read().split("\nflags", 1)[1].split("\n", 1)[0].split()
-    isa = "AVX-512 with avx512_bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2 only"
+    isa = machine()["class"]
     lines = [f"# per-layer round trip (submit + wait + add), {TARGET.value} of tiny llama (64 -> 256, fp32, r16),",
              f"# one lora-server process on 127.0.0.1; {os.cpu_count()} cores, {isa}; "
              f"{args.blocks * 20} round trips per cell, transports alternating in blocks of 20",

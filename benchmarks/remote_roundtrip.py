@@ -85,6 +85,16 @@ def machine() -> dict:
     return info
 
 
+def write_results(result: dict, out: Path, table) -> None:
+    """Stamp the end load, write `out` (JSON) and its `.txt` table beside it, print the table."""
+    result["loadavg_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result)
+    out.with_suffix(".txt").write_text(text)
+    print(text)
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -464,13 +474,7 @@ def main() -> None:
                 pass
         stop(echo)
     result["runtime_s"] = time.monotonic() - t0
-    result["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    text = table(result)
-    out.with_suffix(".txt").write_text(text)
-    print(text)
+    write_results(result, Path(args.out), table)
 
 
 if __name__ == "__main__":

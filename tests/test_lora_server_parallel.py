@@ -38,10 +38,8 @@ from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.remote.client import LoraServerClient
 from loraserve.remote.config import LoraServerConfig, RemoteLoraConfig
 from loraserve.remote.protocol import encode
-from loraserve.sampling import SamplingParams
+from tests.test_remote import ADAPTERS, coupled_tokens, run
 
-ADAPTERS = ("r4", "r8", "r16")
-PROMPTS = [[1, 5, 9, 13, 40], [2, 7, 11, 3, 17, 23, 29], [4, 8, 15, 16, 23, 42]]
 CASES = {"mixtral-ep2": ("mixtral", 2, 1), "mixtral-pp2": ("mixtral", 1, 2),
          "mixtral-ep2pp2": ("mixtral", 2, 2), "qwen2_moe-ep2pp2": ("qwen2_moe", 2, 2)}
 """name → (family, ep, pp)"""
@@ -139,37 +137,6 @@ def servers(tiny):
             list(pool.map(Running.close, started.values()))
     for running in started.values():
         assert all(proc.poll() is not None for proc in running.procs), "a rank outlived its server"
-
-
-def run(engine: LLMEngine) -> list[list[int]]:
-    """A mixed batch (base model and every adapter, twice): greedy tokens by request."""
-    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    adapters = (None, *ADAPTERS, *ADAPTERS)
-    reqs = [engine.add_request(PROMPTS[i % len(PROMPTS)], sp, adapter=a) for i, a in enumerate(adapters)]
-    done = {}
-    deadline = time.monotonic() + TIMEOUT_S
-    while engine.has_unfinished():
-        assert time.monotonic() < deadline, "generation did not finish"
-        for out in engine.step():
-            if out.finished:
-                assert out.error is None, out.error
-                done[out.request_id] = out.token_ids
-    return [done[r.request_id] for r in reqs]
-
-
-_coupled: dict[str, list[list[int]]] = {}
-
-
-def coupled_tokens(root: Path) -> list[list[int]]:
-    if str(root) not in _coupled:
-        engine = LLMEngine(EngineConfig(model=str(root / "model")))
-        try:
-            for name in ADAPTERS:
-                engine.add_adapter(name, str(root / "adapters" / name))
-            _coupled[str(root)] = run(engine)
-        finally:
-            engine.close()
-    return _coupled[str(root)]
 
 
 class Client:

@@ -36,6 +36,8 @@ from tests.test_server import free_port, start_server
 ADAPTERS = ("r4", "r8", "r16")
 PROMPTS = [[1, 5, 9, 13, 40], [2, 7, 11, 3, 17, 23, 29], [4, 8, 15, 16, 23, 42]]
 START_TIMEOUT = 120
+GENERATE_TIMEOUT_S = 60.0
+"""Longest a test's batch may take to generate (a hung step fails the test instead of CI)."""
 
 
 class LoraServerProc:
@@ -97,7 +99,9 @@ def run(engine: LLMEngine, adapters=(None, *ADAPTERS, *ADAPTERS), max_tokens: in
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     reqs = [engine.add_request(PROMPTS[i % len(PROMPTS)], sp, adapter=a) for i, a in enumerate(adapters)]
     done = {}
+    deadline = time.monotonic() + GENERATE_TIMEOUT_S
     while engine.has_unfinished():
+        assert time.monotonic() < deadline, "generation did not finish"
         for out in engine.step():
             if out.finished:
                 assert out.error is None, out.error
@@ -111,10 +115,12 @@ _coupled: dict[str, list[list[int]]] = {}
 def coupled_tokens(root: Path) -> list[list[int]]:
     if str(root) not in _coupled:
         engine = LLMEngine(EngineConfig(model=str(root / "model")))
-        for name in ADAPTERS:
-            engine.add_adapter(name, str(root / "adapters" / name))
-        _coupled[str(root)] = run(engine)
-        engine.close()
+        try:
+            for name in ADAPTERS:
+                engine.add_adapter(name, str(root / "adapters" / name))
+            _coupled[str(root)] = run(engine)
+        finally:
+            engine.close()
     return _coupled[str(root)]
 
 

@@ -126,7 +126,7 @@ class AsyncEngine:
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
 
-    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Read and validate an adapter (a worker thread), then name it (the
         loop thread). Raises AdapterError with the reason."""
         check_name(name)

@@ -76,23 +76,22 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest):
-        if client.adapters_remote:  # the LoRA server reads the path, and its --lora-dir decides
-            check_name(body.lora_name)
-            info = await client.load_adapter(body.lora_name, body.lora_path)
-            return {"status": "ok", "lora_name": info.name, "id": info.id, "rank": info.rank}
-        if not allowed:
+        remote = client.adapters_remote  # then the LoRA server reads the path, and its --lora-dir decides
+        if not allowed and not remote:
             raise APIError(403, "runtime adapter loading is off; start the server with --lora-dir", "lora_path",
                            "permission_error")
         check_name(body.lora_name)
         if body.lora_name == model_name:
             raise InvalidRequest("lora_name", f"an adapter named {model_name!r} is already loaded (the base model)")
-        try:
-            path = Path(body.lora_path).resolve()
-        except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
-            raise InvalidRequest("lora_path", f"lora_path: {e}") from e
-        if not any(path.is_relative_to(d) for d in allowed):
-            raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
-                           "lora_path", "permission_error")
+        path: str | Path = body.lora_path
+        if not remote:
+            try:
+                path = Path(body.lora_path).resolve()
+            except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
+                raise InvalidRequest("lora_path", f"lora_path: {e}") from e
+            if not any(path.is_relative_to(d) for d in allowed):
+                raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
+                               "lora_path", "permission_error")
         start = time.monotonic()
         info = await client.load_adapter(body.lora_name, path)
         metrics.adapter_load.observe(time.monotonic() - start)
