@@ -22,7 +22,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.output import RequestOutput
@@ -126,13 +126,14 @@ class AsyncEngine:
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
 
-    async def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: str | Path, within: Sequence[Path] = ()) -> AdapterInfo:
         """Read and validate an adapter (a worker thread), then name it (the
-        loop thread). Raises AdapterError with the reason."""
+        loop thread). Raises AdapterError with the reason. `within`: the
+        directories its files must lie in (see `load_adapter`)."""
         check_name(name)
         if any(a.name == name for a in self.adapters()):
             raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
-        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, within)
         try:
             await self.call(self.engine.register_adapter, name, adapter)
         except AdapterError:
@@ -163,6 +164,10 @@ class AsyncEngine:
     def chat_prompt(self, messages: list[dict]) -> str:
         """The chat template rendered for a generation (ValueError on what it refuses)."""
         return self.engine.tokenizer.apply_chat_template(messages)
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        """InvalidRequest if a text of `chars` characters cannot fit the context (cheap: no tokenizing)."""
+        self.engine.check_prompt_chars(chars, field)
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
