@@ -193,11 +193,11 @@ class LLMEngine(EngineCore):
             ids = list(prompt)
         if not ids:
             raise InvalidRequest("prompt", "prompt is empty")
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
-        if len(ids) + sampling.max_tokens > self.max_model_len:
+        if len(ids) + sampling.max_tokens > self.max_model_len:  # before a look at each of millions of ids
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                            f"exceeds the context length {self.max_model_len}")
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
         try:
             self.cache.check_request_size(len(ids) + sampling.max_tokens)
         except ValueError as e:

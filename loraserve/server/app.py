@@ -21,9 +21,9 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.lora.registry import check_name
 from loraserve.server import errors
-from loraserve.server.body import BodyLimit
+from loraserve.server.body import BodyLimit, FastJSONRoute
 from loraserve.server.errors import APIError, error_body
-from loraserve.server.limits import MAX_PROMPTS, ServerLimits
+from loraserve.server.limits import ServerLimits
 from loraserve.server.metrics import Metrics
 from loraserve.server.protocol import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 from loraserve.server.responses import respond
@@ -41,6 +41,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     /openapi.json describe the API), and /metrics too unless `public_metrics`.
     `limits`: what a request may be at most (server/limits.py)."""
     app = FastAPI(title="loraserve", version="0.1.0")
+    app.router.route_class = FastJSONRoute  # bodies parsed by pydantic's parser (see body.py)
     metrics = Metrics(client.stats)
     app.state.metrics = metrics
     errors.install(app, lambda status: metrics.errors.labels(str(status)).inc())
@@ -149,6 +150,4 @@ def _prompts(prompt) -> list[str | list[int]]:
         return [prompt]
     if not prompt:
         raise InvalidRequest("prompt", "prompt: must not be empty")
-    if len(prompt) > MAX_PROMPTS:
-        raise InvalidRequest("prompt", f"prompt: at most {MAX_PROMPTS} prompts in one request, not {len(prompt)}")
     return list(prompt)

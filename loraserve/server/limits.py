@@ -30,11 +30,22 @@ MAX_PROMPTS = 2048
 """Prompts in one completions request (a list of strings or of token-id
 lists), as OpenAI's API allows; each of them times `n` is queued at once."""
 
+MAX_MESSAGES = 65536
+"""Messages in one chat request. Chat templates spend a few tokens on each
+message's framing, so this many need a context of hundreds of thousands of
+tokens before any content; the limit bounds the work of validating them."""
+
+MAX_CONTENT_PARTS = 1024
+"""Text parts in one message's content."""
+
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_request_bytes: int = 64 * 2**20
+    max_request_bytes: int = 16 * 2**20
     """Largest request body, in bytes; a larger one is answered 413 before it
-    is parsed. No client meets 64 MiB by accident: the longest contexts served
-    today (1M tokens) are about 4 MiB of text at ~4 characters a token, 24 MiB
-    if every character were a 6-byte JSON escape, and about 8 MiB as token ids."""
+    is parsed. A prompt filling the longest contexts served today (1M tokens)
+    is about 4 MiB of English text (~4 bytes a token), up to ~9 MiB of CJK text
+    sent as \\u escapes (6 bytes a character, ~1.5 characters a token), and at
+    most 8 MiB as token ids ("151643," is 7 bytes): no client meets 16 MiB by
+    accident. The limit also bounds what the event loop parses: the worst body
+    under it (8M small numbers) parses in about half a second, under 64 MiB in 2.5."""
