@@ -61,9 +61,10 @@ class _Common(BaseModel):
     @classmethod
     def _stop_limits(cls, stop):
         at_most(stop, MAX_STOP, "stop strings")
-        if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in ([stop] if isinstance(stop, str) else stop or [])):
+        strings = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+        if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in strings):
             raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
-        return stop
+        return stop  # its types are checked after this
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod
