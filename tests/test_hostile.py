@@ -106,6 +106,10 @@ def test_hostile_adapter_files_get_400_naming_the_problem(server, hostile_dir):
         assert r.status_code == 400 and says in r.json()["error"]["message"], (name, r.text)
         assert r.json()["error"]["param"] == "lora_path"
         serves(url)
+    if not (d / "dir_link").exists():  # the adapter directory itself a link out: the path is resolved first
+        (d / "dir_link").symlink_to(Path(cases["weights_link"].split(" is a link to ")[1].split(",")[0]).parent)
+    r = post(url, "/v1/load_lora_adapter", {"lora_name": "dir_link", "lora_path": str(d / "dir_link")})
+    assert r.status_code == 403 and "outside the allowed --lora-dir" in r.json()["error"]["message"], r.text
     assert rss_bytes(proc.pid) - before < 1 << 30  # nothing near the claimed 4 TiB or 2 GiB was allocated
     assert {m["id"] for m in httpx.get(url + "/v1/models", headers=AUTH).json()["data"]} == {"base"}
 
@@ -232,6 +236,20 @@ def test_the_lora_server_refuses_hostile_adapter_files(tiny, tmp_path):
 
 
 # -- requests ---------------------------------------------------------------------------
+
+
+def test_the_body_limit_is_a_flag(tiny):
+    proc, url = start_server(tiny("llama"), "--served-model-name", "base", "--api-key", API_KEY,
+                             "--max-request-bytes", "1KiB")
+    try:
+        r = post(url, "/v1/completions", {"model": "base", "prompt": "x" * 1024, "max_tokens": 2})
+        assert r.status_code == 413 and "limit of 1024 bytes" in r.json()["error"]["message"], r.text
+        serves(url)
+        metrics = httpx.get(url + "/metrics", headers=AUTH).text
+        assert 'loraserve_request_errors_total{status="413"} 1.0' in metrics
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def test_fields_past_the_documented_limits_get_400_naming_them(server):
