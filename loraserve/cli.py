@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise KeyError(f"no adapter named {lora!r}; loaded: {sorted(adapters)}")
     prompts = args.prompt or ["What is the capital of France?"]
     if args.chat:
-        prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        prompts = [llm.engine.tokenizer.chat_tokens([{"role": "user", "content": p}]) for p in prompts]
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     for out in llm.generate(prompts, sampling, adapter=lora):

@@ -114,7 +114,7 @@ def test_chat_and_chat_streaming(client, offline):
     messages = [{"role": "user", "content": "Say hi"}]
     resp = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0)
     tok = offline.engine.tokenizer
-    prompt = tok.apply_chat_template(messages)
+    prompt = tok.chat_tokens(messages)
     expected = offline.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), adapter="r16")[0]
     assert resp.choices[0].message.content == expected.text
     stream = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0, stream=True)

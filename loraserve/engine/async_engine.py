@@ -160,9 +160,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """The chat template rendered for a generation (ValueError on what it refuses)."""
-        return self.engine.tokenizer.apply_chat_template(messages)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        """The chat prompt's token ids, as transformers' apply_chat_template gives
+        them (ValueError or jinja2.TemplateError on what the template refuses)."""
+        return self.engine.tokenizer.chat_tokens(messages, tools, template_kwargs=template_kwargs)
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -120,9 +120,9 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         adapter = adapter_for(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = client.chat_prompt(messages)
+            prompt = client.chat_prompt([m.for_template() for m in body.messages], body.tools,
+                                        body.chat_template_kwargs)
         except Exception as e:  # template errors are the request's fault (e.g. bad roles)
             raise InvalidRequest("messages", f"messages: {e}") from e
         if body.max_completion_tokens:
