@@ -158,6 +158,22 @@ class AsyncEngine:
         return "dead" if self.dead is not None else "draining" if self.draining else "ok"
 
     def stats(self) -> EngineStats:
+        """The snapshot of the last step (or idle tick)."""
+        return self._stats
+
+    async def refresh_stats(self, timeout: float = 2.0) -> EngineStats:
+        """A snapshot taken now, between steps, so a scrape sees the state at
+        scrape time also when the engine is idle; the last one if the engine
+        is dead or still in a step after `timeout` seconds."""
+        def take() -> None:
+            self.engine.snapshot_stats(period=0.0)
+            self._publish()
+
+        if self.dead is None:
+            try:
+                await asyncio.wait_for(self.call(take), timeout)
+            except (asyncio.TimeoutError, EngineDead):
+                pass
         return self._stats
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
@@ -297,7 +313,9 @@ class AsyncEngine:
         if req.request_id not in self._streams:
             return  # aborted before it reached the loop
         if req.adapter is not None and not self.engine.adapter_loaded(req.adapter):
-            self._deliver(req.request_id, UnknownModel(req.adapter_name))  # unloaded since it was validated
+            self._deliver(req.request_id, UnknownModel(req.adapter_name, (  # unloaded since it was validated
+                f"the model {req.adapter_name!r} was unloaded before this request could start; "
+                "see GET /v1/models")))
             return
         try:
             self.engine.queue(req)

@@ -62,6 +62,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/metrics")
     async def prometheus():
+        await client.refresh_stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
