@@ -256,7 +256,8 @@ async def _saturated(url: str, models: list[str], seconds: float, clients: int) 
     async def client(i: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(1000 + i)
         while time.perf_counter() - start < seconds:
-            done[0] += (await stream_once(http, mixed(rng, models)))["outcome"] == "done"
+            r = await stream_once(http, mixed(rng, models))  # awaited first: `+=` would read done[0] before
+            done[0] += r["outcome"] == "done"
 
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
