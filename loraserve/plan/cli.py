@@ -7,7 +7,6 @@ import json
 
 from loraserve.flags import add_flag
 from loraserve.plan.provision import CACHE_MODELS, Plan, PlanInput, provision
-from loraserve.units import format_bytes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -70,8 +69,9 @@ def table(plan: Plan) -> str:
         ("server_gpus", f"{plan.server_gpus}  (cache {plan.gpus_for_cache}, compute {plan.gpus_for_compute}, "
                         f"bandwidth {plan.gpus_for_bandwidth})"),
         ("cache_bytes", f"{plan.cache_bytes} ({plan.cache_bytes / 1e9:.1f} GB)"),
-        ("cache_adapters", f"{plan.cache_adapters}  ({plan.resident_adapters} resident + "
-                           f"{plan.working_adapters} working slots, of {plan.num_adapters}{zipf})"),
+        ("cache_adapters", f"{plan.cache_adapters}  ({plan.resident_adapters} resident, "
+                           f"{plan.resident_bytes / 1e9:.1f} GB, + {plan.working_adapters} working slots; "
+                           f"of {plan.num_adapters}{zipf})"),
         ("iar", f"{plan.iar:.4f}  (required {plan.required_iar:.4f}; hits on time {plan.hit_on_time:.3f})"),
         ("rate", f"{plan.rate:.4g} req/s"),
         ("miss_delay", f"{1e3 * plan.miss_delay_s:.2f} ms  (layer compute {1e3 * plan.layer_compute_s:.2f} ms, "
@@ -81,6 +81,5 @@ def table(plan: Plan) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"resident bytes: {format_bytes(plan.resident_bytes)}")
     lines += ["assumptions:"] + [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)

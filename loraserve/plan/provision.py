@@ -44,7 +44,7 @@ class PlanInput:
     """Adapters served (default: the workload's)."""
 
     zipf: float | None = None
-    """Zipf exponent of adapter popularity (without a workload)."""
+    """Exponent s of the adapters' Zipf popularity (without a workload)."""
 
     workload: str | None = None
     """Workload or trace file: popularity, rate and lengths are read from it."""
@@ -68,7 +68,7 @@ class PlanInput:
     """GPU profile of the server and the instances (h20: the paper's 96 GB Hopper part)."""
 
     rank: int = 64
-    """LoRA rank of every adapter (on every projection, each expert's included)."""
+    """Rank of every adapter (LoRA on every projection, each expert's included)."""
 
     dtype_bytes: int = 2
     """Bytes per adapter weight and activation element (2: bf16)."""
@@ -86,7 +86,7 @@ class PlanInput:
     """static: the most valuable adapters pinned (the DP's set); lru: Che's approximation."""
 
     layerwise: bool = True
-    """A miss may start once its first layer is in (off: the whole adapter first)."""
+    """Let a miss start once its first layer is in (off: the whole adapter first)."""
 
     load_bw: float | None = None
     """Host → device bytes/s of one server GPU (default: the profile's PCIe)."""
