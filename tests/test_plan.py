@@ -225,6 +225,18 @@ def test_bad_plan_inputs_name_the_flag(tmp_path):
                             (dict(zipf=1.0), "give --adapters N and --zipf S"),
                             (dict(adapters=5, zipf=1.0, slo_tpot=0.0), "--slo-tpot must be positive"),
                             (dict(adapters=5, zipf=1.0, cache_model="fifo"), "unknown cache model"),
-                            (dict(workload=str(tmp_path / "w.jsonl")), "no such workload or trace file")]:
+                            (dict(workload=str(tmp_path / "w.jsonl")), "no such workload or trace file"),
+                            (dict(adapters=5, zipf=1.0, rate=None), "give --rate"),
+                            (dict(adapters=5, zipf=1.0, quantile=1.5), "quantile must be in")]:
         with pytest.raises(ValueError, match=message):
-            provision(PlanInput("mixtral-8x7b", rate=1.0, **kwargs))
+            provision(PlanInput("mixtral-8x7b", **{"rate": 1.0, **kwargs}))
+
+
+def test_the_readme_shows_what_the_command_prints():
+    from pathlib import Path
+
+    from loraserve.plan.cli import table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = table(provision(PlanInput("mixtral-8x7b", adapters=512, zipf=1.2, rate=20.0)))
+    assert example in readme

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Loading:
@@ -103,21 +105,22 @@ def che_residency(probs: list[float], sizes: list[float], capacity: float) -> li
     (Che's approximation, sizes in bytes): h_i = 1 - exp(-p_i T) with the
     characteristic time T solving Σ_i s_i h_i = capacity (time counted in
     requests, so the rate drops out)."""
-    if capacity >= sum(s for p, s in zip(probs, sizes) if p > 0):
-        return [1.0 if p > 0 else 0.0 for p in probs]
+    p, s = np.asarray(probs, dtype=float), np.asarray(sizes, dtype=float)
+    if capacity >= s[p > 0].sum():
+        return [1.0 if x > 0 else 0.0 for x in probs]
     if capacity <= 0:
         return [0.0] * len(probs)
 
     def filled(t: float) -> float:
-        return sum(s * -math.expm1(-p * t) for p, s in zip(probs, sizes))
+        return float((s * -np.expm1(-p * t)).sum())
 
     lo, hi = 0.0, 1.0
     while filled(hi) < capacity:
         hi *= 2
-    for _ in range(100):
+    for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if filled(mid) < capacity else (lo, mid)
-    return [-math.expm1(-p * hi) for p in probs]
+    return (-np.expm1(-p * hi)).tolist()
 
 
 def erlang_c_wait_within(t: float, servers: int, rate: float, service_s: float) -> float:

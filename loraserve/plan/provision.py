@@ -196,7 +196,9 @@ def provision(inp: PlanInput) -> Plan:
     spec, hw, demand = model_spec(inp.model), hardware(inp.hardware), demand_of(inp)
     n = len(demand.probs)
     rate = inp.rate if inp.rate is not None else demand.request_rate
-    if rate is None or rate <= 0:
+    if rate is None:
+        raise ValueError("give --rate (requests/s) or a --workload to read it from")
+    if rate <= 0:
         raise ValueError(f"the rate must be positive, got {rate}")
     sizes = list(inp.adapter_bytes) if inp.adapter_bytes else [lora_params(spec, inp.rank) * inp.dtype_bytes] * n
     if len(sizes) != n:
@@ -221,7 +223,8 @@ def provision(inp: PlanInput) -> Plan:
     in_flight = rate * (inp.slo_ttft + mean_out * inp.slo_tpot)
     usable = hw.mem_bytes * inp.mem_util
     present = presence(demand.probs, in_flight)
-    for links in range(1, 4097) if not inp.load_links else [inp.load_links]:
+    floor = max(server.gpus_for_compute, server.gpus_for_bandwidth)  # no g below it can be enough
+    for links in range(floor, 4097) if not inp.load_links else [inp.load_links]:
         load = Loading(spec.num_layers, bw, latency, tau, links)
         residency = _cache(inp, demand.probs, sizes, rate, budget, load, need_iar, knapsack)
         if residency is None:
