@@ -195,6 +195,16 @@ def test_popularity_from_a_workload_file(tmp_path):
     assert plan.resident_adapters >= next(i + 1 for i, c in enumerate(cum) if c >= 0.95)
 
 
+def test_popularity_counted_from_a_trace(tmp_path):
+    rows = ["timestamp,adapter,input_len,output_len"] + [f"{i * 0.5},{a},100,50" for i, a in
+                                                          enumerate(["b"] * 6 + ["a"] * 3 + ["c"] + [""] * 2)]
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(rows) + "\n")
+    plan = provision(PlanInput("qwen3-30b-a3b", rank=32, workload=str(path), quantile=0.6, **STATIC))
+    assert plan.num_adapters == 3 and plan.residency == {"b": 1.0, "a": 0.0, "c": 0.0}  # b alone: 6 of 10
+    assert plan.iar == pytest.approx(0.6)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "loraserve.cli", "plan", *args], capture_output=True, text=True,
                           timeout=120)

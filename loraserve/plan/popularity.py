@@ -9,6 +9,7 @@ Zipf fit are counted in.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,10 @@ def read_workload(path: str | Path) -> Workload:
     if not path.is_file():
         raise ValueError(f"{path}: no such workload or trace file")
     try:
-        return Workload.load(path)
-    except ValueError as e:
-        if "not a loraserve workload file" not in str(e):
-            raise
-    return from_trace(path)
+        head = json.loads(path.read_text().split("\n", 1)[0])
+    except json.JSONDecodeError:
+        head = None
+    return Workload.load(path) if isinstance(head, dict) and "format" in head else from_trace(path)
 
 
 def request_counts(wl: Workload) -> dict[str, int]:

@@ -210,15 +210,16 @@ def provision(inp: PlanInput) -> Plan:
     tau = prefill / spec.num_layers if inp.layerwise else 0.0
     budget = inp.slo_ttft - (prefill if inp.ttft_includes_prefill else 0.0)
     hit_ok = 1.0 if not inp.instances else erlang_c_wait_within(budget, inp.instances, rate, prefill)
-    need_iar = required_iar(inp.quantile, hit_ok if budget > 0 else 0.0)
+    if budget <= 0:
+        raise ValueError(f"the prefill alone ({prefill:.3g}s) takes the whole TTFT SLO of {inp.slo_ttft}s")
+    need_iar = required_iar(inp.quantile, hit_ok)
     if need_iar > 1:
         raise ValueError(f"no cache meets P{100 * inp.quantile:g} TTFT <= {inp.slo_ttft}s at {rate:g} req/s: "
                          f"only {hit_ok:.3f} of requests get through the instances' queue in time")
     latency = 0.0 if inp.load_s else (inp.load_latency_s if inp.load_latency_s is not None else hw.pcie_latency)
     bw = max(sizes) / inp.load_s if inp.load_s else (inp.load_bw or hw.pcie_bw)
     traffic = Traffic(rate, mean_in, mean_out, inp.slo_tpot)
-    server = server_need(spec, hw, inp.rank, inp.dtype_bytes, demand.probs, sizes, traffic, inp.link_bw,
-                         inp.max_util)
+    server = server_need(spec, hw, inp.dtype_bytes, demand.probs, sizes, traffic, inp.link_bw, inp.max_util)
     knapsack = Knapsack.build(demand.probs, sizes) if inp.cache_model == "static" else None
     in_flight = rate * (inp.slo_ttft + mean_out * inp.slo_tpot)
     usable = hw.mem_bytes * inp.mem_util
@@ -238,6 +239,8 @@ def provision(inp: PlanInput) -> Plan:
         gpus = max(for_cache, server.gpus_for_compute, server.gpus_for_bandwidth)
         if inp.load_links or gpus <= links:
             break
+    else:
+        raise ValueError("no GPU count up to 4096 holds the cache this plan needs")
     queue = LoadQueue.of(demand.probs, sizes, residency, rate, load)
     resident = [demand.names[i] for i, r in enumerate(residency) if r == 1.0] if knapsack else []
     resident_adapters = len(resident) if knapsack else round(sum(residency))

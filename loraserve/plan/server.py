@@ -43,13 +43,21 @@ class Traffic:
         return self.rate * self.mean_output * self.tpot_s
 
 
-def applied_params_per_token(spec: ModelSpec, rank: int) -> float:
-    """LoRA weights one token meets: every dense projection's, and the routed
-    k of E experts' share of the expert projections'."""
-    dense = lora_params(spec, rank, DENSE_TARGETS)
+def dense_share(spec: ModelSpec) -> float:
+    """The share of an adapter's weights outside the experts (1 for a dense model)."""
     if not spec.num_experts:
-        return float(dense)
-    return dense + lora_params(spec, rank, EXPERT_TARGETS) * spec.num_experts_per_tok / spec.num_experts
+        return 1.0
+    d, e = lora_params(spec, 1, DENSE_TARGETS), lora_params(spec, 1, EXPERT_TARGETS)
+    return d / (d + e)
+
+
+def applied_params_per_token(spec: ModelSpec, params: float) -> float:
+    """LoRA weights one token meets in an adapter of `params` weights: every
+    dense projection's, and the routed k of E experts' share of the expert
+    projections'."""
+    share = dense_share(spec)
+    k_over_e = spec.num_experts_per_tok / spec.num_experts if spec.num_experts else 0.0
+    return params * (share + (1 - share) * k_over_e)
 
 
 def link_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> float:
@@ -72,10 +80,7 @@ def weight_bytes_per_s(spec: ModelSpec, probs: list[float], sizes: list[float], 
     experts those its m_i tokens touch, E(1 - (1 - k/E)^m_i). Adapter i is
     in a batch of n decoding requests with probability 1 - (1 - p_i)^n."""
     n = traffic.decoding
-    dense_share = 1.0
-    if spec.num_experts:
-        d, e = lora_params(spec, 1, DENSE_TARGETS), lora_params(spec, 1, EXPERT_TARGETS)
-        dense_share = d / (d + e)
+    share = dense_share(spec)
     k_over_e = spec.num_experts_per_tok / spec.num_experts if spec.num_experts else 0.0
     per_step = 0.0
     for p, size in zip(probs, sizes):
@@ -84,7 +89,7 @@ def weight_bytes_per_s(spec: ModelSpec, probs: list[float], sizes: list[float], 
             continue
         tokens = max(1.0, n * p / present)
         touched = -math.expm1(tokens * math.log1p(-k_over_e)) if k_over_e < 1 else 1.0
-        per_step += present * size * (dense_share + (1 - dense_share) * touched)
+        per_step += present * size * (share + (1 - share) * touched)
     return per_step / traffic.tpot_s
 
 
@@ -97,11 +102,14 @@ class ServerNeed:
     gpus_for_bandwidth: int
 
 
-def server_need(spec: ModelSpec, hw: Hardware, rank: int, dtype_bytes: int, probs: list[float],
-                sizes: list[float], traffic: Traffic, link_bw: float, max_util: float) -> ServerNeed:
+def server_need(spec: ModelSpec, hw: Hardware, dtype_bytes: int, probs: list[float], sizes: list[float],
+                traffic: Traffic, link_bw: float, max_util: float) -> ServerNeed:
     """GPUs the deltas need at this traffic: compute (roofline of FLOPs and
-    weight reads) and link (activations over each GPU's `link_bw`)."""
-    flops = 2.0 * applied_params_per_token(spec, rank) * traffic.tokens_per_s  # shrink + expand
+    weight reads) and link (activations over each GPU's `link_bw`). A token's
+    adapter is adapter i with probability p_i, so its weights are the
+    popularity-weighted mean size."""
+    params = sum(p * s for p, s in zip(probs, sizes)) / dtype_bytes
+    flops = 2.0 * applied_params_per_token(spec, params) * traffic.tokens_per_s  # shrink + expand
     weights = weight_bytes_per_s(spec, probs, sizes, traffic)
     link = link_bytes_per_token(spec, dtype_bytes) * traffic.tokens_per_s
     busy = max(flops / (hw.flops * hw.flops_eff), weights / (hw.mem_bw * hw.bw_eff))
