@@ -65,7 +65,7 @@ class PlanInput:
     """Which quantile of TTFT the SLO bounds (0.95: P95)."""
 
     hardware: str = "h20"
-    """GPU profile of the server and the instances (h20: the paper's 96 GB Hopper part)."""
+    """GPU profile of the server and the instances (h20: a 96 GB Hopper part, like the paper's unnamed GPU)."""
 
     rank: int = 64
     """Rank of every adapter (LoRA on every projection, each expert's included)."""
