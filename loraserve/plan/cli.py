@@ -74,8 +74,10 @@ def table(plan: Plan) -> str:
                            f"of {plan.num_adapters}{zipf})"),
         ("iar", f"{plan.iar:.4f}  (required {plan.required_iar:.4f}; hits on time {plan.hit_on_time:.3f})"),
         ("rate", f"{plan.rate:.4g} req/s"),
-        ("miss_delay", f"{1e3 * plan.miss_delay_s:.2f} ms  (layer compute {1e3 * plan.layer_compute_s:.2f} ms, "
-                       f"load links {plan.load_links} at {plan.load_utilisation:.0%})"),
+        ("miss_delay", f"{1e3 * plan.miss_delay_s:.2f} ms  ("
+                       + (f"layer compute {1e3 * plan.layer_compute_s:.2f} ms" if plan.layer_compute_s
+                          else "whole adapter first")
+                       + f", load links {plan.load_links} at {plan.load_utilisation:.0%})"),
         ("server work", f"{plan.flops_per_s / 1e12:.3g} TFLOP/s, weights {plan.weight_bytes_per_s / 1e9:.3g} GB/s, "
                         f"link {plan.link_bytes_per_s / 1e9:.3g} GB/s"),
     ]
