@@ -1,4 +1,4 @@
-"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | demo-model`."""
+"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | plan | demo-model`."""
 
 from __future__ import annotations
 
@@ -268,12 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo_model)
 
     from loraserve.bench.cli import add_parser as add_bench
+    from loraserve.plan.cli import add_parser as add_plan
     from loraserve.sim.cli import add_parser as add_simulate
     from loraserve.workload.cli import add_parser as add_workload
 
     add_workload(sub)
     add_bench(sub)
     add_simulate(sub)
+    add_plan(sub)
     return parser
 
 
