@@ -1,4 +1,4 @@
-"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | demo-model`."""
+"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | plan | demo-model`."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise KeyError(f"no adapter named {lora!r}; loaded: {sorted(adapters)}")
     prompts = args.prompt or ["What is the capital of France?"]
     if args.chat:
-        prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        prompts = [llm.engine.tokenizer.chat_tokens([{"role": "user", "content": p}]) for p in prompts]
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     for out in llm.generate(prompts, sampling, adapter=lora):
@@ -272,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo_model)
 
     from loraserve.bench.cli import add_parser as add_bench
+    from loraserve.plan.cli import add_parser as add_plan
     from loraserve.sim.cli import add_parser as add_simulate
     from loraserve.workload.cli import add_parser as add_workload
 
     add_workload(sub)
     add_bench(sub)
     add_simulate(sub)
+    add_plan(sub)
     return parser
 
 

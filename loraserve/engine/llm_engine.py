@@ -239,14 +239,15 @@ class LLMEngine(EngineCore):
     def idle_tick(self) -> None:
         super().idle_tick()
         self._sync_remote()
-        self._refresh_stats()
+        self.snapshot_stats()
 
     def _sync_remote(self) -> None:
         if self.remote is not None and (catalogue := self.remote.take_catalogue()) is not None:
             self._apply_catalogue(catalogue)
 
-    def _refresh_stats(self, period: float = 1.0) -> None:
-        """Snapshot cache stats for other threads (metrics) at most once a period."""
+    def snapshot_stats(self, period: float = 1.0) -> None:
+        """Snapshot cache stats for other threads (metrics) at most once a period
+        (0: now, as a scrape asks for)."""
         now = self.clock.now()
         if now - self._stats_time >= period:
             self._stats_time = now
@@ -270,7 +271,7 @@ class LLMEngine(EngineCore):
         for req in out.failed:
             if req.adapter is not None:  # a load that raised may have left its slot half written
                 self.lora.forget(req.adapter)
-        self._refresh_stats()
+        self.snapshot_stats()
         return [self._output(req) for req in out.failed + out.touched]
 
     def _output(self, req: Request) -> RequestOutput:

@@ -70,6 +70,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/metrics")
     async def prometheus():
+        await client.refresh_stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -128,11 +129,11 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         adapter = adapter_for(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         # the template only adds text: messages that cannot fit are refused unrendered
-        client.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        try:  # on a worker thread: rendering (and tokenizing) a long conversation takes a while
-            prompt = await asyncio.to_thread(client.chat_prompt, messages)
+        client.check_prompt_chars(sum(len(m["content"] or "") for m in messages), "messages")
+        try:  # on a worker thread: rendering and tokenizing a long conversation takes a while
+            prompt = await asyncio.to_thread(client.chat_prompt, messages, body.tools, body.chat_template_kwargs)
         except Exception as e:  # template errors are the request's fault (e.g. bad roles)
             raise InvalidRequest("messages", f"messages: {e}") from e
         if body.max_completion_tokens:

@@ -123,17 +123,28 @@ class ChatMessage(BaseModel):
             return "".join(part["text"] for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """The message as the chat template reads it: text parts joined into one
+        string, and the fields a template may use besides (tool_calls, name,
+        tool_call_id, reasoning_content, ...) passed as sent."""
+        return {**(self.model_extra or {}), "role": self.role,
+                "content": None if self.content is None else self.text()}
+
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict] | None = None
+    """Passed to the chat template (which decides how the model sees them); tool calls are not parsed."""
+    chat_template_kwargs: dict | None = None
+    """The template's own switches, as vLLM takes them (e.g. {"enable_thinking": false})."""
 
     @field_validator("messages", mode="before")
     @classmethod
     def _messages_limit(cls, messages):
         return at_most(messages, MAX_MESSAGES, "messages")
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class LoadLoraRequest(BaseModel):
