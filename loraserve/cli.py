@@ -121,12 +121,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
-                    lora_dirs=args.lora_dir, public_metrics=args.public_metrics,
-                    limits=ServerLimits(max_request_bytes=args.max_request_bytes))
+                    lora_dirs=args.lora_dir, public_metrics=args.public_metrics, limits=limits)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=10), async_engine)
+                                           timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=10),
+                            async_engine)
     try:
         server.run()
     finally:

@@ -49,3 +49,10 @@ class ServerLimits:
     most 8 MiB as token ids ("151643," is 7 bytes): no client meets 16 MiB by
     accident. The limit also bounds what the event loop parses: the worst body
     under it (8M small numbers) parses in about half a second, under 64 MiB in 2.5."""
+
+    keep_alive_s: float = 30.0
+    """How long an idle HTTP connection is kept open. Longer than the clients'
+    own idle expiry (httpx, and so the openai client, drops one after 5 s):
+    with uvicorn's default of 5 s both ends time out together, and a request
+    sent on a connection the server is closing fails with "Server disconnected
+    without sending a response"."""
