@@ -354,6 +354,7 @@ def soak(model_dir, adapters, lora_dir, runtime: dict[str, Path], minutes: float
             "rss_end_mib": round(percentile(tail, 50) / 2**20), "rss_growth": round(growth, 4),
             "rss_peak_growth": round(peak_growth, 4),
             "load1_mean": round(mean([s["load1"] for s in samples]), 2), "health_after": health, "after": after,
+            "rss_mib_every_30s": [round(s["rss"] / 2**20) for s in samples[::6]],
             "pass": (growth < 0.05 and lost == 0 and health == {"status": "ok"} and after["running_kv_blocks"] == 0
                      and all(v is not None and v <= 1.2 for v in ratios.values()))}
 
