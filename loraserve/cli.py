@@ -118,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.lora_server and args.model is None:
         raise ValueError("--lora-server needs --model (the demo's adapters are the LoRA server's to serve)")
     engine = LLMEngine(engine_config(args, model))
+    engine.memory.prefault()  # a server takes its host tier at start (see TierMemory.prefault)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
@@ -158,6 +159,7 @@ def cmd_lora_server(args: argparse.Namespace) -> int:
     from loraserve.lora_server.server import LoraServer
 
     server = LoraServer(lora_server_config(args), args.listen, args.lora_dir or [])
+    server.store.memory.prefault()
     try:
         for name, path in args.lora or []:
             server.load(name, path)
