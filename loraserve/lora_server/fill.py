@@ -96,21 +96,6 @@ class SlotFill:
     def release(self, adapter_id: str) -> None:
         self.slots.release(adapter_id)
 
-    def check(self, adapter_id: str, layers: range) -> bool:
-        """`acquire` then `release` for each of `layers` in turn (what a server
-        computing those layers does); whether every one was there. A complete
-        slot takes one LRU touch: the same order and counts, fewer calls."""
-        if self.complete(adapter_id):
-            self.slots.acquire(adapter_id)
-            self.slots.release(adapter_id)
-            self.counters["slot_hits"] += len(layers)
-            return True
-        for layer in layers:
-            if self.acquire(adapter_id, layer) is None:
-                return False
-            self.release(adapter_id)
-        return True
-
     def advance(self) -> bool:
         """Idle work: fill one more layer of a hinted adapter. Returns whether there was any."""
         for adapter_id in list(self.prefetch):

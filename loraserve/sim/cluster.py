@@ -82,9 +82,11 @@ class ClusterResult:
 
 
 class Cluster:
-    def __init__(self, spec: ModelSpec, hw: Hardware, cfg: ClusterConfig, adapters: dict[str, int]) -> None:
+    def __init__(self, spec: ModelSpec, hw: Hardware, cfg: ClusterConfig, adapters: dict[str, int],
+                 store=None, clock: ManualClock | None = None) -> None:
+        """store: a real AdapterStore (built on `clock`) for the LoRA server's policies (see SimLoraServer)."""
         self.spec, self.cfg = spec, cfg
-        self.clock = ManualClock()
+        self.clock = clock or ManualClock()
         self.sim_cfg = replace(cfg.sim, tp=cfg.instance_gpus)
         remote = cfg.deployment == "disagg"
         self.instances = [SimEngine(spec, hw, self.sim_cfg, adapters, self.clock, remote=remote)
@@ -99,7 +101,7 @@ class Cluster:
             d = cfg.disagg
             self.exchange = ExchangeModel(spec, cfg.rank, LINKS[d.link], hw, cfg.instance_gpus, d.ep, d.pp, d.push,
                                           d.overlap, d.kernel_eff, self.sim_cfg.dtype_bytes)
-            self.server = SimLoraServer(spec, hw, d, adapters, self.clock, self.exchange, self._wake_server)
+            self.server = SimLoraServer(spec, hw, d, adapters, self.clock, self.exchange, self._wake_server, store)
         self.done: list[Request] = []
         self.home: dict[int, int] = {}
         """Session → the instance its turns go to."""

@@ -68,6 +68,9 @@ class DisaggConfig:
     """Host memory for adapters; None: room for all of them (adapters wait in host memory)."""
 
     cache_policy: str = "elora"
+    block_bytes: int = BLOCK_BYTES
+    """Block size of the server's adapter cache."""
+
     mem_util: float = 0.9
     layer_group: int = 0
     """Layers per simulated position; 0: enough that a pass has at most 4 positions."""
@@ -105,32 +108,52 @@ class TrackedLink(LinkMover):
             self.copies[job.adapter] = (end - self.duration(job), end)
 
 
+def copy_time(hw: Hardware, cfg: DisaggConfig, job: CopyJob) -> float:
+    """An adapter's copy between the server's tiers: sharded over all its GPUs, so their PCIe links in parallel."""
+    return hw.pcie_latency + job.num_bytes / (cfg.server_gpus * hw.pcie_bw)
+
+
 class SimLoraServer:
     def __init__(self, spec: ModelSpec, hw: Hardware, cfg: DisaggConfig, adapters: dict[str, int],
-                 clock: ManualClock, exchange: ExchangeModel, wake: Callable[[float], None]) -> None:
-        """wake(t): the cluster calls `pump` at time t."""
+                 clock: ManualClock, exchange: ExchangeModel, wake: Callable[[float], None], store=None) -> None:
+        """wake(t): the cluster calls `pump` at time t. store: a real `AdapterStore`
+        (built on `clock`) whose cache, holds and slot filling to use instead of
+        modelled ones: the real server's tensors, on virtual time (the decision-log test)."""
         self.spec, self.cfg, self.clock, self.exchange, self.wake = spec, cfg, clock, exchange, wake
         self.num_layers = spec.num_layers
         self.group = cfg.layer_group or max(1, math.ceil(spec.num_layers / 4))
         self.num_positions = math.ceil(spec.num_layers / self.group)
-        device = cfg.server_cache_bytes or int(cfg.server_gpus * hw.mem_bytes * cfg.mem_util)
-        host = cfg.host_bytes or int(sum(adapters.values()) / 0.75) + BLOCK_BYTES * (len(adapters) + 8)
-        self.mover = TrackedLink(clock, lambda job: hw.pcie_latency + job.num_bytes / (cfg.server_gpus * hw.pcie_bw))
-        cache_cfg = CacheConfig(block_size=16, device_bytes=device, host_bytes=host, policy=cfg.cache_policy)
-        self.cache = TieredCacheManager(cache_cfg, device // BLOCK_BYTES, host // BLOCK_BYTES, BLOCK_BYTES, clock,
-                                        self.mover)
-        for name, size in adapters.items():
-            self.cache.add_adapter(name, size)
-        self.holds = Holds(self.cache, clock)
+        self.mover = TrackedLink(clock, lambda job: copy_time(hw, cfg, job))
         self.staged: set[str] = set()
-        self.fill = SlotFill(cfg.max_loras, frozenset(range(spec.num_layers)), cfg.layerwise, clock, self,
-                             adapters.__contains__)
+        self.pending: list[SimDelta] = []
+        if store is not None:
+            from loraserve.sim.paced import PacedMover
+
+            store.cache.mover = PacedMover(store.mover, self.mover)
+            self.cache, self.holds, self.fill, self.advance = store.cache, store.holds, store.fill, store.advance
+        else:
+            device = cfg.server_cache_bytes or int(cfg.server_gpus * hw.mem_bytes * cfg.mem_util)
+            host = cfg.host_bytes or int(sum(adapters.values()) / 0.75) + cfg.block_bytes * (len(adapters) + 8)
+            cache_cfg = CacheConfig(block_size=16, device_bytes=device, host_bytes=host, policy=cfg.cache_policy)
+            self.cache = TieredCacheManager(cache_cfg, device // cfg.block_bytes, host // cfg.block_bytes,
+                                            cfg.block_bytes, clock, self.mover)
+            for name, size in adapters.items():
+                self.cache.add_adapter(name, size)
+            self.holds = Holds(self.cache, clock)
+            self.fill = SlotFill(cfg.max_loras, frozenset(range(spec.num_layers)), cfg.layerwise, clock, self,
+                                 adapters.__contains__)
         self.window = BatchWindow(clock, cfg.batch_window_us / 1e6)
         self.stage_free = [0.0] * cfg.pp
-        self.pending: list[SimDelta] = []
         self.log: list[tuple] | None = None
         """When a list: (time, "batch", position, instances, adapters) for every batch run."""
+        self.on_batch: Callable[[int, list[SimDelta]], None] | None = None
+        """Called for every batch run (the decision-log test computes its deltas with real kernels)."""
         self.busy_s = 0.0
+
+    def advance(self) -> bool:
+        """Idle work, as AdapterStore.advance: fill one more layer of a hinted adapter."""
+        self.cache.tick(0)
+        return self.fill.advance()
 
     def layers(self, position: int) -> range:
         return range(position * self.group, min((position + 1) * self.group, self.num_layers))
@@ -154,8 +177,7 @@ class SimLoraServer:
         """One turn of the server's loop: wait for instances behind in their pass,
         else run every batch whose weights are in place; idle: fill hinted slots."""
         if not self.pending:
-            self.cache.tick(0)
-            while self.fill.advance():
+            while self.advance():
                 pass
             if self.fill.prefetch and (t := self.mover.next_finish()) is not None:
                 self.wake(t)
@@ -177,10 +199,26 @@ class SimLoraServer:
             self.wake(self._ready_time(waiting))
 
     def _acquire(self, position: int, batch: list[SimDelta]) -> bool:
-        """Whether every adapter of the batch has the position's layers in a slot
-        (as store_delta asks, layer by layer; adapter by adapter over a group)."""
+        """Whether every adapter of the batch has the position's layers in a slot,
+        asked as store_delta asks for each layer: pin adapter after adapter,
+        stop at the first missing one, then release. (When every adapter's slot
+        is already complete, one pass stands for the group's layers.)"""
+        adapters = list(dict.fromkeys(a for d in batch for a in d.adapters))
         layers = self.layers(position)
-        return all([self.fill.check(a, layers) for a in dict.fromkeys(a for d in batch for a in d.adapters)])
+        if all(self.fill.complete(a) for a in adapters):
+            layers = layers[:1]
+            self.fill.counters["slot_hits"] += (len(self.layers(position)) - 1) * len(adapters)
+        for layer in layers:
+            got = []
+            try:
+                for a in adapters:
+                    if self.fill.acquire(a, layer) is None:
+                        return False
+                    got.append(a)
+            finally:
+                for a in got:
+                    self.fill.release(a)
+        return True
 
     def _run(self, position: int, batch: list[SimDelta]) -> None:
         now = self.clock.now()
@@ -200,6 +238,8 @@ class SimLoraServer:
             d.done(end)
         self.stage_free[stage] = start + busy
         self.busy_s += busy
+        if self.on_batch is not None:
+            self.on_batch(position, batch)
         if self.log is not None:
             self.log.append((now, "batch", position, tuple(d.peer for d in batch),
                              tuple(sorted({a for d in batch for a in d.adapters}))))
