@@ -167,6 +167,9 @@ class SimLoraServer:
         self.wake(self.clock.now())
 
     def submit(self, delta: SimDelta) -> None:
+        if len(delta.adapters) > self.cfg.max_loras:  # the real server refuses it (503)
+            raise ValueError(f"a delta names {len(delta.adapters)} adapters; the server has {self.cfg.max_loras} "
+                             "slots (size max_loras to at least the instances' max_num_seqs)")
         self.window.arrived(delta.peer, delta.position, delta.arrived, delta.plan)
         self.pending.append(delta)
         self.pump()
