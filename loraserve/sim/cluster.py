@@ -120,11 +120,18 @@ class Cluster:
         self._pumps.discard(t)
         self.server.pump()
 
-    def run(self, workload: Workload, max_events: int = 50_000_000) -> list[Request]:
+    def run(self, workload: Workload, lead_in: float = 0.0, max_events: int = 50_000_000) -> list[Request]:
+        """lead_in: idle seconds before the first arrival, in which the LoRA server's
+        swapper runs every swap_interval (a server that was up before the traffic came;
+        coupled instances have no idle work to do)."""
         self.workload = workload
         self.sessions = {s[0].session: s for s in workload.sessions()}
         for s, turns in self.sessions.items():
-            self.at(turns[0].time, self._arrive, s, 0, input_ids(workload.seed, s, 0, turns[0].input_len))
+            self.at(lead_in + turns[0].time, self._arrive, s, 0, input_ids(workload.seed, s, 0, turns[0].input_len))
+        if self.server is not None and lead_in > 0:
+            step = self.server.cache.config.swap_interval or 0.1
+            for k in range(int(lead_in / step) + 1):
+                self._wake_server(k * step)
         for _ in range(max_events):
             if not self.events:
                 return self.done
@@ -249,8 +256,9 @@ def prefill_time(cost: StepCost, tokens: int, chunk: int) -> float:
 
 
 def simulate_cluster(workload: Workload, spec: ModelSpec, hw: Hardware, cfg: ClusterConfig,
-                     adapters: dict[str, int], slo: SLO | None = None, warmup: float = 0.0) -> ClusterResult:
+                     adapters: dict[str, int], slo: SLO | None = None, warmup: float = 0.0,
+                     lead_in: float = 0.0) -> ClusterResult:
     start = time.perf_counter()
     cluster = Cluster(spec, hw, cfg, adapters)
-    cluster.run(workload)
+    cluster.run(workload, lead_in)
     return cluster.result(slo, time.perf_counter() - start, warmup)

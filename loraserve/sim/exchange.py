@@ -126,15 +126,28 @@ class ExchangeModel:
     def layer(self, tokens: int, batch_tokens: int, batch_adapters: int, base_layer_s: float) -> LayerCost:
         """One layer's cost to an instance with `tokens` rows in a server batch of
         `batch_tokens` rows over `batch_adapters` adapters (server waits excluded)."""
-        wall = remote = busy = 0.0
-        for trip in self.trips():
-            c = self.compute_time(trip, batch_tokens, batch_adapters)
-            net = self.trip_time(trip, tokens)
-            gemm = base_layer_s * trip.share
-            wall += max(gemm, net + c) if self.overlap else gemm + net + c
-            remote += net + c
-            busy += c
+        key = (tokens, batch_tokens, batch_adapters)
+        parts = self._memo.get(key)
+        if parts is None:
+            trips = self.trips()
+            cs = [self.compute_time(t, batch_tokens, batch_adapters) for t in trips]
+            parts = self._memo[key] = ([(t.share, self.trip_time(t, tokens) + c) for t, c in zip(trips, cs)], sum(cs))
+        trips, busy = parts
+        remote = sum(r for _, r in trips)
+        if self.overlap:
+            wall = sum(max(base_layer_s * share, r) for share, r in trips)
+        else:
+            wall = base_layer_s + remote
         return LayerCost(wall, remote, busy)
+
+    @property
+    def _memo(self) -> dict:
+        """Per-trip costs by (tokens, batch tokens, batch adapters): a run asks for the same few many times."""
+        memo = self.__dict__.get("_memo_dict")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_memo_dict", memo)
+        return memo
 
 
 @dataclass(frozen=True)
