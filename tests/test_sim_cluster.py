@@ -316,3 +316,67 @@ def test_the_simulated_lora_server_decides_as_the_real_one(tiny):
     assert len(computed) == len(real_log["batches"])
     misses = ("slot_misses", "layers_loaded", "layer_waits")  # (hits differ: the real kernels asked per projection)
     assert [real_server.fill.counters[k] for k in misses] == [sim_server.fill.counters[k] for k in misses]
+
+
+# -- workload, admission order and the named deployments -------------------------------
+
+def test_burstgpt_lengths_follow_the_fitted_lognormals():
+    import math
+    import random
+    import statistics
+
+    from loraserve.workload.burstgpt import BURSTGPT_INPUT, BURSTGPT_OUTPUT, INPUT_LOG_MEAN, OUTPUT_LOG_MEAN
+
+    rng = random.Random(0)
+    for lengths, log_mean in ((BURSTGPT_INPUT, INPUT_LOG_MEAN), (BURSTGPT_OUTPUT, OUTPUT_LOG_MEAN)):
+        xs = [lengths.sample(rng) for _ in range(4000)]
+        assert statistics.median(xs) == pytest.approx(math.exp(log_mean), rel=0.08)
+        assert max(xs) == lengths.hi and min(xs) >= 1
+
+
+def test_shortest_job_first_admits_the_least_work_first():
+    from loraserve.cache.mover import LinkMover
+    from loraserve.config import SchedulerConfig
+    from loraserve.engine.core import EngineCore
+    from loraserve.lora.slots import LoraSlots
+    from loraserve.request import Request
+    from loraserve.sampling import SamplingParams
+    from loraserve.sim.paced import NullExecutor
+
+    order = {}
+    for how in ("fcfs", "sjf"):
+        clock = ManualClock()
+        core = EngineCore(CacheConfig(block_size=4, policy="slora"), SchedulerConfig(max_num_seqs=1, order=how), 64,
+                          0, 100, 256, clock, LinkMover(clock), NullExecutor(), LoraSlots(4))
+        for i, n in enumerate([40, 8, 20]):
+            core.scheduler.add(Request(f"r{i}", list(range(n)), SamplingParams(max_tokens=n)))
+        admitted = []
+        while core.has_unfinished():
+            out = core.run_step()
+            admitted += [q.request_id for q in out.plan.seqs if q.request_id not in admitted]
+            for r in out.touched:
+                if r.is_finished:
+                    core.forget(r)
+        order[how] = admitted
+    assert order == {"fcfs": ["r0", "r1", "r2"], "sjf": ["r1", "r2", "r0"]}
+
+
+def test_named_deployments_share_the_budget_and_climb_the_ladder():
+    from loraserve.sim.deployments import deployment
+
+    size = 2 * 10**9
+    slora = deployment("slora", MIXTRAL, H20, 64, 2, size)
+    less = deployment("slora-less", MIXTRAL, H20, 64, 2, size)
+    assert slora.num_instances == 8 and slora.sim.cache.policy == "slora"
+    assert less.sim.cache.policy == "vllm" and less.sim.cache.adapter_fraction == 0.4
+    assert less.sim.scheduler.max_loras < slora.sim.scheduler.max_loras
+    assert deployment("slora-sjf", MIXTRAL, H20, 64, 2, size).sim.scheduler.order == "sjf"
+    rungs = [deployment(n, MIXTRAL, H20, 64, 2, size).disagg for n in
+             ("disagg-naive", "disagg+overlap", "disagg+loading", "disagg")]
+    assert [(d.overlap, d.layerwise, d.kernel_eff == 1.0) for d in rungs] == [
+        (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    full = deployment("disagg", MIXTRAL, H20, 64, 2, size)
+    assert full.num_instances == 4 and (full.disagg.ep, full.disagg.pp, full.disagg.link) == (4, 2, "ib")
+    assert not deployment("disagg-pull", MIXTRAL, H20, 64, 2, size).disagg.push
+    with pytest.raises(ValueError, match="unknown deployment"):
+        deployment("vllm", MIXTRAL, H20, 64, 2, size)
