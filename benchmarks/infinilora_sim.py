@@ -135,21 +135,24 @@ class Bench:
 
 def planner_check(bench: Bench, model: str, rate: float) -> dict:
     """[PLANNER HOOK, integrated by the lead] The planner's cache at the planned rate meets the
-    P95 TTFT SLO in simulation and a cache 20% smaller does not. Needs `loraserve.plan` to expose
-    a function returning an object with cache_bytes, cache_adapters, server_gpus, iar."""
+    P95 TTFT SLO in simulation and a cache 20% smaller does not. Uses `loraserve.plan`'s
+    `provision(PlanInput(...))` (branch plan15), which returns cache_bytes, cache_adapters,
+    server_gpus and iar; records why not when it is not importable."""
     try:
-        import loraserve.plan as planner
-    except ImportError:
-        return {"status": "loraserve.plan is not importable on this branch"}
-    fn = next((getattr(planner, n) for n in ("plan", "provision", "make_plan") if callable(getattr(planner, n, None))),
-              None)
-    if fn is None:
-        return {"status": "loraserve.plan has no plan/provision function"}
+        from loraserve.plan import PlanInput, provision
+    except ImportError as e:
+        return {"status": f"loraserve.plan is not importable here ({e})"}
+    from loraserve.workload.burstgpt import BURSTGPT_INPUT, BURSTGPT_OUTPUT
+
+    d = INFINILORA_MODELS[model]
     try:
-        p = fn(model=model, adapters=512, zipf=1.2, rate=rate, slo_ttft=SLO_.ttft, slo_tpot=SLO_.tpot, hardware="h20")
+        p = provision(PlanInput(model, adapters=512, zipf=1.2, rate=rate, slo_ttft=SLO_.ttft, slo_tpot=SLO_.tpot,
+                                hardware=HW.name, rank=d.rank, mean_input=BURSTGPT_INPUT.mean,
+                                mean_output=BURSTGPT_OUTPUT.mean))
     except TypeError as e:
-        return {"status": f"the planner's signature differs: {e}"}
-    out = {"plan": {k: getattr(p, k, None) for k in ("cache_bytes", "cache_adapters", "server_gpus", "iar")}}
+        return {"status": f"the planner's interface differs: {e}"}
+    out = {"rate": rate, "plan": {k: getattr(p, k, None) for k in ("cache_bytes", "cache_adapters", "server_gpus",
+                                                                    "iar")}}
     for label, scale in (("planned", 1.0), ("planned_minus_20pct", 0.8)):
         out[label] = bench.run(model, "disagg", rate, server_cache_bytes=int(p.cache_bytes * scale))
     return out
@@ -211,6 +214,7 @@ def main() -> None:
     result["planner"] = planner_check(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"] or rate)
     result["sims"], result["sim_s"] = bench.sims, round(bench.sim_s, 1)
     result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["cpu_s"] = round(time.process_time(), 1)  # this process's CPU time: the machine is shared
     out = Path(args.out)
     write_results(result, out, table)
     folder = out.with_suffix("")
@@ -226,7 +230,7 @@ def main() -> None:
 
 def table(r: dict) -> str:
     lines = [f"InfiniLoRA in the simulator ({r['hardware']}, 16 GPUs), commit {r['commit']}, "
-             f"{r['requests_per_sim']} requests/sim, {r['sims']} sims, wall {r['wall_s']} s, "
+             f"{r['requests_per_sim']} requests/sim, {r['sims']} sims, wall {r['wall_s']} s (CPU {r.get('cpu_s')} s), "
              f"loadavg {r['machine']['loadavg']} -> {r.get('loadavg_end')}", "",
              f"{'model':>14} " + " ".join(f"{n:>11}" for n in MAIN) + "  disagg/slora  attainment disagg vs slora"]
     ratios = []
