@@ -31,6 +31,7 @@ ELORA swapper may prefetch (S-LoRA does nothing when idle). Single process.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -164,7 +165,19 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(INFINILORA_MODELS))
     ap.add_argument("--quick", action="store_true", help="Mixtral only, 100 requests")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinilora_sim.json"))
+    ap.add_argument("--planner-only", action="store_true",
+                    help="rerun only the planner check into an existing --out (once loraserve.plan is there)")
     args = ap.parse_args()
+    if args.planner_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        mix = "mixtral-8x7b" if "mixtral-8x7b" in result["models"] else next(iter(result["models"]))
+        bench = Bench(result["requests_per_sim"])
+        result["planner"] = planner_check(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"]
+                                          or result["ablation"]["rate"])
+        result["planner"]["commit"] = git_commit()
+        write_results(result, out, table)
+        return
     if args.quick:
         args.models, args.requests = ["mixtral-8x7b"], 80
     start = time.perf_counter()
