@@ -380,3 +380,18 @@ def test_named_deployments_share_the_budget_and_climb_the_ladder():
     assert not deployment("disagg-pull", MIXTRAL, H20, 64, 2, size).disagg.push
     with pytest.raises(ValueError, match="unknown deployment"):
         deployment("vllm", MIXTRAL, H20, 64, 2, size)
+
+
+def test_simulate_cluster_command(capsys):
+    import json
+
+    from loraserve.cli import main
+
+    assert main(["simulate", "cluster", "--model", "mixtral-8x7b", "--rate", "4", "--requests", "24",
+                 "--deployment", "disagg", "slora", "--server-cache", "100GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["results"]) == {"disagg", "slora"}
+    assert out["results"]["disagg"]["instances"] == 4 and out["results"]["slora"]["instances"] == 8
+    assert all(0 <= r["p95_ttft_s"] < r["p95_ttft_with_prefill_s"] for r in out["results"].values())
+    assert main(["simulate", "cluster", "--model", "llama3-8b", "--rate", "4"]) == 2
+    assert main(["simulate", "cluster", "--model", "dbrx", "--rate", "4", "--deployment", "nonesuch"]) == 2
