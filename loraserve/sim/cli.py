@@ -58,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--hardware", default="h20")
     k.add_argument("--gpus", type=int, default=16, help="GPUs in all (default: %(default)s)")
     k.add_argument("--server-gpus", type=int, default=8, help="of them, the LoRA server's (disagg)")
-    k.add_argument("--server-cache", type=parse_bytes, help="the LoRA server's adapter cache (default: its GPUs' memory)")
+    k.add_argument("--server-cache", type=parse_bytes,
+                   help="the LoRA server's adapter cache (default: its GPUs' memory)")
     k.add_argument("--slo-ttft", type=float, default=0.25, help="P95 TTFT SLO, prefill excluded (s)")
     k.add_argument("--slo-tpot", type=float, default=0.1, help="mean TPOT SLO (s)")
     k.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -78,8 +78,8 @@ class SimEngine(EngineCore):
         num_blocks = device_tier_bytes(spec, hw, cfg) // block_bytes
         self.adapter_bytes = dict(adapters)
         self.remote = remote
-        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, (lambda a: 0) if remote else self.adapter_bytes.__getitem__,
-                             cfg.lora_eff)
+        lora_bytes = (lambda a: 0) if remote else self.adapter_bytes.__getitem__
+        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, lora_bytes, cfg.lora_eff)
         super().__init__(cfg.cache, cfg.scheduler, num_blocks, cfg.cache.host_bytes // block_bytes, block_bytes,
                          cfg.max_model_len, clock, LinkMover(clock, duration=self.cost.copy_time),
                          PacedExecutor(NullExecutor(), self.cost, clock),
