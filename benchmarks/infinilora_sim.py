@@ -70,16 +70,17 @@ its GPUs' links in parallel)."""
 
 
 class Bench:
-    def __init__(self, requests: int, hw=HW) -> None:
+    def __init__(self, requests: int, hw=HW, seed: int = 1) -> None:
         self.requests = requests
         self.hw = hw
+        self.seed = seed
         self.sims = 0
         self.sim_s = 0.0
 
     def run(self, model: str, name: str, rate: float, adapters: int = 512, turns: float = 1.0, **kw) -> dict:
         d = INFINILORA_MODELS[model]
         spec = model_spec(model)
-        cfg_wl = burstgpt_config(self.requests, adapters, rate, turns=turns, think_s=5.0, seed=1)
+        cfg_wl = burstgpt_config(self.requests, adapters, rate, turns=turns, think_s=5.0, seed=self.seed)
         wl = generate(cfg_wl)
         sizes = adapter_sizes(wl.adapters, spec, d.rank)
         instance_cache = kw.pop("instance_cache", None)
