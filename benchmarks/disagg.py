@@ -291,8 +291,8 @@ def instance_memory(m: dict[str, float]) -> dict:
             "adapters_on_device": m.get("loraserve_adapters_on_device", 0.0),
             "lora_slots_used": m.get("loraserve_lora_slots_used", 0.0),
             "bank_bytes": m.get("loraserve_lora_bank_bytes", 0.0),
-            "remote_lora_wait_s": m.get("loraserve_remote_lora_wait_seconds", 0.0),
-            "remote_lora_steps": m.get("loraserve_remote_lora_steps", 0.0),
+            "remote_lora_wait_s": m.get("loraserve_remote_lora_wait_seconds_total", 0.0),
+            "remote_lora_steps": m.get("loraserve_remote_lora_steps_total", 0.0),
             "kv_bytes_device": m.get('loraserve_cache_bytes{kind="running_kv",tier="device"}', 0.0)
             + m.get('loraserve_cache_bytes{kind="history_kv",tier="device"}', 0.0)}
 
@@ -469,7 +469,7 @@ def table(result: dict) -> str:
                      for i in c["deployments"]["disaggregated"]["instances"] if i["remote_lora_steps"]]
             if waits:
                 lines.append("disaggregated instances' wait for deltas: " + " / ".join(f"{w:.1f}" for w in waits)
-                             + " ms per step (loraserve_remote_lora_wait_seconds / loraserve_remote_lora_steps)")
+                             + " ms per step (loraserve_remote_lora_wait_seconds_total / loraserve_remote_lora_steps_total)")
             srv = c["deployments"]["disaggregated"]["server"]
             lines.append(f"server: {srv['adapters_device']:.0f} adapters on its device tier, "
                          f"{srv['adapters_in_slots']:.0f} in slots; most instances one batched kernel served: "

@@ -1,4 +1,4 @@
-"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | demo-model`."""
+"""Command line: `loraserve serve | lora-server | generate | workload | bench | simulate | plan | demo-model`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
 from loraserve.remote.config import MODES, TRANSPORTS, LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
-from loraserve.units import UNITS, format_bytes, split_size
+from loraserve.server.limits import ServerLimits
+from loraserve.units import UNITS, format_bytes, parse_bytes, split_size
 
 
 def default_home() -> Path:
@@ -55,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise KeyError(f"no adapter named {lora!r}; loaded: {sorted(adapters)}")
     prompts = args.prompt or ["What is the capital of France?"]
     if args.chat:
-        prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        prompts = [llm.engine.tokenizer.chat_tokens([{"role": "user", "content": p}]) for p in prompts]
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     for out in llm.generate(prompts, sampling, adapter=lora):
@@ -106,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraserve.engine.llm_engine import LLMEngine
     from loraserve.server.app import build_app
     from loraserve.server.lifecycle import DrainingServer
+    from loraserve.server.limits import ServerLimits
 
     adapters = dict(args.lora or [])
     model, served_name = args.model, args.served_model_name
@@ -119,11 +121,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
-                    lora_dirs=args.lora_dir, public_metrics=args.public_metrics)
+                    lora_dirs=args.lora_dir, public_metrics=args.public_metrics, limits=limits)
     print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=10), async_engine)
+                                           timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=10),
+                            async_engine)
     try:
         server.run()
     finally:
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     # AsyncEngine's default, checked by tests/test_config.py (importing the server here would slow every command)
     v.add_argument("--max-waiting", type=int, default=1024,
                    help="waiting requests past which new ones get 429 (default: %(default)s)")
+    add_flag(v, "--max-request-bytes", ServerLimits, "max_request_bytes", type=parse_bytes, show=format_bytes)
     add_flag(v, "--max-lora-rank", EngineConfig, "max_lora_rank")
     add_flag(v, "--dtype", EngineConfig, "dtype", choices=DTYPES)
     add_flag(v, "--max-model-len", EngineConfig, "max_model_len",
@@ -268,12 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo_model)
 
     from loraserve.bench.cli import add_parser as add_bench
+    from loraserve.plan.cli import add_parser as add_plan
     from loraserve.sim.cli import add_parser as add_simulate
     from loraserve.workload.cli import add_parser as add_workload
 
     add_workload(sub)
     add_bench(sub)
     add_simulate(sub)
+    add_plan(sub)
     return parser
 
 

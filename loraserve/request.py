@@ -46,6 +46,10 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens served from cached KV on its first admission (OpenAI's
+    usage.prompt_tokens_details.cached_tokens); a recompute after preemption does not change it."""
+
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

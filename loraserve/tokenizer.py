@@ -1,16 +1,23 @@
 """Tokenizer and chat template from an HF model directory, without transformers.
 
 Uses the `tokenizers` library on tokenizer.json and renders the chat template
-with jinja2, so serving does not import transformers.
+with jinja2, so serving does not import transformers. A chat prompt is the
+token sequence transformers' `apply_chat_template(tokenize=True)` gives: the
+same sandboxed Jinja environment and globals, the special tokens it passes,
+and no special tokens added when the rendered text is encoded (the template
+writes its own, so a BOS-adding post-processor would double the BOS).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
 from loraserve.model.spec import ModelError
@@ -31,6 +38,8 @@ class Tokenizer:
         self.chat_template: str | None = template
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
+        self.special_tokens = {k: v for k in SPECIAL_TOKENS if (v := _token_str(cfg.get(k))) is not None}
+        """What the template sees of them, as transformers passes its special_tokens_map."""
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size()
 
@@ -56,14 +65,49 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def _template(self) -> jinja2.Template:
+        """Compiled on first use, once per tokenizer (compiling costs more than rendering)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use the completions API")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return _environment().from_string(self.chat_template)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
+        """The chat template's text for `messages` (ValueError, or jinja2's
+        TemplateError, on what the template refuses). `template_kwargs` are the
+        template's own switches (vLLM's chat_template_kwargs, e.g. enable_thinking);
+        they cannot replace the messages, tools or special tokens."""
+        return self._template.render(**{**(template_kwargs or {}), **self.special_tokens, "messages": messages,
+                                        "tools": tools, "documents": None,
+                                        "add_generation_prompt": add_generation_prompt})
+
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+        """The prompt's token ids, as `apply_chat_template(..., tokenize=True)` gives them."""
+        text = self.render_chat(messages, tools, add_generation_prompt, template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@functools.cache
+def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in: sandboxed (a
+    template is code from the model directory), blocks trimmed, loop controls,
+    and its globals and `tojson` (Jinja's own escapes HTML characters, which
+    would change the tokens of any template that writes JSON)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _tojson(x, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def check_text(text: str) -> None:
@@ -81,4 +125,4 @@ def _token_str(tok) -> str | None:
 
 
 def _raise(message: str):
-    raise ValueError(message)
+    raise jinja2.TemplateError(message)

@@ -6,7 +6,10 @@ Run as `python tests/fault_server.py serve ...` with LORASERVE_FAULT set:
   whose prompt contains TEXT (the engine must fail that request alone);
 - `loop:TEXT`: the engine step itself raises once such a request runs (the
   engine loop dies: /health turns 503 and the process exits non-zero); steps
-  take at least 20 ms, so a long request is still running by then.
+  take at least 20 ms, so a long request is still running by then;
+- `hold:TEXT`: such a request, once validated, is held (its file
+  $LORASERVE_FAULT_MARK written) until its adapter has been unloaded; then it
+  is queued, so an unload lands between validation and queueing.
 
 The faults wrap the real classes; nothing else changes.
 """
@@ -32,6 +35,11 @@ def make_request(self, prompt, *args, **kwargs):
     req = _make_request(self, prompt, *args, **kwargs)
     if isinstance(prompt, str) and TEXT in prompt:
         POISONED.add(req.request_id)
+        if KIND == "hold":  # on the validation worker thread: the engine loop runs on
+            open(os.environ["LORASERVE_FAULT_MARK"], "w").close()
+            deadline = time.monotonic() + 60
+            while self.adapter_loaded(req.adapter) and time.monotonic() < deadline:
+                time.sleep(0.01)
     return req
 
 

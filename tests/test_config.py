@@ -14,6 +14,8 @@ from loraserve.bench.metrics import SLO, serviceable_rate
 from loraserve.cli import build_parser, engine_config, lora_server_config
 from loraserve.config import CacheConfig, EngineConfig
 from loraserve.flags import add_flag, default_of, first_sentence
+from loraserve.plan import PlanInput
+from loraserve.plan.cli import plan_input
 from loraserve.remote.config import LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.sim.cli import sim_config
@@ -23,7 +25,7 @@ from loraserve.workload import WorkloadConfig
 from loraserve.workload.cli import workload_config
 
 REQUIRED = {"bench": ["run", "--workload", "w", "--url", "u"], "simulate": ["run", "--workload", "w", "--model", "m"],
-            "workload": ["--out", "w"], "lora-server": ["--model", "m"]}
+            "workload": ["--out", "w"], "lora-server": ["--model", "m"], "plan": ["--model", "m"]}
 
 
 def defaults(command: str) -> argparse.Namespace:
@@ -54,6 +56,10 @@ def test_generate_defaults():
     assert (args.top_p, args.top_k, args.seed) == (sampling.top_p, sampling.top_k, sampling.seed)
     assert args.dtype == EngineConfig.dtype
     assert (args.max_tokens, args.temperature) == (64, 0.0)  # the command line's own: short and greedy
+
+
+def test_plan_defaults_are_plan_inputs():
+    assert plan_input(defaults("plan")) == PlanInput(model="m")
 
 
 @pytest.mark.parametrize("policy", ["elora", "vllm"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -274,10 +275,12 @@ def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(llm, monkeypatch
 
 # -- over HTTP, in a real server process ----------------------------------------------
 
-def start_fault_server(root: Path, fault: str, *extra) -> tuple[subprocess.Popen, str]:
+def start_fault_server(root: Path, fault: str, *extra, env: dict[str, str] | None = None
+                       ) -> tuple[subprocess.Popen, str]:
     """The real server with `fault` injected (see tests/fault_server.py)."""
     script = str(Path(__file__).with_name("fault_server.py"))
-    return start_server(root, "--served-model-name", "base", *extra, entry=(script,), env={"LORASERVE_FAULT": fault})
+    return start_server(root, "--served-model-name", "base", *extra, entry=(script,),
+                        env={"LORASERVE_FAULT": fault, **(env or {})})
 
 
 def test_over_http_a_poisoned_request_fails_alone(tiny, llm, expected):
@@ -350,4 +353,43 @@ def test_a_dead_engine_loop_ends_waiting_requests_and_exits_non_zero(tiny):
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_a_stream_whose_adapter_is_unloaded_after_validation_ends_with_an_error_event(tiny, tmp_path):
+    """The unload lands between the request's validation and its queueing: the
+    stream (already answered 200) ends with an OpenAI error object, not silently."""
+    root = tiny("llama")
+    mark = tmp_path / "held"
+    proc, url = start_fault_server(root, "hold:HOLD", "--lora", f"r8={root / 'adapters' / 'r8'}",
+                                   env={"LORASERVE_FAULT_MARK": str(mark)})
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        result: dict[str, object] = {}
+
+        def ask() -> None:
+            chunks = []
+            try:
+                for chunk in client.completions.create(model="r8", prompt="HOLD on", max_tokens=4, stream=True):
+                    chunks.append(chunk)
+            except openai.APIError as e:
+                result["error"] = e
+            result["chunks"] = chunks
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline and asker.is_alive(), "the request never reached validation"
+            time.sleep(0.01)
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "r8"}, timeout=60).status_code == 200
+        asker.join(timeout=60)
+        assert not asker.is_alive()
+        assert result["chunks"] == []
+        error = result["error"]
+        assert isinstance(error, openai.APIError) and "'r8' was unloaded" in error.message
+        assert error.body["type"] == "not_found_error" and error.body["code"] == 404
+        assert client.completions.create(model="base", prompt="still here", max_tokens=2).choices
+    finally:
+        proc.kill()
         proc.wait(timeout=30)

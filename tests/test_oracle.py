@@ -50,7 +50,7 @@ def test_demo_model_matches_oracle(demo):
     names = ["chat", "sql", "poet"]
     llm = LLM(model_dir, adapters={n: str(demo / "adapters" / n) for n in names})
     tok = llm.engine.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    prompt = tok.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
     sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([prompt] * 4, sp, adapter=[None, *names])
     assert "Paris" in outs[0].text

@@ -322,7 +322,7 @@ def test_two_instances_share_one_server(tiny):
             text = httpx.get(url + "/metrics").text
             assert metric_value(text, "loraserve_lora_bank_bytes") == 0
             assert metric_value(text, 'loraserve_cache_bytes{kind="adapters",tier="device"}') == 0
-            steps = metric_value(text, "loraserve_remote_lora_steps")
+            steps = metric_value(text, "loraserve_remote_lora_steps_total")
             assert steps > 0 and metric_value(text, "loraserve_remote_lora_step_wait_seconds_count") == steps
         # each adapter once on the server, however many instances use it
         assert server.metric("loraserve_lora_server_adapters", 'tier="slot"') == len(ADAPTERS)

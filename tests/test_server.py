@@ -114,7 +114,7 @@ def test_chat_and_chat_streaming(client, offline):
     messages = [{"role": "user", "content": "Say hi"}]
     resp = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0)
     tok = offline.engine.tokenizer
-    prompt = tok.apply_chat_template(messages)
+    prompt = tok.chat_tokens(messages)
     expected = offline.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), adapter="r16")[0]
     assert resp.choices[0].message.content == expected.text
     stream = client.chat.completions.create(model="r16", messages=messages, max_tokens=10, temperature=0, stream=True)
@@ -225,16 +225,17 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     next(iter(stream))
     assert metric(server, "loraserve_running_kv_blocks") > 0
     stream.close()
-    deadline = time.time() + 30
-    while metric(server, "loraserve_running_kv_blocks") > 0 and time.time() < deadline:
+    aborted = 'loraserve_requests_total{adapter="r16",finish_reason="abort"}'
+    deadline = time.time() + 30  # the engine frees the blocks and the response counts the abort, in either order
+    while (metric(server, "loraserve_running_kv_blocks") > 0 or metric(server, aborted) < 1) and time.time() < deadline:
         time.sleep(0.05)
     assert metric(server, "loraserve_running_kv_blocks") == 0
     assert metric(server, "loraserve_num_requests_running") == 0
-    assert metric(server, 'loraserve_requests_total{adapter="r16",finish_reason="abort"}') >= 1
+    assert metric(server, aborted) >= 1
     assert metric(server, "loraserve_requests_total") > 0
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
-    assert metric(server, "loraserve_lora_slot_hits") + metric(server, "loraserve_lora_slot_loads") > 0
-    assert metric(server, "loraserve_swap_in_bytes") > 0
+    assert metric(server, "loraserve_lora_slot_hits_total") + metric(server, "loraserve_lora_slot_loads_total") > 0
+    assert metric(server, "loraserve_swap_in_bytes_total") > 0
 
 
 def test_full_queue_answers_429(tiny):
@@ -400,3 +401,32 @@ def test_concurrent_unloads_of_one_adapter(server, lora_dir):
         assert sorted(r.status_code for r in replies) == [200, 404], [r.text for r in replies]
         missing = next(r for r in replies if r.status_code == 404).json()["error"]
         assert missing["type"] == "not_found_error" and "no adapter named 'twice'" in missing["message"]
+
+
+def test_cached_tokens_in_usage_and_prefix_cache_counters(server, client):
+    """The second ask of a prompt reports the tokens served from cached KV, in
+    the response, the stream's usage chunk and chat alike; /metrics counts the
+    same tokens at once (the scrape snapshots the engine, busy or idle)."""
+    queries, hits = "loraserve_prefix_cache_queries_total", "loraserve_prefix_cache_hits_total"
+    q0, h0 = metric(server, queries), metric(server, hits)
+    prompt = "A prompt seen twice, long enough to fill several KV blocks: " + "one two three four " * 8
+    first = client.completions.create(model="r4", prompt=prompt, max_tokens=2, temperature=0)
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert metric(server, queries) - q0 == n and metric(server, hits) == h0
+    second = client.completions.create(model="r4", prompt=prompt, max_tokens=2, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < n and cached % 16 == 0  # whole blocks, never the last prompt token
+    assert metric(server, queries) - q0 == 2 * n and metric(server, hits) - h0 == cached
+    # another adapter's KV is never matched
+    other = client.completions.create(model="r8", prompt=prompt, max_tokens=2, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(client.completions.create(model="r4", prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    messages = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model="r4", messages=messages, max_tokens=2, temperature=0)
+    chat = client.chat.completions.create(model="r4", messages=messages, max_tokens=2, temperature=0)
+    assert chat.usage.prompt_tokens_details.cached_tokens >= cached
+    assert metric(server, "loraserve_adapter_cache_hits_total") + metric(
+        server, "loraserve_adapter_cache_misses_total") >= 6

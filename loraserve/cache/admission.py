@@ -117,6 +117,8 @@ class Admission:
             node.last_use = now
         req.block_ids = [node.blocks[0] for node in held.path]
         req.num_computed_tokens = len(held.path) * ledger.block_size
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed_tokens
         held.num_committed = len(held.path)
         ledger.counters["kv_hit_tokens"] += req.num_computed_tokens
         ledger.counters["prompt_tokens"] += req.num_tokens

@@ -22,7 +22,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.output import RequestOutput
@@ -97,10 +97,10 @@ class AsyncEngine:
         EngineDead) before anything is queued. Stopping an iteration early
         aborts its request."""
         self._check_open()
-        if self._stats.waiting >= self.max_waiting:
-            raise Overloaded(f"too many waiting requests (--max-waiting {self.max_waiting}); retry later")
+        self._check_room()
         made = await asyncio.to_thread(lambda: [self.engine.make_request(*spec) for spec in specs])
         self._check_open()
+        self._check_room()  # again: others were accepted while this one was validated
         loop = asyncio.get_running_loop()
         streams = []
         for req in made:
@@ -126,13 +126,14 @@ class AsyncEngine:
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
 
-    async def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: str | Path, within: Sequence[Path] = ()) -> AdapterInfo:
         """Read and validate an adapter (a worker thread), then name it (the
-        loop thread). Raises AdapterError with the reason."""
+        loop thread). Raises AdapterError with the reason. `within`: the
+        directories its files must lie in (see `load_adapter`)."""
         check_name(name)
         if any(a.name == name for a in self.adapters()):
             raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
-        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, within)
         try:
             await self.call(self.engine.register_adapter, name, adapter)
         except AdapterError:
@@ -158,11 +159,33 @@ class AsyncEngine:
         return "dead" if self.dead is not None else "draining" if self.draining else "ok"
 
     def stats(self) -> EngineStats:
+        """The snapshot of the last step (or idle tick)."""
         return self._stats
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """The chat template rendered for a generation (ValueError on what it refuses)."""
-        return self.engine.tokenizer.apply_chat_template(messages)
+    async def refresh_stats(self, timeout: float = 2.0) -> EngineStats:
+        """A snapshot taken now, between steps, so a scrape sees the state at
+        scrape time also when the engine is idle; the last one if the engine
+        is dead or still in a step after `timeout` seconds."""
+        def take() -> None:
+            self.engine.snapshot_stats(period=0.0)
+            self._publish()
+
+        if self.dead is None:
+            try:
+                await asyncio.wait_for(self.call(take), timeout)
+            except (asyncio.TimeoutError, EngineDead):
+                pass
+        return self._stats
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        """The chat prompt's token ids, as transformers' apply_chat_template gives
+        them (ValueError or jinja2.TemplateError on what the template refuses)."""
+        return self.engine.tokenizer.chat_tokens(messages, tools, template_kwargs=template_kwargs)
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        """InvalidRequest if a text of `chars` characters cannot fit the context (cheap: no tokenizing)."""
+        self.engine.check_prompt_chars(chars, field)
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -185,6 +208,13 @@ class AsyncEngine:
         self._running = False
         self._inbox.put(("wake", None))
         self._thread.join(timeout=10)
+
+    def _check_room(self) -> None:
+        """Refuse when `max_waiting` requests wait. Counted here, on the event
+        loop, as accepted minus running (the engine's count lags a burst by a
+        step: 2,000 requests at once would all pass it)."""
+        if len(self._streams) - self._stats.running >= self.max_waiting:
+            raise Overloaded(f"too many waiting requests (--max-waiting {self.max_waiting}); retry later")
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -295,7 +325,9 @@ class AsyncEngine:
         if req.request_id not in self._streams:
             return  # aborted before it reached the loop
         if req.adapter is not None and not self.engine.adapter_loaded(req.adapter):
-            self._deliver(req.request_id, UnknownModel(req.adapter_name))  # unloaded since it was validated
+            self._deliver(req.request_id, UnknownModel(req.adapter_name, (  # unloaded since it was validated
+                f"the model {req.adapter_name!r} was unloaded before this request could start; "
+                "see GET /v1/models")))
             return
         try:
             self.engine.queue(req)

@@ -14,6 +14,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 
 from loraserve.clock import Clock, MonotonicClock
@@ -102,12 +103,13 @@ class LLMEngine(EngineCore):
     def add_adapter(self, name: str, path: str) -> LoraAdapter:
         return self.register_adapter(name, self.read_adapter(name, path))
 
-    def read_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+    def read_adapter(self, name: str, path: str | Path, within: Sequence[Path] = ()) -> LoraAdapter:
         """Read and validate an adapter (any thread): here, or, with a LoRA
-        server, there (the path is the server's), returning its metadata."""
+        server, there (the path is the server's, and so are the directories its
+        files may lie in), returning its metadata. `within`: see `load_adapter`."""
         if self.remote is not None:
             return self.remote.load(name, str(path))
-        return self.adapters.load(name, path)
+        return self.adapters.load(name, path, within)
 
     def register_adapter(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
         """Name a read adapter. Its weights go to the cache's host tier (see
@@ -182,11 +184,7 @@ class LLMEngine(EngineCore):
         if (sampling.logprobs or 0) > vocab:
             raise InvalidRequest("logprobs", f"logprobs must be at most the vocabulary size {vocab}")
         if isinstance(prompt, str):
-            # a prompt too long to fit is refused before it is tokenized (seconds for megabytes)
-            limit = 2 * self.max_model_len * self.tokenizer.max_token_chars
-            if len(prompt) > limit:
-                raise InvalidRequest("prompt", f"prompt ({len(prompt)} characters) cannot fit the context length "
-                                           f"{self.max_model_len} tokens")
+            self.check_prompt_chars(len(prompt), "prompt")
             try:
                 ids = self.tokenizer.encode(prompt)
             except ValueError as e:
@@ -195,11 +193,11 @@ class LLMEngine(EngineCore):
             ids = list(prompt)
         if not ids:
             raise InvalidRequest("prompt", "prompt is empty")
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
-        if len(ids) + sampling.max_tokens > self.max_model_len:
+        if len(ids) + sampling.max_tokens > self.max_model_len:  # before a look at each of millions of ids
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                            f"exceeds the context length {self.max_model_len}")
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
         try:
             self.cache.check_request_size(len(ids) + sampling.max_tokens)
         except ValueError as e:
@@ -215,6 +213,14 @@ class LLMEngine(EngineCore):
             arrival_time=self.clock.now(),
             stop_token_ids=frozenset(stop_ids),
         )
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        """Refuse a text that cannot fit the context, before it is tokenized
+        (seconds for megabytes): n characters make at least n / max_token_chars
+        tokens; the factor 2 leaves room for a normalizer that shortens text."""
+        if chars > 2 * self.max_model_len * self.tokenizer.max_token_chars:
+            raise InvalidRequest(field, f"{field} ({chars} characters) cannot fit the context length "
+                                        f"{self.max_model_len} tokens")
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     adapter: str | None = None, request_id: str | None = None) -> Request:
@@ -233,14 +239,15 @@ class LLMEngine(EngineCore):
     def idle_tick(self) -> None:
         super().idle_tick()
         self._sync_remote()
-        self._refresh_stats()
+        self.snapshot_stats()
 
     def _sync_remote(self) -> None:
         if self.remote is not None and (catalogue := self.remote.take_catalogue()) is not None:
             self._apply_catalogue(catalogue)
 
-    def _refresh_stats(self, period: float = 1.0) -> None:
-        """Snapshot cache stats for other threads (metrics) at most once a period."""
+    def snapshot_stats(self, period: float = 1.0) -> None:
+        """Snapshot cache stats for other threads (metrics) at most once a period
+        (0: now, as a scrape asks for)."""
         now = self.clock.now()
         if now - self._stats_time >= period:
             self._stats_time = now
@@ -264,7 +271,7 @@ class LLMEngine(EngineCore):
         for req in out.failed:
             if req.adapter is not None:  # a load that raised may have left its slot half written
                 self.lora.forget(req.adapter)
-        self._refresh_stats()
+        self.snapshot_stats()
         return [self._output(req) for req in out.failed + out.touched]
 
     def _output(self, req: Request) -> RequestOutput:

@@ -51,6 +51,9 @@ class RequestOutput:
     error_status: int = 500
     """503 when what failed was a service the request needs (the LoRA server)."""
 
+    num_cached_tokens: int = 0
+    """Prompt tokens served from cached KV (0 until admitted)."""
+
 
 @dataclass
 class _Text:
@@ -139,4 +142,5 @@ def make_output(req: Request, delta: str, since: int, text: str = "") -> Request
         adapter=req.adapter_name,
         error=req.error,
         error_status=req.error_status,
+        num_cached_tokens=req.num_cached_tokens or 0,
     )

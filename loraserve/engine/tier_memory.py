@@ -21,9 +21,10 @@ class TierMemory:
                  device: torch.device, num_host_blocks: int = 0) -> None:
         shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.tiers = {"device": torch.zeros(shape, dtype=dtype, device=device)}
-        if num_host_blocks:
-            host = torch.empty(shape[:2] + (num_host_blocks,) + shape[3:], dtype=dtype)
-            self.tiers["host"] = host.pin_memory() if device.type == "cuda" else host
+        if num_host_blocks:  # zeroed, so its pages are the process's from the start (not as the cache fills:
+            # resident memory that grew for hours would look like a leak) and a host tier too big for RAM fails now
+            self.tiers["host"] = torch.zeros(shape[:2] + (num_host_blocks,) + shape[3:], dtype=dtype,
+                                             pin_memory=device.type == "cuda")
         self.block_size = block_size
         self.block_bytes = math.prod(shape) // num_blocks * dtype.itemsize
 

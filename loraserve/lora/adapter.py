@@ -14,27 +14,17 @@ rsLoRA) is folded into B. Untargeted sub-projections stay zero.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from safetensors import safe_open
 
-from loraserve.errors import InvalidRequest
+from loraserve.lora.files import AdapterError, read_adapter_files
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim
-
-
-class AdapterError(InvalidRequest):
-    """An adapter we refuse to serve; the message says why (`field`: the request
-    field at fault, the adapter's path unless said otherwise)."""
-
-    def __init__(self, message: str, field: str = "lora_path") -> None:
-        super().__init__(field, message)
 
 
 MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -70,14 +60,7 @@ class LoraAdapter:
 
 
 def content_hash(path: Path) -> str:
-    config = json.loads((path / "adapter_config.json").read_text())
-    keep = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-                                       "target_modules", "target_parameters")}
-    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
-    with open(path / "adapter_model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    return read_adapter_files(Path(path)).id
 
 
 @dataclass
@@ -90,25 +73,22 @@ class _Unit:
 
 
 def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+                 dtype: torch.dtype = torch.float32, within: Sequence[Path] = ()) -> LoraAdapter:
+    """`within`: resolved directories the adapter's files must lie in (a runtime
+    load's --lora-dir; none for the operator's own paths)."""
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"adapter {path}: no such directory")
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / f).is_file():
-            raise AdapterError(f"adapter {path}: missing {f}")
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        with safe_open(path / "adapter_model.safetensors", "pt") as f:
-            raw = {k: f.get_tensor(k).float() for k in f.keys()}
-    except Exception as e:  # json, OS and safetensors errors alike
+        files = read_adapter_files(path, within)
+    except OSError as e:
         raise AdapterError(f"adapter {path}: unreadable ({e})") from e
+    config = files.config
+    raw = {k: t.float() for k, t in files.tensors.items()}
     _check_config(path, config)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
     units = _units(path, spec, raw, config)
     adapter = LoraAdapter(
-        id=content_hash(path), name=name or path.name, path=str(path), rank=0, alpha=alpha,
+        id=files.id, name=name or path.name, path=str(path), rank=0, alpha=alpha,
         use_rslora=rslora, target_modules=tuple(sorted({u.module.split(".")[-1] for us in units.values() for u in us})),
     )
     for (layer, target), us in sorted(units.items()):

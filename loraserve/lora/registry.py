@@ -7,6 +7,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -51,10 +52,11 @@ class AdapterRegistry:
         self.listing: tuple[AdapterInfo, ...] = ()
         self._lock = threading.Lock()
 
-    def load(self, name: str, path: str | Path) -> LoraAdapter:
-        """Read and validate (slow, touches no registry state: any thread)."""
+    def load(self, name: str, path: str | Path, within: Sequence[Path] = ()) -> LoraAdapter:
+        """Read and validate (slow, touches no registry state: any thread);
+        `within`: the directories its files must lie in (see `load_adapter`)."""
         check_name(name)
-        return load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype)
+        return load_adapter(path, self.spec, self.max_rank, name=name, dtype=self.dtype, within=within)
 
     def register(self, name: str, adapter: LoraAdapter) -> LoraAdapter:
         check_name(name)

@@ -220,7 +220,7 @@ class LoraServer:
             # reading a large adapter takes seconds: a worker thread reads, the loop goes on serving deltas
             name = field(h, "name", str)
             self.loads.append((peer, h.get("id"), name, str(path),
-                               self.loader.submit(self.store.registry.load, name, path)))
+                               self.loader.submit(self.store.registry.load, name, path, self.lora_dirs)))
             return None
         if kind == "unload":
             self.store.remove(field(h, "name", str))

@@ -9,6 +9,7 @@ JSON errors in one place (`server/errors.py`); responses are shaped in
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.lora.registry import check_name
 from loraserve.server import errors
+from loraserve.server.body import BodyLimit, FastJSONRoute
 from loraserve.server.errors import APIError, error_body
+from loraserve.server.limits import ServerLimits
 from loraserve.server.metrics import Metrics
 from loraserve.server.protocol import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 from loraserve.server.responses import respond
@@ -30,17 +33,22 @@ OPEN_PATHS = ("/health",)
 
 
 def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
-              lora_dirs: list[str] | None = None, public_metrics: bool = False) -> FastAPI:
+              lora_dirs: list[str] | None = None, public_metrics: bool = False,
+              limits: ServerLimits = ServerLimits()) -> FastAPI:
     """`lora_dirs`: the only directories runtime-loaded adapters may come from
     (none: runtime loading is off; with a LoRA server, its own --lora-dir decides). With `api_key`, every path but /health
     needs it (/metrics names every adapter and its traffic; /docs and
-    /openapi.json describe the API), and /metrics too unless `public_metrics`."""
+    /openapi.json describe the API), and /metrics too unless `public_metrics`.
+    `limits`: what a request may be at most (server/limits.py)."""
     app = FastAPI(title="loraserve", version="0.1.0")
+    app.router.route_class = FastJSONRoute  # bodies parsed by pydantic's parser (see body.py)
     metrics = Metrics(client.stats)
     app.state.metrics = metrics
     errors.install(app, lambda status: metrics.errors.labels(str(status)).inc())
     allowed = [Path(d).resolve() for d in lora_dirs or []]
     open_paths = OPEN_PATHS + (("/metrics",) if public_metrics else ())
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes,
+                       count=lambda status: metrics.errors.labels(str(status)).inc())
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -62,6 +70,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/metrics")
     async def prometheus():
+        await client.refresh_stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -93,7 +102,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
                 raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-dir directories",
                                "lora_path", "permission_error")
         start = time.monotonic()
-        info = await client.load_adapter(body.lora_name, path)
+        info = await client.load_adapter(body.lora_name, path, allowed)  # its files must lie there too
         metrics.adapter_load.observe(time.monotonic() - start)
         return {"status": "ok", "lora_name": info.name, "id": info.id, "rank": info.rank}
 
@@ -120,9 +129,11 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         adapter = adapter_for(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = client.chat_prompt(messages)
+        messages = [m.for_template() for m in body.messages]
+        # the template only adds text: messages that cannot fit are refused unrendered
+        client.check_prompt_chars(sum(len(m["content"] or "") for m in messages), "messages")
+        try:  # on a worker thread: rendering and tokenizing a long conversation takes a while
+            prompt = await asyncio.to_thread(client.chat_prompt, messages, body.tools, body.chat_template_kwargs)
         except Exception as e:  # template errors are the request's fault (e.g. bad roles)
             raise InvalidRequest("messages", f"messages: {e}") from e
         if body.max_completion_tokens:

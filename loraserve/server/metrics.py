@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from typing import Callable
 
@@ -35,7 +35,10 @@ class Metrics:
 
 
 class _EngineCollector:
-    """Engine state as of its last step, from the snapshot the engine thread publishes."""
+    """Engine state from the snapshot `stats` returns (the route refreshes it
+    on the engine thread before each scrape). Cumulative counts are counters
+    (a dashboard rates them, as vLLM's `prefix_cache_queries` / `_hits` in
+    tokens); states are gauges; the ratios stay for a glance."""
 
     def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.stats = stats
@@ -48,29 +51,39 @@ class _EngineCollector:
             ("loraserve_num_requests_waiting", "Requests waiting", e.waiting),
             ("loraserve_num_requests_pending", "Requests waiting for their adapter or KV to reach the device",
              e.pending),
-            ("loraserve_num_preemptions", "Preemptions so far", e.preemptions),
             ("loraserve_running_kv_blocks", "KV blocks in running requests' block tables (cached prefixes included)",
              e.running_kv_blocks),
             ("loraserve_adapters_loaded", "Adapters registered", e.adapters_loaded),
             ("loraserve_adapters_on_device", "Adapters resident in the device tier", stats.get("device_adapters", 0)),
             ("loraserve_lora_slots_used", "LoRA slots holding an adapter", e.lora_slots_used),
-            ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.lora_slot_hits),
-            ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot", e.lora_slot_loads),
             ("loraserve_adapter_hit_rate", "Admissions whose adapter was already on the device",
              stats.get("adapter_hit_rate", 0.0)),
             ("loraserve_kv_hit_rate", "Prompt tokens served from cached history KV", stats.get("kv_hit_rate", 0.0)),
             ("loraserve_invalid_kv_fraction", "Device KV blocks whose adapter is not on the device",
              stats.get("invalid_kv_fraction", 0.0)),
             ("loraserve_low_lora", "ELORA's expected number of adapters a batch needs", stats.get("low_lora", 0.0)),
-            ("loraserve_swap_in_bytes", "Bytes copied to the device tier", stats.get("swap_in_bytes", 0)),
-            ("loraserve_swap_out_bytes", "Bytes copied off the device tier", stats.get("swap_out_bytes", 0)),
             ("loraserve_lora_bank_bytes", "Adapter weights in this process's LoRA slots (0 with a LoRA server)",
              e.lora_bank_bytes),
-            ("loraserve_remote_lora_wait_seconds", "Seconds steps waited for the LoRA server's deltas, in all",
+        ]:
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in [
+            ("loraserve_prefix_cache_queries", "Prompt tokens looked up in the KV cache (prefix and history)",
+             stats.get("prompt_tokens", 0)),
+            ("loraserve_prefix_cache_hits", "Prompt tokens whose KV the cache held", stats.get("kv_hit_tokens", 0)),
+            ("loraserve_adapter_cache_hits", "Admissions whose adapter was already on the device",
+             stats.get("adapter_hits", 0)),
+            ("loraserve_adapter_cache_misses", "Admissions that waited for their adapter to reach the device",
+             stats.get("adapter_misses", 0)),
+            ("loraserve_num_preemptions", "Preemptions", e.preemptions),
+            ("loraserve_lora_slot_hits", "Admissions whose adapter was already in a slot", e.lora_slot_hits),
+            ("loraserve_lora_slot_loads", "Admissions that loaded their adapter into a slot", e.lora_slot_loads),
+            ("loraserve_swap_in_bytes", "Bytes copied to the device tier", stats.get("swap_in_bytes", 0)),
+            ("loraserve_swap_out_bytes", "Bytes copied off the device tier", stats.get("swap_out_bytes", 0)),
+            ("loraserve_remote_lora_wait_seconds", "Seconds steps waited for the LoRA server's deltas",
              e.remote_lora_wait_s),
             ("loraserve_remote_lora_steps", "Steps that sent deltas to the LoRA server", e.remote_lora_steps),
         ]:
-            yield GaugeMetricFamily(name, doc, value=value)
+            yield CounterMetricFamily(name, doc, value=value)  # exposed with the _total suffix
         if e.remote_lora_step_waits:
             buckets, total = e.remote_lora_step_waits
             yield HistogramMetricFamily("loraserve_remote_lora_step_wait_seconds",

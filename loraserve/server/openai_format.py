@@ -52,10 +52,13 @@ def event(data: dict) -> str:
 
 
 def usage(outs: list[RequestOutput], n: int) -> dict:
+    """Token counts; `cached_tokens` are the prompt tokens whose KV came from the
+    cache (prefix or history), as OpenAI and vLLM report them."""
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])  # outs are prompt-major, n per prompt
     completion_tokens = sum(o.num_output_tokens for o in outs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs[::n])}}
 
 
 def logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]], chat: bool,
