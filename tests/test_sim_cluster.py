@@ -242,7 +242,8 @@ def run_disaggregated(root, spec: ModelSpec, paths: dict[str, str], real: bool, 
     from loraserve.remote.config import LoraServerConfig
 
     clock = ManualClock()
-    probe = AdapterStore(spec, LoraServerConfig(model=str(root / "model")), clock)
+    small = CacheConfig(device_bytes=16 << 20, host_bytes=16 << 20)  # (the default arenas would take 3 GiB)
+    probe = AdapterStore(spec, LoraServerConfig(model=str(root / "model"), cache=small), clock)
     sizes = {probe.add(name, path).id: 0 for name, path in paths.items()}
     sizes = {a: probe.registry.get(a).num_bytes for a in sizes}
     probe.close()
