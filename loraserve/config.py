@@ -25,10 +25,18 @@ class SchedulerConfig:
     """Adapters resident in LoRA slots at once, hence the most distinct adapters
     one step can batch. Requests for other adapters wait for a free slot."""
 
+    order: str = "fcfs"
+    """Admission order of waiting requests: `fcfs` (arrival order), or `sjf`
+    (shortest job first: fewest tokens left to compute, prompt and max_tokens;
+    with ignore_eos replies, an idealised SJF that knows output lengths, the
+    baseline InfiniLoRA compares with)."""
+
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.order not in ("fcfs", "sjf"):
+            raise ValueError(f"order must be fcfs or sjf, got {self.order!r}")
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,26 @@ def memory_over_time(series: list[dict], path: str | Path, tier: str = "device")
     ax.set(title=title, xlabel="time (s)", ylabel="memory (MiB)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def grouped_bars(groups: dict[str, dict[str, float | None]], path: str | Path, ylabel: str, title: str,
+                 log: bool = False) -> Path:
+    """One cluster of bars per group (e.g. a model), one colour per series (e.g. a
+    deployment): {group: {series: value}}; a missing or None value leaves a gap."""
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    fig = Figure(figsize=(max(6, 1.6 * len(groups) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(series))
+    for j, s in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ys = [g.get(s) for g in groups.values()]
+        ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width,
+               label=s, color=f"C{j}")
+    ax.set_xticks(range(len(groups)), list(groups), fontsize="small")
+    ax.set(ylabel=ylabel, title=title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, axis="y")
+    if ax.has_data():
+        ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -114,6 +114,8 @@ class Scheduler:
             except Exception as e:
                 self._planning_failed(req, e, plan)
         if not plan.preempted:  # memory is short: admitting now would only churn
+            if self.config.order == "sjf":
+                self.waiting = deque(sorted(self.waiting, key=_job_size))
             self._admit(plan, budget)
         return plan
 
@@ -297,3 +299,8 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is not None and req.is_finished:
             del self.requests[request_id]
+
+
+def _job_size(req: Request) -> int:
+    """Tokens left to compute: the rest of the prompt and of max_tokens (stable sort keeps arrival order on ties)."""
+    return req.num_tokens - req.num_computed_tokens + req.sampling.max_tokens - req.num_output_tokens

@@ -46,8 +46,10 @@ class Delta:
     """NIXL push: where in the instance's registered arena the result is to be written."""
 
 
-def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore, max_loras: int) -> Delta:
-    """Check a delta message against the model and the store; raises ProtocolError saying what is wrong."""
+def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore, max_loras: int,
+                now: float | None = None) -> Delta:
+    """Check a delta message against the model and the store; raises ProtocolError saying what is wrong.
+    `now`: its arrival time on the server's clock (default: time.monotonic())."""
     h, s = msg.header, spec
     msg_id = field(h, "id", int)
     layer = field(h, "layer", int)
@@ -90,7 +92,7 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
         raise ProtocolError(f"'at' must be an offset >= 0 in the instance's NIXL arena, got {at!r}")
     return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                 row_adapter.long(), expert, time.monotonic(), position(s, layer, target), at)
+                 row_adapter.long(), expert, time.monotonic() if now is None else now, position(s, layer, target), at)
 
 
 def check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:

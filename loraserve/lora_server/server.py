@@ -24,13 +24,12 @@ import logging
 import threading
 import time
 import uuid
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from loraserve.clock import MonotonicClock
+from loraserve.clock import Clock, MonotonicClock
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
@@ -38,6 +37,7 @@ from loraserve.lora_server.parallel import RankFailed, Ranks
 from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.lora_server.store import AdapterStore
+from loraserve.lora_server.window import BatchWindow, form_batches
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.remote.config import LoraServerConfig
@@ -62,12 +62,14 @@ MAX_MESSAGES_PER_TURN = 4096
 
 
 class LoraServer:
-    def __init__(self, config: LoraServerConfig, listen: str, lora_dirs: list[str] = ()) -> None:
-        """`lora_dirs`: the only directories runtime loads may read from (none: runtime loading is off)."""
+    def __init__(self, config: LoraServerConfig, listen: str, lora_dirs: list[str] = (),
+                 clock: Clock | None = None) -> None:
+        """`lora_dirs`: the only directories runtime loads may read from (none: runtime loading is off).
+        `clock`: what the policies (batching window, adapter cache, expiries) read time from."""
         self.config = config
         self.lora_dirs = [Path(d).resolve() for d in lora_dirs]
         self.spec = ModelSpec.from_dir(config.model)
-        self.clock = MonotonicClock()
+        self.clock = clock or MonotonicClock()
         layout = Layout.of(config.ep, config.pp, self.spec)
         self.store = AdapterStore(self.spec, config, self.clock, layout.shard(0) if layout.world > 1 else None)
         widest = max(in_dim(self.spec, t) for layer in range(self.spec.num_layers)
@@ -91,10 +93,8 @@ class LoraServer:
         """Pull mode: (peer, id) → (result frames, when computed)."""
         self.pullers: dict[tuple[bytes, int], float] = {}
         """Pulls that came before their result (and when)."""
-        self.last_seen: dict[bytes, tuple[float, int]] = {}
-        """Instance → when its latest delta arrived, and that delta's position in the forward pass."""
-        self.plans: dict[bytes, frozenset[int]] = {}
-        """Instance → the positions its current step sends deltas for."""
+        self.window = BatchWindow(self.clock, config.batch_window_us / 1e6)
+        """Which instances are behind in their forward pass, hence worth waiting for (`lora_server/window.py`)."""
         self.nixl: nixl_transport.NixlWriter | None = None
         """One-sided writes of pushed results, once an instance registered an arena (`remote/nixl_transport.py`)."""
         self.stop = threading.Event()
@@ -117,12 +117,11 @@ class LoraServer:
         wait = WEIGHT_POLL_S if busy else idle_wait
         if self.sock.poll(wait):
             self._drain()
-        if self.pending and self.config.batch_window_us:
-            # give instances that are behind in their forward pass a moment to catch up
-            window_end = min(d.arrived for d in self.pending) + self.config.batch_window_us / 1e6
-            while ((left := window_end - time.monotonic()) > 0 and self._someone_is_coming()
-                   and self.sock.poll(left)):
-                self._drain()
+        # give instances that are behind in their forward pass a moment to catch up
+        while (end := self.window.deadline([(d.peer, d.position, d.arrived) for d in self.pending])) is not None:
+            if not self.sock.poll(end - self.clock.now()):
+                break
+            self._drain()
         if self.pending:
             self._compute()
         if self.loads:
@@ -134,24 +133,6 @@ class LoraServer:
             for peer, msg_id in self.nixl.progress():
                 self.sock.send(peer, error("the NIXL write of this result failed", 503, id=msg_id))
         self.metrics.refresh()
-
-    def _someone_is_coming(self) -> bool:
-        """Whether an instance active in the last second is behind some pending
-        delta in its forward pass (its latest delta was for an earlier layer or
-        projection), so its rows for that delta's projection are on the way.
-        Waiting for it puts instances in step, and their deltas batch from then
-        on; an instance already past that projection will not send it before
-        its next step, and waiting for it would only add latency."""
-        now = time.monotonic()
-        for peer in [p for p, (t, _) in self.last_seen.items() if now - t > 1.0]:
-            del self.last_seen[peer]
-        waiting = {(d.peer, d.position) for d in self.pending}
-        for d in self.pending:
-            for peer, (_, position) in self.last_seen.items():
-                if (peer != d.peer and position < d.position and d.position in self.plans.get(peer, ())
-                        and (peer, d.position) not in waiting):
-                    return True
-        return False
 
     def _drain(self) -> bool:
         """Handle the messages waiting (at most a turn's worth, so a flood
@@ -197,20 +178,20 @@ class LoraServer:
     def _dispatch(self, peer: bytes, msg: Message) -> list | None:
         h, kind = msg.header, msg.kind
         if kind == "delta":
-            delta = parse_delta(peer, msg, self.spec, self.store, self.config.max_loras)
+            delta = parse_delta(peer, msg, self.spec, self.store, self.config.max_loras, self.clock.now())
+            plan = None
             if "plan" in msg.header:
                 plan = field(msg.header, "plan", list)
                 if len(plan) > self.spec.num_layers * len(Target) or not all(isinstance(p, int) for p in plan):
                     raise ProtocolError("'plan' must list at most one position per layer and target")
-                self.plans[peer] = frozenset(plan)
             self.pending.append(delta)
-            self.last_seen[peer] = (delta.arrived, delta.position)
+            self.window.arrived(peer, delta.position, delta.arrived, plan)
             return None
         if kind == "pull":
             key = (peer, field(h, "id", int))
             if key in self.results:
                 return self.results.pop(key)[0]
-            self.pullers[key] = time.monotonic()
+            self.pullers[key] = self.clock.now()
             return None
         if kind == "nixl":
             return self._nixl_register(peer, h)
@@ -254,18 +235,17 @@ class LoraServer:
 
     def _compute(self) -> None:
         """Run every group of pending deltas whose weights are in place."""
-        groups: dict[tuple[int, Target], list[Delta]] = defaultdict(list)
+        live = []
         for d in self.pending:
             gone = next((a for a in d.adapters if not self.store.registry.has(a)), None)
             if gone is not None:  # unloaded while it waited: this delta fails, not its whole batch
                 self.sock.send(d.peer, error(f"adapter {gone} was unloaded from the LoRA server", 404, id=d.id))
                 continue
-            groups[(d.layer, d.target)].append(d)
+            live.append(d)
         waiting = []
-        for (layer, target), deltas in groups.items():
-            while deltas:
-                batch, deltas = _fit(deltas, self.config.max_loras)
-                waiting.extend(self._run(layer, target, batch))
+        for (layer, target), batch in form_batches(live, lambda d: (d.layer, d.target), lambda d: d.adapters,
+                                                   self.config.max_loras):
+            waiting.extend(self._run(layer, target, batch))
         self.pending = waiting
 
     def _run(self, layer: int, target: Target, batch: list[Delta]) -> list[Delta]:
@@ -313,14 +293,14 @@ class LoraServer:
                 self.pullers.pop(key, None)
                 self.sock.send(d.peer, frames)
             else:
-                self.results[key] = (frames, time.monotonic())
+                self.results[key] = (frames, self.clock.now())
         return []
 
     def _expire(self) -> None:
         """Drop what nobody will come for: pull results and pulls past their
         time, and deltas that waited for weights longer than any instance
         waits (answered 503, so a live instance hears why)."""
-        now = time.monotonic()
+        now = self.clock.now()
         if self.results:
             for key in [k for k, (_, t) in self.results.items() if now - t > PULL_TTL_S]:
                 del self.results[key]
@@ -332,8 +312,7 @@ class LoraServer:
             self.pending.remove(d)
             self.sock.send(d.peer, error(f"the weights for layer {d.layer} did not reach a slot within "
                                          f"{PENDING_TTL_S:g} s", 503, id=d.id))
-        for peer in [p for p in self.plans if p not in self.last_seen]:
-            del self.plans[peer]
+        self.window.expire()
 
     def _nixl_register(self, peer: bytes, h: dict) -> list:
         """An instance registers (or withdraws) its NIXL arena. The answer fences:
@@ -384,13 +363,3 @@ class LoraServer:
         if self.ranks is not None:
             self.ranks.close()
         self.store.close()
-
-
-def _fit(deltas: list[Delta], max_adapters: int) -> tuple[list[Delta], list[Delta]]:
-    """The longest prefix of `deltas` using at most `max_adapters` distinct adapters (at least one delta)."""
-    seen: set[str] = set()
-    for i, d in enumerate(deltas):
-        if i and len(seen | set(d.adapters)) > max_adapters:
-            return deltas[:i], deltas[i:]
-        seen |= set(d.adapters)
-    return deltas, []

@@ -31,7 +31,7 @@ import logging
 
 import torch
 
-from loraserve.cache.tiered import Readiness, TieredCacheManager
+from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock
 from loraserve.dtypes import torch_dtype
 from loraserve.engine.tier_memory import TierMemory
@@ -40,13 +40,11 @@ from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.bank import LoraBank
 from loraserve.lora.packing import unpack
 from loraserve.lora.registry import AdapterInfo, AdapterRegistry
-from loraserve.lora.slots import LoraSlots
+from loraserve.lora_server.fill import Holds, SlotFill
 from loraserve.lora_server.shard import Shard
 from loraserve.model.spec import ModelSpec
 from loraserve.remote.config import LoraServerConfig
 from loraserve.remote.protocol import ProtocolError
-from loraserve.request import Request
-from loraserve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +70,16 @@ class AdapterStore:
         self.cache = TieredCacheManager(cc, num_blocks, num_host, block_bytes, clock, self.mover)
         self.bank = LoraBank(spec, config.max_loras, dtype, device, *(
             (shard.keys(spec), shard.num_experts(spec)) if shard is not None else ()))
-        self.slots = LoraSlots(config.max_loras)
-        self.filled: dict[str, set[int]] = {}
-        """Layers whose weights are in the adapter's slot (only adapters with a slot)."""
+        self.holds = Holds(self.cache, clock)
         self.staged: dict[str, LoraAdapter] = {}
         """Unpacked weights of adapters whose slot is still being filled."""
-        self.holds: dict[str, Request] = {}
-        """Adapters whose copy to the device tier is in flight (a cache hold each)."""
-        self.prefetch: dict[str, None] = {}
-        """Hinted adapters to fill in idle time, oldest first."""
+        self.fill = SlotFill(config.max_loras, frozenset(shard.layers if shard is not None else range(spec.num_layers)),
+                             config.layerwise, clock, self, self.registry.has)
+        self.slots = self.fill.slots
+        self.counters = self.fill.counters
+        self.all_layers = self.fill.all_layers
         self.version = 0
         """Catalogue version: bumped on every load and unload, so instances re-read it."""
-        self.counters = {"slot_hits": 0, "slot_misses": 0, "layers_loaded": 0, "layer_waits": 0}
-        self.all_layers = frozenset(shard.layers if shard is not None else range(spec.num_layers))
         self.whole: dict[str, LoraAdapter] = {}
         """A shard's store: each adapter's whole metadata (for the catalogue)."""
 
@@ -116,16 +111,10 @@ class AdapterStore:
         self.version += 1
         if self.registry.is_named(adapter.id):
             return
-        self.prefetch.pop(adapter.id, None)
-        self.staged.pop(adapter.id, None)
-        hold = self.holds.pop(adapter.id, None)
-        if hold is not None:
-            self.cache.free(hold)
-        slot = self.slots.slot_of(adapter.id)
+        self.holds.drop(adapter.id)
+        slot = self.fill.remove(adapter.id)
         if slot is not None:
-            self.slots.evict(adapter.id)
             self.bank.clear(slot)
-            self.filled.pop(adapter.id, None)
         if adapter.num_bytes:
             self.cache.remove_adapter(adapter.id)
         self.whole.pop(adapter.id, None)
@@ -145,18 +134,18 @@ class AdapterStore:
 
     # -- residency -------------------------------------------------------------
 
+    @property
+    def prefetch(self) -> dict[str, None]:
+        """Hinted adapters to fill in idle time, oldest first."""
+        return self.fill.prefetch
+
     def hint(self, adapter_ids: list[str]) -> None:
         """Requests for these adapters are coming: start their copies to the
         device tier (the cache bounds those), and queue them to be filled into
         slots in idle time (at most a slot's worth; the newest hints win)."""
         for adapter_id in adapter_ids:
-            if self.registry.has(adapter_id) and self.filled.get(adapter_id) != self.all_layers:
-                self.prefetch.pop(adapter_id, None)
-                self.prefetch[adapter_id] = None
-                if (hold := self._bring(adapter_id)) is not None:
-                    self.cache.free(hold)  # on the device: the swapper keeps it there while it is wanted
-        while len(self.prefetch) > self.slots.num_slots:
-            del self.prefetch[next(iter(self.prefetch))]
+            if self.fill.hint(adapter_id):
+                self.holds.touch(adapter_id)
 
     def acquire(self, adapter_id: str, layer: int) -> int | None:
         """Pin the adapter's slot for a delta of `layer`, filling what is missing.
@@ -164,69 +153,29 @@ class AdapterStore:
         every slot is pinned): the delta waits, and `release` is not due."""
         if not self.registry.has(adapter_id):
             raise ProtocolError(f"unknown adapter {adapter_id!r}", 404)
-        need = {layer} if self.config.layerwise else self.all_layers
-        slot = self.slots.slot_of(adapter_id)
-        if slot is not None and need <= self.filled[adapter_id]:
-            self.slots.acquire(adapter_id)
-            self.counters["slot_hits"] += 1
-            return slot
-        staged = self._stage(adapter_id)
-        if staged is None or not self.slots.can_acquire(adapter_id):
-            self.counters["layer_waits"] += 1
-            return None
-        self.counters["slot_misses"] += 1
-        self._fill(adapter_id, staged, need)
-        self.slots.acquire(adapter_id)
-        return self.slots.slot_of(adapter_id)
+        return self.fill.acquire(adapter_id, layer)
 
     def release(self, adapter_id: str) -> None:
-        self.slots.release(adapter_id)
+        self.fill.release(adapter_id)
 
     def advance(self) -> bool:
         """Idle work: fill one more layer of a hinted adapter. Returns whether
         there was anything to do."""
         self.cache.tick(0)
-        for adapter_id in list(self.prefetch):
-            filled = self.filled.get(adapter_id, set()) if self.slots.slot_of(adapter_id) is not None else set()
-            if filled == self.all_layers or not self.registry.has(adapter_id):
-                del self.prefetch[adapter_id]
-                continue
-            staged = self._stage(adapter_id)
-            if staged is None or not self.slots.can_acquire(adapter_id):
-                continue
-            layer = min(self.all_layers - filled)
-            self._fill(adapter_id, staged, {layer} if self.config.layerwise else self.all_layers)
-            return True
-        return False
+        return self.fill.advance()
 
-    def _fill(self, adapter_id: str, staged: LoraAdapter, layers: set[int] | frozenset[int]) -> None:
-        """Write `layers` of an adapter into its slot (taking one, unpinned, if it has none)."""
-        if self.slots.slot_of(adapter_id) is None:
-            self.slots.acquire(adapter_id)
-            self.slots.release(adapter_id)
-            self.filled[adapter_id] = set()
-        self._forget_evicted()
-        filled = self.filled[adapter_id]
-        missing = set(layers) - filled
-        if not missing:
-            return
+    # -- the Loader of SlotFill: device blocks -> unpacked weights -> the bank ---
+
+    def available(self, adapter_id: str, layers) -> bool:
+        return self._stage(adapter_id) is not None
+
+    def write(self, adapter_id: str, slot: int, layers: set[int]) -> bool:
         rank = self.bank.rank
-        self.bank.load(self.slots.slot_of(adapter_id), staged, missing)
-        filled |= missing
-        self.counters["layers_loaded"] += len(missing)
-        if self.bank.rank != rank:  # the bank grew: every other resident slot was rewritten whole
-            for other in self.filled:
-                if other != adapter_id:
-                    self.filled[other] = set(self.all_layers)
-        if filled == self.all_layers:
-            self.staged.pop(adapter_id, None)
+        self.bank.load(slot, self.staged[adapter_id], layers)
+        return self.bank.rank != rank  # the bank grew: every other resident slot was rewritten whole
 
-    def _forget_evicted(self) -> None:
-        """Slots reassigned by LoraSlots' LRU take their fill state, and any
-        half-filled adapter's unpacked weights, with them."""
-        for adapter_id in [a for a in self.filled if self.slots.slot_of(a) is None]:
-            del self.filled[adapter_id]
-            self.staged.pop(adapter_id, None)
+    def done(self, adapter_id: str) -> None:
+        self.staged.pop(adapter_id, None)
 
     def _stage(self, adapter_id: str) -> LoraAdapter | None:
         """The adapter's weights unpacked from its device blocks, once the cache
@@ -237,7 +186,7 @@ class AdapterStore:
         if not self.registry.get(adapter_id).num_bytes:  # an empty shard: zeros
             self.staged[adapter_id] = self.registry.get(adapter_id)
             return self.staged[adapter_id]
-        hold = self._bring(adapter_id)
+        hold = self.holds.bring(adapter_id)
         if hold is None:
             return None
         try:
@@ -247,21 +196,6 @@ class AdapterStore:
             self.cache.free(hold)
         self.staged[adapter_id] = staged
         return staged
-
-    def _bring(self, adapter_id: str) -> Request | None:
-        """Get the adapter to the device tier. Returns the cache hold that pins
-        it there once it is (the caller frees it), None while its copy travels
-        (the hold is kept meanwhile) or if the device has no room for it."""
-        hold = self.holds.pop(adapter_id, None)
-        if hold is None:
-            hold = Request(f"hold:{adapter_id}", [0], SamplingParams(max_tokens=1), adapter=adapter_id,
-                           arrival_time=self.clock.now())
-        self.cache.tick(0)
-        state = self.cache.prepare(hold)
-        if state is Readiness.WAITING:
-            self.holds[adapter_id] = hold
-            return None
-        return hold if state is Readiness.READY else None
 
     def _own(self, adapter: LoraAdapter) -> LoraAdapter:
         """The part of an adapter this store keeps (all of it unless it holds a shard)."""

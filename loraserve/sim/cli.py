@@ -1,4 +1,4 @@
-"""`loraserve simulate run | calibrate`."""
+"""`loraserve simulate run | cluster | calibrate`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--out", help="write summaries (and per-request records) to this JSON file")
     r.add_argument("--plots", help="write PNG figures (CDFs, device memory by kind) into this directory")
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("cluster", help="a 16-GPU-style cluster, coupled or disaggregated (InfiniLoRA), on a "
+                                       "BurstGPT-like Poisson workload")
+    k.add_argument("--model", required=True, help="gpt-oss-20b, qwen3-30b-a3b, mixtral-8x7b, dbrx, scaled-moe")
+    k.add_argument("--deployment", nargs="+", default=["disagg", "slora"],
+                   help="slora, slora-sjf, slora-less, elora, disagg, disagg-naive, disagg+overlap, disagg+loading, "
+                        "disagg-pull, disagg-nvlink, disagg-lru (default: %(default)s)")
+    k.add_argument("--rate", type=float, required=True, help="requests/s (Poisson)")
+    k.add_argument("--requests", type=int, default=200)
+    k.add_argument("--adapters", type=int, default=512)
+    k.add_argument("--zipf", type=float, default=1.2)
+    k.add_argument("--hardware", default="h20")
+    k.add_argument("--gpus", type=int, default=16, help="GPUs in all (default: %(default)s)")
+    k.add_argument("--server-gpus", type=int, default=8, help="of them, the LoRA server's (disagg)")
+    k.add_argument("--server-cache", type=parse_bytes,
+                   help="the LoRA server's adapter cache (default: its GPUs' memory)")
+    k.add_argument("--slo-ttft", type=float, default=0.25, help="P95 TTFT SLO, prefill excluded (s)")
+    k.add_argument("--slo-tpot", type=float, default=0.1, help="mean TPOT SLO (s)")
+    k.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    k.set_defaults(func=cmd_cluster)
 
     c = sub.add_parser("calibrate", help="fit a hardware profile to step times of the real engine here")
     c.add_argument("--model", required=True, help="model directory (HF format)")
@@ -108,6 +128,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         plots.latency_cdfs({p: r.records for p, r in results.items()}, Path(args.plots) / "cdf.png")
         for p, r in results.items():
             plots.memory_over_time(r.memory, Path(args.plots) / f"memory_{p}.png")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from loraserve.bench.metrics import SLO
+    from loraserve.sim.cluster import simulate_cluster
+    from loraserve.sim.deployments import deployment
+    from loraserve.sim.hardware import hardware
+    from loraserve.sim.models import INFINILORA_MODELS, model_spec
+    from loraserve.sim.run import adapter_sizes
+    from loraserve.workload import generate
+    from loraserve.workload.burstgpt import burstgpt_config
+
+    if args.model not in INFINILORA_MODELS:
+        raise ValueError(f"--model must be one of {', '.join(INFINILORA_MODELS)}")
+    d, spec, hw = INFINILORA_MODELS[args.model], model_spec(args.model), hardware(args.hardware)
+    wl = generate(burstgpt_config(args.requests, args.adapters, args.rate, args.zipf))
+    sizes = adapter_sizes(wl.adapters, spec, d.rank)
+    slo = SLO(args.slo_ttft, args.slo_tpot)
+    out = {}
+    for name in args.deployment:
+        extra = {"server_cache_bytes": args.server_cache} if name.startswith("disagg") else {}
+        cfg = deployment(name, spec, hw, d.rank, d.gpus, sizes[wl.adapters[0]], len(sizes), args.gpus,
+                         args.server_gpus, **extra)
+        res = simulate_cluster(wl, spec, hw, cfg, sizes, slo, warmup=0.25, lead_in=20.0)
+        s, f = res.summary, res.summary_with_prefill
+        out[name] = {"meets_slo": s["meets_slo"], "p95_ttft_s": s["ttft_s"]["p95"],
+                     "p95_ttft_with_prefill_s": f["ttft_s"]["p95"], "mean_tpot_s": s["tpot_s"]["mean"],
+                     "adapter_slo_attainment": s["adapter_slo_attainment"], "instances": res.stats["instances"]}
+    if args.json:
+        print(json.dumps({"model": args.model, "rate": args.rate, "results": out}))
+        return 0
+    print(f"{args.model} at {args.rate:g} req/s on {args.gpus}× {hw.name} (TTFT without prefill; SLO P95 "
+          f"{args.slo_ttft:g} s, TPOT {args.slo_tpot:g} s)")
+    for name, r in out.items():
+        print(f"{name:>15}: P95 TTFT {_ms(r['p95_ttft_s']):>7} (with prefill {_ms(r['p95_ttft_with_prefill_s'])}),"
+              f" TPOT {_ms(r['mean_tpot_s'])}, adapters in SLO {r['adapter_slo_attainment']:.2f},"
+              f" {'meets' if r['meets_slo'] else 'misses'} the SLO")
     return 0
 
 

@@ -1,7 +1,8 @@
 """How long a step and a copy take: a roofline over the plan.
 
 A step reads every weight once (MoE: the experts its tokens touch), the KV of
-every scheduled sequence and the weights of every adapter in the batch, and
+every scheduled sequence and the weights of every adapter in the batch (MoE:
+of the experts its tokens touch), and
 does 2 FLOPs per weight per token plus attention and LoRA shrink/expand.
 Its time is the larger of compute and memory time at the profile's achieved
 efficiency, plus fixed costs per step, per sequence and per token, plus the
@@ -18,7 +19,8 @@ from loraserve.cache.mover import CopyJob
 from loraserve.engine.plan import StepPlan
 from loraserve.model.spec import ModelSpec
 from loraserve.sim.hardware import Hardware
-from loraserve.sim.models import linear_params
+from loraserve.model.targets import Target
+from loraserve.sim.models import linear_params, lora_params
 
 
 @dataclass(frozen=True)
@@ -35,16 +37,21 @@ class StepWork:
 
 class StepCost:
     def __init__(self, spec: ModelSpec, hw: Hardware, dtype_bytes: int = 2, tp: int = 1,
-                 lora_bytes: Callable[[str], int] | None = None) -> None:
+                 lora_bytes: Callable[[str], int] | None = None, lora_eff: float = 1.0) -> None:
         self.spec = spec
         self.hw = hw
         self.dtype_bytes = dtype_bytes
         self.tp = tp
         self.lora_bytes = lora_bytes or (lambda adapter: 0)
         """An adapter's size in bytes, by id (its params are bytes / dtype_bytes)."""
+        self.lora_eff = lora_eff
+        """Efficiency of the LoRA kernels relative to the base GEMMs' (their FLOPs and bytes count 1/lora_eff)."""
         self.dense, self.expert, self.num_experts = linear_params(spec)
         self.head = spec.vocab_size * spec.hidden_size
         self.kv_per_token = spec.kv_bytes_per_token(dtype_bytes)
+        experts = frozenset(t for t in Target if t.is_expert)
+        self.lora_expert_share = lora_params(spec, 1, experts) / lora_params(spec, 1) if spec.num_experts else 0.0
+        """Share of an adapter's weights in per-expert LoRA: a token reads only its top-k experts' part."""
 
     def work(self, plan: StepPlan) -> StepWork:
         s, d = self.spec, self.dtype_bytes
@@ -65,9 +72,14 @@ class StepCost:
             if q.adapter is not None:
                 per_adapter[q.adapter] = per_adapter.get(q.adapter, 0) + n
         for adapter, n in per_adapter.items():
-            size = self.lora_bytes(adapter)
-            nbytes += size
-            flops += 2.0 * n * size / d  # shrink and expand: 2 FLOPs per LoRA weight per token
+            size, share = self.lora_bytes(adapter), self.lora_expert_share
+            read = used = 1.0
+            if share:  # per-expert LoRA: the experts its n tokens touch are read, k of them used per token
+                k, e = s.num_experts_per_tok, self.num_experts
+                read = 1 - share + share * (1 - (1 - k / e) ** n)
+                used = 1 - share + share * k / e
+            nbytes += size * read / self.lora_eff
+            flops += 2.0 * n * used * size / d / self.lora_eff  # shrink and expand: 2 FLOPs per weight per token
         for adapter, _ in plan.lora_loads:  # filling a LoRA slot: a device-to-device copy
             nbytes += 2 * self.lora_bytes(adapter)
         comm = 2 * s.num_layers * tokens * s.hidden_size * d * 2 * (self.tp - 1) / self.tp

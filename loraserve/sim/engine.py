@@ -43,6 +43,9 @@ class SimConfig:
     device_tier_bytes: int | None = None
     """Override the device tier's size (all accelerators together)."""
 
+    lora_eff: float = 1.0
+    """Efficiency of the engine's LoRA kernels relative to its base GEMMs (see StepCost)."""
+
 
 def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:
     """Device memory left for adapters and KV once the weights are in."""
@@ -63,20 +66,29 @@ class SimEngine(EngineCore):
     link would have."""
 
     def __init__(self, spec: ModelSpec, hw: Hardware, cfg: SimConfig, adapters: dict[str, int],
-                 clock: ManualClock | None = None) -> None:
-        """adapters: name → size in bytes (see models.lora_params); a name is its id here."""
+                 clock: ManualClock | None = None, remote: bool = False) -> None:
+        """adapters: name → size in bytes (see models.lora_params); a name is its id here.
+        remote: a LoRA server holds the adapters (InfiniLoRA): this instance keys KV by
+        them but keeps no adapter weights, computes no LoRA and has no adapter budget
+        (`sim/cluster.py` prices the deltas)."""
         self.spec = spec
         self.config = cfg
         clock = clock or ManualClock()
         block_bytes = cfg.cache.block_size * spec.kv_bytes_per_token(cfg.dtype_bytes)
         num_blocks = device_tier_bytes(spec, hw, cfg) // block_bytes
         self.adapter_bytes = dict(adapters)
-        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, self.adapter_bytes.__getitem__)
+        self.remote = remote
+        lora_bytes = (lambda a: 0) if remote else self.adapter_bytes.__getitem__
+        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, lora_bytes, cfg.lora_eff)
         super().__init__(cfg.cache, cfg.scheduler, num_blocks, cfg.cache.host_bytes // block_bytes, block_bytes,
                          cfg.max_model_len, clock, LinkMover(clock, duration=self.cost.copy_time),
-                         PacedExecutor(NullExecutor(), self.cost, clock), LoraSlots(cfg.scheduler.max_loras))
+                         PacedExecutor(NullExecutor(), self.cost, clock),
+                         LoraSlots(cfg.scheduler.max_num_seqs if remote else cfg.scheduler.max_loras))
         for name, size in adapters.items():
-            self.cache.add_adapter(name, size)
+            if remote:
+                self.cache.add_remote_adapter(name)
+            else:
+                self.cache.add_adapter(name, size)
         self._ids = itertools.count()
 
     def add_request(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: str | None = None,

@@ -62,6 +62,9 @@ PROFILES: dict[str, Hardware] = {
                      interconnect_bw=450 * GB),
     "h800": Hardware("h800", flops=989e12, mem_bw=3350 * GB, mem_bytes=80 * GiB, pcie_bw=50 * GB,
                      interconnect_bw=200 * GB),
+    # the 96 GB Hopper of InfiniLoRA's 4 × 4-GPU cluster (papers.md 2.7 leaves the part unnamed; H20 is the
+    # 96 GB Hopper sold where the authors work, with the paper's 900 GB/s NVLink; the cluster simulator takes
+    # its links from sim/exchange.py's LINKS)
     "h20": Hardware("h20", flops=148e12, mem_bw=4000 * GB, mem_bytes=96 * GiB, pcie_bw=50 * GB,
                     interconnect_bw=450 * GB),
     # a 2-core CPU with torch (peaks from the team's environment notes; `calibrate` fits yours): the "device"

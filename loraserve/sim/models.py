@@ -7,6 +7,7 @@ builds from config.json, so a real model directory works as well as a preset.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.model.spec import ModelSpec
@@ -38,7 +39,40 @@ PRESETS: dict[str, dict] = {
                           "intermediate_size": 5632, "moe_intermediate_size": 1408, "num_experts": 60,
                           "num_experts_per_tok": 4, "shared_expert_intermediate_size": 5632,
                           "max_position_embeddings": 8192},
+    # InfiniLoRA's models (papers.md 2.7). GPT-OSS-20B, DBRX and the paper's scaled MoE are not
+    # architectures the engine runs: they are Mixtral-shaped sizing specs (attention + top-k experts of
+    # three projections) with the published dimensions, enough for the simulator's roofline and LoRA
+    # sizes. GPT-OSS-20B takes the paper's 32 layers (its published config has 24); the scaled MoE's
+    # widths are ours (the paper gives only 18 layers and 32 experts on 4 GPUs).
+    "gpt-oss-20b": {"architectures": ["MixtralForCausalLM"], "vocab_size": 201088, "hidden_size": 2880,
+                    "num_hidden_layers": 32, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                    "intermediate_size": 2880, "num_local_experts": 32, "num_experts_per_tok": 4,
+                    "rope_theta": 150000.0, "max_position_embeddings": 131072},
+    "dbrx": {"architectures": ["MixtralForCausalLM"], "vocab_size": 100352, "hidden_size": 6144,
+             "num_hidden_layers": 40, "num_attention_heads": 48, "num_key_value_heads": 8,
+             "intermediate_size": 10752, "num_local_experts": 16, "num_experts_per_tok": 4,
+             "rope_theta": 500000.0, "max_position_embeddings": 32768},
+    "scaled-moe": {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 6144,
+                   "num_hidden_layers": 18, "num_attention_heads": 48, "num_key_value_heads": 8,
+                   "intermediate_size": 12288, "num_local_experts": 32, "num_experts_per_tok": 2,
+                   "rope_theta": 1000000.0, "max_position_embeddings": 32768},
 }
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the paper deploys a model: its LoRA rank and the GPUs of one base-model instance."""
+
+    model: str
+    rank: int
+    gpus: int
+
+
+INFINILORA_MODELS: dict[str, Deployment] = {d.model: d for d in (
+    Deployment("gpt-oss-20b", 64, 1), Deployment("qwen3-30b-a3b", 32, 2), Deployment("mixtral-8x7b", 64, 2),
+    Deployment("dbrx", 64, 4), Deployment("scaled-moe", 64, 4))}
+"""The five MoE models of InfiniLoRA's evaluation (papers.md 2.7); adapters cover attention and every expert."""
+
 
 def model_spec(name_or_dir: str) -> ModelSpec:
     """A preset by name, or a model directory's config.json."""

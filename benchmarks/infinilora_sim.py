@@ -1,0 +1,309 @@
+"""InfiniLoRA at cluster scale, in the simulator (issue 15; papers.md 2.7, 2.8, 3.4).
+
+16 GPUs (4 nodes × 4 Hopper 96 GB: the `h20` profile), five MoE models with
+adapters on attention and every expert, 512 adapters (Zipf 1.2), Poisson
+arrivals, BurstGPT-like lengths (`loraserve/workload/burstgpt.py`), SLO P95
+TTFT ≤ 0.25 s (excluding prefill, the paper's definition; with prefill also
+recorded) and mean TPOT ≤ 0.1 s. Deployments are `loraserve/sim/deployments.py`'s.
+
+1. serviceable rate (doubling or halving from 4 req/s, then two bisections) of `disagg`
+   (8 GPUs of LoRA server, EP4-PP2, instances on the other 8) against coupled
+   `slora`, `slora-sjf`, `slora-less` on all 16, for the five models;
+2. per-adapter SLO attainment at a fixed rate (1.5 × S-LoRA's serviceable rate);
+   and (sensitivity) the serviceable rates of disagg and slora with adapter copies at
+   pageable-memory speed (10 GB/s per GPU) instead of pinned DMA (50 GB/s);
+3. the ablation ladder on Mixtral at 1.5 × S-LoRA's serviceable rate;
+4. push vs pull, and the server over NVLink vs InfiniBand (Mixtral, same rate);
+5. beyond the paper: the server's cache under ELORA's cost model vs LRU
+   (a cache of 64 adapters), and multi-turn sessions with instances keeping
+   ELORA history KV vs dropping it (S-LoRA), in the disaggregated deployment;
+   and 1,024 adapters;
+6. [PLANNER HOOK] the planner checked against the simulator, if `loraserve.plan` is importable.
+
+Each simulation replays N requests (default 120) and judges the SLO on those
+after the first 25% (caches start cold), after 20 idle seconds in which the LoRA server's
+ELORA swapper may prefetch (S-LoRA does nothing when idle). Single process.
+
+    python benchmarks/infinilora_sim.py            # the whole reproduction
+    python benchmarks/infinilora_sim.py --quick    # Mixtral only, fewer requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loraserve.bench import plots  # noqa: E402
+from loraserve.bench.metrics import SLO  # noqa: E402
+from loraserve.config import CacheConfig  # noqa: E402
+from loraserve.sim.cluster import simulate_cluster  # noqa: E402
+from loraserve.sim.deployments import deployment  # noqa: E402
+from loraserve.sim.hardware import PROFILES  # noqa: E402
+from loraserve.sim.models import INFINILORA_MODELS, model_spec  # noqa: E402
+from loraserve.sim.run import adapter_sizes  # noqa: E402
+from loraserve.workload import generate  # noqa: E402
+from loraserve.workload.burstgpt import burstgpt_config  # noqa: E402
+from remote_roundtrip import git_commit, machine, write_results  # noqa: E402  (a sibling script)
+
+HW = PROFILES["h20"]
+SLO_ = SLO(0.25, 0.1)
+MAIN = ("disagg", "slora", "slora-sjf", "slora-less")
+WARMUP = 0.25
+LEAD_IN = 20.0
+"""Idle seconds before the traffic: the LoRA server's ELORA swapper prefetches popular adapters
+(as a server up before the measurement would have); coupled S-LoRA has no idle work."""
+
+
+PAGEABLE_BW = 10e9
+"""Sensitivity: host-to-device adapter copies at 10 GB/s per GPU, what pageable-memory copies
+tensor by tensor (as framework LoRA loaders do) reach on a PCIe 5 host, instead of the profile's
+50 GB/s of pinned DMA. Applied to every deployment alike (the LoRA server still loads over all
+its GPUs' links in parallel)."""
+
+
+class Bench:
+    def __init__(self, requests: int, hw=HW, seed: int = 1) -> None:
+        self.requests = requests
+        self.hw = hw
+        self.seed = seed
+        self.sims = 0
+        self.sim_s = 0.0
+
+    def run(self, model: str, name: str, rate: float, adapters: int = 512, turns: float = 1.0, **kw) -> dict:
+        d = INFINILORA_MODELS[model]
+        spec = model_spec(model)
+        cfg_wl = burstgpt_config(self.requests, adapters, rate, turns=turns, think_s=5.0, seed=self.seed)
+        wl = generate(cfg_wl)
+        sizes = adapter_sizes(wl.adapters, spec, d.rank)
+        instance_cache = kw.pop("instance_cache", None)
+        cfg = deployment(name, spec, self.hw, d.rank, d.gpus, next(iter(sizes.values())), len(sizes), **kw)
+        if instance_cache:  # instances keep (elora) or drop (slora) history KV; 64 GiB of host memory each
+            cfg = replace(cfg, sim=replace(cfg.sim, cache=CacheConfig(policy=instance_cache, host_bytes=64 << 30)))
+        res = simulate_cluster(wl, spec, self.hw, cfg, sizes, SLO_, WARMUP, LEAD_IN)
+        self.sims += 1
+        self.sim_s += res.wall_s
+        s, f = res.summary, res.summary_with_prefill
+        return {"rate": rate, "meets": s["meets_slo"], "p95_ttft": s["ttft_s"]["p95"],
+                "p95_ttft_with_prefill": f["ttft_s"]["p95"], "mean_tpot": s["tpot_s"]["mean"],
+                "adapter_attainment": s["adapter_slo_attainment"], "slo_attainment": s["slo_attainment"],
+                "throughput_tok_s": s["output_throughput_tok_s"], "instances": res.stats["instances"],
+                "adapter_hit_rate": (res.stats.get("server") or {}).get("adapter_hit_rate",
+                                                                         res.stats["adapter_hit_rate"]),
+                "kv_hit_rate": res.stats["kv_hit_rate"], "wall_s": round(res.wall_s, 2)}
+
+    def serviceable(self, model: str, name: str, start: float = 4.0, steps: int = 5, iters: int = 2,
+                    **kw) -> tuple[float, list[dict]]:
+        """Bracket the highest rate meeting the SLO by doubling (or halving) from
+        `start`, then bisect `iters` times; 0 if even start / 2**steps misses it."""
+        history = []
+
+        def ok(rate: float) -> bool:
+            history.append(self.run(model, name, rate, **kw))
+            return history[-1]["meets"]
+
+        good = bad = None
+        rate = start
+        for _ in range(steps):
+            if ok(rate):
+                good = rate
+                if bad is not None:
+                    break
+                rate *= 2
+            else:
+                bad = rate
+                if good is not None:
+                    break
+                rate /= 2
+        if good is None:
+            return 0.0, history
+        if bad is None:
+            return good, history
+        for _ in range(iters):
+            mid = (good + bad) / 2
+            if ok(mid):
+                good = mid
+            else:
+                bad = mid
+        return good, history
+
+
+def ablation_at(bench: Bench, model: str, rate: float) -> dict:
+    """The ladder again at the rate the full system sustains (where the paper's ablation sits:
+    the full system within the SLO)."""
+    rate = rate or 1.0
+    return {"model": model, "rate": rate, "rungs": {name: bench.run(model, name, rate) for name in
+                                                     ("slora", "disagg-naive", "disagg+overlap", "disagg+loading",
+                                                      "disagg")}}
+
+
+def planner_check(bench: Bench, model: str, rate: float) -> dict:
+    """[PLANNER HOOK, integrated by the lead] The planner's cache at the planned rate meets the
+    P95 TTFT SLO in simulation and a cache 20% smaller does not. Uses `loraserve.plan`'s
+    `provision(PlanInput(...))` (branch plan15), which returns cache_bytes, cache_adapters,
+    server_gpus and iar; records why not when it is not importable."""
+    try:
+        from loraserve.plan import PlanInput, provision
+    except ImportError as e:
+        return {"status": f"loraserve.plan is not importable here ({e})"}
+    from loraserve.workload.burstgpt import BURSTGPT_INPUT, BURSTGPT_OUTPUT
+
+    d = INFINILORA_MODELS[model]
+    try:
+        p = provision(PlanInput(model, adapters=512, zipf=1.2, rate=rate, slo_ttft=SLO_.ttft, slo_tpot=SLO_.tpot,
+                                hardware=HW.name, rank=d.rank, mean_input=BURSTGPT_INPUT.mean,
+                                mean_output=BURSTGPT_OUTPUT.mean))
+    except TypeError as e:
+        return {"status": f"the planner's interface differs: {e}"}
+    out = {"rate": rate, "plan": {k: getattr(p, k, None) for k in ("cache_bytes", "cache_adapters", "server_gpus",
+                                                                    "iar")}}
+    for label, scale in (("planned", 1.0), ("planned_minus_20pct", 0.8)):
+        out[label] = bench.run(model, "disagg", rate, server_cache_bytes=int(p.cache_bytes * scale))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=120, help="requests per simulation")
+    ap.add_argument("--models", nargs="+", default=list(INFINILORA_MODELS))
+    ap.add_argument("--quick", action="store_true", help="Mixtral only, 100 requests")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinilora_sim.json"))
+    ap.add_argument("--planner-only", action="store_true",
+                    help="rerun only the planner check into an existing --out (once loraserve.plan is there)")
+    ap.add_argument("--ablation-only", action="store_true",
+                    help="rerun only the ladder at disagg's serviceable rate into an existing --out")
+    args = ap.parse_args()
+    if args.ablation_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        mix = "mixtral-8x7b" if "mixtral-8x7b" in result["models"] else next(iter(result["models"]))
+        result["ablation_at_disagg_rate"] = ablation_at(Bench(result["requests_per_sim"]), mix,
+                                                        result["models"][mix]["serviceable_rate"]["disagg"])
+        result["ablation_at_disagg_rate"]["commit"] = git_commit()
+        write_results(result, out, table)
+        return
+    if args.planner_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        mix = "mixtral-8x7b" if "mixtral-8x7b" in result["models"] else next(iter(result["models"]))
+        bench = Bench(result["requests_per_sim"])
+        result["planner"] = planner_check(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"]
+                                          or result["ablation"]["rate"])
+        result["planner"]["commit"] = git_commit()
+        write_results(result, out, table)
+        return
+    if args.quick:
+        args.models, args.requests = ["mixtral-8x7b"], 80
+    start = time.perf_counter()
+    bench = Bench(args.requests)
+    result: dict = {"machine": machine(), "commit": git_commit(), "hardware": HW.name,
+                    "slo": {"p95_ttft_s": SLO_.ttft, "mean_tpot_s": SLO_.tpot, "ttft": "excluding prefill"},
+                    "requests_per_sim": args.requests, "warmup_share": WARMUP, "lead_in_s": LEAD_IN, "models": {}}
+    for model in args.models:
+        entry: dict = {"serviceable_rate": {}, "searches": {}}
+        for name in MAIN:
+            rate, hist = bench.serviceable(model, name)
+            entry["serviceable_rate"][name] = rate
+            entry["searches"][name] = hist
+            print(f"{model:>14} {name:>12}: {rate:6.2f} req/s  ({time.perf_counter() - start:.0f} s)", flush=True)
+        fixed = 1.5 * max(entry["serviceable_rate"]["slora"], 0.5)
+        entry["fixed_rate"] = fixed
+        entry["attainment"] = {name: bench.run(model, name, fixed) for name in MAIN}
+        result["models"][model] = entry
+    slow = Bench(args.requests, replace(HW, name=f"{HW.name}-pageable", pcie_bw=PAGEABLE_BW))
+    result["pageable_loads"] = {"pcie_bw": PAGEABLE_BW, "serviceable_rate": {}}
+    for model in args.models:
+        result["pageable_loads"]["serviceable_rate"][model] = rates = {}
+        for name in ("disagg", "slora"):
+            rates[name] = slow.serviceable(model, name)[0]
+        print(f"{model:>14} pageable loads: {rates}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    bench.sims, bench.sim_s = bench.sims + slow.sims, bench.sim_s + slow.sim_s
+    mix = "mixtral-8x7b" if "mixtral-8x7b" in args.models else args.models[0]
+    rate = 1.5 * max(result["models"][mix]["serviceable_rate"]["slora"], 0.5)
+    ladder = {name: bench.run(mix, name, rate) for name in ("slora", "disagg-naive", "disagg+overlap",
+                                                            "disagg+loading", "disagg")}
+    result["ablation"] = {"model": mix, "rate": rate, "rungs": ladder}
+    result["ablation_at_disagg_rate"] = ablation_at(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"])
+    result["transport"] = {"model": mix, "rate": rate, "push_ib": ladder["disagg"],
+                           "pull_ib": bench.run(mix, "disagg-pull", rate),
+                           "push_nvlink": bench.run(mix, "disagg-nvlink", rate)}
+    small = 64 * adapter_sizes(["x"], model_spec(mix), INFINILORA_MODELS[mix].rank)["x"]
+    result["beyond"] = {
+        "server_cache": {"cache_bytes": small, "rate": rate,
+                         "elora": bench.run(mix, "disagg", rate, server_cache_bytes=small),
+                         "lru": bench.run(mix, "disagg-lru", rate, server_cache_bytes=small)},
+        "multi_turn": {"rate": rate / 2, "turns": 3,
+                       "elora_history_kv": bench.run(mix, "disagg", rate / 2, turns=3.0, instance_cache="elora"),
+                       "no_history_kv": bench.run(mix, "disagg", rate / 2, turns=3.0, instance_cache="slora")},
+        "adapters_1024": {"rate": result["models"][mix]["fixed_rate"],
+                          **{n: bench.run(mix, n, result["models"][mix]["fixed_rate"], adapters=1024)
+                             for n in ("disagg", "slora")}}}
+    # ---- [PLANNER HOOK] planner checked against simulator (the lead wires loraserve.plan in) ----
+    result["planner"] = planner_check(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"] or rate)
+    result["sims"], result["sim_s"] = bench.sims, round(bench.sim_s, 1)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["cpu_s"] = round(time.process_time(), 1)  # this process's CPU time: the machine is shared
+    out = Path(args.out)
+    write_results(result, out, table)
+    folder = out.with_suffix("")
+    models = result["models"]
+    plots.grouped_bars({m: e["serviceable_rate"] for m, e in models.items()}, folder / "serviceable_rate.png",
+                       "serviceable rate (req/s)", "Serviceable rate, P95 TTFT ≤ 0.25 s and mean TPOT ≤ 0.1 s")
+    plots.grouped_bars({m: {n: r["adapter_attainment"] for n, r in e["attainment"].items()}
+                        for m, e in models.items()}, folder / "adapter_attainment.png",
+                       "share of adapters within SLO", "Per-adapter SLO attainment at 1.5 × S-LoRA's rate")
+    plots.grouped_bars({n: {"P95 TTFT (s)": r["p95_ttft"]} for n, r in ladder.items()}, folder / "ablation.png",
+                       "P95 TTFT (s), log scale", f"Ablation on {mix} at {rate:.2f} req/s", log=True)
+
+
+def table(r: dict) -> str:
+    lines = [f"InfiniLoRA in the simulator ({r['hardware']}, 16 GPUs), commit {r['commit']}, "
+             f"{r['requests_per_sim']} requests/sim, {r['sims']} sims, wall {r['wall_s']} s (CPU {r.get('cpu_s')} s), "
+             f"loadavg {r['machine']['loadavg']} -> {r.get('loadavg_end')}", "",
+             f"{'model':>14} " + " ".join(f"{n:>11}" for n in MAIN) + "  disagg/slora  attainment disagg vs slora"]
+    ratios = []
+    for m, e in r["models"].items():
+        s = e["serviceable_rate"]
+        ratio = s["disagg"] / s["slora"] if s["slora"] else None
+        if ratio is not None:
+            ratios.append(ratio)
+        att = e["attainment"]
+        lines.append(f"{m:>14} " + " ".join(f"{s[n]:11.2f}" for n in MAIN)
+                     + f"  {ratio if ratio is None else round(ratio, 2)!s:>12}"
+                     + f"  {att['disagg']['adapter_attainment']:.2f} vs {att['slora']['adapter_attainment']:.2f}")
+    if ratios:
+        lines.append(f"mean disagg/slora over models with a nonzero S-LoRA rate: {sum(ratios) / len(ratios):.2f}")
+    p = r["pageable_loads"]["serviceable_rate"]
+    lines += ["", "adapter copies at pageable speed (10 GB/s per GPU): serviceable rate disagg / slora"]
+    lines += [f"{m:>14}: {x['disagg']:.2f} / {x['slora']:.2f}" for m, x in p.items()]
+    a = r["ablation"]
+    lines += ["", f"ablation on {a['model']} at {a['rate']:.2f} req/s: P95 TTFT (s) / mean TPOT (s)"]
+    lines += [f"  {n:>15}: {x['p95_ttft']:.3f} / {x['mean_tpot']:.4f}" for n, x in a["rungs"].items()]
+    if "ablation_at_disagg_rate" in r:
+        a = r["ablation_at_disagg_rate"]
+        lines += [f"ablation at disagg's serviceable rate ({a['rate']:.2f} req/s): P95 TTFT (s) / mean TPOT (s)"]
+        lines += [f"  {n:>15}: {x['p95_ttft']:.3f} / {x['mean_tpot']:.4f}" for n, x in a["rungs"].items()]
+    t = r["transport"]
+    lines += ["", "transport: P95 TTFT / mean TPOT"]
+    lines += [f"  {n:>12}: {t[n]['p95_ttft']:.3f} / {t[n]['mean_tpot']:.4f}" for n in ("push_ib", "pull_ib",
+                                                                                         "push_nvlink")]
+    b = r["beyond"]
+    lines += ["", "beyond the paper:",
+              *(f"  server cache {n}: P95 TTFT {b['server_cache'][n]['p95_ttft']:.3f}, hit rate "
+                f"{b['server_cache'][n]['adapter_hit_rate']:.3f}" for n in ("elora", "lru")),
+              *(f"  multi-turn {n}: P95 TTFT with prefill {b['multi_turn'][n]['p95_ttft_with_prefill']:.3f}, "
+                f"kv hit {b['multi_turn'][n]['kv_hit_rate']}" for n in ("elora_history_kv", "no_history_kv")),
+              *(f"  1024 adapters {n}: attainment {b['adapters_1024'][n]['adapter_attainment']:.2f}"
+                for n in ("disagg", "slora")), "", f"planner: {r['planner']}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
