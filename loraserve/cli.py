@@ -159,7 +159,6 @@ def cmd_lora_server(args: argparse.Namespace) -> int:
     from loraserve.lora_server.server import LoraServer
 
     server = LoraServer(lora_server_config(args), args.listen, args.lora_dir or [])
-    server.store.memory.prefault()
     try:
         for name, path in args.lora or []:
             server.load(name, path)

@@ -28,12 +28,12 @@ class TierMemory:
         self.block_bytes = math.prod(shape) // num_blocks * dtype.itemsize
 
     def prefault(self) -> None:
-        """Touch every page of the host tier now. A server does (`serve`,
-        `lora-server`): its memory is then taken at start, so a host tier too
-        big for RAM fails at once and resident memory stays flat while the
-        cache fills (a 30-minute soak otherwise saw RSS grow 3.1 → 4.8 GiB
-        with a 2 GiB host tier: not a leak, but a dashboard cannot tell). A
-        library user or a test with many engines keeps the lazy pages."""
+        """Touch every page of the host tier now. `serve` does: its memory is
+        then taken at start, so a host tier too big for RAM fails at once and
+        resident memory stays flat while the cache fills (a 30-minute soak
+        otherwise saw RSS grow 3.1 → 4.8 GiB with a 2 GiB host tier: not a
+        leak, but a dashboard cannot tell). A library user, a test with many
+        engines, and the LoRA server (several per test) keep the lazy pages."""
         if "host" in self.tiers:
             self.tiers["host"].zero_()
 
