@@ -337,5 +337,7 @@ def test_a_huge_request_neither_stalls_health_nor_balloons(server):
         poller.join(timeout=60)
     print(f"slowest /health {slowest[0]:.2f} s of {len(statuses)}; RSS {before >> 20} -> peak {peak[0] >> 20} MiB")
     assert statuses and set(statuses) == {200}, statuses
-    assert slowest[0] < 5.0, slowest  # a loaded 2-core box answers /health well within this
+    # the server left /health unanswered for over two minutes; a 2-core box loaded by other work
+    # (measured: 0.7 s at load 6, more under a benchmark at higher priority) answers well within this
+    assert slowest[0] < 20.0, slowest
     assert peak[0] - before < 2 << 30, (before, peak)  # a few copies of the largest body, not gigabytes
