@@ -166,7 +166,7 @@ def test_gpu_counts_on_a_hand_computed_case(tmp_path):
     tokens = rate * 400
     assert plan.flops_per_s == pytest.approx(2 * applied * tokens)
     assert plan.gpus_for_compute == math.ceil(2 * applied * tokens / (1e12 * 0.5) / 0.5)
-    per_token = layers * 2 * ((h + q + 2 * kv) + (q + h) + (h + k * 2 * inter) + k * (inter + h))
+    per_token = layers * 2 * ((h + q + 2 * kv) + (q + h) + (h + k * 2 * inter) + (k * inter + h))  # down combined
     assert plan.link_bytes_per_s == pytest.approx(per_token * tokens)
     assert plan.gpus_for_bandwidth == math.ceil(per_token * tokens / (1e9 * 0.5))
     # uniform popularity, misses never in time: 19 resident; in flight 10 × (0.25 + 100 × 0.1) = 102.5

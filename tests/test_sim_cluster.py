@@ -56,9 +56,13 @@ def model(**kw) -> ExchangeModel:
 def test_trips_carry_each_projection_in_and_out_and_routed_expert_rows():
     trips = {t.target: t for t in model().trips()}
     assert list(trips) == [Target.QKV, Target.O, Target.EXPERTS_GATE_UP, Target.EXPERTS_DOWN]
-    gu = trips[Target.EXPERTS_GATE_UP]
-    assert gu.in_bytes == 2 * 4096 * 2 and gu.out_bytes == 2 * 2 * 14336 * 2  # top-2 rows, bf16
-    assert trips[Target.QKV].out_bytes == (4096 + 2 * 1024) * 2
+    h, inter, k, bf16 = 4096, 14336, 2, 2  # Mixtral: hidden, expert intermediate, top-2
+    gu, down = trips[Target.EXPERTS_GATE_UP], trips[Target.EXPERTS_DOWN]
+    assert gu.in_bytes == h * bf16  # the hidden state once, with its expert ids
+    assert gu.out_bytes == k * 2 * inter * bf16  # gate|up rows per routed expert
+    assert down.in_bytes == k * inter * bf16  # an intermediate row per routed expert
+    assert down.out_bytes == h * bf16  # the k deltas combined on the server into one row
+    assert trips[Target.QKV].in_bytes == h * bf16 and trips[Target.QKV].out_bytes == (4096 + 2 * 1024) * bf16
     assert sum(t.share for t in trips.values()) == pytest.approx(1.0)
 
 

@@ -62,14 +62,18 @@ def applied_params_per_token(spec: ModelSpec, params: float) -> float:
 
 def link_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> float:
     """Activations in and deltas out per token: each adapted projection's input
-    row goes to the server and its delta comes back. Expert projections do so
-    once per routed expert (k of them), but for the gate|up input: the hidden
-    state is one row for all k (the server routes it by the expert ids)."""
+    row goes to the server and its delta comes back. Expert rows of the
+    expert's own width cross once per routed expert (k of them); hidden-size
+    rows once: the gate|up input is one row for all k (the server routes it
+    by the expert ids) and down's k deltas come back combined with the router
+    weights (the rule of `sim/exchange.py`'s trips)."""
     total = 0
     for layer in range(spec.num_layers):
         for t in layer_targets(spec, layer):
             k = spec.num_experts_per_tok if t.is_expert else 1
-            total += (1 if t is Target.EXPERTS_GATE_UP else k) * in_dim(spec, t) + k * out_dim(spec, t)
+            rin = k if in_dim(spec, t) != spec.hidden_size else 1
+            rout = k if out_dim(spec, t) != spec.hidden_size else 1
+            total += rin * in_dim(spec, t) + rout * out_dim(spec, t)
     return float(total * dtype_bytes)
 
 

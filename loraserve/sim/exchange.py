@@ -2,14 +2,30 @@
 instance and the LoRA server, and the server's batched shrink/expand.
 
 A layer's adapted projections are dependent round trips (q|k|v, then o, then
-the experts' gate|up, then down): each sends the projection's input rows
-(token × in_dim; expert rows once per routed expert) and gets back its delta
-(token × out_dim per routed expert). A trip costs link latency + bytes /
-bandwidth of the link the placement implies (NVLink inside a node,
-InfiniBand across nodes): push is one message each way, pull a request
-then a response (one more latency). With overlap the trip runs beside the
-projection's base GEMM and the layer waits for the longer of the two;
-without it ("naive" disaggregation) it adds.
+the experts' gate|up, then down): each sends the projection's input rows and
+gets back its delta. A row of hidden size crosses once per token, not once
+per routed expert: gate|up's input is the token's hidden state, sent once
+with its k expert ids (the server fans it out), and down's k hidden-size
+deltas are combined on the server with the router weights (they travel with
+the ids, a few bytes) into one row, as the MoE combine is linear. Only the
+expert-sized rows (gate|up's deltas, down's inputs) cross k times.
+
+That is the design the wire should have, not the one it has today:
+`remote/backend.py` sends one row per (token, expert) pair both ways (the
+hidden state k times for gate|up, k down deltas back, summed by the
+instance's index_add_). The model describes the better wire, so the
+simulator's figures hold for a server that dedupes and combines; the real
+wire over-sends top-k times on those two legs until it adopts it.
+
+A trip costs link latency + (bytes in + bytes out) / bandwidth of the link
+the placement implies (NVLink inside a node, InfiniBand across nodes): push
+is one message each way, pull a request then a response (one more latency).
+The two directions add although IB and NVLink are full duplex: within a
+trip they are dependent (the server computes on the whole message, then
+replies; the real server does not stream rows through in chunks), so only
+different trips could overlap, which this conservative charge leaves out.
+With overlap the trip runs beside the projection's base GEMM and the layer
+waits for the longer of the two; without it ("naive" disaggregation) it adds.
 
 The server's compute is a roofline of the batched kernels per (layer,
 projection): 2 FLOPs per LoRA weight per routed row, reading each distinct
@@ -93,9 +109,10 @@ class ExchangeModel:
         base = {t: in_dim(s, t) * out_dim(s, t) * (k if t.is_expert else 1) for t in layer_targets(s, layer)}
         total = sum(base.values())
         for t in layer_targets(s, layer):
-            rows = k if t.is_expert else 1
+            rin = k if t.is_expert and in_dim(s, t) != s.hidden_size else 1  # the hidden state once, with ids
+            rout = k if t.is_expert and out_dim(s, t) != s.hidden_size else 1  # down's deltas combined on the server
             copies = s.num_experts if t.is_expert else 1
-            out.append(Trip(t, rows * in_dim(s, t) * d, rows * out_dim(s, t) * d,
+            out.append(Trip(t, rin * in_dim(s, t) * d, rout * out_dim(s, t) * d,
                             copies * self.rank * (t.width * in_dim(s, t) + out_dim(s, t)), base[t] / total,
                             t.is_expert))
         return out
