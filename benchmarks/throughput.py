@@ -137,22 +137,25 @@ def single_decode(model_dir: Path, dtype: str) -> dict:
     tok_s = steps / (time.perf_counter() - t)
     bandwidth = max(before, read_bandwidth())
     m = engine.model
-    weight_bytes = sum(t.numel() * t.element_size() for t in _weights(m))
+    weight_bytes = _weights(m)
     return {"tok_s": tok_s, "weight_bytes": weight_bytes, "memory_read_GBps": bandwidth / 1e9,
             "roofline_share": tok_s / (bandwidth / weight_bytes)}
 
 
-def _weights(m):
-    seen = {}
-    for t in [m.embed, m.norm, m.lm_head]:
-        seen[t.data_ptr()] = t
+def _weights(m) -> int:
+    """Bytes a decode step reads: every projection, norm and expert (the embedding
+    gives one row; a tied lm_head has its own, possibly packed, copy)."""
+    from loraserve.model.linear import Linear
+
+    total = m.norm.numel() * m.norm.element_size() + m.lm_head.num_bytes
     for layer in m.layers:
         for v in vars(layer).values():
             for t in (vars(v).values() if hasattr(v, "__dataclass_fields__") else [v]):
-                if isinstance(t, torch.Tensor):
-                    seen[t.data_ptr()] = t
-    tensors = list(seen.values())
-    return [t for t in tensors if t is not m.embed or m.lm_head is m.embed]
+                if isinstance(t, Linear):
+                    total += t.num_bytes
+                elif isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
 
 
 def main() -> None:
