@@ -74,7 +74,8 @@ class CacheConfig:
 
     link_bytes_per_s: float = 16e9
     """Host-to-device bandwidth the cost model prices transfers with (PCIe 4 x16
-    class). Only the ratio between nodes matters for ranking."""
+    class). Only the ratio between nodes matters for ranking; with
+    prefetch_horizon it also says how many bytes of prefetch may be queued."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
