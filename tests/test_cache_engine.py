@@ -17,7 +17,7 @@ PER_TOKEN = 2 * 3 * 2 * 16 * 4  # tiny models: K and V, 3 layers, 2 KV heads, he
 
 def make(root, **cache) -> LLM:
     adapters = {n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")}
-    return LLM(str(root / "model"), adapters=adapters, cache=CacheConfig(block_size=BS, **cache))
+    return LLM(str(root / "model"), dtype="float32", adapters=adapters, cache=CacheConfig(block_size=BS, **cache))
 
 
 def prefilled(llm: LLM, prompt: list[int], adapter: str | None) -> tuple[list[int], int]:

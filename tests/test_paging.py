@@ -16,7 +16,7 @@ SP = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 def run(root, adapters=ADAPTERS, **config):
     names = sorted({a for a in adapters if a})
-    llm = LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in names}, **config)
+    llm = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in names}, **config)
     outs = llm.generate(PROMPTS, SP, adapter=adapters)
     return [o.token_ids for o in outs], llm.engine
 

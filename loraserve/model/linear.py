@@ -1,0 +1,83 @@
+"""A projection's weight, kept in the layout its device multiplies fastest.
+
+The checkpoint gives [out, in] weights (nn.Linear's order). How fast y = x W^T
+runs depends on the device, the dtype and the number of rows, and on CPUs by
+a wide margin (benchmarks/results/linear_forms.txt, throughput.json):
+
+- bf16 on CPU: oneDNN's matmul reorders a plain weight into its blocked
+  layout on every call; reordered once at load (`mkldnn._reorder_linear_weight`,
+  the prepacking inductor's freezing does) the product runs 1.2-1.75x faster
+  up to 128 rows and no slower above (linear_forms-avx512.txt). The packed
+  copy replaces the plain one: no extra memory.
+- fp32 on an AVX-512 CPU: packed too: 1.2-1.6x faster than F.linear at 4-32
+  rows (a batch of decodes), equal above, 15% slower at one row.
+- fp32 on an AVX2 CPU: MKL ran w @ x.T 1.3-4x faster than x @ w.T (F.linear's
+  form) at decode-sized batches, and one row faster as two than as a GEMV;
+  above ~64 rows F.linear won (benchmarks/results/linear_forms-avx2.txt, an
+  older run without the packed form). On AVX-512 that form is up to 2x slower.
+- elsewhere (GPUs) F.linear: the library picks well.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.dtypes import cpu_flags
+
+SMALL_BATCH = 64
+"""Most rows for which fp32 on an AVX2 CPU streams the weight as MKL's left operand."""
+
+TRANSPOSED_FORM = "avx512f" not in cpu_flags()
+"""Whether `linear` takes `transposed_form` for small fp32 batches (AVX2 CPUs)."""
+
+
+def _can_pack(w: torch.Tensor) -> bool:
+    return (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class Linear:
+    """y = x @ weight.T (+ bias), by the fastest form for the weight's device and dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | str = True) -> None:
+        """weight: [out, in]. `pack`: reorder the weight for oneDNN where that is
+        the fast form (bf16 on CPU, fp32 on AVX-512 CPUs), "always" wherever it
+        can (to measure it), False never."""
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        fast = weight.dtype == torch.bfloat16 or not TRANSPOSED_FORM
+        self.packed = _can_pack(weight) and (pack == "always" or (pack and fast))
+        # the batch-size hint only tunes the blocking; 32 serves 1 to 4096 rows within noise
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in]. Returns [T, out]."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return linear(x, self.weight, self.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def num_bytes(self) -> int:
+        n = self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
+        return n * self.weight.element_size()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in]; w: [out, in] plain. Returns [T, out] (see the module docstring for the forms)."""
+    if (TRANSPOSED_FORM and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.shape[0] <= SMALL_BATCH):
+        y = transposed_form(x, w)
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, w, bias)
+
+
+def transposed_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T computed as (w @ x.T).T, one row as two."""
+    rows = x.shape[0]
+    xt = (torch.cat([x, x]) if rows == 1 else x).t()
+    return torch.mm(w, xt)[:, :rows].t().contiguous()
