@@ -2,7 +2,7 @@
 
 The checkpoint gives [out, in] weights (nn.Linear's order). How fast y = x W^T
 runs depends on the device, the dtype and the number of rows, and on CPUs by
-a wide margin (benchmarks/results/linear_forms.txt, throughput.json):
+a wide margin (benchmarks/results/linear_forms-*.txt, by machine class):
 
 - bf16 on CPU: oneDNN's matmul reorders a plain weight into its blocked
   layout on every call; reordered once at load (`mkldnn._reorder_linear_weight`,
