@@ -1,0 +1,146 @@
+"""Segmented matmuls in Triton: LoRA shrink and expand, and the MoE experts'
+matmul where torch has no grouped GEMM for the device or dtype.
+
+Rows come in segments (an adapter's tokens, or one (expert, adapter) group's
+routed rows), each multiplied by its own matrix from a stacked bank. Segment
+bounds live on the device, so a grid is sized from host-known bounds (groups x
+the most row tiles a group can have) and programs past their segment's end
+exit at once: no host sync to learn the sizes.
+
+Each group reads only its adapter's own rank: the shrink computes columns
+[0, rank) of the bank's padded rank axis, and the expand of a fused
+projection (q|k|v, gate|up), whose B is block-diagonal, multiplies each output
+slice by only the rank rows that feed it (`units`), never by the zero blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraserve.gpu.attention_kernels import precision
+
+
+@triton.jit
+def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, starts_ptr, ends_ptr, index_ptr, ncols_ptr, ncols_stride, ncols_mod, K,
+                       stride_xt, stride_xk, stride_wg, stride_wk, stride_wn, stride_yt, stride_yn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    g = tl.program_id(0)
+    start = tl.load(starts_ptr + g)
+    end = tl.load(ends_ptr + g)
+    w = tl.load(index_ptr + g)
+    ncols = tl.load(ncols_ptr + (w % ncols_mod) * ncols_stride)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    n0 = tl.program_id(2) * BLOCK_N
+    if (m0 >= end) | (n0 >= ncols):
+        return
+    w = w.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    rmask = rows < end
+    cmask = cols < ncols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + w * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += tl.dot(xt, wt.to(xt.dtype), input_precision=PRECISION)
+    tl.store(y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _expand_kernel(s_ptr, b_ptr, out_ptr, starts_ptr, ends_ptr, index_ptr, units_ptr, unit_mod, N, c1, c2,
+                   stride_st, stride_bg, stride_br, stride_bn, stride_ot, stride_on,
+                   WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    g = tl.program_id(0)
+    start = tl.load(starts_ptr + g)
+    end = tl.load(ends_ptr + g)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    w = tl.load(index_ptr + g)
+    unit = units_ptr + (w % unit_mod) * (2 * WIDTH + 1)
+    w = w.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    n0 = tl.program_id(2) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        c_lo = 0 if j == 0 else (c1 if j == 1 else c2)
+        c_hi = N if j == WIDTH - 1 else (c1 if j == 0 else c2)
+        lo = tl.load(unit + 2 * j)
+        hi = tl.load(unit + 2 * j + 1)
+        cmask = (cols >= c_lo) & (cols < c_hi)
+        if (n0 < c_hi) & (n0 + BLOCK_N > c_lo):  # the tile meets this output slice
+            for r0 in range(lo, hi, BLOCK_R):
+                rs = r0 + tl.arange(0, BLOCK_R)
+                rk = rs < hi
+                st = tl.load(s_ptr + rows[:, None] * stride_st + rs[None, :],
+                             mask=rmask[:, None] & rk[None, :], other=0.0)
+                bt = tl.load(b_ptr + w * stride_bg + rs[:, None] * stride_br + cols[None, :] * stride_bn,
+                             mask=rk[:, None] & cmask[None, :], other=0.0)
+                acc += tl.dot(st, bt.to(st.dtype), input_precision=PRECISION)
+    omask = rmask[:, None] & (cols < N)[None, :]
+    optr = out_ptr + rows[:, None] * stride_ot + cols[None, :] * stride_on
+    tl.store(optr, (tl.load(optr, mask=omask, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty),
+             mask=omask)
+
+
+BLOCK_M = 16
+"""Rows per program: decode segments are a few rows, and tl.dot wants at least 16."""
+
+
+def segment_mm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, index: torch.Tensor,
+               max_rows: int, ncols: tuple[torch.Tensor, int] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[starts[g]:ends[g], :c] = x[rows] @ w[index[g], :, :c] for each group g, where
+    c = ncols[0][index[g] % ncols[1]] (every column when ncols is None).
+
+    x: [T, K]; w: [G', K, N] (any strides); starts, ends, index: [G] int32 on the
+    device; ncols[0]: a 1-d int32 view (a rank column of the units table);
+    max_rows: a host-known bound on any group's rows. Columns past a group's c and
+    rows in no group are left as they were (zeros if `out` is None)."""
+    num_rows, k = x.shape
+    n = w.shape[-1]
+    y = x.new_zeros(num_rows, n) if out is None else out
+    if num_rows == 0 or starts.numel() == 0 or max_rows == 0:
+        return y
+    if ncols is None:
+        ncols = (torch.full((1,), n, dtype=torch.int32, device=x.device), 1)
+    block_n = 64 if n >= 64 else 16
+    grid = (starts.numel(), triton.cdiv(max_rows, BLOCK_M), triton.cdiv(n, block_n))
+    _segment_mm_kernel[grid](x, w, y, starts, ends, index, ncols[0], ncols[0].stride(0), ncols[1], k, x.stride(0), x.stride(1),
+                             w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+                             BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=32,
+                             PRECISION=precision(x.dtype))
+    return y
+
+
+def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+               index: torch.Tensor, units: torch.Tensor, unit_mod: int, bounds: tuple[int, ...],
+               max_rows: int) -> None:
+    """out[rows of g] += shrunk[rows, lo:hi] @ b[index[g], lo:hi, slice] for each output
+    slice of the fused projection, (lo, hi) its rank rows in `units`.
+
+    shrunk: [T, R]; b: [G', R, N]; out: [T, N]; units: [U, 2 * width + 1] int32
+    ((lo, hi) per slice, then the rank), row index[g] % unit_mod; bounds: the
+    slices' inner column boundaries (width - 1 of them)."""
+    width = len(bounds) + 1
+    n = out.shape[1]
+    if shrunk.shape[0] == 0 or starts.numel() == 0 or max_rows == 0:
+        return
+    c1, c2 = (list(bounds) + [n, n])[:2]
+    block_n = 64 if n >= 64 else 16
+    grid = (starts.numel(), triton.cdiv(max_rows, BLOCK_M), triton.cdiv(n, block_n))
+    _expand_kernel[grid](shrunk, b, out, starts, ends, index, units, unit_mod, n, c1, c2, shrunk.stride(0),
+                         b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+                         WIDTH=width, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=16,
+                         PRECISION=precision(shrunk.dtype))
