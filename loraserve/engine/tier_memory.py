@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from loraserve.gpu.host_memory import gather_blocks, pinned_empty
 from loraserve.model.spec import ModelSpec
 
 
@@ -22,8 +23,10 @@ class TierMemory:
         shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.tiers = {"device": torch.zeros(shape, dtype=dtype, device=device)}
         if num_host_blocks:
-            host = torch.empty(shape[:2] + (num_host_blocks,) + shape[3:], dtype=dtype)
-            self.tiers["host"] = host.pin_memory() if device.type == "cuda" else host
+            host_shape = shape[:2] + (num_host_blocks,) + shape[3:]
+            # pinned at exactly its size for a GPU (see gpu/host_memory.py)
+            self.tiers["host"] = pinned_empty(host_shape, dtype) if device.type == "cuda" else torch.empty(
+                host_shape, dtype=dtype)
         self.block_size = block_size
         self.block_bytes = math.prod(shape) // num_blocks * dtype.itemsize
 
@@ -47,9 +50,12 @@ class TierMemory:
         if not pairs:
             return
         src_t, dst_t = self.tiers[src_tier], self.tiers[dst_tier]
-        src = torch.tensor([p[0] for p in pairs], device=src_t.device)
         dst = torch.tensor([p[1] for p in pairs], device=dst_t.device)
-        dst_t[:, :, dst] = src_t[:, :, src].to(dst_t.device, non_blocking=True)
+        if src_t.device.type == "cpu" and dst_t.device.type == "cpu":
+            src = torch.tensor([p[0] for p in pairs])
+            dst_t[:, :, dst] = src_t[:, :, src]
+            return
+        dst_t[:, :, dst] = gather_blocks(src_t, [p[0] for p in pairs], dst_t.device)
 
     def write_blocks(self, tier: str, blocks: list[int], data: torch.Tensor) -> None:
         """Store flat bytes across blocks, in order (the last one zero-padded)."""

@@ -22,8 +22,13 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+FORCE: bool | None = {"triton": True, "torch": False}.get(os.environ.get("LORASERVE_KERNELS", ""))
+"""`LORASERVE_KERNELS=triton|torch` at start (tests set this attribute): the
+Triton path on any device, or the torch kernels even on a GPU."""
+
+
 def active(device: torch.device) -> bool:
-    """Whether a step on `device` runs the Triton kernels."""
-    if os.environ.get("LORASERVE_KERNELS") == "triton":
-        return True
-    return device.type == "cuda" and os.environ.get("LORASERVE_KERNELS") != "torch" and triton_installed()
+    """Whether a step on `device` runs the Triton kernels (called per matmul: kept cheap)."""
+    if FORCE is not None:
+        return FORCE
+    return device.type == "cuda" and triton_installed()

@@ -47,7 +47,7 @@ def _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, table_row, n0, q_pos, kv_end, w
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, tables_ptr, window, scale,
-                   stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh, stride_tb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.load(seqs_ptr + tl.program_id(0))
@@ -72,13 +72,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, ta
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, table_row, n0, q_pos, pos + 1, window, scale,
                                      stride_kb, stride_ko, kvh * stride_kh, dims, dmask, BLOCK_N, PAGE, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + row * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, lens_ptr, tables_ptr, window, scale,
-                    stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh, stride_tb,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.load(seqs_ptr + tl.program_id(0))
@@ -95,8 +95,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, l
     dims = tl.arange(0, D_PAD)
     dmask = dims < HEAD_DIM
     qmask = imask[:, None] & dmask[None, :]
-    qptrs = (row0 + i)[:, None] * stride_qt + h * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + qptrs, mask=qmask, other=0.0)
+    q = tl.load(q_ptr + (row0 + i)[:, None] * stride_qt + h * stride_qh + dims[None, :], mask=qmask, other=0.0)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -109,7 +108,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, l
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, table_row, n0, q_pos, kv_end, window, scale,
                                      stride_kb, stride_ko, (h // GROUP) * stride_kh, dims, dmask, BLOCK_N, PAGE, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + qptrs, out.to(out_ptr.dtype.element_ty), mask=qmask)
+    tl.store(out_ptr + (row0 + i)[:, None] * stride_ot + h * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -131,10 +131,10 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs:
     rows, ctx: [B] int32; tables: [B, max_blocks] int32."""
     _, _, page, hkv, d = kv.shape
     group = q.shape[1] // hkv
-    assert kv.stride(-1) == 1 and q.stride(-1) == 1
+    assert kv.stride(-1) == 1 and q.stride(-1) == 1 and out.stride(-1) == 1
     grid = (seqs.numel(), hkv)
     _decode_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, tables, window or 0, d ** -0.5,
-                         q.stride(0), q.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
+                         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                          GROUP=group, GROUP_PAD=_pow2(group), HEAD_DIM=d, D_PAD=_pow2(d),
                          BLOCK_N=max(16, min(64, triton.next_power_of_2(page))), PAGE=page, PRECISION=precision(q.dtype))
 
@@ -146,10 +146,10 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs
     ctx[s] + i) over the sequence's keys, for each s in `seqs` and i < lens[s].
     max_len: a host-known bound on lens[seqs]."""
     _, _, page, hkv, d = kv.shape
-    assert kv.stride(-1) == 1 and q.stride(-1) == 1
+    assert kv.stride(-1) == 1 and q.stride(-1) == 1 and out.stride(-1) == 1
     block_m = 16 if max_len <= 16 else 64
     grid = (seqs.numel(), triton.cdiv(max_len, block_m), q.shape[1])
     _prefill_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, lens, tables, window or 0, d ** -0.5,
-                          q.stride(0), q.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
+                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                           GROUP=q.shape[1] // hkv, HEAD_DIM=d, D_PAD=_pow2(d), BLOCK_M=block_m,
                           BLOCK_N=max(16, min(64, triton.next_power_of_2(page))), PAGE=page, PRECISION=precision(q.dtype))
