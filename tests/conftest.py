@@ -37,6 +37,11 @@ def pytest_addoption(parser):
                      help="torch device for the tests that take one (default cpu; or LORASERVE_TEST_DEVICE)")
 
 
+def pytest_configure(config):
+    if config.getoption("--device") == "cpu":  # the Triton kernels' tests run in its interpreter, before it loads
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> torch.device:
     return torch.device(pytestconfig.getoption("--device"))

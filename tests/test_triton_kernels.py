@@ -1,24 +1,23 @@
 """The GPU path's own Triton kernels equal their torch references, run on the
 CPU by Triton's interpreter (tiny shapes), and the model and engine give the
-CPU path's results through them. A GPU runs the same tests with
-`--device cuda` (then compiled, not interpreted)."""
+CPU path's results through them. On a CPU (the default) conftest sets
+TRITON_INTERPRET=1 before triton loads; a GPU runs the same tests with
+`--device cuda`, compiled."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU needed
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import loraserve.gpu  # noqa: E402
-from loraserve.gpu import reference as ref  # noqa: E402
-from loraserve.gpu.attention_kernels import decode_attention, prefill_attention  # noqa: E402
-from loraserve.gpu.experts import experts_mm  # noqa: E402
-from loraserve.gpu.lora_kernels import expand_add, segment_mm  # noqa: E402
-from loraserve.gpu.paged import build_paged  # noqa: E402
-from loraserve.gpu.segments import group_bounds, group_ends  # noqa: E402
+import loraserve.gpu
+from loraserve.gpu import reference as ref
+from loraserve.gpu.attention_kernels import decode_attention, prefill_attention
+from loraserve.gpu.experts import experts_mm
+from loraserve.gpu.lora_kernels import expand_add, segment_mm
+from loraserve.gpu.paged import build_paged
+from loraserve.gpu.segments import group_bounds, group_ends
 
 
 def i32(values, device):
@@ -110,11 +109,6 @@ def test_experts_mm_and_device_offsets(device):
     y = experts_mm(x.to(device), w.to(device).transpose(1, 2), offs)
     expected = torch.stack([w[e] @ x[i] for i, e in enumerate(experts.tolist())])
     assert torch.allclose(y.cpu(), expected, atol=1e-4)
-
-
-@pytest.fixture
-def triton_path(monkeypatch):
-    monkeypatch.setattr(loraserve.gpu, "FORCE", True)
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])

@@ -9,6 +9,7 @@ A request that fails in any of these fails alone, finishing with the reason
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -18,11 +19,12 @@ from typing import Sequence
 
 
 from loraserve.clock import Clock, MonotonicClock
-from loraserve.config import EngineConfig
+from loraserve.config import CacheConfig, EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.dtypes import torch_dtype
 from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
+from loraserve.engine.memory_budget import bank_bytes, device_tier_bytes, step_bytes
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.engine.torch_mover import TorchMover
@@ -58,7 +60,7 @@ class LLMEngine(EngineCore):
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        cc = config.cache
+        cc = self._sized(config, dtype)
         block_size = cc.block_size
         block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
         self.num_blocks = cc.device_bytes // block_bytes
@@ -97,6 +99,22 @@ class LLMEngine(EngineCore):
         if self.remote is not None:
             self._apply_catalogue(catalogue)
             self.remote.start()
+
+    def _sized(self, config: EngineConfig, dtype: torch.dtype) -> CacheConfig:
+        """The cache config with a fractional CUDA device tier turned into bytes,
+        now that the weights are loaded (see engine/memory_budget.py)."""
+        cc = config.cache
+        if cc.device_fraction <= 0 or self.model.device.type != "cuda":
+            return cc
+        sc = config.scheduler
+        reserved = (bank_bytes(self.spec, sc.max_loras, config.max_lora_rank, dtype.itemsize)
+                    + step_bytes(self.spec, sc.max_num_batched_tokens, sc.max_num_seqs, config.max_lora_rank,
+                                 dtype.itemsize))
+        free = torch.cuda.mem_get_info(self.model.device)[0]
+        device_bytes = device_tier_bytes(free, cc.device_fraction, reserved)
+        log.info("device tier: %.2f GiB (%.0f%% of %.2f GiB free after the weights, less %.2f GiB for the LoRA "
+                 "bank and a step)", device_bytes / 2**30, 100 * cc.device_fraction, free / 2**30, reserved / 2**30)
+        return dataclasses.replace(cc, device_bytes=max(device_bytes, 1))
 
     # -- adapters ----------------------------------------------------------
 

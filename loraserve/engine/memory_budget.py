@@ -1,0 +1,44 @@
+"""How much GPU memory the device tier may take.
+
+A fraction of free memory means nothing before the weights are loaded, and
+the tier is not the only thing after them: the LoRA bank grows to
+max_loras x max_lora_rank (experts included, once an adapter has them), and a
+step allocates its activations, LoRA temporaries and logits. So the tier is
+sized after loading, from what is free then, less both. Plain arithmetic over
+the model's shapes (the bank's layout is `lora/bank.py`'s).
+"""
+
+from __future__ import annotations
+
+from loraserve.model.spec import ModelSpec
+from loraserve.model.targets import in_dim, layer_targets, out_dim
+
+HEADROOM = 0.05
+"""Share of the rest kept free for the allocator's rounding and fragmentation."""
+
+
+def bank_bytes(spec: ModelSpec, num_slots: int, rank: int, itemsize: int) -> int:
+    """The LoRA bank at `rank` (rounded up to 4, as the bank does), every target allocated."""
+    rank = -(-rank // 4) * 4
+    total = 0
+    for layer in range(spec.num_layers):
+        for t in layer_targets(spec, layer):
+            lead = spec.num_experts * (num_slots + 1) if t.is_expert else num_slots
+            total += lead * t.width * rank * (in_dim(spec, t) + out_dim(spec, t))
+    return total * itemsize
+
+
+def step_bytes(spec: ModelSpec, max_tokens: int, max_seqs: int, lora_rank: int, itemsize: int) -> int:
+    """A generous bound on one step's temporaries: a few activations of the widest
+    projection per token (MoE: its routed copies), LoRA shrink outputs, and fp32
+    logits with the sampler's copies for every sequence."""
+    k = max(spec.num_experts_per_tok, 1) if spec.num_experts else 1
+    mlp = max(2 * spec.intermediate_size, k * (spec.hidden_size + 2 * (spec.moe_intermediate_size or 0)))
+    qkv = spec.q_size + 2 * spec.kv_size
+    per_token = 4 * spec.hidden_size + qkv + 3 * mlp + 3 * lora_rank * k
+    return max_tokens * per_token * itemsize + 4 * max_seqs * spec.vocab_size * 4
+
+
+def device_tier_bytes(free_bytes: int, fraction: float, reserved: int) -> int:
+    """The tier for `fraction` of `free_bytes` (free after loading), less `reserved` and headroom."""
+    return max(0, int((fraction * free_bytes - reserved) * (1 - HEADROOM)))
