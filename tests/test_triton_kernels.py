@@ -17,7 +17,7 @@ from loraserve.gpu.attention_kernels import decode_attention, prefill_attention
 from loraserve.gpu.experts import experts_mm
 from loraserve.gpu.lora_kernels import expand_add, segment_mm
 from loraserve.gpu.paged import build_paged
-from loraserve.gpu.segments import group_bounds, group_ends
+from loraserve.gpu.segments import Tiles, device_tiles, group_bounds, group_ends, host_tiles
 
 
 def i32(values, device):
@@ -59,15 +59,35 @@ def test_step_tables_attend_as_the_reference(device):
     assert torch.allclose(step.attend(q.to(device), kv.to(device)).cpu(), expected, atol=1e-5)
 
 
-def test_segment_mm_multiplies_each_group_by_its_own_matrix(device):
-    """Groups in any bank order, empty ones, and a per-group column count (an adapter's own rank)."""
+STARTS, ENDS, INDEX = [0, 3, 3, 20], [3, 3, 20, 30], [4, 0, 2, 1]
+"""Four groups of 3, 0, 17 and 10 rows (one spanning two tiles), in any bank order."""
+
+
+def tiles_of(kind: str, device) -> Tiles:
+    """The groups' row tiles, built on the host (as for a step's adapters) or on
+    the device (as for routed rows)."""
+    if kind == "host":
+        return Tiles(*(i32(t, device) for t in host_tiles([e - s for s, e in zip(STARTS, ENDS)])))
+    tiles = device_tiles(i32(STARTS, device), i32(ENDS, device), 30)
+    assert tiles.size == 2 + 4 and sorted(tiles.group.tolist()) == [-1, -1, 0, 2, 2, 3]  # empty group: no tile
+    return tiles
+
+
+def test_host_and_device_tiles_agree(device):
+    host, dev = tiles_of("host", device), tiles_of("device", device)
+    real = dev.group >= 0
+    assert dev.group[real].tolist() == host.group.tolist() and dev.first[real].tolist() == host.first.tolist()
+    assert host.first.tolist() == [0, 3, 19, 20] and host.ends.tolist() == ENDS
+
+
+@pytest.mark.parametrize("kind", ["host", "device"])
+def test_segment_mm_multiplies_each_group_by_its_own_matrix(device, kind):
+    """Groups in any bank order, an empty one, and a per-group column count (an adapter's own rank)."""
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(30, 24, generator=g), torch.randn(5, 24, 40, generator=g)
-    starts, ends, index = [0, 3, 3, 20], [3, 3, 20, 30], [4, 0, 2, 1]
     cols = torch.tensor([40, 33, 17, 0, 40], dtype=torch.int32)  # by bank row
-    y = segment_mm(x.to(device), w.to(device), i32(starts, device), i32(ends, device), i32(index, device), 17,
-                   (cols.to(device), 5))
-    expected = ref.segment_mm(x, w, starts, ends, index, [int(cols[i]) for i in index])
+    y = segment_mm(x.to(device), w.to(device), tiles_of(kind, device), i32(INDEX, device), (cols.to(device), 5))
+    expected = ref.segment_mm(x, w, STARTS, ENDS, INDEX, [int(cols[i]) for i in INDEX])
     assert torch.allclose(y.cpu(), expected, atol=1e-4)
     assert y[20:, 33:].abs().sum() == 0  # past group 3's columns: left as they were
 
@@ -88,12 +108,11 @@ def test_expand_uses_each_slices_own_rank_rows(device):
             keep[unit[j][0]:unit[j][1]] = True
             b[i, ~keep, edges[j]:edges[j + 1]] = float("nan")
     table = i32([[v for u in unit for v in u] + [max(h for _, h in unit)] for unit in units], device)
-    starts, ends, index = [0, 3, 3, 20], [3, 3, 20, 30], [4, 0, 2, 1]
     out = torch.randn(30, 50, generator=g)
-    expected = ref.expand_add(shrunk, b.nan_to_num(0.0), out, starts, ends, index, [units[i] for i in index], bounds)
+    expected = ref.expand_add(shrunk, b.nan_to_num(0.0), out, STARTS, ENDS, INDEX, [units[i] for i in INDEX], bounds)
     got = out.to(device)
-    expand_add(shrunk.to(device), b.to(device), got, i32(starts, device), i32(ends, device), i32(index, device),
-               table, 100, tuple(bounds), 17)
+    expand_add(shrunk.to(device), b.to(device), got, tiles_of("device", device), i32(INDEX, device), table, 100,
+               tuple(bounds))
     assert torch.allclose(got.cpu(), expected, atol=1e-4)
 
 

@@ -2,8 +2,8 @@
 
 torch._grouped_mm (CUTLASS grouped GEMM) takes the group offsets on the device
 as they are; it is used where it runs (bf16 on Hopper-class GPUs). Elsewhere
-the Triton segmented matmul does the same, with the step's row count as the
-host-known bound on a group's rows.
+the Triton segmented matmul does the same over row tiles found on the
+device (`segments.device_tiles`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.gpu.lora_kernels import segment_mm
+from loraserve.gpu.segments import device_tiles
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -29,4 +30,4 @@ def experts_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     ends = offs.to(torch.int32)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     index = torch.arange(ends.numel(), dtype=torch.int32, device=x.device)
-    return segment_mm(x, w, starts, ends, index, x.shape[0])
+    return segment_mm(x, w, device_tiles(starts, ends, x.shape[0]), index)

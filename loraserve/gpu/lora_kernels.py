@@ -2,10 +2,11 @@
 matmul where torch has no grouped GEMM for the device or dtype.
 
 Rows come in segments (an adapter's tokens, or one (expert, adapter) group's
-routed rows), each multiplied by its own matrix from a stacked bank. Segment
-bounds live on the device, so a grid is sized from host-known bounds (groups x
-the most row tiles a group can have) and programs past their segment's end
-exit at once: no host sync to learn the sizes.
+routed rows), each multiplied by its own matrix from a stacked bank. The grid
+runs over a list of row tiles (`segments.Tiles`: each tile's group and first
+row), sized by a host-known bound, built on the host when the segments are
+known there and on the device when they come from routing: no host sync to
+learn the sizes, and no program per (group, possible tile) pair.
 
 Each group reads only its adapter's own rank: the shrink computes columns
 [0, rank) of the bank's padded rank axis, and the expand of a fused
@@ -20,21 +21,23 @@ import triton
 import triton.language as tl
 
 from loraserve.gpu.attention_kernels import precision
+from loraserve.gpu.segments import BLOCK_M, Tiles
 
 
 @triton.jit
-def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, starts_ptr, ends_ptr, index_ptr, ncols_ptr, ncols_stride, ncols_mod, K,
-                       stride_xt, stride_xk, stride_wg, stride_wk, stride_wn, stride_yt, stride_yn,
+def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, group_ptr, first_ptr, ends_ptr, index_ptr, ncols_ptr, ncols_stride,
+                       ncols_mod, K, stride_xt, stride_xk, stride_wg, stride_wk, stride_wn, stride_yt, stride_yn,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr):
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(ends_ptr + g)
+    g = tl.load(group_ptr + tl.program_id(0))
+    if g < 0:
+        return
+    m0 = tl.load(first_ptr + tl.program_id(0))
+    end = tl.minimum(tl.load(ends_ptr + g), m0 + BLOCK_M)
     w = tl.load(index_ptr + g)
     ncols = tl.load(ncols_ptr + (w % ncols_mod) * ncols_stride)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    n0 = tl.program_id(2) * BLOCK_N
-    if (m0 >= end) | (n0 >= ncols):
+    n0 = tl.program_id(1) * BLOCK_N
+    if n0 >= ncols:
         return
     w = w.to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -55,22 +58,21 @@ def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, starts_ptr, ends_ptr, index_ptr, nco
 
 
 @triton.jit
-def _expand_kernel(s_ptr, b_ptr, out_ptr, starts_ptr, ends_ptr, index_ptr, units_ptr, unit_mod, N, c1, c2,
+def _expand_kernel(s_ptr, b_ptr, out_ptr, group_ptr, first_ptr, ends_ptr, index_ptr, units_ptr, unit_mod, N, c1, c2,
                    stride_st, stride_bg, stride_br, stride_bn, stride_ot, stride_on,
                    WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(ends_ptr + g)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    if m0 >= end:
+    g = tl.load(group_ptr + tl.program_id(0))
+    if g < 0:
         return
+    m0 = tl.load(first_ptr + tl.program_id(0))
+    end = tl.minimum(tl.load(ends_ptr + g), m0 + BLOCK_M)
     w = tl.load(index_ptr + g)
     unit = units_ptr + (w % unit_mod) * (2 * WIDTH + 1)
     w = w.to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < end
-    n0 = tl.program_id(2) * BLOCK_N
+    n0 = tl.program_id(1) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in tl.static_range(WIDTH):
@@ -94,39 +96,32 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, starts_ptr, ends_ptr, index_ptr, units
              mask=omask)
 
 
-BLOCK_M = 16
-"""Rows per program: decode segments are a few rows, and tl.dot wants at least 16."""
+def segment_mm(x: torch.Tensor, w: torch.Tensor, tiles: Tiles, index: torch.Tensor,
+               ncols: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[rows of g, :c] = x[rows of g] @ w[index[g], :, :c] for each group g of `tiles`,
+    where c = ncols[0][index[g] % ncols[1]] (every column when ncols is None).
 
-
-def segment_mm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, index: torch.Tensor,
-               max_rows: int, ncols: tuple[torch.Tensor, int] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """y[starts[g]:ends[g], :c] = x[rows] @ w[index[g], :, :c] for each group g, where
-    c = ncols[0][index[g] % ncols[1]] (every column when ncols is None).
-
-    x: [T, K]; w: [G', K, N] (any strides); starts, ends, index: [G] int32 on the
-    device; ncols[0]: a 1-d int32 view (a rank column of the units table);
-    max_rows: a host-known bound on any group's rows. Columns past a group's c and
-    rows in no group are left as they were (zeros if `out` is None)."""
+    x: [T, K]; w: [G', K, N] (any strides); index: [G] int32 on the device;
+    ncols[0]: a 1-d int32 view (a rank column of the units table). Columns past
+    a group's c and rows in no group are left as they were (zeros if `out` is None)."""
     num_rows, k = x.shape
     n = w.shape[-1]
     y = x.new_zeros(num_rows, n) if out is None else out
-    if num_rows == 0 or starts.numel() == 0 or max_rows == 0:
+    if num_rows == 0 or tiles.size == 0:
         return y
     if ncols is None:
         ncols = (torch.full((1,), n, dtype=torch.int32, device=x.device), 1)
     block_n = 64 if n >= 64 else 16
-    grid = (starts.numel(), triton.cdiv(max_rows, BLOCK_M), triton.cdiv(n, block_n))
-    _segment_mm_kernel[grid](x, w, y, starts, ends, index, ncols[0], ncols[0].stride(0), ncols[1], k, x.stride(0), x.stride(1),
-                             w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-                             BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=32,
+    grid = (tiles.size, triton.cdiv(n, block_n))
+    _segment_mm_kernel[grid](x, w, y, tiles.group, tiles.first, tiles.ends, index, ncols[0], ncols[0].stride(0),
+                             ncols[1], k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                             y.stride(0), y.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=32,
                              PRECISION=precision(x.dtype))
     return y
 
 
-def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-               index: torch.Tensor, units: torch.Tensor, unit_mod: int, bounds: tuple[int, ...],
-               max_rows: int) -> None:
+def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, tiles: Tiles, index: torch.Tensor,
+               units: torch.Tensor, unit_mod: int, bounds: tuple[int, ...]) -> None:
     """out[rows of g] += shrunk[rows, lo:hi] @ b[index[g], lo:hi, slice] for each output
     slice of the fused projection, (lo, hi) its rank rows in `units`.
 
@@ -135,12 +130,11 @@ def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, starts:
     slices' inner column boundaries (width - 1 of them)."""
     width = len(bounds) + 1
     n = out.shape[1]
-    if shrunk.shape[0] == 0 or starts.numel() == 0 or max_rows == 0:
+    if shrunk.shape[0] == 0 or tiles.size == 0:
         return
     c1, c2 = (list(bounds) + [n, n])[:2]
     block_n = 64 if n >= 64 else 16
-    grid = (starts.numel(), triton.cdiv(max_rows, BLOCK_M), triton.cdiv(n, block_n))
-    _expand_kernel[grid](shrunk, b, out, starts, ends, index, units, unit_mod, n, c1, c2, shrunk.stride(0),
-                         b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-                         WIDTH=width, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=16,
-                         PRECISION=precision(shrunk.dtype))
+    grid = (tiles.size, triton.cdiv(n, block_n))
+    _expand_kernel[grid](shrunk, b, out, tiles.group, tiles.first, tiles.ends, index, units, unit_mod, n, c1, c2,
+                         shrunk.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+                         WIDTH=width, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=16, PRECISION=precision(shrunk.dtype))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.gpu.lora_kernels import expand_add, segment_mm
-from loraserve.gpu.segments import group_bounds, upload
+from loraserve.gpu.segments import Tiles, device_tiles, group_bounds, host_tiles, upload
 from loraserve.lora.bank import Key, LoraBank
 from loraserve.model.lora import Routing
 from loraserve.model.spec import ModelSpec
@@ -89,13 +89,11 @@ class GpuLoraBatch:
         live = [s for s, c in enumerate(slot_counts) if c]
         self.targets: set[tuple[int, Target]] = set().union(
             *(bank.slots[i].weights.keys() for i in live if bank.slots[i] is not None))
-        ends, total = [], 0
-        for s in live:
-            total += slot_counts[s]
-            ends.append(total)
-        self.starts, self.ends, self.index = upload([[0] + ends[:-1], ends, live], bank.device)
-        self.max_rows = max(slot_counts, default=0)
-        self._routed: tuple[Routing, tuple[torch.Tensor, torch.Tensor]] | None = None
+        group, first, ends = host_tiles([slot_counts[s] for s in live])
+        group_t, first_t, ends_t, self.index = upload([group, first, ends, live], bank.device)
+        self.tiles = Tiles(group_t, first_t, ends_t)
+        """Row tiles of the adapter rows (counted from row num_base), by taking-part slot."""
+        self._routed: tuple[Routing, Tiles] | None = None
 
     def add(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter row t."""
@@ -107,29 +105,27 @@ class GpuLoraBatch:
         x = x[n:].to(a.dtype)
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         s = self.bank.num_slots
-        segment_mm(x, a, self.starts, self.ends, self.index, self.max_rows, (table[:, -1], s), out=shrunk)
-        expand_add(shrunk, b, out[n:], self.starts, self.ends, self.index, table, s,
-                   slice_bounds(self.bank.spec, target), self.max_rows)
+        segment_mm(x, a, self.tiles, self.index, (table[:, -1], s), out=shrunk)
+        expand_add(shrunk, b, out[n:], self.tiles, self.index, table, s, slice_bounds(self.bank.spec, target))
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
         """Expert rows, sorted by expert and so by group (expert * (S + 1) + token group)."""
         key = (layer, target)
         if key not in self.targets:
             return
-        starts, ends = self._group_bounds(routing)
+        tiles = self._group_tiles(routing, x.shape[0])
         table, groups = self.units.tables[key], self.bank.num_slots + 1
         a, b = self.bank.a[key], self.bank.b[key]
         x = x.to(a.dtype)
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         index = self.units.group_index
-        segment_mm(x, a, starts, ends, index, x.shape[0], (table[:, -1], groups), out=shrunk)
-        expand_add(shrunk, b, out, starts, ends, index, table, groups, slice_bounds(self.bank.spec, target),
-                   x.shape[0])
+        segment_mm(x, a, tiles, index, (table[:, -1], groups), out=shrunk)
+        expand_add(shrunk, b, out, tiles, index, table, groups, slice_bounds(self.bank.spec, target))
 
-    def _group_bounds(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each (expert, group)'s rows: once per layer's routing, shared by gate|up and down."""
+    def _group_tiles(self, routing: Routing, num_rows: int) -> Tiles:
+        """Each (expert, group)'s row tiles: once per layer's routing, shared by gate|up and down."""
         if self._routed is None or self._routed[0] is not routing:
             groups = self.bank.num_slots + 1
             keys = routing.expert.to(torch.int32) * groups + self.token_group[routing.token]
-            self._routed = routing, group_bounds(keys, self.bank.num_experts * groups)
+            self._routed = routing, device_tiles(*group_bounds(keys, self.bank.num_experts * groups), num_rows)
         return self._routed[1]
