@@ -100,3 +100,15 @@ def test_seeded_rows_draw_from_their_own_device_generator(device):
     alone = draws([seeded], [0])
     assert draws([seeded, free, free], [0, 1, 2]) == alone
     assert draws([seeded], [0], seed=8) != alone
+
+
+def test_a_greedy_step_with_a_broken_row_takes_the_most_likely_tokens(device):
+    """On a GPU the greedy tokens and the NaN check come back in one transfer;
+    a NaN row still falls back to its most likely finite token."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    logits[1, [4, 9]] = float("nan")
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    got = [t.token_id for t in sample(logits.to(device), greedy, [None] * 3)]
+    assert got == logits.nan_to_num(nan=float("-inf")).argmax(-1).tolist() and got[1] not in (4, 9)
+    clean = logits.nan_to_num(0.0)
+    assert [t.token_id for t in sample(clean.to(device), greedy, [None] * 3)] == clean.argmax(-1).tolist()

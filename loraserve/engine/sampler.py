@@ -25,10 +25,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens = logits.argmax(dim=-1)
     # argmax ranks NaN first, so it lands on one exactly when a row has one: checking the N chosen
     # values spares a pass over the vocabulary every step
-    if logits.gather(1, tokens[:, None]).isnan().any():  # a broken row: its NaNs rank last instead
-        logits = logits.nan_to_num(nan=float("-inf"))
-        tokens = logits.argmax(dim=-1)
+    broken = logits.gather(1, tokens[:, None]).isnan().any()
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    fetched = None
+    if not rows and dev.type != "cpu":  # greedy on a GPU: the tokens and the check in one wait for the device
+        *fetched, broken = torch.cat([tokens, broken.view(1)]).tolist()
+    if broken:  # a broken row: its NaNs rank last instead
+        logits = logits.nan_to_num(nan=float("-inf"))
+        tokens, fetched = logits.argmax(dim=-1), None
     if rows:
         idx = torch.tensor(rows, device=dev)
         probs = _filtered_probs(logits[idx], [params[i] for i in rows])
@@ -38,7 +42,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
             else:  # the most likely token
                 tokens[i] = logits[i].argmax()
-    token_list = tokens.tolist()
+    token_list = fetched if fetched is not None else tokens.tolist()
     out = [SampledToken(t, None, None) for t in token_list]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:  # the vocabulary-wide log-softmax only for the rows that asked
