@@ -118,6 +118,11 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _key_tile(head_dim: int) -> int:
+    """Keys per tile: several blocks at once (each key finds its own block), fewer for wide heads (registers)."""
+    return 64 if head_dim <= 128 else 32
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
@@ -136,7 +141,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs:
     _decode_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, tables, window or 0, d ** -0.5,
                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                          GROUP=group, GROUP_PAD=_pow2(group), HEAD_DIM=d, D_PAD=_pow2(d),
-                         BLOCK_N=max(16, min(64, triton.next_power_of_2(page))), PAGE=page, PRECISION=precision(q.dtype))
+                         BLOCK_N=_key_tile(d), PAGE=page, PRECISION=precision(q.dtype))
 
 
 def prefill_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs: torch.Tensor, rows: torch.Tensor,
@@ -152,4 +157,4 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs
     _prefill_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, lens, tables, window or 0, d ** -0.5,
                           q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                           GROUP=q.shape[1] // hkv, HEAD_DIM=d, D_PAD=_pow2(d), BLOCK_M=block_m,
-                          BLOCK_N=max(16, min(64, triton.next_power_of_2(page))), PAGE=page, PRECISION=precision(q.dtype))
+                          BLOCK_N=_key_tile(d), PAGE=page, PRECISION=precision(q.dtype))
