@@ -103,7 +103,6 @@ def peaks() -> dict:
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     copy_s = timed(lambda: y.copy_(x), 10)
-    del x, y
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_s = timed(lambda: a @ b, 10)

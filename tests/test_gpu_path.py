@@ -82,8 +82,8 @@ def test_a_fractional_cuda_device_tier_is_sized_after_loading():
     args = build_parser().parse_args(["serve", "--device", "cuda", "--device-cache", "0.6"])
     cache = engine_config(args, "m").cache
     assert cache.device_fraction == 0.6
-    assert engine_config(build_parser().parse_args(["serve", "--device-cache", "1GiB"]), "m").cache == dataclasses.replace(
-        cache, device_bytes=1 << 30, device_fraction=0.0)
+    sized = engine_config(build_parser().parse_args(["serve", "--device-cache", "1GiB"]), "m").cache
+    assert sized == dataclasses.replace(cache, device_bytes=1 << 30, device_fraction=0.0)
 
 
 def test_seeded_rows_draw_from_their_own_device_generator(device):

@@ -189,9 +189,10 @@ def test_the_cpu_path_never_imports_triton(tiny):
     import subprocess
     import sys
 
+    root = tiny("mixtral")
     code = ("import sys, torch\n"
             "from loraserve import LLM, SamplingParams\n"
-            f"llm = LLM({str(tiny('mixtral') / 'model')!r}, adapters={{'r8': {str(tiny('mixtral') / 'adapters' / 'r8')!r}}})\n"
+            f"llm = LLM({str(root / 'model')!r}, adapters={{'r8': {str(root / 'adapters' / 'r8')!r}}})\n"
             "llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), adapter='r8')\n"
             "assert 'triton' not in sys.modules, 'the CPU path imported triton'\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LORASERVE_KERNELS",)}

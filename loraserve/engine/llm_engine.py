@@ -17,6 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import CacheConfig, EngineConfig

@@ -106,7 +106,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seqs_ptr, rows_ptr, ctx_ptr, l
     table_row = tables_ptr + seq.to(tl.int64) * stride_tb
     for n0 in range(first, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, table_row, n0, q_pos, kv_end, window, scale,
-                                     stride_kb, stride_ko, (h // GROUP) * stride_kh, dims, dmask, BLOCK_N, PAGE, PRECISION)
+                                     stride_kb, stride_ko, (h // GROUP) * stride_kh, dims, dmask, BLOCK_N, PAGE,
+                                     PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (row0 + i)[:, None] * stride_ot + h * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qmask)
@@ -139,7 +140,8 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs:
     assert kv.stride(-1) == 1 and q.stride(-1) == 1 and out.stride(-1) == 1
     grid = (seqs.numel(), hkv)
     _decode_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, tables, window or 0, d ** -0.5,
-                         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
+                         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                         kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                          GROUP=group, GROUP_PAD=_pow2(group), HEAD_DIM=d, D_PAD=_pow2(d),
                          BLOCK_N=_key_tile(d), PAGE=page, PRECISION=precision(q.dtype))
 
@@ -155,6 +157,7 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, seqs
     block_m = 16 if max_len <= 16 else 64
     grid = (seqs.numel(), triton.cdiv(max_len, block_m), q.shape[1])
     _prefill_kernel[grid](q, kv[0], kv[1], out, seqs, rows, ctx, lens, tables, window or 0, d ** -0.5,
-                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
+                          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                          kv.stride(1), kv.stride(2), kv.stride(3), tables.stride(0),
                           GROUP=q.shape[1] // hkv, HEAD_DIM=d, D_PAD=_pow2(d), BLOCK_M=block_m,
                           BLOCK_N=_key_tile(d), PAGE=page, PRECISION=precision(q.dtype))
