@@ -9,7 +9,8 @@ import dataclasses
 import torch
 
 from loraserve.cli import build_parser, engine_config
-from loraserve.engine.memory_budget import bank_bytes, device_tier_bytes, step_bytes
+from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.engine.memory_budget import bank_bytes, device_tier_bytes, sized_cache, step_bytes
 from loraserve.engine.sampler import sample
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_mover import TorchMover
@@ -73,6 +74,12 @@ def test_the_device_tier_is_what_is_left_after_the_bank_and_a_step(tiny):
     assert device_tier_bytes(1 << 30, 0.5, 1 << 30) == 0
     # a step of 2048 tokens and 64 sequences: at least its logits and its hidden states
     assert step_bytes(spec, 2048, 64, 16, 4) > 64 * spec.vocab_size * 4 + 2048 * spec.hidden_size * 4
+    config = EngineConfig(model="m", max_lora_rank=32, cache=CacheConfig(device_fraction=0.9),
+                          scheduler=SchedulerConfig(max_loras=4, max_num_batched_tokens=512, max_num_seqs=16))
+    reserved = bank_bytes(spec, 4, 32, 2) + step_bytes(spec, 512, 16, 32, 2)
+    sized = sized_cache(config, spec, 2, 8 << 30)
+    assert sized.device_bytes == int((0.9 * (8 << 30) - reserved) * 0.95) and sized.device_fraction == 0.9
+    assert sized_cache(config, spec, 2, reserved).device_bytes == 1  # nothing left: the engine refuses to start
 
 
 def test_a_fractional_cuda_device_tier_is_sized_after_loading():

@@ -9,7 +9,6 @@ A request that fails in any of these fails alone, finishing with the reason
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -26,7 +25,7 @@ from loraserve.engine.core import EngineCore
 from loraserve.dtypes import torch_dtype
 from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
-from loraserve.engine.memory_budget import bank_bytes, device_tier_bytes, step_bytes
+from loraserve.engine.memory_budget import sized_cache
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.engine.torch_mover import TorchMover
@@ -105,18 +104,13 @@ class LLMEngine(EngineCore):
     def _sized(self, config: EngineConfig, dtype: torch.dtype) -> CacheConfig:
         """The cache config with a fractional CUDA device tier turned into bytes,
         now that the weights are loaded (see engine/memory_budget.py)."""
-        cc = config.cache
-        if cc.device_fraction <= 0 or self.model.device.type != "cuda":
-            return cc
-        sc = config.scheduler
-        reserved = (bank_bytes(self.spec, sc.max_loras, config.max_lora_rank, dtype.itemsize)
-                    + step_bytes(self.spec, sc.max_num_batched_tokens, sc.max_num_seqs, config.max_lora_rank,
-                                 dtype.itemsize))
+        if config.cache.device_fraction <= 0 or self.model.device.type != "cuda":
+            return config.cache
         free = torch.cuda.mem_get_info(self.model.device)[0]
-        device_bytes = device_tier_bytes(free, cc.device_fraction, reserved)
-        log.info("device tier: %.2f GiB (%.0f%% of %.2f GiB free after the weights, less %.2f GiB for the LoRA "
-                 "bank and a step)", device_bytes / 2**30, 100 * cc.device_fraction, free / 2**30, reserved / 2**30)
-        return dataclasses.replace(cc, device_bytes=max(device_bytes, 1))
+        cache = sized_cache(config, self.spec, dtype.itemsize, free)
+        log.info("device tier: %.2f GiB, %.0f%% of the %.2f GiB free after the weights, less the LoRA bank and "
+                 "a step", cache.device_bytes / 2**30, 100 * config.cache.device_fraction, free / 2**30)
+        return cache
 
     # -- adapters ----------------------------------------------------------
 

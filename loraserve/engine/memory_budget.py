@@ -10,6 +10,9 @@ the model's shapes (the bank's layout is `lora/bank.py`'s).
 
 from __future__ import annotations
 
+import dataclasses
+
+from loraserve.config import CacheConfig, EngineConfig
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import in_dim, layer_targets, out_dim
 
@@ -42,3 +45,14 @@ def step_bytes(spec: ModelSpec, max_tokens: int, max_seqs: int, lora_rank: int, 
 def device_tier_bytes(free_bytes: int, fraction: float, reserved: int) -> int:
     """The tier for `fraction` of `free_bytes` (free after loading), less `reserved` and headroom."""
     return max(0, int((fraction * free_bytes - reserved) * (1 - HEADROOM)))
+
+
+def sized_cache(config: EngineConfig, spec: ModelSpec, itemsize: int, free_bytes: int) -> CacheConfig:
+    """config.cache with its fractional device tier in bytes, given the device's
+    free memory once the weights are in: the bank at max_loras x max_lora_rank
+    and a step of the scheduler's largest size come off first."""
+    sc = config.scheduler
+    reserved = (bank_bytes(spec, sc.max_loras, config.max_lora_rank, itemsize)
+                + step_bytes(spec, sc.max_num_batched_tokens, sc.max_num_seqs, config.max_lora_rank, itemsize))
+    device_bytes = device_tier_bytes(free_bytes, config.cache.device_fraction, reserved)
+    return dataclasses.replace(config.cache, device_bytes=max(device_bytes, 1))
