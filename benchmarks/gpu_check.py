@@ -7,7 +7,7 @@ triton it ships with) is there, in well under 10 minutes:
    oracle (transformers + PEFT) for a dense and an MoE tiny model, paging,
    the cache engine with swapping, sampling, the GPU path's tests and the
    Triton kernels against their torch references (compiled, not interpreted);
-2. the host tier: pinned at exactly its size, and a device -> host -> device
+2. the host tier: pinned at its size (to the page), and a device -> host -> device
    round trip of blocks through the mover's stream;
 3. the device tier sized from a fraction of memory after the weights load;
 4. decode throughput of a Llama-3-8B-shaped model (random bf16 weights) at
@@ -138,7 +138,7 @@ def run_tests(out: Path, timeout: int) -> dict:
 
 
 def host_tier() -> dict:
-    """Pinned at exactly its size (not the caching host allocator's power of two),
+    """Pinned at its size, to the page (not the caching host allocator's power of two),
     and a round trip through the mover on its stream."""
     from loraserve.engine.tier_memory import TierMemory
     from loraserve.model.spec import ModelSpec

@@ -24,7 +24,7 @@ class TierMemory:
         self.tiers = {"device": torch.zeros(shape, dtype=dtype, device=device)}
         if num_host_blocks:
             host_shape = shape[:2] + (num_host_blocks,) + shape[3:]
-            # pinned at exactly its size for a GPU (see gpu/host_memory.py)
+            # pinned at its size (to the page) for a GPU (see gpu/host_memory.py)
             self.tiers["host"] = pinned_empty(host_shape, dtype) if device.type == "cuda" else torch.empty(
                 host_shape, dtype=dtype)
         self.block_size = block_size

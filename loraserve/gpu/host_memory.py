@@ -3,7 +3,7 @@
 Pinned memory: `Tensor.pin_memory()` goes through torch's caching host
 allocator, which rounds each request up to a power of two (a 48 GiB host tier
 would lock 64 GiB). A large, long-lived arena is instead an ordinary tensor
-whose pages are registered with CUDA (cudaHostRegister): exactly its size,
+whose pages are registered with CUDA (cudaHostRegister): its size to the page,
 still pinned for asynchronous DMA.
 
 Copies between tiers run on the mover's stream, after the compute stream's
@@ -14,21 +14,28 @@ the bytes: `.to("cpu", non_blocking=True)` returns before they are there.
 
 from __future__ import annotations
 
+import math
+import mmap
 import weakref
 
 import torch
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised host tensor of exactly its size, page-locked for CUDA copies."""
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed: {err}")
-        weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    """An uninitialised host tensor of its size (to the page), page-locked for CUDA copies."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    page = mmap.PAGESIZE
+    locked = -(-nbytes // page) * page
+    raw = torch.empty(locked + page, dtype=torch.uint8)  # room to start on a page boundary
+    start = -raw.data_ptr() % page
+    t = raw[start:start + nbytes].view(dtype).view(shape)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), locked, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {locked} bytes of host memory failed: {err}")
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
     return t
 
 

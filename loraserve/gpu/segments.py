@@ -70,7 +70,7 @@ def upload(tables: Sequence[Sequence[int]], device: torch.device) -> list[torch.
     until the copy has run)."""
     sizes = [len(t) for t in tables]
     flat = torch.tensor([v for t in tables for v in t], dtype=torch.int32)
-    if device.type == "cuda":
+    if device.type == "cuda" and flat.numel():
         flat = flat.pin_memory().to(device, non_blocking=True)
     else:
         flat = flat.to(device)
