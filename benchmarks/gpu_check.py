@@ -159,6 +159,9 @@ def host_tier() -> dict:
     original = torch.randn(dev.shape, device="cuda").to(dev.dtype)
     dev.zero_()
     torch.cuda.synchronize()
+    import loraserve.engine.tier_memory as tier_memory
+
+    tier_memory.COPY_CHUNK_BYTES = 3 * memory.block_bytes  # 20 blocks: 7 chunks
     mover = TorchMover(memory, read_adapter=None)
     try:
         src = list(range(0, 60, 3))

@@ -12,7 +12,7 @@ from loraserve.cli import build_parser, engine_config
 from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loraserve.engine.memory_budget import bank_bytes, device_tier_bytes, sized_cache, step_bytes
 from loraserve.engine.sampler import sample
-from loraserve.engine.tier_memory import TierMemory
+from loraserve.engine.tier_memory import COPY_CHUNK_BYTES, TierMemory
 from loraserve.engine.torch_mover import TorchMover
 from loraserve.cache.mover import CopyJob
 from loraserve.lora.adapter import load_adapter
@@ -76,7 +76,7 @@ def test_the_device_tier_is_what_is_left_after_the_bank_and_a_step(tiny):
     assert step_bytes(spec, 2048, 64, 16, 4) > 64 * spec.vocab_size * 4 + 2048 * spec.hidden_size * 4
     config = EngineConfig(model="m", max_lora_rank=32, cache=CacheConfig(device_fraction=0.9),
                           scheduler=SchedulerConfig(max_loras=4, max_num_batched_tokens=512, max_num_seqs=16))
-    reserved = bank_bytes(spec, 4, 32, 2) + step_bytes(spec, 512, 16, 32, 2)
+    reserved = bank_bytes(spec, 4, 32, 2) + step_bytes(spec, 512, 16, 32, 2) + 2 * COPY_CHUNK_BYTES
     sized = sized_cache(config, spec, 2, 8 << 30)
     assert sized.device_bytes == int((0.9 * (8 << 30) - reserved) * 0.95) and sized.device_fraction == 0.9
     assert sized_cache(config, spec, 2, reserved).device_bytes == 1  # nothing left: the engine refuses to start

@@ -5,7 +5,8 @@ the tier is not the only thing after them: the LoRA bank grows to
 max_loras x max_lora_rank (experts included, once an adapter has them), and a
 step allocates its activations, LoRA temporaries and logits. So the tier is
 sized after loading, from what is free then, less both. Plain arithmetic over
-the model's shapes (the bank's layout is `lora/bank.py`'s).
+the model's shapes (the bank's layout is `lora/bank.py`'s), plus what a tier
+copy stages on the device at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from loraserve.config import CacheConfig, EngineConfig
+from loraserve.engine.tier_memory import COPY_CHUNK_BYTES
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import in_dim, layer_targets, out_dim
 
@@ -53,6 +55,7 @@ def sized_cache(config: EngineConfig, spec: ModelSpec, itemsize: int, free_bytes
     and a step of the scheduler's largest size come off first."""
     sc = config.scheduler
     reserved = (bank_bytes(spec, sc.max_loras, config.max_lora_rank, itemsize)
-                + step_bytes(spec, sc.max_num_batched_tokens, sc.max_num_seqs, config.max_lora_rank, itemsize))
+                + step_bytes(spec, sc.max_num_batched_tokens, sc.max_num_seqs, config.max_lora_rank, itemsize)
+                + 2 * COPY_CHUNK_BYTES)  # a tier copy's device temporary, gathered and scattered
     device_bytes = device_tier_bytes(free_bytes, config.cache.device_fraction, reserved)
     return dataclasses.replace(config.cache, device_bytes=max(device_bytes, 1))

@@ -17,6 +17,10 @@ from loraserve.gpu.host_memory import gather_blocks, pinned_empty
 from loraserve.model.spec import ModelSpec
 
 
+COPY_CHUNK_BYTES = 64 * 2**20
+"""Most bytes one CUDA tier copy stages at once (the device tier's budget keeps this much free)."""
+
+
 class TierMemory:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, num_host_blocks: int = 0) -> None:
@@ -50,12 +54,16 @@ class TierMemory:
         if not pairs:
             return
         src_t, dst_t = self.tiers[src_tier], self.tiers[dst_tier]
-        dst = torch.tensor([p[1] for p in pairs], device=dst_t.device)
         if src_t.device.type == "cpu" and dst_t.device.type == "cpu":
-            src = torch.tensor([p[0] for p in pairs])
+            src, dst = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
             dst_t[:, :, dst] = src_t[:, :, src]
             return
-        dst_t[:, :, dst] = gather_blocks(src_t, [p[0] for p in pairs], dst_t.device)
+        # through a device temporary and pinned staging: in chunks, so a large copy cannot run a full GPU out
+        step = max(1, COPY_CHUNK_BYTES // self.block_bytes)
+        for i in range(0, len(pairs), step):
+            chunk = pairs[i:i + step]
+            dst = torch.tensor([p[1] for p in chunk], device=dst_t.device)
+            dst_t[:, :, dst] = gather_blocks(src_t, [p[0] for p in chunk], dst_t.device)
 
     def write_blocks(self, tier: str, blocks: list[int], data: torch.Tensor) -> None:
         """Store flat bytes across blocks, in order (the last one zero-padded)."""
