@@ -137,6 +137,15 @@ def run_tests(out: Path, timeout: int) -> dict:
     return result
 
 
+def host_reserved() -> int | None:
+    """Bytes torch's caching host allocator holds (None where this torch does not say)."""
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return None
+    return next((stats[k] for k in ("reserved_bytes.all.current", "reserved_bytes.current") if k in stats), None)
+
+
 def host_tier() -> dict:
     """Pinned at its size, to the page (not the caching host allocator's power of two),
     and a round trip through the mover on its stream."""
@@ -145,13 +154,13 @@ def host_tier() -> dict:
 
     spec = ModelSpec("LlamaForCausalLM", "llama", 1000, 512, 4, 8, 8, 64, 1024, 1e-5, 1e4, None, 2048, False,
                      False, False, False, None)
-    stats = getattr(torch.cuda, "host_memory_stats", None)
-    before = stats()["reserved_bytes.all.current"] if stats else None
-    memory = TierMemory(spec, 64, 16, torch.bfloat16, torch.device("cuda"), num_host_blocks=1500)
+    before = host_reserved()
+    memory = TierMemory(spec, 64, 16, torch.bfloat16, torch.device("cuda"), num_host_blocks=1500)  # 197 MB
     host = memory.tiers["host"]
     nbytes = host.numel() * host.element_size()
+    after = host_reserved()
     result = {"host_bytes": nbytes, "pinned": bool(host.is_pinned()),
-              "caching_allocator_grew_by": None if stats is None else stats()["reserved_bytes.all.current"] - before}
+              "caching_host_allocator_grew_by": None if after is None or before is None else after - before}
     from loraserve.cache.mover import CopyJob
     from loraserve.engine.torch_mover import TorchMover
 
@@ -161,7 +170,7 @@ def host_tier() -> dict:
     torch.cuda.synchronize()
     import loraserve.engine.tier_memory as tier_memory
 
-    tier_memory.COPY_CHUNK_BYTES = 3 * memory.block_bytes  # 20 blocks: 7 chunks
+    chunk, tier_memory.COPY_CHUNK_BYTES = tier_memory.COPY_CHUNK_BYTES, 3 * memory.block_bytes  # 20 blocks: 7 chunks
     mover = TorchMover(memory, read_adapter=None)
     try:
         src = list(range(0, 60, 3))
@@ -178,6 +187,7 @@ def host_tier() -> dict:
         back_ok = torch.equal(dev[:, :, :20].cpu(), original[:, :, src])
     finally:
         mover.close()
+        tier_memory.COPY_CHUNK_BYTES = chunk
     result.update({"device_to_host_ok": out_ok, "host_to_device_ok": back_ok})
     return result
 
