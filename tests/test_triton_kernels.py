@@ -197,3 +197,25 @@ def test_the_cpu_path_never_imports_triton(tiny):
             "assert 'triton' not in sys.modules, 'the CPU path imported triton'\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LORASERVE_KERNELS",)}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)
+
+
+def test_half_precision_inputs_accumulate_in_fp32(device):
+    """fp16 operands (16-bit like the GPU's bf16, which Triton's interpreter
+    cannot multiply: its tl.dot on bf16 returns garbage, on a GPU it is fine)
+    give the fp32 references within fp16 rounding."""
+    g = torch.Generator().manual_seed(6)
+    half = torch.float16
+    kv = torch.randn(2, 12, 4, 2, 16, generator=g)
+    q = torch.randn(9, 4, 16, generator=g)
+    rows, ctx, lens, tables = [0, 1], [6, 3], [1, 8], [[5, 1, 7], [2, 9, 0]]
+    out = torch.zeros(9, 4, 16, dtype=half, device=device)
+    qd, kvd = q.to(device, half), kv.to(device, half)
+    rows_t, ctx_t, lens_t, tab = i32(rows, device), i32(ctx, device), i32(lens, device), i32(tables, device)
+    decode_attention(qd, kvd, out, i32([0], device), rows_t, ctx_t, tab, None)
+    prefill_attention(qd, kvd, out, i32([1], device), rows_t, ctx_t, lens_t, tab, 8, None)
+    expected = ref.paged_attention(q.to(half).float(), kv.to(half).float(), rows, ctx, lens, tables, None)
+    assert torch.allclose(out.cpu().float(), expected, atol=3e-3)
+    x, w = torch.randn(30, 24, generator=g), torch.randn(5, 24, 40, generator=g)
+    y = segment_mm(x.to(device, half), w.to(device, half), tiles_of("host", device), i32(INDEX, device))
+    expected = ref.segment_mm(x.to(half).float(), w.to(half).float(), STARTS, ENDS, INDEX, [40] * 4)
+    assert y.dtype == half and torch.allclose(y.cpu().float(), expected, atol=2e-2, rtol=1e-2)
