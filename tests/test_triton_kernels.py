@@ -40,9 +40,27 @@ def test_paged_attention_reads_blocks_in_place(device, page, window):
     out = torch.full_like(q, float("nan"), device=device)
     qd, kvd = q.to(device), kv.to(device)
     rows_t, ctx_t, lens_t, tab = i32(rows, device), i32(ctx, device), i32(lens, device), i32(tables, device)
-    decode_attention(qd, kvd, out, i32([0, 2, 4], device), rows_t, ctx_t, tab, window)
+    decode_attention(qd, kvd, out, i32([0, 2, 4], device), rows_t, ctx_t, tab, window, max(ctx) + 1)
     prefill_attention(qd, kvd, out, i32([1, 3], device), rows_t, ctx_t, lens_t, tab, max(lens), window)
     assert torch.allclose(out.cpu(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_long_decodes_split_their_keys_and_combine(device, window):
+    """Flash-decoding: 150 and 70 keys in three splits of 64 keys (the second
+    sequence's last split empty, and under the window the first's first split
+    partly masked), combined from the partial softmax states: the one-pass result."""
+    g = torch.Generator().manual_seed(7)
+    page, num_blocks = 4, 90
+    kv = torch.randn(2, num_blocks, page, 2, 16, generator=g)
+    q = torch.randn(2, 4, 16, generator=g)
+    ctx, tables = [149, 69], [torch.randperm(num_blocks, generator=g)[:44].tolist() for _ in range(2)]
+    expected = ref.paged_attention(q, kv, [0, 1], ctx, [1, 1], tables, window)
+    args = (i32([0, 1], device), i32([0, 1], device), i32(ctx, device), i32(tables, device), window, 150)
+    for splits in (3, 1):
+        out = torch.zeros(2, 4, 16, device=device)
+        decode_attention(q.to(device), kv.to(device), out, *args, splits=splits)
+        assert torch.allclose(out.cpu(), expected, atol=1e-5), splits
 
 
 def test_step_tables_attend_as_the_reference(device):
@@ -211,7 +229,7 @@ def test_half_precision_inputs_accumulate_in_fp32(device):
     out = torch.zeros(9, 4, 16, dtype=half, device=device)
     qd, kvd = q.to(device, half), kv.to(device, half)
     rows_t, ctx_t, lens_t, tab = i32(rows, device), i32(ctx, device), i32(lens, device), i32(tables, device)
-    decode_attention(qd, kvd, out, i32([0], device), rows_t, ctx_t, tab, None)
+    decode_attention(qd, kvd, out, i32([0], device), rows_t, ctx_t, tab, None, 7)
     prefill_attention(qd, kvd, out, i32([1], device), rows_t, ctx_t, lens_t, tab, 8, None)
     expected = ref.paged_attention(q.to(half).float(), kv.to(half).float(), rows, ctx, lens, tables, None)
     assert torch.allclose(out.cpu().float(), expected, atol=3e-3)

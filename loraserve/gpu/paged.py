@@ -26,13 +26,16 @@ class PagedStep:
     prefills: torch.Tensor
     """[B_p] int32: the others (the prefill kernel's)."""
     max_len: int
+    """Most new tokens of a prefill sequence."""
+    max_keys: int
+    """Most keys a decode sequence attends (its position + 1)."""
     window: int | None
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D]; kv: [2, blocks, block_size, Hkv, D] with this step's K/V written."""
         out = torch.empty_like(q)
         if self.decodes.numel():
-            decode_attention(q, kv, out, self.decodes, self.rows, self.ctx, self.tables, self.window)
+            decode_attention(q, kv, out, self.decodes, self.rows, self.ctx, self.tables, self.window, self.max_keys)
         if self.prefills.numel():
             prefill_attention(q, kv, out, self.prefills, self.rows, self.ctx, self.lens, self.tables, self.max_len,
                               self.window)
@@ -56,5 +59,6 @@ def build_paged(seqs: list[tuple[list[int], int, int]], block_size: int, window:
     pos, slot, rows_t, ctx, lens, table, dec, pre = upload(
         [positions, slots, rows, [s for _, s, _ in seqs], [n for _, _, n in seqs], tables, decodes, prefills], device)
     step = PagedStep(rows_t, ctx, lens, table.view(len(seqs), width), dec, pre,
-                     max((n for _, _, n in seqs), default=0), window)
+                     max((n for _, _, n in seqs), default=0), max((seqs[i][1] + 1 for i in decodes), default=0),
+                     window)
     return pos, slot.long(), step
