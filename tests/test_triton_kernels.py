@@ -98,13 +98,15 @@ def test_host_and_device_tiles_agree(device):
     assert host.first.tolist() == [0, 3, 19, 20] and host.ends.tolist() == ENDS
 
 
-@pytest.mark.parametrize("kind", ["host", "device"])
-def test_segment_mm_multiplies_each_group_by_its_own_matrix(device, kind):
-    """Groups in any bank order, an empty one, and a per-group column count (an adapter's own rank)."""
+@pytest.mark.parametrize("kind, split_k", [("host", 1), ("device", 1), ("device", 3)])
+def test_segment_mm_multiplies_each_group_by_its_own_matrix(device, kind, split_k):
+    """Groups in any bank order, an empty one, and a per-group column count (an
+    adapter's own rank); the inner dimension in one pass or split three ways."""
     g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(30, 24, generator=g), torch.randn(5, 24, 40, generator=g)
+    x, w = torch.randn(30, 72, generator=g), torch.randn(5, 72, 40, generator=g)
     cols = torch.tensor([40, 33, 17, 0, 40], dtype=torch.int32)  # by bank row
-    y = segment_mm(x.to(device), w.to(device), tiles_of(kind, device), i32(INDEX, device), (cols.to(device), 5))
+    y = segment_mm(x.to(device), w.to(device), tiles_of(kind, device), i32(INDEX, device), (cols.to(device), 5),
+                   split_k=split_k)
     expected = ref.segment_mm(x, w, STARTS, ENDS, INDEX, [int(cols[i]) for i in INDEX])
     assert torch.allclose(y.cpu(), expected, atol=1e-4)
     assert y[20:, 33:].abs().sum() == 0  # past group 3's columns: left as they were

@@ -26,9 +26,9 @@ from loraserve.gpu.segments import BLOCK_M, Tiles
 
 @triton.jit
 def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, group_ptr, first_ptr, ends_ptr, index_ptr, ncols_ptr, ncols_stride,
-                       ncols_mod, K, stride_xt, stride_xk, stride_wg, stride_wk, stride_wn, stride_yt, stride_yn,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       ncols_mod, K, k_per_split, stride_xt, stride_xk, stride_wg, stride_wk, stride_wn,
+                       stride_ys, stride_yt, stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     g = tl.load(group_ptr + tl.program_id(0))
     if g < 0:
         return
@@ -45,14 +45,17 @@ def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, group_ptr, first_ptr, ends_ptr, inde
     rmask = rows < end
     cmask = cols < ncols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * k_per_split  # split-K: this program's share of the inner dimension
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
+        kmask = ks < k_hi
         xt = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + w * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                      mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc += tl.dot(xt, wt.to(xt.dtype), input_precision=PRECISION)
+    y_ptr += tl.program_id(2).to(tl.int64) * stride_ys
     tl.store(y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
@@ -97,13 +100,20 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, group_ptr, first_ptr, ends_ptr, index_
 
 
 def segment_mm(x: torch.Tensor, w: torch.Tensor, tiles: Tiles, index: torch.Tensor,
-               ncols: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+               ncols: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None,
+               split_k: int | None = None) -> torch.Tensor:
     """y[rows of g, :c] = x[rows of g] @ w[index[g], :, :c] for each group g of `tiles`,
     where c = ncols[0][index[g] % ncols[1]] (every column when ncols is None).
 
     x: [T, K]; w: [G', K, N] (any strides); index: [G] int32 on the device;
-    ncols[0]: a 1-d int32 view (a rank column of the units table). Columns past
-    a group's c and rows in no group are left as they were (zeros if `out` is None)."""
+    ncols[0]: a 1-d int32 view (a rank column of the units table). Rows in no
+    group and columns past a group's c: zeros if `out` is None, else left as
+    they were (or zeroed when the inner dimension is split).
+
+    Few tiles (a decode step's shrink: a handful of rows, a rank-wide output,
+    thousands of inputs) would leave most of a GPU idle in one long loop over
+    K, so K is then split over programs (`split_k`, None: chosen here) whose
+    fp32 partial products are summed after, in a fixed order."""
     num_rows, k = x.shape
     n = w.shape[-1]
     y = x.new_zeros(num_rows, n) if out is None else out
@@ -111,12 +121,20 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, tiles: Tiles, index: torch.Tens
         return y
     if ncols is None:
         ncols = (torch.full((1,), n, dtype=torch.int32, device=x.device), 1)
-    block_n = 64 if n >= 64 else 16
-    grid = (tiles.size, triton.cdiv(n, block_n))
-    _segment_mm_kernel[grid](x, w, y, tiles.group, tiles.first, tiles.ends, index, ncols[0], ncols[0].stride(0),
-                             ncols[1], k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                             y.stride(0), y.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=32,
+    block_n, block_k = (64 if n >= 64 else 16), 32
+    programs = tiles.size * triton.cdiv(n, block_n)
+    split_k = split_k or (1 if programs >= 128 else max(1, min(-(-128 // programs), k // 256)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    target = y if split_k == 1 else torch.zeros(split_k, num_rows, n, dtype=torch.float32, device=x.device)
+    grid = (tiles.size, triton.cdiv(n, block_n), split_k)
+    _segment_mm_kernel[grid](x, w, target, tiles.group, tiles.first, tiles.ends, index, ncols[0], ncols[0].stride(0),
+                             ncols[1], k, k_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                             w.stride(2), target.stride(0) if split_k > 1 else 0, target.stride(-2),
+                             target.stride(-1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
                              PRECISION=precision(x.dtype))
+    if split_k > 1:
+        y.copy_(target.sum(0))
     return y
 
 
