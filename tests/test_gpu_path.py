@@ -51,7 +51,7 @@ def test_attention_only_adapters_allocate_no_expert_bank(tiny):
     """An MoE model's expert targets are E times the others: a bank of
     attention-only adapters has none; the first expert adapter adds them,
     and the adapters already in slots keep their weights."""
-    root = tiny("mixtral")
+    root = tiny("qwen3_moe")
     spec = ModelSpec.from_dir(root / "model")
     full = load_adapter(root / "adapters" / "r16", spec, 64)
     attention = dataclasses.replace(full, id="attention-only",

@@ -209,7 +209,7 @@ def test_the_cpu_path_never_imports_triton(tiny):
     import subprocess
     import sys
 
-    root = tiny("mixtral")
+    root = tiny("qwen3_moe")
     code = ("import sys, torch\n"
             "from loraserve import LLM, SamplingParams\n"
             f"llm = LLM({str(root / 'model')!r}, adapters={{'r8': {str(root / 'adapters' / 'r8')!r}}})\n"
