@@ -14,11 +14,15 @@ the bytes: `.to("cpu", non_blocking=True)` returns before they are there.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import math
 import mmap
 import weakref
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -33,10 +37,24 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     t = raw[start:start + nbytes].view(dtype).view(shape)
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(t.data_ptr(), locked, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {locked} bytes of host memory failed: {err}")
+    if int(err) != 0:  # (a sandboxed driver may refuse): pinned all the same, at the allocator's rounding
+        _clear_last_error()
+        log.warning("cudaHostRegister of %d bytes failed (%s): pinning through torch's host allocator, "
+                    "which rounds up to a power of two", locked, cudart.cudaGetErrorString(err))
+        return torch.empty(shape, dtype=dtype).pin_memory()
     weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
     return t
+
+
+def _clear_last_error() -> None:
+    """Reset CUDA's last error after a refused registration, or torch's next
+    kernel-launch check would report it as its own."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except OSError:
+            continue
 
 
 def gather_blocks(tier: torch.Tensor, blocks: list[int], to: torch.device) -> torch.Tensor:
