@@ -10,8 +10,8 @@ pads to the largest rank or the block-diagonal B of a fused projection.
 
 Which rank rows feed which slice is read once per adapter load from the
 nonzero rows of its B (`UnitTables`): PEFT stacks the sub-projections' ranks
-in order, so each slice's rows are one run; an all-zero row adds nothing
-either way.
+in order, so each slice's rows are one run (a LoRA over a fused weight feeds
+every slice from the same run); an all-zero row adds nothing either way.
 """
 
 from __future__ import annotations
