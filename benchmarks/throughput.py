@@ -8,6 +8,10 @@ roofline, and this machine's measured bandwidth and matmul FLOP/s.
 
     python benchmarks/throughput.py                     # everything, 2 alternating repeats
     python benchmarks/throughput.py --models smollm2 --dtypes float32 --repeats 3
+    VLLM_PYTHON=VENV/bin/python python benchmarks/throughput.py --models smollm2   # with the vLLM CPU build too
+
+With VLLM_PYTHON (vLLM's own virtualenv, PEERS.md) each model and dtype also runs
+the workload on the vLLM CPU build (`benchmarks/vllm_throughput.py`), once per row.
 
 Results go to benchmarks/results/throughput.json and print as a markdown table.
 """
@@ -16,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.demo import build_demo, build_tiny, make_adapter  # noqa: E402
+from loraserve.dtypes import NATIVE_BF16_FLAGS, cpu_flags, resolve_dtype  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 NUM_REQUESTS, NUM_ADAPTERS, RANK, PROMPT_LEN, OUTPUT_LEN = 32, 8, 16, 128, 64
@@ -54,7 +62,10 @@ def machine_limits() -> dict:
         for _ in range(3):
             a @ b.t()
         flops[str(dt).split(".")[1]] = 3 * 2 * 2048**3 / (time.perf_counter() - t)
-    return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()}}
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_fp16", *NATIVE_BF16_FLAGS))
+    return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()},
+            "cpu_flags": flags, "dtype_auto": resolve_dtype("auto", "cpu"),
+            "machine_class": "native bf16" if resolve_dtype("auto", "cpu") == "bfloat16" else "AVX2-class (bf16 emulated)"}
 
 
 def prepare(model: str) -> tuple[Path, dict[str, str]]:
@@ -118,6 +129,20 @@ def run_hf_peft(model_dir: Path, adapters: dict, dtype: str) -> float:
     return NUM_REQUESTS * OUTPUT_LEN / elapsed
 
 
+def run_vllm(model_dir: Path, adapters: dict, dtype: str) -> dict:
+    """Output tokens/s of the vLLM CPU build on the same workload: {"mixed": ..., "base": ...}."""
+    spec = {"model": str(model_dir), "adapters": adapters, "dtype": dtype, "rank": RANK,
+            "prompts": prompts(), "output_len": OUTPUT_LEN}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(spec, f)
+        f.flush()
+        out = subprocess.run([os.environ["VLLM_PYTHON"], str(ROOT / "benchmarks" / "vllm_throughput.py"), f.name],
+                             capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"vLLM run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def single_decode(model_dir: Path, dtype: str) -> dict:
     """One request decoding 128 tokens, and the read bandwidth measured just before and
     after it: this machine's speed swings by 2x within minutes, so the roofline is
@@ -137,22 +162,25 @@ def single_decode(model_dir: Path, dtype: str) -> dict:
     tok_s = steps / (time.perf_counter() - t)
     bandwidth = max(before, read_bandwidth())
     m = engine.model
-    weight_bytes = sum(t.numel() * t.element_size() for t in _weights(m))
+    weight_bytes = _weights(m)
     return {"tok_s": tok_s, "weight_bytes": weight_bytes, "memory_read_GBps": bandwidth / 1e9,
             "roofline_share": tok_s / (bandwidth / weight_bytes)}
 
 
-def _weights(m):
-    seen = {}
-    for t in [m.embed, m.norm, m.lm_head]:
-        seen[t.data_ptr()] = t
+def _weights(m) -> int:
+    """Bytes a decode step reads: every projection, norm and expert (the embedding
+    gives one row; a tied lm_head has its own, possibly packed, copy)."""
+    from loraserve.model.linear import Linear
+
+    total = m.norm.numel() * m.norm.element_size() + m.lm_head.num_bytes
     for layer in m.layers:
         for v in vars(layer).values():
             for t in (vars(v).values() if hasattr(v, "__dataclass_fields__") else [v]):
-                if isinstance(t, torch.Tensor):
-                    seen[t.data_ptr()] = t
-    tensors = list(seen.values())
-    return [t for t in tensors if t is not m.embed or m.lm_head is m.embed]
+                if isinstance(t, Linear):
+                    total += t.num_bytes
+                elif isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
 
 
 def main() -> None:
@@ -184,13 +212,33 @@ def main() -> None:
                 row[key] = max(r[key] for r in reps)
             row["ours_over_hf_per_repeat"] = [r["loraserve_mixed"] / r["hf_peft_mixed"] for r in reps]
             row["single_decode"] = max((r["single_decode"] for r in reps), key=lambda d: d["roofline_share"])
+            if os.environ.get("VLLM_PYTHON"):
+                row["vllm_cpu"] = run_vllm(model_dir, adapters, dtype)
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "repeats"}), flush=True)
+    results["best_dtype"] = best_dtype(results["runs"])
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
 
 
+def best_dtype(runs: list[dict]) -> list[dict]:
+    """Per model, each system at its own best dtype (the issue's comparison)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        rows = [r for r in runs if r["model"] == model]
+        ours = max(rows, key=lambda r: r["loraserve_mixed"])
+        hf = max(rows, key=lambda r: r["hf_peft_mixed"])
+        out.append({"model": model, "loraserve_mixed": ours["loraserve_mixed"], "loraserve_dtype": ours["dtype"],
+                    "hf_peft_mixed": hf["hf_peft_mixed"], "hf_dtype": hf["dtype"],
+                    "ratio": ours["loraserve_mixed"] / hf["hf_peft_mixed"]})
+    return out
+
+
 def print_table(results: dict) -> None:
+    m = results["machine"]
+    print(f"\nmachine: {m['machine_class']} (flags {', '.join(m['cpu_flags'])}; --dtype auto = {m['dtype_auto']}); "
+          f"read {m['memory_read_GBps']:.0f} GB/s, matmul fp32 {m['matmul_GFLOPs']['float32']:.0f} / "
+          f"bf16 {m['matmul_GFLOPs']['bfloat16']:.0f} GFLOP/s")
     print("\n| model | dtype | loraserve mixed | loraserve base | HF+PEFT mixed | ours/HF | mixed/base "
           "| batch-1 decode | roofline | % roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -201,6 +249,14 @@ def print_table(results: dict) -> None:
               f"| {r['hf_peft_mixed']:.0f} | {r['loraserve_mixed'] / r['hf_peft_mixed']:.2f}x "
               f"| {r['loraserve_mixed'] / r['loraserve_base']:.0%} | {r['single_decode']['tok_s']:.0f} "
               f"| {roof:.0f} | {d['roofline_share']:.0%} |")
+    for r in results["runs"]:
+        if "vllm_cpu" in r:
+            v = r["vllm_cpu"]
+            print(f"{r['model']} {r['dtype']}: vLLM CPU mixed {v['mixed']:.0f} tok/s, base {v['base']:.0f}; "
+                  f"loraserve / vLLM mixed {r['loraserve_mixed'] / v['mixed']:.2f}x")
+    for b in results.get("best_dtype", []):
+        print(f"{b['model']}, each at its best dtype: loraserve {b['loraserve_mixed']:.0f} tok/s ({b['loraserve_dtype']}) "
+              f"/ HF+PEFT {b['hf_peft_mixed']:.0f} ({b['hf_dtype']}) = {b['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

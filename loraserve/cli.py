@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from loraserve.cache.policy import POLICIES
-from loraserve.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.dtypes import CHOICES
 from loraserve.flags import add_flag
 from loraserve.errors import RequestError
 from loraserve.lora.adapter import AdapterError
@@ -136,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_request_bytes=args.max_request_bytes)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, public_metrics=args.public_metrics, limits=limits)
-    print(f"loraserve: serving {model} with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
+    print(f"loraserve: serving {model} ({engine.dtype}{' by --dtype auto' if args.dtype == 'auto' else ''}) "
+          f"with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=10),
                             async_engine)
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--top-p", SamplingParams, "top_p", help="nucleus sampling; 1 keeps every token")
     add_flag(g, "--top-k", SamplingParams, "top_k", help="keep the k most likely tokens; 0 keeps all")
     add_flag(g, "--seed", SamplingParams, "seed", help="seed of the request (default: the engine's generator)")
-    add_flag(g, "--dtype", EngineConfig, "dtype", choices=DTYPES)
+    add_flag(g, "--dtype", EngineConfig, "dtype", choices=CHOICES)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve the OpenAI-compatible API")
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waiting requests past which new ones get 429 (default: %(default)s)")
     add_flag(v, "--max-request-bytes", ServerLimits, "max_request_bytes", type=parse_bytes, show=format_bytes)
     add_flag(v, "--max-lora-rank", EngineConfig, "max_lora_rank")
-    add_flag(v, "--dtype", EngineConfig, "dtype", choices=DTYPES)
+    add_flag(v, "--dtype", EngineConfig, "dtype", choices=CHOICES)
     add_flag(v, "--max-model-len", EngineConfig, "max_model_len",
              help="prompt + output limit (default: the model's max_position_embeddings)")
     add_flag(v, "--block-size", CacheConfig, "block_size")
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
     ls.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default: %(default)s)")
     add_flag(ls, "--device", LoraServerConfig, "device")
-    add_flag(ls, "--dtype", LoraServerConfig, "dtype", choices=DTYPES)
+    add_flag(ls, "--dtype", LoraServerConfig, "dtype", choices=CHOICES)
     add_flag(ls, "--max-lora-rank", LoraServerConfig, "max_lora_rank")
     add_flag(ls, "--max-loras", LoraServerConfig, "max_loras")
     add_flag(ls, "--batch-window-us", LoraServerConfig, "batch_window_us")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
-from loraserve.dtypes import DTYPES
+from loraserve.dtypes import DTYPES, check_dtype
 from loraserve.remote.config import RemoteLoraConfig
 
 __all__ = ["DTYPES", "CacheConfig", "EngineConfig", "SchedulerConfig"]
@@ -44,9 +44,10 @@ class EngineConfig:
     model: str
     """Directory of an HF-format checkpoint (config.json, *.safetensors, tokenizer)."""
 
-    dtype: str = "float32"
-    """Compute and storage dtype: float32, bfloat16 or float16. On CPUs without
-    native bf16 (no AVX512-BF16/AMX), float32 is the fast one."""
+    dtype: str = "auto"
+    """Compute and storage dtype: float32, bfloat16, float16, or auto: the
+    fastest the device computes natively (`dtypes.resolve_dtype`: bf16 on a CPU
+    with AVX512-BF16 or AMX and on GPUs that have it, else fp32 on CPU, fp16 on GPU)."""
 
     device: str = "cpu"
     """Torch device of the model and of the device tier: cpu, cuda."""
@@ -68,7 +69,6 @@ class EngineConfig:
     computed by the LoRA server."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")

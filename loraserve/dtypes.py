@@ -1,8 +1,18 @@
-"""The dtypes the engine and the LoRA server compute in, by name (as flags and configs spell them)."""
+"""The dtypes the engine and the LoRA server compute in, by name (as flags and configs spell them),
+and `auto`: the fastest one the hardware computes natively."""
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = ("auto", *DTYPES)
+"""What --dtype accepts."""
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs with bf16 dot products (AVX512-BF16, AMX):
+elsewhere bf16 is emulated, slower than fp32."""
 
 
 def torch_dtype(name: str):
@@ -12,3 +22,39 @@ def torch_dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
     return getattr(torch, name)
+
+
+def check_dtype(name: str) -> None:
+    """Raise on a name --dtype does not accept (configs validate with this)."""
+    if name not in CHOICES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """`name` itself, or for `auto` what `device` computes fastest: bf16 on a GPU
+    that has it (else fp16), bf16 on a CPU with native bf16, else fp32."""
+    check_dtype(name)
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if native_bf16_cpu() else "float32"
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16_cpu() -> bool:
+    return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)

@@ -149,7 +149,7 @@ def test_identity_is_content_not_name(adapter_copy, tmp_path):
 def test_same_bytes_under_two_names_is_one_adapter(tiny):
     root = tiny("llama")
     r8 = str(root / "adapters" / "r8")
-    llm = LLM(str(root / "model"), adapters={"a": r8, "b": r8})
+    llm = LLM(str(root / "model"), dtype="float32", adapters={"a": r8, "b": r8})
     assert llm.engine.adapters.by_name["a"] is llm.engine.adapters.by_name["b"]
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     a, b = llm.generate([[3, 4, 5]] * 2, sp, adapter=["a", "b"])

@@ -20,8 +20,8 @@ def make(device):
     """An engine on the test device with the three adapters, its cache configured by keywords."""
     def build(root, **cache) -> LLM:
         adapters = {n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")}
-        return LLM(str(root / "model"), adapters=adapters, cache=CacheConfig(block_size=BS, **cache),
-                   device=str(device))
+        return LLM(str(root / "model"), dtype="float32", adapters=adapters,
+                   cache=CacheConfig(block_size=BS, **cache), device=str(device))
     return build
 
 

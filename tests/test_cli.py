@@ -18,7 +18,7 @@ def test_generate_prints_the_engines_text(tiny):
     out = cli("generate", "--model", str(root / "model"), "--adapter", f"r8={r8}", "--prompt", "Hello there",
               "--max-tokens", "12")
     assert out.returncode == 0, out.stderr
-    expected = LLM(str(root / "model"), adapters={"r8": r8}).generate(
+    expected = LLM(str(root / "model"), dtype="float32", adapters={"r8": r8}).generate(
         "Hello there", SamplingParams(max_tokens=12, temperature=0.0), adapter="r8")[0].text
     assert out.stdout == expected + "\n"
 

@@ -121,3 +121,32 @@ def test_zero_is_a_size_and_turns_the_host_tier_off():
     assert split_size("0") == (0.0, "") and parse_bytes("0") == 0
     assert engine_config(build_parser().parse_args(["serve", "--host-cache", "0"]), "m").cache.host_bytes == 0
     assert split_size("0MiB") is None
+
+
+# -- --dtype auto ------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                                             ({"amx_tile", "amx_bf16"}, "bfloat16"), (set(), "float32")])
+def test_dtype_auto_picks_what_the_cpu_computes_natively(monkeypatch, flags, expected):
+    import torch
+
+    from loraserve import dtypes
+    from loraserve.lora.bank import lora_dtype
+
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset(flags))
+    assert dtypes.resolve_dtype("auto", "cpu") == expected
+    for explicit in dtypes.DTYPES:  # an explicit dtype wins
+        assert dtypes.resolve_dtype(explicit, "cpu") == explicit
+    # LoRA math in bf16 only where the CPU has bf16 dot products; fp16 is never native on CPU here
+    cpu = torch.device("cpu")
+    assert lora_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+    assert lora_dtype(torch.float16, cpu) == torch.float32
+    assert lora_dtype(torch.float32, cpu) == torch.float32
+
+
+def test_dtype_auto_is_the_default_and_bad_names_are_refused():
+    assert EngineConfig(model="m").dtype == "auto" and build_parser().parse_args(["serve"]).dtype == "auto"
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16 or float16"):
+        EngineConfig(model="m", dtype="fp8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dtype", "fp8"])

@@ -27,7 +27,7 @@ def test_unloaded_adapter_goes_when_its_last_request_is_aborted(tiny):
     from loraserve import LLM, SamplingParams
 
     root = tiny("llama")
-    engine = LLM(str(root / "model"), adapters={"r8": str(root / "adapters" / "r8")}).engine
+    engine = LLM(str(root / "model"), dtype="float32", adapters={"r8": str(root / "adapters" / "r8")}).engine
     req = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), adapter="r8")
     engine.step()
     engine.remove_adapter("r8")

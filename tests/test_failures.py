@@ -30,7 +30,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(tiny):
     root = tiny("llama")
-    return LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
+    return LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
 
 
 @pytest.fixture(scope="module")

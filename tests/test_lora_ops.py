@@ -9,7 +9,7 @@ import torch
 
 from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.batch import LoraBatch
-from loraserve.model.transformer import SMALL_BATCH, linear
+from loraserve.model.linear import SMALL_BATCH, linear
 
 
 def naive(x, a, b, counts):

@@ -170,7 +170,7 @@ class Client:
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_layout_gives_the_coupled_engines_tokens(servers, case):
     running = servers[case]
-    engine = LLMEngine(EngineConfig(model=str(running.root / "model"),
+    engine = LLMEngine(EngineConfig(model=str(running.root / "model"), dtype="float32",
                                     lora_server=RemoteLoraConfig(running.server.endpoint, timeout_s=TIMEOUT_S)))
     try:
         tokens = run(engine)

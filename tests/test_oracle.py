@@ -21,7 +21,7 @@ def test_mixed_batch_matches_oracle(tiny, family, device):
     root = tiny(family)
     model_dir = str(root / "model")
     adapters = {n: str(root / "adapters" / n) for n in ADAPTERS}
-    llm = LLM(model_dir, adapters=adapters, device=str(device))
+    llm = LLM(model_dir, dtype="float32", adapters=adapters, device=str(device))
     # every (prompt, adapter) pair, all in one batch: base and three ranks interleaved
     cases = [(p, a) for p in PROMPTS for a in [None, *ADAPTERS]]
     sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
@@ -39,7 +39,8 @@ def test_mixed_batch_matches_oracle(tiny, family, device):
 def test_adapters_change_the_output(tiny, family, device):
     """The oracle test would pass trivially if adapters did nothing."""
     root = tiny(family)
-    llm = LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ADAPTERS}, device=str(device))
+    llm = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS},
+              device=str(device))
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outs = llm.generate([PROMPTS[1]] * 4, sp, adapter=[None, *ADAPTERS])
     assert len({tuple(o.token_ids) for o in outs}) == 4
@@ -48,7 +49,7 @@ def test_adapters_change_the_output(tiny, family, device):
 def test_demo_model_matches_oracle(demo, device):
     model_dir = str(demo / "model")
     names = ["chat", "sql", "poet"]
-    llm = LLM(model_dir, adapters={n: str(demo / "adapters" / n) for n in names}, device=str(device))
+    llm = LLM(model_dir, dtype="float32", adapters={n: str(demo / "adapters" / n) for n in names}, device=str(device))
     tok = llm.engine.tokenizer
     prompt = tok.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
     sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)

@@ -19,7 +19,7 @@ def run(device):
     """Generate PROMPTS under `adapters` on an engine on the test device; (token ids, engine)."""
     def generate(root, adapters=ADAPTERS, **config):
         names = sorted({a for a in adapters if a})
-        llm = LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in names},
+        llm = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in names},
                   device=str(device), **config)
         outs = llm.generate(PROMPTS, SP, adapter=adapters)
         return [o.token_ids for o in outs], llm.engine

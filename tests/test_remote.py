@@ -114,7 +114,7 @@ _coupled: dict[str, list[list[int]]] = {}
 
 def coupled_tokens(root: Path) -> list[list[int]]:
     if str(root) not in _coupled:
-        engine = LLMEngine(EngineConfig(model=str(root / "model")))
+        engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype="float32"))
         try:
             for name in ADAPTERS:
                 engine.add_adapter(name, str(root / "adapters" / name))
@@ -125,7 +125,7 @@ def coupled_tokens(root: Path) -> list[list[int]]:
 
 
 def remote_engine(root: Path, endpoint: str, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(root / "model"), lora_server=RemoteLoraConfig(endpoint, **kw)))
+    return LLMEngine(EngineConfig(model=str(root / "model"), dtype="float32", lora_server=RemoteLoraConfig(endpoint, **kw)))
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
@@ -300,7 +300,7 @@ def test_two_instances_share_one_server(tiny):
         clients = [openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0) for u in urls]
         for c in clients:
             assert {m.id for m in c.models.list().data} >= set(ADAPTERS)
-        offline = LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ADAPTERS})
+        offline = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS})
         jobs = [(i % 2, model, p) for i, (model, p) in enumerate(
             (m, p) for m in ("model", *ADAPTERS) for p in ("Hello there", "The capital of", "One two three"))]
 
@@ -398,7 +398,7 @@ def test_a_dead_lora_server_fails_only_adapter_requests_then_serves_again(tiny):
                 assert e.status_code == 503 and time.monotonic() < deadline, e
                 time.sleep(0.3)
         from loraserve import LLM
-        offline = LLM(str(root / "model"), adapters={"r8": str(root / "adapters" / "r8")})
+        offline = LLM(str(root / "model"), dtype="float32", adapters={"r8": str(root / "adapters" / "r8")})
         assert got.choices[0].text == offline.generate(["Hello"], SamplingParams(max_tokens=6, temperature=0),
                                                        adapter="r8")[0].text
     finally:
@@ -432,7 +432,7 @@ def test_an_instance_started_before_its_lora_server_serves_adapters_once_it_is_u
             assert time.monotonic() < deadline, "the instance never read the server's catalogue"
             time.sleep(0.2)
         got = client.completions.create(model="r8", prompt="Hello", max_tokens=6, temperature=0)
-        offline = LLM(str(root / "model"), adapters={"r8": str(root / "adapters" / "r8")})
+        offline = LLM(str(root / "model"), dtype="float32", adapters={"r8": str(root / "adapters" / "r8")})
         assert got.choices[0].text == offline.generate(["Hello"], SamplingParams(max_tokens=6, temperature=0),
                                                        adapter="r8")[0].text
     finally:

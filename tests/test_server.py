@@ -40,10 +40,11 @@ def lora_dir(tiny, tmp_path_factory):
 def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`loraserve serve` (or another `entry` taking its arguments) on a free
-    loopback port; returns the process and its URL."""
+    loopback port; returns the process and its URL. fp32 as the oracle, whatever
+    --dtype auto would pick on this CPU (an `extra` --dtype wins)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, *entry, "serve", "--model", str(root / "model"), "--port", str(port),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--dtype", "float32", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -78,7 +79,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def offline(server):
     root = server[1]
-    return LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
+    return LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")})
 
 
 def test_models_lists_base_and_adapters(client):
@@ -236,6 +237,8 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
     assert metric(server, "loraserve_lora_slot_hits_total") + metric(server, "loraserve_lora_slot_loads_total") > 0
     assert metric(server, "loraserve_swap_in_bytes_total") > 0
+    info = 'loraserve_engine_info{device="cpu",dtype="float32",requested_dtype="float32"}'
+    assert metric(server, info) == 1
 
 
 def test_full_queue_answers_429(tiny):

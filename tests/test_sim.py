@@ -128,7 +128,7 @@ def test_engine_and_simulator_make_identical_decisions(tiny, policy, blocks):
     cache = CacheConfig(policy=policy, device_bytes=blocks * 12 * 2**10, host_bytes=4 * 2**20, swap_interval=0.002,
                         adapter_fraction=0.4)
     sched = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, max_loras=2)
-    engine = LLMEngine(EngineConfig(model=str(root / "model"), cache=cache, scheduler=sched), clock=ManualClock())
+    engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype="float32", cache=cache, scheduler=sched), clock=ManualClock())
     for n in names:
         engine.add_adapter(n, str(root / "adapters" / n))
     pace_engine(engine, StepCost(engine.spec, SLOW, 4, lora_bytes=lambda a: engine.adapters.by_id[a].num_bytes))
@@ -172,7 +172,7 @@ def test_simulated_latency_of_a_real_run_within_25_percent(tiny):
     root = tiny("llama")
     names = ["r4", "r8", "r16"]
     cache = CacheConfig(device_bytes=64 * 2**20, host_bytes=256 * 2**20)
-    config = EngineConfig(model=str(root / "model"), cache=cache)
+    config = EngineConfig(model=str(root / "model"), dtype="float32", cache=cache)
     wl = small_workload(names, sessions=30, rate=4.0)
     samples, requests, cost = measure(config, {n: str(root / "adapters" / n) for n in names}, wl, PROFILES["cpu"])
     hw, _ = fit(samples, PROFILES["cpu"])

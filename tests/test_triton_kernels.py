@@ -199,8 +199,8 @@ def test_the_engine_generates_the_same_tokens_through_the_triton_path(tiny, devi
     tokens = {}
     for path in ("torch", "triton"):
         monkeypatch.setattr(loraserve.gpu, "FORCE", path == "triton")
-        llm = LLM(str(root / "model"), adapters={n: str(root / "adapters" / n) for n in ("r4", "r8")},
-                  device=str(device))
+        llm = LLM(str(root / "model"), dtype="float32", device=str(device),
+                  adapters={n: str(root / "adapters" / n) for n in ("r4", "r8")})
         tokens[path] = [o.token_ids for o in llm.generate(prompts, sp, adapter=["r8", None, "r4"])]
     assert tokens["triton"] == tokens["torch"]
 

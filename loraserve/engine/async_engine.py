@@ -123,6 +123,12 @@ class AsyncEngine:
         """Whether adapters live on a LoRA server (loads are forwarded there, with its paths)."""
         return self.engine.remote is not None
 
+    @property
+    def info(self) -> dict[str, str]:
+        """What the engine computes in: its dtype (`auto` resolved) and device."""
+        return {"dtype": self.engine.dtype, "device": self.engine.config.device,
+                "requested_dtype": self.engine.config.dtype}
+
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing
 

@@ -22,7 +22,7 @@ import torch
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.config import CacheConfig, EngineConfig
 from loraserve.engine.core import EngineCore
-from loraserve.dtypes import torch_dtype
+from loraserve.dtypes import resolve_dtype, torch_dtype
 from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
 from loraserve.engine.memory_budget import sized_cache
@@ -51,7 +51,11 @@ class LLMEngine(EngineCore):
     def __init__(self, config: EngineConfig, clock: Clock | None = None) -> None:
         self.config = config
         clock = clock or MonotonicClock()
-        dtype = torch_dtype(config.dtype)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        """The dtype the model computes in (`auto` resolved)."""
+        if config.dtype == "auto":
+            log.info("dtype auto: %s on %s", self.dtype, config.device)
+        dtype = torch_dtype(self.dtype)
         self.model = load_model(config.model, dtype, config.device)
         self.spec = self.model.spec
         max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.dtypes import native_bf16_cpu
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
@@ -31,9 +32,12 @@ Key = tuple[int, Target]
 
 
 def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Adapter weights and LoRA math stay fp32 on CPU: they are small, and CPUs
-    without native bf16 have no fast kernel for small bf16 matmuls."""
-    return torch.float32 if device.type == "cpu" else model_dtype
+    """Adapter weights and LoRA math in the model's dtype, except on CPUs
+    without native bf16 (no fast kernel for small bf16/fp16 matmuls there:
+    fp32 then, the adapters are small) and for fp16 on any CPU."""
+    if device.type != "cpu" or model_dtype == torch.float32:
+        return model_dtype
+    return model_dtype if model_dtype == torch.bfloat16 and native_bf16_cpu() else torch.float32
 
 
 class LoraBank:

@@ -33,7 +33,7 @@ import torch
 
 from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import Clock
-from loraserve.dtypes import torch_dtype
+from loraserve.dtypes import resolve_dtype, torch_dtype
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_mover import TorchMover
 from loraserve.lora.adapter import LoraAdapter
@@ -56,7 +56,7 @@ class AdapterStore:
         self.shard = shard
         self.config = config
         self.clock = clock
-        dtype, device = torch_dtype(config.dtype), torch.device(config.device)
+        dtype, device = torch_dtype(resolve_dtype(config.dtype, config.device)), torch.device(config.device)
         self.registry = AdapterRegistry(spec, config.max_lora_rank, dtype)
         cc = config.cache
         block_bytes = cc.block_size * spec.kv_bytes_per_token(dtype.itemsize)

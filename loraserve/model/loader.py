@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraserve.model.linear import Linear
 from loraserve.model.spec import ModelError, ModelSpec
 from loraserve.model.transformer import DenseMLP, Layer, MoE, Transformer
 
@@ -65,9 +66,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     layers = [_layer(ck, s, i) for i in range(s.num_layers)]
     norm = ck.get("model.norm.weight", (h,))
     if s.tie_word_embeddings and not ck.has("lm_head.weight"):
-        lm_head = embed
+        lm_head = Linear(embed)  # a packed layout is a second copy: the embedding lookup reads the plain one
     else:
-        lm_head = ck.get("lm_head.weight", (s.vocab_size, h))
+        lm_head = Linear(ck.get("lm_head.weight", (s.vocab_size, h)))
     unused = sorted(k for k in set(ck.where) - ck.used if not k.endswith("rotary_emb.inv_freq"))
     if unused:
         log.warning("%s: %d tensors not used, e.g. %s", model_dir, len(unused), unused[:3])
@@ -87,12 +88,11 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
         ck.get(p + "self_attn.k_proj.bias", (s.kv_size,)),
         ck.get(p + "self_attn.v_proj.bias", (s.kv_size,)),
     ]) if s.qkv_bias else None
+    o_bias = ck.get(p + "self_attn.o_proj.bias", (h,)) if s.o_bias else None
     return Layer(
         input_norm=ck.get(p + "input_layernorm.weight", (h,)),
-        qkv=qkv,
-        qkv_bias=qkv_bias,
-        o=ck.get(p + "self_attn.o_proj.weight", (h, s.q_size)),
-        o_bias=ck.get(p + "self_attn.o_proj.bias", (h,)) if s.o_bias else None,
+        qkv=Linear(qkv, qkv_bias),
+        o=Linear(ck.get(p + "self_attn.o_proj.weight", (h, s.q_size)), o_bias),
         q_norm=ck.get(p + "self_attn.q_norm.weight", (d,)) if s.qk_norm else None,
         k_norm=ck.get(p + "self_attn.k_norm.weight", (d,)) if s.qk_norm else None,
         post_norm=ck.get(p + "post_attention_layernorm.weight", (h,)),
@@ -102,7 +102,7 @@ def _layer(ck: _Checkpoint, s: ModelSpec, i: int) -> Layer:
 
 def _dense(ck: _Checkpoint, p: str, h: int, inter: int) -> DenseMLP:
     gate_up = torch.cat([ck.get(p + "gate_proj.weight", (inter, h)), ck.get(p + "up_proj.weight", (inter, h))])
-    return DenseMLP(gate_up=gate_up, down=ck.get(p + "down_proj.weight", (h, inter)))
+    return DenseMLP(gate_up=Linear(gate_up), down=Linear(ck.get(p + "down_proj.weight", (h, inter))))
 
 
 def _moe(ck: _Checkpoint, s: ModelSpec, i: int) -> MoE:

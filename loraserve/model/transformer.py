@@ -6,7 +6,8 @@ I = (expert) intermediate size, V = vocab.
 
 Weights are fused where inputs are shared (q|k|v, gate|up) so each step makes
 fewer, larger matmuls, and kept in the checkpoint's [out, in] order (as
-nn.Linear); `linear` picks the matmul form that runs fastest on the device. LoRA enters
+nn.Linear) inside a `Linear` (`model/linear.py`), which keeps each in the layout
+its device multiplies fastest. LoRA enters
 through a `LoraBackend` (`model/lora.py`): each adapted projection submits its
 input before the base matmul and waits for the delta into its output after.
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from loraserve.gpu.segments import group_ends
 from loraserve.kernels import segmented_mm
 from loraserve.model.attention import AttnMetadata, paged_attention
+from loraserve.model.linear import Linear
 from loraserve.model.lora import LoraBackend, Routing
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target
@@ -29,8 +31,8 @@ from loraserve.model.targets import Target
 
 @dataclass
 class DenseMLP:
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Linear  # [2I, H]
+    down: Linear  # [H, I]
 
 
 @dataclass
@@ -45,41 +47,18 @@ class MoE:
 @dataclass
 class Layer:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [H, Hq*D]
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [Hq*D + 2*Hkv*D, H], with Qwen2's bias
+    o: Linear  # [H, Hq*D]
     q_norm: torch.Tensor | None  # [D]
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor  # [H]
     mlp: DenseMLP | MoE
 
 
-SMALL_BATCH = 64
-"""Most rows for which `linear` streams the weight as MKL's left operand."""
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, in]; w: [out, in] (the checkpoint's order, as nn.Linear). Returns [T, out].
-
-    On CPU in fp32 and at decode-sized T, MKL runs w @ x.T 1.3-4x faster than
-    x @ w.T (the call F.linear makes), and a one-row product faster as two rows
-    than as a GEMV; above ~64 rows F.linear wins. The figures are in
-    benchmarks/results/linear_forms.txt. Elsewhere (GPU, bf16) the library picks well.
-    """
-    rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SMALL_BATCH:
-        return F.linear(x, w, bias)
-    xt = (torch.cat([x, x]) if rows == 1 else x).t()
-    y = torch.mm(w, xt)[:, :rows].t().contiguous()
-    return y if bias is None else y.add_(bias)
-
-
-def project(lora: LoraBackend | None, layer: int, target: Target, x: torch.Tensor, w: torch.Tensor,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(x, w, bias) plus the LoRA delta of (layer, target), if any."""
+def project(lora: LoraBackend | None, layer: int, target: Target, x: torch.Tensor, w: Linear) -> torch.Tensor:
+    """w(x) plus the LoRA delta of (layer, target), if any."""
     handle = lora.submit(layer, target, x) if lora is not None else None
-    y = linear(x, w, bias)
+    y = w(x)
     if handle is not None:
         lora.wait(handle, y)
     return y
@@ -113,12 +92,12 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 class Transformer:
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[Layer],
-                 norm: torch.Tensor, lm_head: torch.Tensor, max_positions: int) -> None:
+                 norm: torch.Tensor, lm_head: Linear, max_positions: int) -> None:
         self.spec = spec
         self.embed = embed  # [V, H]
         self.layers = layers
         self.norm = norm
-        self.lm_head = lm_head  # [V, H]; the embedding itself when tied
+        self.lm_head = lm_head  # [V, H]; over the embedding itself when tied
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(spec))
         self.cos = freqs.cos().to(embed.device)  # [P, D/2]
         self.sin = freqs.sin().to(embed.device)
@@ -146,7 +125,7 @@ class Transformer:
         sin = self.sin[meta.positions][:, None, :]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            qkv = project(lora, i, Target.QKV, h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2Hkv) D]
+            qkv = project(lora, i, Target.QKV, h, layer.qkv)  # [T, (Hq + 2Hkv) D]
             qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
             qk = qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim)  # q heads, then k heads
             if layer.q_norm is not None:
@@ -155,7 +134,7 @@ class Transformer:
             q, k = self._rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
             attn = paged_attention(q, k, v, kv_cache[i], meta).view(-1, s.q_size)
-            o = project(lora, i, Target.O, attn, layer.o, layer.o_bias)
+            o = project(lora, i, Target.O, attn, layer.o)
             x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
             if isinstance(layer.mlp, MoE):
@@ -163,7 +142,7 @@ class Transformer:
             else:
                 x = x + self._mlp(i, layer.mlp, h, lora)
         x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
-        return linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
     def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: LoraBackend | None,
              targets: tuple[Target, Target] = (Target.GATE_UP, Target.DOWN)) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraserve.cache.config import CacheConfig
-from loraserve.dtypes import DTYPES
+from loraserve.dtypes import check_dtype
 
 MODES = ("push", "pull")
 TRANSPORTS = ("zmq", "nixl")
@@ -21,7 +21,8 @@ class LoraServerConfig:
     """Torch device of the adapter slots and the delta kernels: cpu, cuda."""
 
     dtype: str = "float32"
-    """Dtype of adapter weights and LoRA math (float32 on CPU, as in the coupled engine)."""
+    """Dtype of adapter weights and LoRA math; auto as the engine's --dtype (see
+    `dtypes.resolve_dtype`). float32 by default: deltas as exact as the fp32 oracle."""
 
     max_lora_rank: int = 64
     """Adapters above this rank are refused at load."""
@@ -52,8 +53,7 @@ class LoraServerConfig:
     cache: CacheConfig = CacheConfig(device_bytes=1 << 30, host_bytes=2 << 30)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_dtype(self.dtype)
         for name in ("max_lora_rank", "max_loras", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

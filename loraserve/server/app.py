@@ -42,7 +42,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     `limits`: what a request may be at most (server/limits.py)."""
     app = FastAPI(title="loraserve", version="0.1.0")
     app.router.route_class = FastJSONRoute  # bodies parsed by pydantic's parser (see body.py)
-    metrics = Metrics(client.stats)
+    metrics = Metrics(client.stats, client.info)
     app.state.metrics = metrics
     errors.install(app, lambda status: metrics.errors.labels(str(status)).inc())
     allowed = [Path(d).resolve() for d in lora_dirs or []]

@@ -13,8 +13,12 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], info: dict[str, str] | None = None) -> None:
+        """`info`: what the engine runs as (e.g. dtype, device), one labelled gauge of 1."""
         self.registry = r = CollectorRegistry()
+        if info:
+            Gauge("loraserve_engine_info", "What the engine computes in (dtype after --dtype auto, device)",
+                  sorted(info), registry=r).labels(**info).set(1)
         self.requests = Counter("loraserve_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
         self.errors = Counter("loraserve_request_errors", "Requests refused or failed", ["status"], registry=r)
         self.ttft = Histogram("loraserve_time_to_first_token_seconds", "TTFT", ["adapter"],

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from loraserve.cache.policy import POLICIES
-from loraserve.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loraserve.dtypes import CHOICES
 from loraserve.flags import add_flag
 from loraserve.sim.engine import SimConfig
 from loraserve.units import format_bytes, parse_bytes
@@ -71,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--base", default="cpu", help="profile whose peaks the fit starts from")
     c.add_argument("--sessions", type=int, default=40, help="sessions of the measuring run (default: %(default)s)")
     c.add_argument("--rate", type=float, default=4.0, help="sessions/s of the measuring run")
-    add_flag(c, "--dtype", EngineConfig, "dtype", choices=DTYPES)
+    add_flag(c, "--dtype", EngineConfig, "dtype", choices=CHOICES)
     c.add_argument("--out", required=True, help="profile JSON to write (pass it to --hardware)")
     c.set_defaults(func=cmd_calibrate)
     return s
