@@ -9,7 +9,8 @@ import torch
 
 from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.batch import LoraBatch
-from loraserve.model.linear import SMALL_BATCH, linear
+from loraserve.model import linear as linear_module
+from loraserve.model.linear import SMALL_BATCH, Linear
 
 
 def naive(x, a, b, counts):
@@ -75,11 +76,29 @@ def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
 
 @pytest.mark.parametrize("rows", [1, 2, 7, SMALL_BATCH, SMALL_BATCH + 1, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_forms_match_f_linear(rows, with_bias):
-    """Every branch of the base-model matmul (one row, the w @ x.T form, F.linear) computes x @ w.T + bias."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_forms_match_f_linear(monkeypatch, rows, with_bias, transposed):
+    """Every branch of the base-model matmul (one row, the w @ x.T form of AVX2 CPUs, F.linear)
+    computes x @ w.T + bias, whichever machine class runs the test."""
+    monkeypatch.setattr(linear_module, "TRANSPOSED_FORM", transposed)
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g)
     bias = torch.randn(80, generator=g) if with_bias else None
-    y = linear(x, w, bias)
+    y = Linear(w, bias)(x)
     assert y.shape == (rows, 80) and y.is_contiguous()
     assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 300])
+def test_packed_bf16_linear_matches_f_linear(rows):
+    """bf16 weights are reordered once for oneDNN (no extra copy); the product is F.linear's."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    w, bias = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    lin = Linear(w, bias)
+    assert lin.packed and lin.num_bytes == (96 * 64 + 96) * 2
+    y = lin(x)
+    ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+    assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.02)  # bf16 output rounding
+    assert not Linear(w, bias, pack=False).packed

@@ -9,9 +9,11 @@ a wide margin (benchmarks/results/linear_forms.txt, throughput.json):
   the prepacking inductor's freezing does) a one-row product streams the
   weight 3-4x faster and a 256-row one ~1.5x. The packed copy replaces the
   plain one: no extra memory.
-- fp32 on CPU: MKL runs w @ x.T 1.3-4x faster than x @ w.T (F.linear's form)
-  at decode-sized batches, and one row faster as two than as a GEMV; above
-  ~64 rows F.linear wins.
+- fp32 on an AVX2 CPU: MKL ran w @ x.T 1.3-4x faster than x @ w.T (F.linear's
+  form) at decode-sized batches, and one row faster as two than as a GEMV;
+  above ~64 rows F.linear won (benchmarks/results/linear_forms-avx2.txt). On an
+  AVX-512 CPU that form is up to 2x slower at one row and no faster at 32
+  (linear_forms-avx512.txt): F.linear there.
 - elsewhere (GPUs) F.linear: the library picks well.
 """
 
@@ -20,8 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loraserve.dtypes import cpu_flags
+
 SMALL_BATCH = 64
-"""Most rows for which fp32 on CPU streams the weight as MKL's left operand."""
+"""Most rows for which fp32 on an AVX2 CPU streams the weight as MKL's left operand."""
+
+TRANSPOSED_FORM = "avx512f" not in cpu_flags()
+"""Whether `linear` takes `transposed_form` for small fp32 batches (AVX2 CPUs)."""
 
 
 def _can_pack(w: torch.Tensor) -> bool:
@@ -59,9 +66,15 @@ class Linear:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, in]; w: [out, in] plain. Returns [T, out] (see the module docstring for the forms)."""
+    if (TRANSPOSED_FORM and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.shape[0] <= SMALL_BATCH):
+        y = transposed_form(x, w)
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, w, bias)
+
+
+def transposed_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T computed as (w @ x.T).T, one row as two."""
     rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SMALL_BATCH:
-        return F.linear(x, w, bias)
     xt = (torch.cat([x, x]) if rows == 1 else x).t()
-    y = torch.mm(w, xt)[:, :rows].t().contiguous()
-    return y if bias is None else y.add_(bias)
+    return torch.mm(w, xt)[:, :rows].t().contiguous()
