@@ -13,7 +13,14 @@ highest session rate with mean TTFT under 500 ms, by bisection), then the
 paper's 10 rates up to it for elora, vllm and slora. For one setting also the ablations
 and a sweep of vllm's static adapter fraction (the paper's oracle baseline).
 
-    python benchmarks/elora_sim.py              # ~3-4 minutes on 2 cores
+Then the ample-memory regime: the same four settings with the whole device tier
+(~57 GiB beside the weights: every adapter fits with room for all KV, nothing
+is evicted), at low load (0.5, 1 and 2 sessions/s), over 4 workload seeds, for
+elora, vllm, and elora with its prefetch unpaced (`prefetch_horizon` = inf:
+the whole prefetch burst onto the link at once, as before the pacing). There
+elora must cost nothing: its mean TTFT at or below vllm's.
+
+    python benchmarks/elora_sim.py              # ~4-5 minutes on 2 idle cores (13 on shared ones)
     python benchmarks/elora_sim.py --quick      # one setting, 4 rates (for a look)
 """
 
@@ -40,6 +47,8 @@ SETTINGS = [("chatbot", 20, 64), ("chatbot", 100, 64), ("chatbot", 50, 32), ("sh
 DEVICE_GIB = 12
 ABLATIONS = ("elora-wom", "elora-wos", "elora-wol", "elora-woc", "elora-wov", "elora-wou")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+AMPLE_RATES, AMPLE_SEEDS = (0.5, 1.0, 2.0), (0, 1, 2, 3)
+AMPLE_POLICIES = ("elora", "vllm", "elora-unpaced")
 
 
 def workload(kind: str, num_adapters: int, sessions: int, seed: int = 0):
@@ -51,22 +60,27 @@ def workload(kind: str, num_adapters: int, sessions: int, seed: int = 0):
 
 
 def run_one(job: tuple) -> dict:
-    """One simulation (in a worker process): (kind, adapters, rank, policy, rate, fraction, seconds).
-    Sessions keep arriving for `seconds` whatever the rate, so a high rate is a sustained
-    load, not a short burst the batch absorbs."""
-    kind, n, rank, policy, rate, fraction, seconds = job
+    """One simulation (in a worker process): (kind, adapters, rank, policy, rate, fraction, seconds
+    [, seed, device GiB or None for the whole tier]). Sessions keep arriving for `seconds`
+    whatever the rate, so a high rate is a sustained load, not a short burst the batch absorbs.
+    Policy `elora-unpaced`: elora with `prefetch_horizon` = inf (every prefetch submitted at once)."""
+    kind, n, rank, policy, rate, fraction, seconds, *extra = job
+    seed, device_gib = extra if extra else (0, DEVICE_GIB)
     sessions = max(40, round(rate * seconds))
     spec = model_spec(MODEL)
-    wl = workload(kind, n, sessions).at_rate(rate)
-    cfg = SimConfig(device_tier_bytes=DEVICE_GIB * 2**30,
-                    cache=CacheConfig(policy=policy, host_bytes=256 * 2**30, adapter_fraction=fraction),
+    wl = workload(kind, n, sessions, seed).at_rate(rate)
+    paced = {"prefetch_horizon": float("inf")} if policy == "elora-unpaced" else {}
+    cfg = SimConfig(device_tier_bytes=None if device_gib is None else device_gib * 2**30,
+                    cache=CacheConfig(policy=policy.removesuffix("-unpaced"), host_bytes=256 * 2**30,
+                                      adapter_fraction=fraction, **paced),
                     scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192, max_loras=32))
     res = simulate(wl, spec, PROFILES[HW], cfg, adapter_sizes(wl.adapters, spec, rank))
     s, st = res.summary, res.stats
     return {"workload": kind, "adapters": n, "rank": rank, "policy": policy, "rate": rate, "fraction": fraction,
+            "seed": seed, "device_gib": device_gib,
             "ttft_mean": s["ttft_s"]["mean"], "ttft_p95": s["ttft_s"]["p95"], "tpot_mean": s["tpot_s"]["mean"],
             "adapter_hit": st["adapter_hit_rate"], "kv_hit": st["kv_hit_rate"],
-            "invalid_kv": st["invalid_kv_fraction"], "wall_s": res.wall_s}
+            "invalid_kv": st["invalid_kv_fraction"], "swap_out_bytes": st["swap_out_bytes"], "wall_s": res.wall_s}
 
 
 def peak(kind: str, n: int, rank: int, seconds: float, lo: float = 2.0, hi: float = 48.0, iters: int = 5) -> float:
@@ -120,7 +134,9 @@ def main() -> None:
         jobs += [(k, n, r, "vllm", at, f, args.seconds) for f in FRACTIONS if f != 0.2]
         jobs.sort(key=lambda j: (j[3] != "vllm", -j[4]))  # the slowest (overloaded vllm) first: better packing
         rows = list(pool.map(run_one, jobs))
-    report(rows, peaks, settings, args, time.perf_counter() - start)
+        ample = list(pool.map(run_one, [(k, n, r, p, rate, 0.2, args.seconds, seed, None) for (k, n, r) in settings
+                                        for rate in AMPLE_RATES for seed in AMPLE_SEEDS for p in AMPLE_POLICIES]))
+    report(rows, peaks, settings, args, time.perf_counter() - start, ample)
 
 
 def _peak(arg) -> float:
@@ -128,7 +144,7 @@ def _peak(arg) -> float:
     return peak(k, n, r, seconds)
 
 
-def report(rows: list[dict], peaks: dict, settings: list, args, wall: float) -> None:
+def report(rows: list[dict], peaks: dict, settings: list, args, wall: float, ample: list[dict]) -> None:
     table, summary = [], []
     for (k, n, r) in settings:
         mine = [x for x in rows if (x["workload"], x["adapters"], x["rank"]) == (k, n, r) and x["fraction"] == 0.2
@@ -170,11 +186,40 @@ def report(rows: list[dict], peaks: dict, settings: list, args, wall: float) -> 
             print(f"  {name:>24}: mean TTFT {x['ttft_mean'] * 1e3:7.0f} ms  P95 {x['ttft_p95'] * 1e3:7.0f} ms  "
                   f"TPOT {x['tpot_mean'] * 1e3:5.1f} ms  adapter hit {x['adapter_hit']:.2f}  kv hit {x['kv_hit']:.2f}  "
                   f"invalid KV {x['invalid_kv']:.2f}")
-    print(f"{len(rows)} simulations, {wall:.0f} s")
+    ample_summary = report_ample(ample, settings)
+    print(f"{len(rows) + len(ample)} simulations, {wall:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "model": MODEL, "hardware": HW, "summary": summary,
-                                          "runs": rows, "wall_s": wall}, indent=1) + "\n")
+                                          "runs": rows, "ample_summary": ample_summary, "ample_runs": ample,
+                                          "wall_s": wall}, indent=1) + "\n")
     plot(summary, rows, settings, peaks, Path(args.plots))
+
+
+def report_ample(ample: list[dict], settings: list) -> list[dict]:
+    """Ample memory, low load: mean TTFT per policy over every rate and seed, and the
+    runs (rate, seed) where elora is slower than vllm."""
+    out = []
+    print(f"ample memory (whole device tier), low load ({', '.join(f'{r:g}' for r in AMPLE_RATES)} sessions/s), "
+          f"seeds {', '.join(map(str, AMPLE_SEEDS))}: mean TTFT ms elora / vllm / elora-unpaced")
+    for (k, n, r) in settings:
+        mine = [x for x in ample if (x["workload"], x["adapters"], x["rank"]) == (k, n, r)]
+        by = {(x["policy"], x["rate"], x["seed"]): x["ttft_mean"] for x in mine}
+        mean = {p: statistics.mean(x["ttft_mean"] for x in mine if x["policy"] == p) for p in AMPLE_POLICIES}
+        ratios = {p: [by[(p, q, s)] / by[("vllm", q, s)] for q in AMPLE_RATES for s in AMPLE_SEEDS]
+                  for p in ("elora", "elora-unpaced")}
+        row = {"workload": k, "adapters": n, "rank": r, "ttft_mean": mean,
+               "ttft_vs_vllm": {p: mean[p] / mean["vllm"] - 1 for p in ratios},
+               "worst_run_vs_vllm": {p: max(v) - 1 for p, v in ratios.items()},
+               "runs_slower_than_vllm": {p: sum(x > 1 for x in v) for p, v in ratios.items()},
+               "evicted_bytes": sum(x["swap_out_bytes"] for x in mine)}
+        out.append(row)
+        print(f"  {k:>9} {n:>4} x r{r:<3}: {mean['elora'] * 1e3:5.1f} / {mean['vllm'] * 1e3:5.1f} / "
+              f"{mean['elora-unpaced'] * 1e3:5.1f} | vs vllm {row['ttft_vs_vllm']['elora']:+.1%} "
+              f"(unpaced {row['ttft_vs_vllm']['elora-unpaced']:+.1%}) | worst run {row['worst_run_vs_vllm']['elora']:+.1%} "
+              f"(unpaced {row['worst_run_vs_vllm']['elora-unpaced']:+.1%}) | runs slower than vllm "
+              f"{row['runs_slower_than_vllm']['elora']}/{len(ratios['elora'])} "
+              f"(unpaced {row['runs_slower_than_vllm']['elora-unpaced']}) | evicted {row['evicted_bytes']} B")
+    return out
 
 
 def plot(summary, rows, settings, peaks, folder: Path) -> None:

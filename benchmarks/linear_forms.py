@@ -35,7 +35,8 @@ PROJECTIONS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down
 LM_HEAD = (49152, 576)
 ROWS = [1, 2, 4, 8, 32, 128, 512]
 FORMS = {
-    torch.float32: {"F.linear": lambda x, w, p: F.linear(x, w), "w @ x.T": lambda x, w, p: transposed_form(x, w)},
+    torch.float32: {"F.linear": lambda x, w, p: F.linear(x, w), "w @ x.T": lambda x, w, p: transposed_form(x, w),
+                    "packed": lambda x, w, p: p(x)},
     torch.bfloat16: {"F.linear": lambda x, w, p: F.linear(x, w), "packed": lambda x, w, p: p(x)},
 }
 
@@ -64,9 +65,9 @@ def main() -> None:
     for dtype, forms in FORMS.items():
         names = list(forms)
         layer_w = [torch.randn(shape, dtype=dtype) for shape in PROJECTIONS.values() for _ in range(LAYERS)]
-        layer_w = [(w, Linear(w.clone())) for w in layer_w]
+        layer_w = [(w, Linear(w.clone(), pack="always")) for w in layer_w]
         head = torch.randn(LM_HEAD, dtype=dtype)
-        head_w = [(head, Linear(head.clone()))]
+        head_w = [(head, Linear(head.clone(), pack="always"))]
         lines += ["", f"{str(dtype).split('.')[1]}:", "| rows | part | " + " | ".join(names) + f" | {names[0]} / {names[1]} |",
                   "|---|---|" + "---|" * (len(names) + 1)]
         for rows in ROWS:

@@ -22,7 +22,7 @@ def main() -> None:
     names = list(spec["adapters"])
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enable_lora=True, max_loras=len(names),
               max_lora_rank=spec["rank"], max_num_seqs=len(spec["prompts"]), max_model_len=512,
-              gpu_memory_utilization=0.4, enforce_eager=True, seed=0)
+              gpu_memory_utilization=0.12, enforce_eager=True, seed=0)
     loras = [LoRARequest(n, i + 1, spec["adapters"][n]) for i, n in enumerate(names)]
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     sp = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)

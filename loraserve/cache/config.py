@@ -63,6 +63,14 @@ class CacheConfig:
     """Seconds between swapper passes (the paper's 100 ms); the engine also runs
     one on an idle timer at this period."""
 
+    prefetch_horizon: float = 0.005
+    """Seconds of link time (at link_bytes_per_s) that prefetches may hold queued
+    ahead of a copy a request waits for. The link serves copies in order, so an
+    unbounded prefetch burst (every host adapter at start-up) makes the first
+    cold request wait behind all of it; capped, the rest of the burst goes out
+    as earlier copies land, and a demand load waits at most this long, or one
+    node's copy. 0: one prefetch at a time, only onto an idle link."""
+
     window: float = 5.0
     """Seconds of history behind Low_lora (the paper's 5 s)."""
 
@@ -72,7 +80,8 @@ class CacheConfig:
 
     link_bytes_per_s: float = 16e9
     """Host-to-device bandwidth the cost model prices transfers with (PCIe 4 x16
-    class). Only the ratio between nodes matters for ranking."""
+    class). Only the ratio between nodes matters for ranking; with
+    prefetch_horizon it also says how many bytes of prefetch may be queued."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -91,6 +100,8 @@ class CacheConfig:
             raise ValueError("watermarks must satisfy 0 <= low <= target <= high <= 1")
         if not 0 <= self.host_target_watermark <= self.host_high_watermark <= 1:
             raise ValueError("host watermarks must satisfy 0 <= target <= high <= 1")
+        if self.prefetch_horizon < 0:
+            raise ValueError(f"prefetch_horizon must be >= 0, got {self.prefetch_horizon}")
         for name in ("window", "tau", "link_bytes_per_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

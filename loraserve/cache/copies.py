@@ -40,6 +40,9 @@ class Copies:
         self.job_of: dict[Node, int] = {}
         self._waiters: dict[int, set[Waiter]] = {}
         self._next_job = 0
+        self.bytes_in_flight = 0
+        """Bytes of every copy submitted and not yet landed: how much link time is
+        already promised (a new copy queues behind them)."""
 
     def submit(self, node: Node, dst: Tier, dst_blocks: list[int], pinned: list[Node]) -> int:
         """Start moving a node to dst_blocks on dst; returns the job id."""
@@ -53,6 +56,7 @@ class Copies:
         ledger.acct(node, +1)
         self.jobs[job_id] = _Job(node, src, src_blocks, pinned)
         self.job_of[node] = job_id
+        self.bytes_in_flight += node.num_bytes
         if src is DEVICE:
             ledger.outgoing[ledger.region(node)] += node.num_blocks
         ledger.counters["swap_in_bytes" if dst is DEVICE else "swap_out_bytes"] += node.num_bytes
@@ -67,6 +71,7 @@ class Copies:
             job = self.jobs.pop(job_id)
             node = job.node
             del self.job_of[node]
+            self.bytes_in_flight -= node.num_bytes
             ledger.acct(node, -1)
             node.in_transfer = False
             ledger.acct(node, +1)

@@ -25,6 +25,8 @@ class Swapper:
         c, t = ledger.config, ledger.policy.terms
         self.cost = CostModel(t, c.window, c.tau, c.link_bytes_per_s)
         self._last_swap = float("-inf")
+        self._prefetching: set[str] = set()
+        """Regions whose last pass wanted more prefetched than the link could take at once."""
         self.lru: dict[str, list[tuple]] | None = (
             {region: [] for region in ledger.device} if t.lru and not ledger.policy.dependency else None)
         """LRU without the dependency rule (vllm): every movable device node is a
@@ -155,14 +157,18 @@ class Swapper:
     # -- the watermark pass ----------------------------------------------------
 
     def tick(self, batch_size: int) -> None:
-        """Once per engine step (and on the idle timer): land copies, and run a
-        pass when the policy has a swapper and `swap_interval` has passed."""
+        """Once per engine step (and on the idle timer): land copies, run a pass
+        when the policy has a swapper and `swap_interval` has passed, and go on
+        with a prefetch the pass left for later (see `_prefetch`)."""
         self.copies.poll()
         now = self.ledger.clock.now()
         self.cost.record_batch(batch_size, now)
         if self.ledger.policy.swapper and now - self._last_swap >= self.ledger.config.swap_interval:
             self._last_swap = now
             self.swap_pass()
+        elif self._prefetching:
+            for region in list(self._prefetching):
+                self._prefetch(region)
 
     def swap_pass(self) -> None:
         """Busy: evict lowest-Eval device leaves down to the target watermark.
@@ -172,9 +178,12 @@ class Swapper:
         for region, pool in ledger.device.items():
             used = pool.num_used - ledger.outgoing[region]
             if used > c.high_watermark * pool.num_blocks:
+                self._prefetching.discard(region)
                 self._evict(region, used - int(c.target_watermark * pool.num_blocks), sync=False)
             elif used < c.low_watermark * pool.num_blocks:
-                self._prefetch(region, int(c.target_watermark * pool.num_blocks) - used)
+                self._prefetching.add(region)
+            if region in self._prefetching:
+                self._prefetch(region)
         host = ledger.host
         if host is not None and host.num_used > c.host_high_watermark * host.num_blocks:
             self._drop_host(host.num_used - int(c.host_target_watermark * host.num_blocks))
@@ -184,20 +193,39 @@ class Swapper:
         nodes = ledger.tree.host_roots if ledger.policy.dependency else ledger.tree.on_tier[HOST]
         return [n for n in nodes if n.movable and ledger.region(n) == region]
 
-    def _prefetch(self, region: str, num_blocks: int) -> None:
-        ledger = self.ledger
+    def _prefetch(self, region: str) -> None:
+        """Prefetch highest-Eval host roots until the region's use reaches the
+        target watermark, without queueing more than `prefetch_horizon` of link
+        time ahead of whatever a request may need next: the link serves copies
+        in order, and a prefetch guesses while a demand load has a request
+        waiting. Once the link holds that much, the region stays in
+        `_prefetching` and every tick goes on as copies land, so a burst (every
+        host adapter at start-up) goes out at the link's pace instead of
+        standing in front of the first cold request."""
+        ledger, c = self.ledger, self.ledger.config
+        pool = ledger.device[region]
+        want = int(c.target_watermark * pool.num_blocks) - (pool.num_used - ledger.outgoing[region])
+        budget = c.prefetch_horizon * c.link_bytes_per_s - self.copies.bytes_in_flight
+        if want <= 0:
+            self._prefetching.discard(region)
+            return
+        if budget <= 0 and self.copies.bytes_in_flight:
+            return  # the link is busy: go on once it drains
         now = ledger.clock.now()
         low = self.cost.low_lora(now)
-        pool = ledger.device[region]
         heap = self._heap(self._prefetch_candidates(region), now, low, evict=False)
         moved = 0
-        while heap and moved < num_blocks:
+        while heap and moved < want:
             node = heapq.heappop(heap)[-1]
-            if node.tier is not HOST or not node.movable or node.num_blocks > min(pool.num_free, num_blocks - moved):
+            if node.tier is not HOST or not node.movable or node.num_blocks > min(pool.num_free, want - moved):
                 continue
+            if node.num_bytes > budget and self.copies.bytes_in_flight:
+                return  # the rest when the link has drained
             pinned = list(node.ancestors()) if ledger.policy.dependency else []
             ledger.pin(pinned, +1)
             self.copies.submit(node, DEVICE, pool.allocate(node.num_blocks), pinned)
             moved += node.num_blocks
+            budget -= node.num_bytes
             if node.kind is Kind.LORA:
                 heap = self._heap(self._prefetch_candidates(region), now, low, evict=False)
+        self._prefetching.discard(region)  # the target is reached, or nothing more fits

@@ -6,14 +6,15 @@ a wide margin (benchmarks/results/linear_forms.txt, throughput.json):
 
 - bf16 on CPU: oneDNN's matmul reorders a plain weight into its blocked
   layout on every call; reordered once at load (`mkldnn._reorder_linear_weight`,
-  the prepacking inductor's freezing does) a one-row product streams the
-  weight 3-4x faster and a 256-row one ~1.5x. The packed copy replaces the
-  plain one: no extra memory.
+  the prepacking inductor's freezing does) the product runs 1.2-1.75x faster
+  up to 128 rows and no slower above (linear_forms-avx512.txt). The packed
+  copy replaces the plain one: no extra memory.
+- fp32 on an AVX-512 CPU: packed too: 1.2-1.6x faster than F.linear at 4-32
+  rows (a batch of decodes), equal above, 15% slower at one row.
 - fp32 on an AVX2 CPU: MKL ran w @ x.T 1.3-4x faster than x @ w.T (F.linear's
   form) at decode-sized batches, and one row faster as two than as a GEMV;
-  above ~64 rows F.linear won (benchmarks/results/linear_forms-avx2.txt). On an
-  AVX-512 CPU that form is up to 2x slower at one row and no faster at 32
-  (linear_forms-avx512.txt): F.linear there.
+  above ~64 rows F.linear won (benchmarks/results/linear_forms-avx2.txt, an
+  older run without the packed form). On AVX-512 that form is up to 2x slower.
 - elsewhere (GPUs) F.linear: the library picks well.
 """
 
@@ -32,19 +33,21 @@ TRANSPOSED_FORM = "avx512f" not in cpu_flags()
 
 
 def _can_pack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class Linear:
     """y = x @ weight.T (+ bias), by the fastest form for the weight's device and dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True) -> None:
-        """weight: [out, in]. `pack`: allow the blocked bf16 CPU layout (then
-        `weight` is no longer a plain tensor: read `plain` for that)."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | str = True) -> None:
+        """weight: [out, in]. `pack`: reorder the weight for oneDNN where that is
+        the fast form (bf16 on CPU, fp32 on AVX-512 CPUs), "always" wherever it
+        can (to measure it), False never."""
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        self.packed = pack and _can_pack(weight)
+        fast = weight.dtype == torch.bfloat16 or not TRANSPOSED_FORM
+        self.packed = _can_pack(weight) and (pack == "always" or (pack and fast))
         # the batch-size hint only tunes the blocking; 32 serves 1 to 4096 rows within noise
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if self.packed else weight
 
