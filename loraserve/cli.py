@@ -72,16 +72,26 @@ def _size(text: str) -> str:
     return text
 
 
-def _cache_bytes(text: str, tier: str, device: str) -> int:
+def _cache_bytes(text: str, tier: str, device: str, after_load: bool = False) -> int:
+    """Bytes of a tier given as a size or a fraction of free memory. `after_load`:
+    the engine sizes a fractional CUDA device tier itself once its weights are
+    loaded (`_device_fraction`), and this is a placeholder."""
     value, unit = split_size(text)
     if value >= 1 or unit:
         return int(value * UNITS[unit])
     if tier == "device" and device.startswith("cuda"):
+        if after_load:
+            return 1
         import torch
         free = torch.cuda.mem_get_info(torch.device(device))[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(value * free)
+
+
+def _device_fraction(text: str, device: str) -> float:
+    value, unit = split_size(text)
+    return value if device.startswith("cuda") and value < 1 and not unit else 0.0
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -95,7 +105,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
-                          device_bytes=_cache_bytes(args.device_cache, "device", args.device),
+                          device_bytes=_cache_bytes(args.device_cache, "device", args.device, after_load=True),
+                          device_fraction=_device_fraction(args.device_cache, args.device),
                           host_bytes=_cache_bytes(args.host_cache, "host", args.device)),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_loras=args.max_loras))

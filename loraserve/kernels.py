@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.gpu import active as triton_active
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -23,6 +25,9 @@ def segmented_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
         for g in range(G):
             out[start:offs[g]] = x[start:offs[g]] @ w[g]; start = offs[g]
     """
+    if triton_active(x.device):
+        from loraserve.gpu.experts import experts_mm
+        return experts_mm(x, w, offs)
     live = _segments(offs)
     # CPU grouped_mm multiplies every group, empty ones too: only worth it when most have rows
     if (_HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and 2 * len(live) > len(offs)

@@ -4,6 +4,10 @@ Models are cached under .cache/test-models (or $LORASERVE_TEST_CACHE), so a
 second run skips the building. Every test that uses one is marked `slow`
 here; tests that start a server are marked where they are written.
 `pytest -m "not slow"` (`make test-fast`) runs the rest.
+
+The device: `--device cuda` (or LORASERVE_TEST_DEVICE=cuda) runs the tests that
+take the `device` fixture (oracle, paging, cache engine, the Triton kernels)
+there; CPU is the default, and what CI runs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraserve.demo import build_demo, build_tiny
 
@@ -25,6 +30,21 @@ def tiny_dir(family: str) -> Path:
     if family != "llama":  # reuse the llama build's tokenizer rather than reading the GGUF again
         tokenizer_from = tiny_dir("llama") / "model"
     return build_tiny(CACHE / f"tiny-{family}", family, tokenizer_from=tokenizer_from)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("LORASERVE_TEST_DEVICE", "cpu"),
+                     help="torch device for the tests that take one (default cpu; or LORASERVE_TEST_DEVICE)")
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cpu":  # the Triton kernels' tests run in its interpreter, before it loads
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    return torch.device(pytestconfig.getoption("--device"))
 
 
 @pytest.fixture(scope="session")

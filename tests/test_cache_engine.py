@@ -15,9 +15,14 @@ BS = 8
 PER_TOKEN = 2 * 3 * 2 * 16 * 4  # tiny models: K and V, 3 layers, 2 KV heads, head dim 16, fp32
 
 
-def make(root, **cache) -> LLM:
-    adapters = {n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")}
-    return LLM(str(root / "model"), dtype="float32", adapters=adapters, cache=CacheConfig(block_size=BS, **cache))
+@pytest.fixture(scope="session")
+def make(device):
+    """An engine on the test device with the three adapters, its cache configured by keywords."""
+    def build(root, **cache) -> LLM:
+        adapters = {n: str(root / "adapters" / n) for n in ("r4", "r8", "r16")}
+        return LLM(str(root / "model"), dtype="float32", adapters=adapters,
+                   cache=CacheConfig(block_size=BS, **cache), device=str(device))
+    return build
 
 
 def prefilled(llm: LLM, prompt: list[int], adapter: str | None) -> tuple[list[int], int]:
@@ -28,7 +33,7 @@ def prefilled(llm: LLM, prompt: list[int], adapter: str | None) -> tuple[list[in
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_second_turn_prefills_only_new_tokens_and_matches_oracle(tiny, family):
+def test_second_turn_prefills_only_new_tokens_and_matches_oracle(tiny, family, make):
     root = tiny(family)
     llm = make(root)
     turn1 = list(range(40, 77))
@@ -62,19 +67,19 @@ def conversations(llm: LLM) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def uncached(tiny):
+def uncached(tiny, make):
     return conversations(make(tiny("llama"), policy="slora"))
 
 
 @pytest.mark.parametrize("policy", ["elora", "vllm", "elora-wom", "elora-wos"])
-def test_outputs_identical_with_caching_on_and_off(tiny, uncached, policy):
+def test_outputs_identical_with_caching_on_and_off(tiny, uncached, policy, make):
     llm = make(tiny("llama"), policy=policy)
     assert conversations(llm) == uncached
     assert llm.engine.cache.counters["kv_hit_tokens"] > 0
     llm.engine.cache.check()
 
 
-def test_outputs_identical_under_heavy_swapping(tiny, uncached):
+def test_outputs_identical_under_heavy_swapping(tiny, uncached, make):
     """A device pool that holds the largest adapter and a few KV blocks, a small
     host tier, a swapper running every step with low watermarks: adapters and
     history move back and forth all the time, and nothing changes the tokens."""

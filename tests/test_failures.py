@@ -113,7 +113,7 @@ def test_a_fault_mid_decode_keeps_the_tokens_so_far(llm, expected, monkeypatch):
 def test_a_fault_that_depends_on_the_batch_fails_no_one(llm, expected, monkeypatch):
     """An out-of-memory at full batch size goes away in the halves."""
     raised = inject(monkeypatch, llm.engine.executor, "execute", lambda plan: len(plan.seqs) >= 4,
-                    RuntimeError("out of memory"))
+                    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     outs = llm.generate(PROMPTS, GREEDY, adapter=ADAPTERS)
     assert raised and [o.token_ids for o in outs] == expected and {o.finish_reason for o in outs} == {"length"}
 

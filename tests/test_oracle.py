@@ -17,11 +17,11 @@ LOGPROB_ATOL = 1e-4  # fp32 log-probabilities of the first sampled step
 
 
 @pytest.mark.parametrize("family", DENSE + MOE)
-def test_mixed_batch_matches_oracle(tiny, family):
+def test_mixed_batch_matches_oracle(tiny, family, device):
     root = tiny(family)
     model_dir = str(root / "model")
     adapters = {n: str(root / "adapters" / n) for n in ADAPTERS}
-    llm = LLM(model_dir, dtype="float32", adapters=adapters)
+    llm = LLM(model_dir, dtype="float32", adapters=adapters, device=str(device))
     # every (prompt, adapter) pair, all in one batch: base and three ranks interleaved
     cases = [(p, a) for p in PROMPTS for a in [None, *ADAPTERS]]
     sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
@@ -36,19 +36,20 @@ def test_mixed_batch_matches_oracle(tiny, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_adapters_change_the_output(tiny, family):
+def test_adapters_change_the_output(tiny, family, device):
     """The oracle test would pass trivially if adapters did nothing."""
     root = tiny(family)
-    llm = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS})
+    llm = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS},
+              device=str(device))
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outs = llm.generate([PROMPTS[1]] * 4, sp, adapter=[None, *ADAPTERS])
     assert len({tuple(o.token_ids) for o in outs}) == 4
 
 
-def test_demo_model_matches_oracle(demo):
+def test_demo_model_matches_oracle(demo, device):
     model_dir = str(demo / "model")
     names = ["chat", "sql", "poet"]
-    llm = LLM(model_dir, dtype="float32", adapters={n: str(demo / "adapters" / n) for n in names})
+    llm = LLM(model_dir, dtype="float32", adapters={n: str(demo / "adapters" / n) for n in names}, device=str(device))
     tok = llm.engine.tokenizer
     prompt = tok.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
     sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
@@ -63,10 +64,10 @@ BF16_LOGPROB_ATOL = 0.1  # bf16 keeps ~3 significant digits; the fp32 oracle is 
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_bfloat16_stays_close_to_the_fp32_oracle(tiny, family):
+def test_bfloat16_stays_close_to_the_fp32_oracle(tiny, family, device):
     root = tiny(family)
     model_dir = str(root / "model")
-    llm = LLM(model_dir, adapters={"r8": str(root / "adapters" / "r8")}, dtype="bfloat16")
+    llm = LLM(model_dir, adapters={"r8": str(root / "adapters" / "r8")}, dtype="bfloat16", device=str(device))
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=5)
     for adapter in (None, "r8"):
         out = llm.generate([PROMPTS[1]], sp, adapter=adapter)[0]

@@ -11,9 +11,9 @@ PROMPT = list(range(200, 230))
 
 
 @pytest.fixture(scope="module")
-def llm(tiny):
+def llm(tiny, device):
     root = tiny("llama")
-    return LLM(str(root / "model"), dtype="float32", adapters={"r8": str(root / "adapters" / "r8")})
+    return LLM(str(root / "model"), dtype="float32", adapters={"r8": str(root / "adapters" / "r8")}, device=str(device))
 
 
 def gen(llm, sp, n=1, adapter=None, prompt=PROMPT):

@@ -19,6 +19,12 @@ class CacheConfig:
     each) shared by adapter weights and KV. On CPU a preallocated arena stands
     in for accelerator memory."""
 
+    device_fraction: float = 0.0
+    """When > 0 (a CUDA device tier given as a fraction, `--device-cache 0.8`):
+    the tier is this share of the GPU memory still free once the weights are
+    loaded, less what the LoRA bank and a step's temporaries will take
+    (`engine/memory_budget.py`); it then replaces device_bytes."""
+
     host_bytes: int = 2 * 2**30
     """Bytes of the host tier: where adapters wait and evicted history KV goes.
     0: no host tier (adapters come from disk; evicted KV is dropped)."""
@@ -82,6 +88,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.device_bytes <= 0:
             raise ValueError(f"device_bytes must be positive, got {self.device_bytes}")
+        if not 0 <= self.device_fraction < 1:
+            raise ValueError(f"device_fraction must be in [0, 1), got {self.device_fraction}")
         if self.host_bytes < 0:
             raise ValueError(f"host_bytes must be >= 0, got {self.host_bytes}")
         if self.policy not in POLICIES:

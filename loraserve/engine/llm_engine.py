@@ -16,13 +16,16 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 
 from loraserve.clock import Clock, MonotonicClock
-from loraserve.config import EngineConfig
+from loraserve.config import CacheConfig, EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.dtypes import resolve_dtype, torch_dtype
 from loraserve.errors import InvalidRequest
 from loraserve.engine.output import Detokenizer, RequestOutput, make_output
+from loraserve.engine.memory_budget import sized_cache
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.engine.torch_executor import TorchExecutor
 from loraserve.engine.torch_mover import TorchMover
@@ -62,7 +65,7 @@ class LLMEngine(EngineCore):
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        cc = config.cache
+        cc = self._sized(config, dtype)
         block_size = cc.block_size
         block_bytes = block_size * self.spec.kv_bytes_per_token(dtype.itemsize)
         self.num_blocks = cc.device_bytes // block_bytes
@@ -101,6 +104,17 @@ class LLMEngine(EngineCore):
         if self.remote is not None:
             self._apply_catalogue(catalogue)
             self.remote.start()
+
+    def _sized(self, config: EngineConfig, dtype: torch.dtype) -> CacheConfig:
+        """The cache config with a fractional CUDA device tier turned into bytes,
+        now that the weights are loaded (see engine/memory_budget.py)."""
+        if config.cache.device_fraction <= 0 or self.model.device.type != "cuda":
+            return config.cache
+        free = torch.cuda.mem_get_info(self.model.device)[0]
+        cache = sized_cache(config, self.spec, dtype.itemsize, free)
+        log.info("device tier: %.2f GiB, %.0f%% of the %.2f GiB free after the weights, less the LoRA bank and "
+                 "a step", cache.device_bytes / 2**30, 100 * config.cache.device_fraction, free / 2**30)
+        return cache
 
     # -- adapters ----------------------------------------------------------
 

@@ -13,7 +13,12 @@ import math
 
 import torch
 
+from loraserve.gpu.host_memory import gather_blocks, pinned_empty
 from loraserve.model.spec import ModelSpec
+
+
+COPY_CHUNK_BYTES = 64 * 2**20
+"""Most bytes one CUDA tier copy stages at once (the device tier's budget keeps this much free)."""
 
 
 class TierMemory:
@@ -22,8 +27,10 @@ class TierMemory:
         shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.tiers = {"device": torch.zeros(shape, dtype=dtype, device=device)}
         if num_host_blocks:
-            host = torch.empty(shape[:2] + (num_host_blocks,) + shape[3:], dtype=dtype)
-            self.tiers["host"] = host.pin_memory() if device.type == "cuda" else host
+            host_shape = shape[:2] + (num_host_blocks,) + shape[3:]
+            # pinned at its size (to the page) for a GPU (see gpu/host_memory.py)
+            self.tiers["host"] = pinned_empty(host_shape, dtype) if device.type == "cuda" else torch.empty(
+                host_shape, dtype=dtype)
         self.block_size = block_size
         self.block_bytes = math.prod(shape) // num_blocks * dtype.itemsize
 
@@ -47,9 +54,16 @@ class TierMemory:
         if not pairs:
             return
         src_t, dst_t = self.tiers[src_tier], self.tiers[dst_tier]
-        src = torch.tensor([p[0] for p in pairs], device=src_t.device)
-        dst = torch.tensor([p[1] for p in pairs], device=dst_t.device)
-        dst_t[:, :, dst] = src_t[:, :, src].to(dst_t.device, non_blocking=True)
+        if src_t.device.type == "cpu" and dst_t.device.type == "cpu":
+            src, dst = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+            dst_t[:, :, dst] = src_t[:, :, src]
+            return
+        # through a device temporary and pinned staging: in chunks, so a large copy cannot run a full GPU out
+        step = max(1, COPY_CHUNK_BYTES // self.block_bytes)
+        for i in range(0, len(pairs), step):
+            chunk = pairs[i:i + step]
+            dst = torch.tensor([p[1] for p in chunk], device=dst_t.device)
+            dst_t[:, :, dst] = gather_blocks(src_t, [p[0] for p in chunk], dst_t.device)
 
     def write_blocks(self, tier: str, blocks: list[int], data: torch.Tensor) -> None:
         """Store flat bytes across blocks, in order (the last one zero-padded)."""

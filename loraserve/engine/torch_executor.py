@@ -9,6 +9,7 @@ import torch
 from loraserve.engine.plan import StepPlan, StepResult
 from loraserve.engine.sampler import sample
 from loraserve.engine.tier_memory import TierMemory
+from loraserve.gpu.segments import upload
 from loraserve.lora.backend import LocalLoraBackend
 from loraserve.model.attention import build_metadata
 from loraserve.model.transformer import Transformer
@@ -23,7 +24,9 @@ class TorchExecutor:
         self.model = model
         self.memory = memory
         self.lora = lora
-        self.default_generator = torch.Generator().manual_seed(seed)
+        self.default_generator = torch.Generator(model.device).manual_seed(seed)
+        """Unseeded rows draw from it; a seeded request has its own (`_generator`),
+        on the model's device, where sampling runs."""
         self.generators: dict[str, torch.Generator] = {}
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -44,23 +47,31 @@ class TorchExecutor:
         sampling = [q for q in seqs if q.samples]
         result = StepResult()
         with torch.inference_mode():
-            logits = self.model.forward(torch.tensor(ids, device=dev), meta, self.memory.kv_cache,
-                                        self.lora if self.lora.active else None,
-                                        torch.tensor(sample_rows, dtype=torch.long, device=dev))
+            ids_t, rows_t = self._inputs(ids, sample_rows, dev)
+            logits = self.model.forward(ids_t, meta, self.memory.kv_cache, self.lora if self.lora.active else None,
+                                        rows_t)
             if sampling:
                 params = [q.sampling for q in sampling]
                 gens = [self._generator(q.request_id, q.sampling.seed) for q in sampling]
-                for q, tok in zip(sampling, sample(logits.cpu(), params, gens)):
+                for q, tok in zip(sampling, sample(logits, params, gens)):
                     result.sampled[q.request_id] = tok
         result.elapsed = time.perf_counter() - start
         return result
+
+    @staticmethod
+    def _inputs(ids: list[int], sample_rows: list[int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and sampled rows on the device: on a GPU in one asynchronous
+        copy (a pageable copy would wait for the stream)."""
+        if dev.type == "cuda":
+            return tuple(upload([ids, sample_rows], dev))
+        return torch.tensor(ids, device=dev), torch.tensor(sample_rows, dtype=torch.long, device=dev)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         if seed is None:
             return self.default_generator
         if request_id not in self.generators:
             # torch takes a seed as 64 bits, wrapping negatives: the same wrap for any int never raises
-            self.generators[request_id] = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+            self.generators[request_id] = torch.Generator(self.model.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         return self.generators[request_id]
 
     def probe(self) -> None:

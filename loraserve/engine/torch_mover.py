@@ -1,7 +1,8 @@
 """The real engine's mover: block copies on a worker thread.
 
 Copies run while the engine thread computes steps (torch releases the GIL in
-copies; on CUDA they go on their own stream), so a request waiting for its
+copies; on CUDA they go on their own stream, ordered after the compute
+stream's work when they were asked for), so a request waiting for its
 adapter or history KV blocks no one. The cache manager guarantees that no
 running request reads or writes the blocks of a copy in flight.
 """
@@ -18,6 +19,7 @@ import torch
 
 from loraserve.cache.mover import CopyJob
 from loraserve.engine.tier_memory import TierMemory
+from loraserve.gpu.host_memory import CopyOrder
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.packing import pack
 
@@ -27,7 +29,7 @@ class TorchMover:
         self.memory = memory
         self.read_adapter = read_adapter
         """Reads an adapter from its directory by id (the disk tier)."""
-        self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[CopyJob, CopyOrder | None] | None] = queue.Queue()
         self._done: list[int] = []
         self._finished: set[int] = set()
         self._error: BaseException | None = None
@@ -40,7 +42,8 @@ class TorchMover:
         self._thread.start()
 
     def submit(self, job: CopyJob) -> None:
-        self._jobs.put(job)
+        order = CopyOrder(self._stream.device) if self._stream is not None else None
+        self._jobs.put((job, order))
 
     def poll(self) -> list[int]:
         with self._cond:
@@ -58,10 +61,10 @@ class TorchMover:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
-    def _handle(self, job: CopyJob) -> bool:
+    def _handle(self, job: CopyJob, order: CopyOrder | None) -> bool:
         """Run one job; False once a copy has failed (the thread then stops)."""
         try:
-            self._copy(job)
+            self._copy(job, order)
         except BaseException as e:  # reported to the engine thread by poll()
             with self._cond:
                 self._error = e
@@ -73,8 +76,10 @@ class TorchMover:
             self._cond.notify_all()
         return True
 
-    def _copy(self, job: CopyJob) -> None:
+    def _copy(self, job: CopyJob, order: CopyOrder | None) -> None:
         mem = self.memory
+        if order is not None:  # after the steps that wrote (or still read) these blocks
+            order.wait(self._stream)
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             if job.src_tier == "disk":
                 mem.write_blocks(job.dst_tier, list(job.dst_blocks), pack(self.read_adapter(job.adapter)))
@@ -94,6 +99,6 @@ def _serve(ref: weakref.ref, jobs: queue.Queue) -> None:
                 return
             continue
         mover = ref()
-        if job is None or mover is None or not mover._handle(job):
+        if job is None or mover is None or not mover._handle(*job):
             return
         del mover

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from loraserve.gpu import active as triton_active
+from loraserve.gpu.segments import upload
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.bank import LoraBank
 from loraserve.lora.batch import LoraBatch
@@ -37,6 +39,8 @@ class LocalLoraBackend:
         self.read_blocks = read_blocks
         self.batch: LoraBatch | None = None
         """The current step's rows by slot (None: no adapter rows in it)."""
+        self.units = None
+        """The GPU path's per-slot rank tables (`lora/gpu_batch.py`), made on its first step."""
 
     def begin(self, adapters: Sequence[str | None], rows: Sequence[int],
               loads: Sequence[tuple[str, list[int]]]) -> list[int]:
@@ -56,7 +60,11 @@ class LocalLoraBackend:
             groups.extend([0 if slot[i] is None else slot[i] + 1] * rows[i])
         num_base = sum(rows[i] for i in order if slot[i] is None)
         self.batch = None
-        if num_base < len(groups):
+        if num_base < len(groups) and triton_active(self.bank.device):
+            from loraserve.lora.gpu_batch import GpuLoraBatch, UnitTables
+            self.units = self.units or UnitTables(self.bank)
+            self.batch = GpuLoraBatch(self.bank, self.units, counts, num_base, upload([groups], self.bank.device)[0])
+        elif num_base < len(groups):
             self.batch = LoraBatch(self.bank, counts, num_base, torch.tensor(groups, device=self.bank.device))
         return order
 

@@ -10,6 +10,9 @@ in a step, so rows sorted by expert alone are sorted by group too.
 
 The rank grows to the largest adapter loaded so far (the bank is reallocated
 then), so a fleet of rank-16 adapters pays for rank 16, not max_lora_rank.
+Expert targets (E times the size of the others) are allocated only once an
+adapter with expert LoRA is loaded: attention-only adapters of an MoE model
+pay nothing for them.
 
 A bank may hold a shard (a LoRA server rank under expert or pipeline
 parallelism): only the (layer, target)s in `keys`, and `num_experts` experts
@@ -48,22 +51,26 @@ class LoraBank:
         self.dtype = dtype
         self.device = device
         self.rank = 0
+        self.experts = False
+        """Whether the expert targets are allocated (some adapter loaded so far has them)."""
         self.slots: list[LoraAdapter | None] = [None] * num_slots
         self.a: dict[Key, torch.Tensor] = {}
         self.b: dict[Key, torch.Tensor] = {}
 
-    def _allocate(self, rank: int) -> None:
-        """Swap in zeroed tensors of a larger rank, all built before any is
-        replaced: an out-of-memory midway leaves the bank as it was."""
+    def _allocate(self, rank: int, experts: bool) -> None:
+        """Swap in zeroed tensors of a larger rank (or with the expert targets),
+        all built before any is replaced: an out-of-memory midway leaves the bank as it was."""
         s, e = self.spec, self.num_experts
         a, b = {}, {}
         for layer, target in self.keys:
+            if target.is_expert and not experts:
+                continue
             w = target.width * rank
             lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
             kw = dict(dtype=self.dtype, device=self.device)
             a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
             b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
-        self.a, self.b, self.rank = a, b, rank
+        self.a, self.b, self.rank, self.experts = a, b, rank, experts
 
     @property
     def num_bytes(self) -> int:
@@ -72,9 +79,11 @@ class LoraBank:
     def load(self, slot: int, adapter: LoraAdapter, layers: range | None = None) -> None:
         """Copy an adapter's weights into a slot (host → device): all of them,
         or only those of `layers` (the LoRA server loads layer by layer)."""
-        if adapter.rank > self.rank:
+        experts = self.experts or any(t.is_expert for _, t in adapter.weights)
+        if adapter.rank > self.rank or experts != self.experts:
             resident = [(i, a) for i, a in enumerate(self.slots) if a is not None and i != slot]
-            self._allocate(-(-adapter.rank // 4) * 4)  # multiple of 4: aligned rows for grouped matmuls
+            rank = max(self.rank, -(-adapter.rank // 4) * 4)  # multiple of 4: aligned rows for grouped matmuls
+            self._allocate(rank, experts)
             for i, a in resident:
                 self._write(i, a)
         self._write(slot, adapter, layers)

@@ -17,13 +17,15 @@ import torch
 from loraserve.kernels import lora_delta
 from loraserve.lora.bank import LoraBank
 from loraserve.lora_server.store import AdapterStore
-from loraserve.model.targets import Target
+from loraserve.model.targets import Target, out_dim
 
 
 def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, slot: torch.Tensor,
                   expert: torch.Tensor | None = None) -> torch.Tensor:
     """x: [N, in]; slot: [N] each row's slot; expert: [N] its expert (expert
     targets). Returns the [N, out] deltas in x's row order, in the bank's dtype."""
+    if (layer, target) not in bank.a:  # expert targets before any adapter has them (see LoraBank)
+        return x.new_zeros(x.shape[0], out_dim(bank.spec, target), dtype=bank.dtype)
     a, b = bank.a[(layer, target)], bank.b[(layer, target)]
     if expert is None:
         key, groups = slot, bank.num_slots

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraserve.gpu import active as triton_active
+
 
 @dataclass
 class AttnGroup:
@@ -37,6 +39,8 @@ class AttnMetadata:
     positions: torch.Tensor  # [T] long
     slot_mapping: torch.Tensor  # [T] long: block * block_size + offset
     groups: list[AttnGroup]
+    paged: object | None = None
+    """The Triton kernels' tables (`gpu/paged.py`) on the GPU path, in place of groups."""
 
 
 def build_metadata(
@@ -51,6 +55,10 @@ def build_metadata(
     num_computed_tokens, num_new_tokens); each request's new tokens are
     contiguous rows of the step.
     """
+    if triton_active(device):
+        from loraserve.gpu.paged import build_paged
+        positions, slot_mapping, paged = build_paged(seqs, block_size, sliding_window, device)
+        return AttnMetadata(positions, slot_mapping, [], paged=paged)
     positions, slots, first_rows = [], [], []
     for blocks, start, n in seqs:
         first_rows.append(len(positions))
@@ -109,6 +117,8 @@ def paged_attention(
     flat = kv.view(2, num_blocks * block_size, hkv, d)
     flat[0].index_copy_(0, meta.slot_mapping, k)
     flat[1].index_copy_(0, meta.slot_mapping, v)
+    if meta.paged is not None:
+        return meta.paged.attend(q, kv)
     out = torch.empty_like(q)
     for g in meta.groups:
         if g.identity:  # rows are already the padded layout: no scatter, no gather

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraserve.gpu.segments import group_ends
 from loraserve.kernels import segmented_mm
 from loraserve.model.attention import AttnMetadata, paged_attention
 from loraserve.model.linear import Linear
@@ -159,7 +160,7 @@ class Transformer:
         token = torch.arange(num_tokens, device=h.device).repeat_interleave(k)  # [T*K]
         order = torch.argsort(experts.flatten(), stable=True)  # (token, expert) pairs by expert
         routing = Routing(token[order], experts.flatten()[order], weights.flatten()[order])
-        offs = torch.bincount(routing.expert, minlength=s.num_experts).cumsum(0).to(torch.int32)
+        offs = group_ends(routing.expert, s.num_experts)
         xs = h[routing.token]  # [T*K, H]
         gate, up = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing).chunk(2, dim=-1)
         y = self._experts(lora, i, Target.EXPERTS_DOWN, F.silu(gate) * up, moe.down, offs, routing)  # [T*K, H]
