@@ -140,7 +140,8 @@ def run_vllm(model_dir: Path, adapters: dict, dtype: str) -> dict:
                              capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         raise RuntimeError(f"vLLM run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too, also after the result (its shutdown): the result is the line that is JSON
+    return next(json.loads(line) for line in reversed(out.stdout.splitlines()) if line.startswith('{"mixed"'))
 
 
 def single_decode(model_dir: Path, dtype: str) -> dict:
