@@ -226,37 +226,22 @@ def llama8b_spec(tiny: bool = False):
 
 
 def random_model(spec, dtype):
-    """Random weights in the model's own structures (plain tensors, or the `Linear`
-    wrapper where the model keeps its projections in one)."""
-    import dataclasses
-
+    """Random weights in the model's own structures."""
+    from loraserve.model.linear import Linear
     from loraserve.model.transformer import DenseMLP, Layer, Transformer
-    try:
-        from loraserve.model.linear import Linear
-    except ImportError:
-        Linear = None  # noqa: N806 (projections are plain tensors)
 
     def w(*shape):
         return torch.randn(*shape, dtype=dtype, device=DEVICE) * 0.02
 
     def proj(*shape):
-        return w(*shape) if Linear is None else Linear(w(*shape))
+        return Linear(w(*shape))
 
     ones = torch.ones(spec.hidden_size, dtype=dtype, device=DEVICE)
-    extra = {f.name: None for f in dataclasses.fields(Layer) if f.name in ("qkv_bias", "o_bias")}
     h, i = spec.hidden_size, spec.intermediate_size
     layers = [Layer(input_norm=ones, qkv=proj(spec.q_size + 2 * spec.kv_size, h), o=proj(h, spec.q_size),
-                    q_norm=None, k_norm=None, post_norm=ones,
-                    mlp=DenseMLP(gate_up=proj(2 * i, h), down=proj(h, i)), **extra)
+                    q_norm=None, k_norm=None, post_norm=ones, mlp=DenseMLP(gate_up=proj(2 * i, h), down=proj(h, i)))
               for _ in range(spec.num_layers)]
     return Transformer(spec, w(spec.vocab_size, h), layers, ones, proj(spec.vocab_size, h), CONTEXT + 64)
-
-
-def num_bytes(weight) -> int:
-    """Bytes of a projection's weight, a plain tensor or a `Linear`."""
-    if hasattr(weight, "num_bytes"):
-        return weight.num_bytes
-    return weight.numel() * weight.element_size()
 
 
 def random_adapter(spec, dtype, i: int):
@@ -335,8 +320,8 @@ def throughput(limits: dict, steps: int, tiny: bool = False) -> list[dict]:
     blocks_per_seq = -(-(CONTEXT + 1) // 16)
     memory = TierMemory(spec, 64 * blocks_per_seq, 16, dtype, model.device)
     executor = TorchExecutor(model, memory, backend, seed=0)
-    weight_bytes = sum(num_bytes(t) for layer in model.layers
-                       for t in (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)) + num_bytes(model.lm_head)
+    weight_bytes = sum(t.num_bytes for layer in model.layers
+                       for t in (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)) + model.lm_head.num_bytes
     matmul_flops = weight_bytes  # 2 FLOPs per bf16 weight (2 bytes) per row
     lora_bytes, lora_flops = lora_cost(adapters[0])
     hbm, tc = limits["hbm_measured_Bps"], limits["bf16_measured_flops"]

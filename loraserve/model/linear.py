@@ -58,10 +58,6 @@ class Linear:
         return linear(x, self.weight, self.bias)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
     def num_bytes(self) -> int:
         n = self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
         return n * self.weight.element_size()
