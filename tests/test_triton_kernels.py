@@ -18,6 +18,7 @@ from loraserve.gpu.experts import experts_mm
 from loraserve.gpu.lora_kernels import expand_add, segment_mm
 from loraserve.gpu.paged import build_paged
 from loraserve.gpu.segments import Tiles, device_tiles, group_bounds, group_ends, host_tiles
+from loraserve.model.attention import flatten
 
 
 def i32(values, device):
@@ -70,7 +71,7 @@ def test_step_tables_attend_as_the_reference(device):
     seqs = [([3, 1], 5, 1), ([7, 0, 2], 0, 9), ([4], 2, 1)]
     kv = torch.randn(2, num_blocks, page, 2, 16, generator=g)
     q = torch.randn(11, 4, 16, generator=g)
-    pos, slots, step = build_paged(seqs, page, None, device)
+    pos, slots, step = build_paged(seqs, flatten(seqs, page), page, None, device)
     assert pos.tolist() == [5, *range(9), 2] and slots.dtype == torch.int64
     assert slots.tolist() == [1 * 4 + 1, *(b * 4 + o for b in (7, 0, 2) for o in range(4))][:10] + [4 * 4 + 2]
     expected = ref.paged_attention(q, kv, [0, 1, 10], [5, 0, 2], [1, 9, 1], [s[0] for s in seqs], None)

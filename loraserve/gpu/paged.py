@@ -42,16 +42,13 @@ class PagedStep:
         return out
 
 
-def build_paged(seqs: list[tuple[list[int], int, int]], block_size: int, window: int | None,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PagedStep]:
+def build_paged(seqs: list[tuple[list[int], int, int]], flat: tuple[list[int], list[int], list[int]],
+                block_size: int, window: int | None, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, PagedStep]:
     """(positions [T] int32, slot mapping [T] int64, tables) of a step whose
-    sequences are (block ids, tokens computed, new tokens) in row order."""
-    positions, slots, rows = [], [], []
-    for blocks, start, n in seqs:
-        rows.append(len(positions))
-        for p in range(start, start + n):
-            positions.append(p)
-            slots.append(blocks[p // block_size] * block_size + p % block_size)
+    sequences are (block ids, tokens computed, new tokens) in row order;
+    `flat`: their positions, slots and first rows (`model.attention.flatten`)."""
+    positions, slots, rows = flat
     width = max(-(-(start + n) // block_size) for _, start, n in seqs)
     tables = [v for blocks, start, n in seqs for v in (blocks + [0] * width)[:width]]
     decodes = [i for i, (_, _, n) in enumerate(seqs) if n == 1]

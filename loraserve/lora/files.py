@@ -111,13 +111,18 @@ def _read_config(path: Path, f: BinaryIO, size: int) -> dict:
     data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:  # it grew since it was opened
         raise AdapterError(f"adapter {path}: {CONFIG} changed while it was read; load it again once it is written")
+    return _json_object(f"adapter {path}: {CONFIG}", data)
+
+
+def _json_object(what: str, data: bytes) -> dict:
+    """`data` parsed, which must be a JSON object; `what` names it in the error."""
     try:
-        config = json.loads(data)
+        value = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise AdapterError(f"adapter {path}: {CONFIG} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"adapter {path}: {CONFIG} is not a JSON object")
-    return config
+        raise AdapterError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{what} is not a JSON object")
+    return value
 
 
 def _read_weights(path: Path, f: BinaryIO, size: int) -> tuple[bytearray, dict[str, torch.Tensor]]:
@@ -149,12 +154,7 @@ def _read_weights(path: Path, f: BinaryIO, size: int) -> tuple[bytearray, dict[s
 def _parse_header(where: str, header_bytes: bytes, data_len: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
     """name → (dtype, shape, start, end) of each tensor, every one checked to lie
     inside the file's `data_len` bytes of data and to fill its byte range exactly."""
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, RecursionError) as e:
-        raise AdapterError(f"{where}: the header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{where}: the header is not a JSON object")
+    header = _json_object(f"{where}: the header", header_bytes)
     entries, end_of_data = {}, 0
     for name, info in header.items():
         if name == "__metadata__":

@@ -55,16 +55,12 @@ def build_metadata(
     num_computed_tokens, num_new_tokens); each request's new tokens are
     contiguous rows of the step.
     """
+    positions, slots, first_rows = flatten(seqs, block_size)
     if triton_active(device):
         from loraserve.gpu.paged import build_paged
-        positions, slot_mapping, paged = build_paged(seqs, block_size, sliding_window, device)
-        return AttnMetadata(positions, slot_mapping, [], paged=paged)
-    positions, slots, first_rows = [], [], []
-    for blocks, start, n in seqs:
-        first_rows.append(len(positions))
-        for p in range(start, start + n):
-            positions.append(p)
-            slots.append(blocks[p // block_size] * block_size + p % block_size)
+        positions_t, slot_mapping, paged = build_paged(seqs, (positions, slots, first_rows), block_size,
+                                                       sliding_window, device)
+        return AttnMetadata(positions_t, slot_mapping, [], paged=paged)
     groups = []
     for want_decode in (True, False):
         members = [i for i, (_, _, n) in enumerate(seqs) if (n == 1) == want_decode]
@@ -77,6 +73,18 @@ def build_metadata(
         g.identity = g.batch * g.q_len == len(positions) and torch.equal(g.src, rows) and torch.equal(g.dst, rows)
     return AttnMetadata(torch.tensor(positions, dtype=torch.long, device=device),
                         torch.tensor(slots, dtype=torch.long, device=device), groups)
+
+
+def flatten(seqs: list[tuple[list[int], int, int]], block_size: int) -> tuple[list[int], list[int], list[int]]:
+    """The step's rows: each new token's position and KV slot (block * block_size
+    + offset), in row order, and each sequence's first row."""
+    positions, slots, first_rows = [], [], []
+    for blocks, start, n in seqs:
+        first_rows.append(len(positions))
+        for p in range(start, start + n):
+            positions.append(p)
+            slots.append(blocks[p // block_size] * block_size + p % block_size)
+    return positions, slots, first_rows
 
 
 def _group(seqs, token_order, block_size, sliding_window, device) -> AttnGroup:
