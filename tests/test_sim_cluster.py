@@ -15,7 +15,6 @@ from loraserve.lora_server.fill import SlotFill
 from loraserve.lora_server.window import BatchWindow, form_batches
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
-from loraserve.router import InstanceLoad, route
 from loraserve.sim.cluster import Cluster, ClusterConfig, simulate_cluster
 from loraserve.sim.engine import SimConfig
 from loraserve.sim.exchange import LINKS, ExchangeModel
@@ -27,24 +26,6 @@ from loraserve.workload.arrivals import ArrivalConfig
 
 H20 = PROFILES["h20"]
 MIXTRAL = model_spec("mixtral-8x7b")
-
-
-# -- routing -------------------------------------------------------------------------
-
-def test_least_loaded_routing_picks_fewest_requests_then_fewest_tokens():
-    loads = [InstanceLoad(3, 900), InstanceLoad(1, 5000), InstanceLoad(1, 200), InstanceLoad(2, 0)]
-    assert route(loads, "a") == 2
-    assert route(loads, "a", "least-tokens") == 3
-    assert route([InstanceLoad(0), InstanceLoad(0)], None) == 0  # ties: the lowest index
-
-
-def test_affinity_routing_prefers_a_warm_instance_within_slack_only():
-    loads = [InstanceLoad(1, adapters=frozenset()), InstanceLoad(3, adapters=frozenset({"a"})),
-             InstanceLoad(9, adapters=frozenset({"b"}))]
-    assert route(loads, "a", "affinity") == 1  # 3 <= 1 + 2
-    assert route(loads, "b", "affinity") == 0  # 9 is too far behind
-    with pytest.raises(ValueError, match="unknown routing policy"):
-        route(loads, "a", "random")
 
 
 # -- the exchange model --------------------------------------------------------------

@@ -119,6 +119,10 @@ class DependencyTree:
         self.host_roots: set[Node] = set()
         """Host nodes whose parent is on the device: where swap-ins start."""
 
+        self.resident: set[object] = set()
+        """Keys of the adapters whose weights are on the device (what an
+        instance reports to the router; kept as nodes move, so reading it is free)."""
+
         self._seq = itertools.count(1)
 
     def add_adapter(self, key: object, tier: Tier, num_blocks: int, num_bytes: int, now: float,
@@ -141,6 +145,7 @@ class DependencyTree:
         if node.tier is Tier.DEVICE:
             node.parent.num_device_children += 1
         self.on_tier[node.tier].add(node)
+        self._track(node)
         self._refresh(node)
         self._refresh(node.parent)
 
@@ -156,6 +161,7 @@ class DependencyTree:
         self._refresh(node.parent)
         if node.kind is Kind.LORA:
             del self.adapters[node.key]
+            self.resident.discard(node.key)
 
     def move(self, node: Node, tier: Tier, blocks: list[int]) -> None:
         if node.tier is Tier.DEVICE:
@@ -165,10 +171,15 @@ class DependencyTree:
         self.on_tier[node.tier].discard(node)
         self.on_tier[tier].add(node)
         node.tier, node.blocks = tier, blocks
+        self._track(node)
         self._refresh(node)
         self._refresh(node.parent)
         for child in node.children.values():  # a child's parent changed tier
             self._refresh(child)
+
+    def _track(self, node: Node) -> None:
+        if node.kind is Kind.LORA and node.local:
+            (self.resident.add if node.tier is Tier.DEVICE else self.resident.discard)(node.key)
 
     def _refresh(self, node: Node) -> None:
         if node.kind is Kind.ROOT or not node.local:

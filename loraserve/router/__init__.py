@@ -1,5 +1,5 @@
 """Routing requests to base-model instances (pure policy; `policy.py`)."""
 
-from loraserve.router.policy import ROUTERS, InstanceLoad, route
+from loraserve.router.policy import POLICIES, REASONS, Bound, Choice, InstanceLoad, Router
 
-__all__ = ["ROUTERS", "InstanceLoad", "route"]
+__all__ = ["POLICIES", "REASONS", "Bound", "Choice", "InstanceLoad", "Router"]

@@ -10,9 +10,10 @@ or disaggregated (InfiniLoRA).
   starts when its result is back.
 
 Events (arrivals, step ends, deltas done, server turns, copies landing) run
-in time order on one ManualClock. Requests go to the instance `route`
-(`loraserve/router`) picks, the function a real router calls; later turns of a
-session stay on their instance (its history KV is there).
+in time order on one ManualClock. Requests go to the instance the `Router`
+(`loraserve/router`) picks, the policy the Ray Serve router calls: each
+instance reports its load, its resident adapters (coupled) and the sessions
+it served (whose history KV it holds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from loraserve.clock import ManualClock
 from loraserve.engine.plan import ScheduledSeq, StepPlan
 from loraserve.model.spec import ModelSpec
 from loraserve.request import Request
-from loraserve.router import InstanceLoad, route
+from loraserve.router import REASONS, InstanceLoad, Router
 from loraserve.sampling import SamplingParams
 from loraserve.sim.cost import StepCost
 from loraserve.sim.engine import SimConfig, SimEngine
@@ -46,7 +47,9 @@ class ClusterConfig:
     total_gpus: int = 16
     instance_gpus: int = 2
     rank: int = 64
-    router: str = "least-loaded"
+    router: str = "affinity"
+    """A routing policy of `loraserve.router.POLICIES`."""
+
     sim: SimConfig = field(default_factory=SimConfig)
     """Each instance's engine (tp is set to instance_gpus)."""
 
@@ -103,8 +106,14 @@ class Cluster:
                                           d.overlap, d.kernel_eff, self.sim_cfg.dtype_bytes)
             self.server = SimLoraServer(spec, hw, d, adapters, self.clock, self.exchange, self._wake_server, store)
         self.done: list[Request] = []
+        self.router = Router(cfg.router)
         self.home: dict[int, int] = {}
-        """Session → the instance its turns go to."""
+        """Session → the instance that served its last turn."""
+
+        self.served: list[set[int]] = [set() for _ in self.instances]
+        """Per instance, the sessions whose last turn it served."""
+
+        self.reasons = dict.fromkeys(REASONS, 0)
 
     # -- events ------------------------------------------------------------------
 
@@ -146,9 +155,14 @@ class Cluster:
 
     def _arrive(self, session: int, k: int, prompt: list[int]) -> None:
         turn = self.sessions[session][k]
-        if session not in self.home:
-            self.home[session] = route([_load(e) for e in self.instances], turn.adapter, self.cfg.router)
-        i = self.home[session]
+        loads = [_load(e, self.served[j]) for j, e in enumerate(self.instances)]
+        choice = self.router.pick(loads, turn.adapter, session if k else None)
+        i = choice.index
+        self.reasons[choice.reason] += 1
+        if session in self.home:
+            self.served[self.home[session]].discard(session)
+        self.home[session] = i
+        self.served[i].add(session)
         sp = SamplingParams(max_tokens=turn.output_len, temperature=0.0, ignore_eos=True)
         req = self.instances[i].add_request(prompt, sp, adapter=turn.adapter, request_id=turn.id)
         req.arrival_time = self.clock.now()
@@ -226,7 +240,8 @@ class Cluster:
         chunk = self.sim_cfg.scheduler.max_num_batched_tokens
         queue = [replace(r, arrival=r.arrival + prefill_time(cost, r.input_len, chunk)) for r in records]
         stats = {"instances": len(self.instances),
-                 "preemptions": sum(e.scheduler.num_preemptions for e in self.instances)}
+                 "preemptions": sum(e.scheduler.num_preemptions for e in self.instances),
+                 "routed": dict(self.reasons)}
         for key in ("adapter_hit_rate", "kv_hit_rate"):
             values = [e.cache.stats().get(key) for e in self.instances]
             values = [v for v in values if v is not None]
@@ -236,11 +251,13 @@ class Cluster:
         return ClusterResult(records, queue, summarize(queue, slo), summarize(records, slo), stats, wall_s)
 
 
-def _load(eng: SimEngine) -> InstanceLoad:
+def _load(eng: SimEngine, sessions: set[int]) -> InstanceLoad:
+    """What a replica reports: its load, its resident adapters (none when they are
+    remote) and the sessions it served (live sets, read and not copied)."""
     s = eng.scheduler
     held = [*s.running, *s.waiting, *s.pending]
     return InstanceLoad(len(held), sum(r.num_tokens - r.num_computed_tokens + r.sampling.max_tokens
-                                       - r.num_output_tokens for r in held))
+                                       - r.num_output_tokens for r in held), eng.cache.tree.resident, sessions)
 
 
 def prefill_time(cost: StepCost, tokens: int, chunk: int) -> float:
