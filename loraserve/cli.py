@@ -15,6 +15,7 @@ from loraserve.flags import add_flag
 from loraserve.errors import RequestError
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
+from loraserve.router import POLICIES
 from loraserve.remote.config import MODES, TRANSPORTS, LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.server.limits import ServerLimits
@@ -129,16 +130,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
     if args.lora_server and args.model is None:
         raise ValueError("--lora-server needs --model (the demo's adapters are the LoRA server's to serve)")
-    engine = LLMEngine(engine_config(args, model))
-    engine.memory.prefault()  # a server takes its host tier at start (see TierMemory.prefault)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path)
-    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    if args.ray_address and args.replicas is None:
+        raise ValueError("--ray-address needs --replicas (how many engine replicas to deploy there)")
+    if args.replicas is not None:
+        try:
+            from loraserve.cluster.deploy import ClusterOptions, start_cluster, stop_cluster
+        except ImportError as e:
+            raise RuntimeError(f"--replicas needs Ray Serve: pip install 'loraserve[cluster]' ({e})") from e
+
+        opts = ClusterOptions(args.replicas, args.ray_address, args.replica_cpus, args.replica_gpus, args.routing)
+        async_engine = start_cluster(engine_config(args, model), adapters, opts, args.max_waiting)
+        where = f"{args.replicas} replicas on Ray Serve ({args.routing} routing)"
+        dtype, close = async_engine.info["dtype"], lambda: stop_cluster(opts)
+    else:
+        engine = LLMEngine(engine_config(args, model))
+        engine.memory.prefault()  # a server takes its host tier at start (see TierMemory.prefault)
+        for name, path in adapters.items():
+            engine.add_adapter(name, path)
+        async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+        where, dtype, close = "one process", engine.dtype, engine.close
     limits = ServerLimits(max_request_bytes=args.max_request_bytes)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, public_metrics=args.public_metrics, limits=limits)
-    print(f"loraserve: serving {model} ({engine.dtype}{' by --dtype auto' if args.dtype == 'auto' else ''}) "
-          f"with {len(adapters)} adapters on http://{args.host}:{args.port}", flush=True)
+    print(f"loraserve: serving {model} ({dtype}{' by --dtype auto' if args.dtype == 'auto' else ''}) "
+          f"with {len(adapters)} adapters in {where} on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=10),
                             async_engine)
@@ -146,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_engine.shutdown()
-        engine.close()
+        close()
     if async_engine.dead is not None:  # non-zero, so that a supervisor restarts the server
         print(f"loraserve: error: the engine stopped ({async_engine.dead}); exiting", file=sys.stderr)
         return 1
@@ -255,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(r, "--lora-overlap", RemoteLoraConfig, "overlap", action=argparse.BooleanOptionalAction)
     add_flag(r, "--lora-server-timeout", RemoteLoraConfig, "timeout_s", type=float)
     add_flag(r, "--lora-transport", RemoteLoraConfig, "transport", choices=TRANSPORTS)
+    c = v.add_argument_group("scale-out on Ray Serve (pip install loraserve[cluster])")
+    c.add_argument("--replicas", type=int, metavar="N",
+                   help="N engine replicas as a Ray Serve deployment behind this one endpoint (default: one process, "
+                        "no Ray)")
+    c.add_argument("--ray-address", help="join this Ray cluster ('auto' or ray://HOST:PORT; default: start a local one)")
+    c.add_argument("--replica-cpus", type=float, help="CPUs per replica (default: this machine's cores / N)")
+    c.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default: %(default)s)")
+    c.add_argument("--routing", default="affinity", choices=POLICIES,
+                   help="which replica a request goes to: the one holding its session, then its adapter, within "
+                        "an imbalance bound, else the least loaded (affinity); or a plain policy (default: %(default)s)")
     v.set_defaults(func=cmd_serve)
 
     ls = sub.add_parser("lora-server", help="hold every adapter and compute LoRA deltas for base-model instances")

@@ -20,6 +20,7 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
+from loraserve.errors import InvalidRequest
 from loraserve.model.spec import ModelError
 
 
@@ -58,6 +59,14 @@ class Tokenizer:
         the input (entries are written at least as long as the text they stand
         for), so a text of n characters has at least n / this many tokens."""
         return max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
+
+    def check_prompt_chars(self, chars: int, field: str, max_model_len: int) -> None:
+        """Refuse a text that cannot fit the context, before it is tokenized
+        (seconds for megabytes): n characters make at least n / max_token_chars
+        tokens; the factor 2 leaves room for a normalizer that shortens text."""
+        if chars > 2 * max_model_len * self.max_token_chars:
+            raise InvalidRequest(field, f"{field} ({chars} characters) cannot fit the context length "
+                                        f"{max_model_len} tokens")
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -90,12 +90,13 @@ class AsyncEngine:
 
     # -- the client interface (event-loop side) ---------------------------------
 
-    async def submit(self, specs: list[RequestSpec]) -> list[AsyncIterator[RequestOutput]]:
+    async def submit(self, specs: list[RequestSpec], session: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Validate every request off the event loop, then queue them together
         (so they batch from the first step); returns each one's outputs as they
         come. Raises (InvalidRequest, UnknownModel, Overloaded, Draining,
         EngineDead) before anything is queued. Stopping an iteration early
-        aborts its request."""
+        aborts its request. `session` is for a router (one engine has
+        nowhere else to send it: its prefix cache finds the history anyway)."""
         self._check_open()
         self._check_room()
         made = await asyncio.to_thread(lambda: [self.engine.make_request(*spec) for spec in specs])

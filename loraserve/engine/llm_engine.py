@@ -233,12 +233,7 @@ class LLMEngine(EngineCore):
         )
 
     def check_prompt_chars(self, chars: int, field: str) -> None:
-        """Refuse a text that cannot fit the context, before it is tokenized
-        (seconds for megabytes): n characters make at least n / max_token_chars
-        tokens; the factor 2 leaves room for a normalizer that shortens text."""
-        if chars > 2 * self.max_model_len * self.tokenizer.max_token_chars:
-            raise InvalidRequest(field, f"{field} ({chars} characters) cannot fit the context length "
-                                        f"{self.max_model_len} tokens")
+        self.tokenizer.check_prompt_chars(chars, field, self.max_model_len)
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     adapter: str | None = None, request_id: str | None = None) -> Request:

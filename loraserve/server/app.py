@@ -42,7 +42,7 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
     `limits`: what a request may be at most (server/limits.py)."""
     app = FastAPI(title="loraserve", version="0.1.0")
     app.router.route_class = FastJSONRoute  # bodies parsed by pydantic's parser (see body.py)
-    metrics = Metrics(client.stats, client.info)
+    metrics = Metrics(client.stats, client.info, getattr(client, "replica_view", None))  # a scaled-out endpoint's
     app.state.metrics = metrics
     errors.install(app, lambda status: metrics.errors.labels(str(status)).inc())
     allowed = [Path(d).resolve() for d in lora_dirs or []]
@@ -122,12 +122,13 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
         return model
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         adapter = adapter_for(body.model)
-        return await respond(client, metrics, body, adapter, _prompts(body.prompt), body.logprobs, chat=False)
+        return await respond(client, metrics, body, adapter, _prompts(body.prompt), body.logprobs, chat=False,
+                             session=_session(request, body))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, request: Request):
         adapter = adapter_for(body.model)
         messages = [m.for_template() for m in body.messages]
         # the template only adds text: messages that cannot fit are refused unrendered
@@ -139,9 +140,18 @@ def build_app(client: AsyncEngine, model_name: str, api_key: str | None = None,
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(client, metrics, body, adapter, [prompt], logprobs, chat=True)
+        return await respond(client, metrics, body, adapter, [prompt], logprobs, chat=True,
+                             session=_session(request, body))
 
     return app
+
+
+def _session(request: Request, body) -> str | None:
+    """The conversation a request belongs to: the X-Session-Id header, else OpenAI's `user` field."""
+    session = request.headers.get("x-session-id") or body.user
+    if session is not None and len(session) > 256:
+        raise InvalidRequest("user", "X-Session-Id: at most 256 characters")
+    return session
 
 
 def _prompts(prompt) -> list[str | list[int]]:

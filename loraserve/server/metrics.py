@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from dataclasses import dataclass
 from typing import Callable
 
 from loraserve.engine.async_engine import EngineStats
@@ -13,8 +14,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats], info: dict[str, str] | None = None) -> None:
-        """`info`: what the engine runs as (e.g. dtype, device), one labelled gauge of 1."""
+    def __init__(self, stats: Callable[[], EngineStats], info: dict[str, str] | None = None,
+                 replicas: Callable[[], ReplicaView] | None = None) -> None:
+        """`info`: what the engine runs as (e.g. dtype, device), one labelled gauge of 1.
+        `replicas`: a scaled-out endpoint's view of its replicas (`stats` is then their sum)."""
         self.registry = r = CollectorRegistry()
         if info:
             Gauge("loraserve_engine_info", "What the engine computes in (dtype after --dtype auto, device)",
@@ -33,9 +36,57 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("loraserve_requests_in_flight", "Requests accepted and not yet answered", registry=r)
         r.register(_EngineCollector(stats))
+        if replicas is not None:
+            r.register(_ReplicaCollector(replicas))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What a scaled-out endpoint knows of each replica (by its id)."""
+
+    routed: dict[tuple[str, str], int]
+    """(replica, reason) → requests the router sent there for that reason (loraserve.router.REASONS)."""
+
+    stats: dict[str, EngineStats]
+    """Each live replica's stats as of the last scrape."""
+
+
+class _ReplicaCollector:
+    """Per replica: routing decisions, and the few series that tell whether
+    routing works (its load, its prefix-cache and adapter hits). The unlabelled
+    series are the sum over replicas."""
+
+    def __init__(self, view: Callable[[], ReplicaView]) -> None:
+        self.view = view
+
+    def collect(self):
+        view = self.view()
+        yield GaugeMetricFamily("loraserve_replicas", "Replicas the endpoint routes to", value=len(view.stats))
+        routed = CounterMetricFamily("loraserve_routed_requests",
+                                     "Requests routed to a replica, by why: it held the session's history (session), "
+                                     "had the adapter resident (adapter), or neither (load)", labels=["replica", "reason"])
+        for (replica, reason), n in sorted(view.routed.items()):
+            routed.add_metric([replica, reason], n)
+        yield routed
+        for name, doc, kind, value in [
+            ("loraserve_replica_requests_running", "Requests running on the replica", GaugeMetricFamily,
+             lambda e: e.running),
+            ("loraserve_replica_requests_waiting", "Requests waiting on the replica", GaugeMetricFamily,
+             lambda e: e.waiting),
+            ("loraserve_replica_adapters_loaded", "Adapters registered on the replica", GaugeMetricFamily,
+             lambda e: e.adapters_loaded),
+            ("loraserve_replica_prefix_cache_hits", "Prompt tokens whose KV the replica's cache held",
+             CounterMetricFamily, lambda e: e.cache.get("kv_hit_tokens", 0)),
+            ("loraserve_replica_adapter_cache_hits", "Admissions whose adapter was already on the replica's device",
+             CounterMetricFamily, lambda e: e.cache.get("adapter_hits", 0)),
+        ]:
+            family = kind(name, doc, labels=["replica"])
+            for replica, e in sorted(view.stats.items()):
+                family.add_metric([replica], value(e))
+            yield family
 
 
 class _EngineCollector:

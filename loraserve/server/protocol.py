@@ -56,6 +56,8 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     """{"include_usage": true}: a last chunk carries the token counts."""
+    user: str | None = Field(default=None, max_length=256)
+    """OpenAI's end-user id; the session key a scaled-out endpoint routes by (unless X-Session-Id says otherwise)."""
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -20,15 +20,16 @@ DEFAULT_MAX_TOKENS = 16
 
 
 async def respond(client: AsyncEngine, metrics: Metrics, body, adapter: str | None, prompts: list,
-                  logprobs: int | None, chat: bool):
-    """The response to a completion or chat request over `prompts` (n choices each)."""
+                  logprobs: int | None, chat: bool, session: str | None = None):
+    """The response to a completion or chat request over `prompts` (n choices each);
+    `session` keys a multi-turn conversation (a scaled-out endpoint routes by it)."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     ids = [f"{rid}-{i}" for i in range(len(prompts) * body.n)]
     start = time.monotonic()
     # every choice is validated, then all are queued together, so they batch from the first step
     specs = [(prompt, body.sampling(DEFAULT_MAX_TOKENS, logprobs, i % body.n), adapter, ids[i])
              for i, prompt in enumerate(p for p in prompts for _ in range(body.n))]
-    raw = await client.submit(specs)
+    raw = await client.submit(specs, session)
     streams = [_timed(s, metrics, adapter or "base", start) for s in raw]
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))

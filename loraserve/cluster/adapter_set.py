@@ -1,0 +1,33 @@
+"""The adapters every replica serves, in one named Ray actor.
+
+The endpoint changes it (load, unload through the API); a replica reads it when
+it starts and again with each routing report, so a replica started later, or
+restarted by Serve after a crash, serves the current set without anyone
+pushing it there. The version lets a replica tell cheaply that nothing changed.
+"""
+
+from __future__ import annotations
+
+
+class AdapterSet:
+    """name → path, in load order; each change bumps `version`."""
+
+    def __init__(self, adapters: dict[str, str]) -> None:
+        self.adapters = dict(adapters)
+        self.version = 0
+
+    def current(self) -> tuple[int, dict[str, str]]:
+        return self.version, dict(self.adapters)
+
+    def version_now(self) -> int:
+        return self.version
+
+    def add(self, name: str, path: str) -> int:
+        self.adapters[name] = path
+        self.version += 1
+        return self.version
+
+    def remove(self, name: str) -> int:
+        if self.adapters.pop(name, None) is not None:
+            self.version += 1
+        return self.version

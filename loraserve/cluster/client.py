@@ -1,0 +1,259 @@
+"""The endpoint's engine client over a Ray Serve deployment of replicas: the
+interface `server/app.py` uses (that of `AsyncEngine`), so the endpoint is the
+single-process server's own app and speaks the same API.
+
+A request is one Serve call, routed by `ReplicaRouter`; its n choices stream
+back together and are handed out one iterator each. Adapter loads go to every
+live replica (pinned calls through the same router) after the adapter set
+actor has recorded them, so a replica that starts meanwhile catches up.
+Tokenizing (chat templates, token text) happens here, with the model's own
+tokenizer, as in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from ray.serve.handle import DeploymentHandle
+
+from loraserve.cluster.calls import Refusal, RouteKey, raise_refusal
+from loraserve.cluster.live import ROUTERS
+from loraserve.engine.async_engine import EngineStats, RequestSpec
+from loraserve.engine.output import RequestOutput
+from loraserve.errors import Draining, Unavailable, UnknownModel
+from loraserve.lora.files import AdapterError
+from loraserve.lora.registry import AdapterInfo, check_name
+from loraserve.server.metrics import ReplicaView
+from loraserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3
+"""Tries of a request whose replica died before accepting it (it goes elsewhere)."""
+
+
+class ReplicaSetClient:
+    def __init__(self, handle: DeploymentHandle, adapter_set, deployment: str, describe: dict,
+                 timeout_s: float = 60.0) -> None:
+        """`describe`: one replica's `describe()`; `timeout_s`: the longest a control call (load, stats) waits."""
+        self.stream_handle = handle.options(stream=True)
+        self.call_handle = handle.options(stream=False)
+        self.adapter_set, self.deployment, self.timeout_s = adapter_set, deployment, timeout_s
+        self.model_root: str = describe["model_root"]
+        self.info: dict[str, str] = describe["info"]
+        self.adapters_remote: bool = describe["adapters_remote"]
+        self.max_model_len: int = describe["max_model_len"]
+        self.tokenizer = Tokenizer(self.model_root)
+        self._adapters: tuple[AdapterInfo, ...] = tuple(describe["adapters"])
+        self._calls: dict[str, object] = {}
+        """Request id → the Serve call carrying it (aborting cancels the call once all its choices are gone)."""
+        self._stats = EngineStats()
+        self._replica_stats: dict[str, EngineStats] = {}
+        self.dead: str | None = None
+        self.draining = False
+        self.on_death = None
+
+    # -- requests ----------------------------------------------------------------
+
+    async def submit(self, specs: list[RequestSpec], session: str | None = None) -> list[AsyncIterator[RequestOutput]]:
+        """As AsyncEngine.submit; `session` routes the request to where the session's history is."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        adapter = specs[0][2]
+        tokens = sum((len(p) if isinstance(p, list) else len(p) // 4) + s.max_tokens for p, s, _, _ in specs)
+        route = RouteKey(adapter, session, tokens)
+        for attempt in range(RETRIES):
+            call = self.stream_handle.generate.remote(specs, route=route)
+            try:
+                first = await call.__anext__()
+            except Exception as e:  # the replica died before it took the request: try another
+                call.cancel()
+                if attempt + 1 == RETRIES:
+                    raise Unavailable(f"no replica could take the request ({type(e).__name__})") from e
+                await asyncio.sleep(0.1 * (attempt + 1))
+                continue
+            if isinstance(first, Refusal):
+                raise_refusal(first)
+            break
+        queues = [asyncio.Queue() for _ in specs]
+        ids = [spec[3] for spec in specs]
+        for request_id in ids:
+            self._calls[request_id] = call
+        pump = asyncio.create_task(_pump(call, queues))
+        return [self._outputs(request_id, q, call, pump, ids) for request_id, q in zip(ids, queues)]
+
+    def abort(self, request_id: str) -> None:
+        call = self._calls.pop(request_id, None)
+        if call is not None and not any(c is call for c in self._calls.values()):
+            call.cancel()  # the replica's generator is cancelled, and aborts its requests
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue, call, pump: asyncio.Task,
+                       ids: list[str]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._calls.pop(request_id, None)
+            if not any(i in self._calls for i in ids):
+                pump.cancel()
+
+    def num_unfinished(self) -> int:
+        return len(self._calls)
+
+    # -- adapters ----------------------------------------------------------------
+
+    def adapters(self) -> tuple[AdapterInfo, ...]:
+        return self._adapters
+
+    async def load_adapter(self, name: str, path: str | Path, within: Sequence[Path] = ()) -> AdapterInfo:
+        """Load on one replica (which validates it: a bad adapter changes nothing),
+        record it in the set, then load it on every other live replica."""
+        check_name(name)
+        if any(a.name == name for a in self._adapters):
+            raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
+        first, *rest = await self._replicas()
+        dirs = [str(d) for d in within]
+        info = _unpack(await self._pinned(first, "load_adapter", name, str(path), dirs))
+        await self.adapter_set.add.remote(name, str(path))
+        results = await asyncio.gather(*(self._pinned(r, "load_adapter", name, str(path), dirs) for r in rest),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, (Refusal, Exception))]
+        if failed:  # e.g. one replica's device pool is too small: all or nothing
+            await self._unload_everywhere(name)
+            _unpack(failed[0])
+            raise Unavailable(f"a replica could not load {name!r}: {failed[0]}")
+        self._adapters += (info,)
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        if not any(a.name == name for a in self._adapters):
+            raise UnknownModel(name)
+        self._adapters = tuple(a for a in self._adapters if a.name != name)  # new requests are refused at once
+        await self._unload_everywhere(name)
+
+    async def _unload_everywhere(self, name: str) -> None:
+        await self.adapter_set.remove.remote(name)
+        results = await asyncio.gather(*(self._pinned(r, "unload_adapter", name) for r in await self._replicas()),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, Refusal):
+                raise_refusal(r)
+            if isinstance(r, Exception):  # a replica that died: its restart reads the set without it
+                log.warning("unload of %s: a replica did not answer (%s)", name, r)
+
+    # -- state -------------------------------------------------------------------
+
+    def health(self) -> str:
+        return "draining" if self.draining else "ok"
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def refresh_stats(self, timeout: float = 2.0) -> EngineStats:
+        """Every live replica's stats, summed (rates recomputed from the summed counts)."""
+        replicas = await self._replicas()
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(
+                *(self._pinned(r, "stats") for r in replicas), return_exceptions=True), timeout)
+        except asyncio.TimeoutError:
+            return self._stats
+        self._replica_stats = {r: p for r, p in zip(replicas, parts) if isinstance(p, EngineStats)}
+        if self._replica_stats:
+            self._stats = merge_stats(list(self._replica_stats.values()))
+        return self._stats
+
+    def replica_view(self) -> ReplicaView:
+        """Per replica: where the router sent requests and why, and its stats as of the last scrape."""
+        router = ROUTERS.get(self.deployment)
+        return ReplicaView(dict(router.routed) if router is not None else {}, dict(self._replica_stats))
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, tools, template_kwargs=template_kwargs)
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        self.tokenizer.check_prompt_chars(chars, field, self.max_model_len)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def shutdown(self) -> None:
+        """Cancel what still streams (the deployment itself is `deploy.py`'s to stop)."""
+        for call in {id(c): c for c in self._calls.values()}.values():
+            call.cancel()
+        self._calls.clear()
+
+    # -- Serve calls -------------------------------------------------------------
+
+    async def _replicas(self) -> list[str]:
+        """The live replicas' ids, as this process's router knows them (waits for the first)."""
+        for _ in range(int(self.timeout_s * 20)):
+            router = ROUTERS.get(self.deployment)
+            if router is not None and router.replica_ids():
+                return router.replica_ids()
+            await asyncio.sleep(0.05)
+        raise Unavailable("no replica is running")
+
+    async def _pinned(self, replica: str, method: str, *args):
+        call = getattr(self.call_handle, method).remote(*args, route=RouteKey(pin=replica))
+        return await asyncio.wait_for(call, self.timeout_s)
+
+
+async def _pump(call, queues: list[asyncio.Queue]) -> None:
+    """The call's (choice, output) pairs to each choice's queue; a replica lost
+    mid-stream ends every choice with Unavailable (a 503 error event)."""
+    try:
+        async for i, item in call:
+            queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        lost = Unavailable(f"the replica serving this request stopped ({type(e).__name__}); retry it")
+        for q in queues:
+            q.put_nowait(lost)
+
+
+def _error(r: Refusal) -> Exception:
+    try:
+        raise_refusal(r)
+    except Exception as e:
+        return e
+
+
+def _unpack(result):
+    if isinstance(result, Refusal):
+        raise_refusal(result)
+    return result
+
+
+RATIOS = ("_rate", "_fraction", "low_lora")
+"""Cache stats that are ratios or expectations: averaged over replicas, not summed."""
+
+
+def merge_stats(parts: list[EngineStats]) -> EngineStats:
+    """Counts and gauges summed, ratios averaged, and the cache's hit rates
+    recomputed from the summed counts (what one engine serving it all would say)."""
+    summed = {f.name: sum(getattr(p, f.name) for p in parts) for f in fields(EngineStats)
+              if isinstance(getattr(parts[0], f.name), (int, float))}
+    cache: dict = {}
+    for p in parts:
+        for k, v in p.cache.items():
+            if isinstance(v, (int, float)):
+                cache[k] = cache.get(k, 0) + (v / len(parts) if k.endswith(RATIOS) else v)
+    admissions = cache.get("adapter_hits", 0) + cache.get("adapter_misses", 0)
+    cache["adapter_hit_rate"] = cache.get("adapter_hits", 0) / admissions if admissions else 0.0
+    prompt = cache.get("prompt_tokens", 0)
+    cache["kv_hit_rate"] = cache.get("kv_hit_tokens", 0) / prompt if prompt else 0.0
+    return EngineStats(**summed, cache=cache)

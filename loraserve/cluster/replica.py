@@ -1,0 +1,168 @@
+"""One replica of the Ray Serve deployment: a whole loraserve engine (the
+`LLMEngine` and its `AsyncEngine` loop thread) in a Ray actor.
+
+It answers the endpoint's client (`cluster/client.py`) over Serve calls: a
+request's outputs stream back as `(choice, RequestOutput)` pairs after one
+first item that says whether it was accepted; adapter loads, stats and its
+description are plain calls. Every method takes the `route` keyword the
+request router reads (`calls.RouteKey`). Serve calls `record_routing_stats`
+every few hundred milliseconds: what the replica reports there (resident
+adapters, sessions it served, requests it holds) is what the router decides on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from loraserve.cluster.calls import Refusal, RouteKey, refusal
+from loraserve.config import EngineConfig
+from loraserve.engine.async_engine import AsyncEngine, EngineStats
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.errors import UnknownModel
+from loraserve.lora.registry import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS = 4096
+"""Sessions a replica reports (the most recent): a bounded report, and a session
+idle for longer than 4,096 others is unlikely to have its history KV left anyway."""
+
+
+class EngineReplica:
+    def __init__(self, config: EngineConfig, adapter_set: str, namespace: str, threads: int,
+                 max_waiting: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # a replica owns its share of the cores, not all of them
+        self.engine = LLMEngine(config)
+        self.engine.memory.prefault()
+        self.adapter_set = ray.get_actor(adapter_set, namespace=namespace)
+        self.version, adapters = ray.get(self.adapter_set.current.remote())
+        for name, path in adapters.items():
+            try:
+                self.engine.add_adapter(name, path)
+            except Exception as e:  # one unreadable adapter must not keep the replica from starting
+                log.error("replica: cannot load adapter %s from %s: %s", name, path, e)
+        self.client = AsyncEngine(self.engine, max_waiting=max_waiting)
+        self.id = serve.get_replica_context().replica_id.unique_id
+        self.sessions: OrderedDict[str, None] = OrderedDict()
+
+    async def generate(self, specs: list, route: RouteKey) -> AsyncIterator:
+        """First the replica's id (accepted) or a Refusal; then (choice, output) pairs until every choice ends."""
+        try:
+            streams = await self.client.submit(specs)
+        except Exception as e:
+            yield _refusal(e)
+            return
+        if route.session is not None:
+            self.sessions[route.session] = None
+            self.sessions.move_to_end(route.session)
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        yield self.id
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+            except Exception as e:  # unloaded meanwhile, the engine stopped: this choice's ending
+                queue.put_nowait((i, _refusal(e)))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if item is None:
+                    left -= 1
+                else:
+                    yield i, item
+        finally:  # cancelled (the client went away): the streams' own cleanup aborts their requests
+            for t in tasks:
+                t.cancel()
+
+    async def load_adapter(self, name: str, path: str, within: list[str], route: RouteKey) -> AdapterInfo | Refusal:
+        """Idempotent: the broadcast of a load and a replica catching up on the set may meet."""
+        same = next((a for a in self.client.adapters() if a.name == name), None)
+        if same is not None and same.path == str(Path(path)):
+            return same
+        try:
+            return await self.client.load_adapter(name, path, [Path(d) for d in within])
+        except Exception as e:
+            return _refusal(e)
+
+    async def unload_adapter(self, name: str, route: RouteKey) -> Refusal | None:
+        try:
+            await self.client.unload_adapter(name)
+        except UnknownModel:
+            return None  # already gone here: what the caller wanted
+        except Exception as e:
+            return _refusal(e)
+        return None
+
+    async def stats(self, route: RouteKey) -> EngineStats:
+        return await self.client.refresh_stats()
+
+    def describe(self, route: RouteKey) -> dict:
+        """What the endpoint needs to know of the engine without loading it."""
+        e = self.engine
+        return {"model_root": self.client.model_root, "info": self.client.info, "adapters": self.client.adapters(),
+                "adapters_remote": self.client.adapters_remote, "max_model_len": e.max_model_len,
+                "id": self.id, "pid": os.getpid()}
+
+    async def record_routing_stats(self) -> dict:
+        """Serve's periodic report to the routers; also when the replica catches up with the adapter set."""
+        await self._catch_up()
+        adapters = await self.client.call(self._resident) if self.client.dead is None else []
+        return {"adapters": adapters, "sessions": list(self.sessions), "requests": self.client.num_unfinished()}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine loop has died."""
+        if self.client.dead is not None:
+            raise RuntimeError(f"the engine has stopped: {self.client.dead}")
+
+    def __del__(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.shutdown()
+            self.engine.close()
+
+    def _resident(self) -> list[str]:
+        """Names of the adapters on the device tier (the loop thread's: it owns the cache tree)."""
+        ids = self.engine.cache.tree.resident
+        return sorted(a.name for a in self.engine.adapters.listing if a.id in ids)
+
+    async def _catch_up(self) -> None:
+        """Apply the adapter set's changes this replica missed (it started, or
+        restarted, while a load or unload was broadcast)."""
+        if await self.adapter_set.version_now.remote() == self.version:
+            return
+        version, wanted = await self.adapter_set.current.remote()
+        have = {a.name for a in self.client.adapters()}
+        for name in have - wanted.keys():
+            await self.unload_adapter(name, RouteKey())
+        for name in wanted.keys() - have:
+            result = await self.load_adapter(name, wanted[name], [], RouteKey())
+            if isinstance(result, Refusal):
+                log.error("replica: cannot load adapter %s from %s: %s", name, wanted[name], result.message)
+        self.version = version
+
+
+def _refusal(e: Exception) -> Refusal:
+    """A known refusal as data; anything else (a bug) as an internal error."""
+    r = refusal(e)
+    if r is None:
+        log.error("replica: internal error", exc_info=e)
+        return Refusal("Internal", f"{type(e).__name__}: {e}")
+    return r
