@@ -38,7 +38,7 @@ def lora_dir(tiny, tmp_path_factory):
 
 
 def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict[str, str] | None = None, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     """`loraserve serve` (or another `entry` taking its arguments) on a free
     loopback port; returns the process and its URL. fp32 as the oracle, whatever
     --dtype auto would pick on this CPU (an `extra` --dtype wins)."""
@@ -47,7 +47,7 @@ def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
                              "--dtype", "float32", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
             httpx.get(url + "/health")

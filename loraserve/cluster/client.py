@@ -53,6 +53,7 @@ class ReplicaSetClient:
         """Request id → the Serve call carrying it (aborting cancels the call once all its choices are gone)."""
         self._stats = EngineStats()
         self._replica_stats: dict[str, EngineStats] = {}
+        self._pids: dict[str, int] = {describe["id"]: describe["pid"]}
         self.dead: str | None = None
         self.draining = False
         self.on_death = None
@@ -170,6 +171,11 @@ class ReplicaSetClient:
         except asyncio.TimeoutError:
             return self._stats
         self._replica_stats = {r: p for r, p in zip(replicas, parts) if isinstance(p, EngineStats)}
+        for r in self._replica_stats.keys() - self._pids.keys():  # a new replica: ask once who it is
+            try:
+                self._pids[r] = (await self._pinned(r, "describe"))["pid"]
+            except Exception:
+                pass
         if self._replica_stats:
             self._stats = merge_stats(list(self._replica_stats.values()))
         return self._stats
@@ -177,7 +183,8 @@ class ReplicaSetClient:
     def replica_view(self) -> ReplicaView:
         """Per replica: where the router sent requests and why, and its stats as of the last scrape."""
         router = ROUTERS.get(self.deployment)
-        return ReplicaView(dict(router.routed) if router is not None else {}, dict(self._replica_stats))
+        return ReplicaView(dict(router.routed) if router is not None else {}, dict(self._replica_stats),
+                           {r: self._pids[r] for r in self._replica_stats if r in self._pids})
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
                     template_kwargs: dict | None = None) -> list[int]:
@@ -215,8 +222,9 @@ async def _pump(call, queues: list[asyncio.Queue]) -> None:
     """The call's (choice, output) pairs to each choice's queue; a replica lost
     mid-stream ends every choice with Unavailable (a 503 error event)."""
     try:
-        async for i, item in call:
-            queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
+        async for batch in call:
+            for i, item in batch:
+                queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
     except asyncio.CancelledError:
         raise
     except Exception as e:

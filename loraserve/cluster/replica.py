@@ -2,7 +2,7 @@
 `LLMEngine` and its `AsyncEngine` loop thread) in a Ray actor.
 
 It answers the endpoint's client (`cluster/client.py`) over Serve calls: a
-request's outputs stream back as `(choice, RequestOutput)` pairs after one
+request's outputs stream back as lists of `(choice, RequestOutput)` pairs after one
 first item that says whether it was accepted; adapter loads, stats and its
 description are plain calls. Every method takes the `route` keyword the
 request router reads (`calls.RouteKey`). Serve calls `record_routing_stats`
@@ -56,7 +56,9 @@ class EngineReplica:
         self.sessions: OrderedDict[str, None] = OrderedDict()
 
     async def generate(self, specs: list, route: RouteKey) -> AsyncIterator:
-        """First the replica's id (accepted) or a Refusal; then (choice, output) pairs until every choice ends."""
+        """First the replica's id (accepted) or a Refusal; then lists of (choice, output) pairs until every
+        choice ends. A list holds whatever came since the last one: each Ray item costs a few milliseconds
+        on a busy host, more than a small model's decode step, so outputs travel in batches when they queue."""
         try:
             streams = await self.client.submit(specs)
         except Exception as e:
@@ -83,11 +85,12 @@ class EngineReplica:
         try:
             left = len(tasks)
             while left:
-                i, item = await queue.get()
-                if item is None:
-                    left -= 1
-                else:
-                    yield i, item
+                batch = [await queue.get()]
+                while not queue.empty():  # what came meanwhile goes in the same Ray item
+                    batch.append(queue.get_nowait())
+                left -= sum(item is None for _, item in batch)
+                if any(item is not None for _, item in batch):
+                    yield [(i, item) for i, item in batch if item is not None]
         finally:  # cancelled (the client went away): the streams' own cleanup aborts their requests
             for t in tasks:
                 t.cancel()

@@ -35,8 +35,10 @@ class ReplicaRouter(RequestRouter):
 
         self.routed: Counter[tuple[str, str]] = Counter()
         """(replica, reason) → requests sent there for that reason (loraserve.router.REASONS)."""
-        self._choices: dict[str, str] = {}
-        """Request id → the reason of the choice, until Serve says where it went."""
+
+        self._choices: dict[str, tuple[str, str, int, float]] = {}
+        """Request id → (replica, reason, tokens, when) of its choice, counted as in flight there
+        at once: a burst is routed before Serve has assigned any of it, and must see itself."""
         from loraserve.cluster import live  # at run time: see live.py
 
         live.ROUTERS[f"{self._deployment_id.app_name}/{self._deployment_id.name}"] = self
@@ -47,34 +49,53 @@ class ReplicaRouter(RequestRouter):
         if route.pin is not None:
             return [[r for r in candidate_replicas if r.replica_id.unique_id == route.pin]]
         now = time.monotonic()
-        choice = self.policy.pick([self._load(r, now) for r in candidate_replicas], route.adapter, route.session)
-        if pending_request is not None:
-            self._choices[pending_request.metadata.request_id] = choice.reason
-        chosen = candidate_replicas[choice.index]
+        self._forget(now)
+        key = pending_request.metadata.internal_request_id if pending_request is not None else None
+        if key in self._choices:  # chosen before, and Serve asks again (that replica was full): choose anew
+            rid, _, tokens, _ = self._choices.pop(key)
+            self._count(rid, tokens, -1)
+        # in a fixed order (Serve's changes with each report), so that ties always go the same way
+        candidates = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        choice = self.policy.pick([self._load(r, now) for r in candidates], route.adapter, route.session)
+        chosen = candidates[choice.index]
+        if key is not None:
+            rid = chosen.replica_id.unique_id
+            self._choices[key] = (rid, choice.reason, route.tokens, now)
+            self._count(rid, route.tokens, +1)
+            self._sent(rid, route, now)
         # the rest only if the chosen one's queue is full (Serve then tries the next rank)
         return [[chosen], [r for r in candidate_replicas if r is not chosen]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result: ReplicaResult) -> None:
         route = pending_request.kwargs.get("route") or RouteKey()
-        reason = self._choices.pop(pending_request.metadata.request_id, None)
-        if route.pin is not None or reason is None:
+        choice = self._choices.pop(pending_request.metadata.internal_request_id, None)
+        if route.pin is not None or choice is None:
             return
-        rid = replica_id.unique_id
+        rid, reason, tokens, _ = choice
+        if rid != replica_id.unique_id:  # Serve sent it to another rank's replica
+            self._count(rid, tokens, -1)
+            rid = replica_id.unique_id
+            self._count(rid, tokens, +1)
+            self._sent(rid, route, time.monotonic())
         self.routed[rid, reason] += 1
-        self.in_flight[rid] += 1
-        self.tokens[rid] += route.tokens
-        now = time.monotonic()
+        result.add_done_callback(lambda _: self._count(rid, tokens, -1))
+
+    def _sent(self, rid: str, route: RouteKey, now: float) -> None:
         sent = self.recent.setdefault(rid, {})
         if route.adapter is not None:
             sent[("adapter", route.adapter)] = now
         if route.session is not None:
             sent[("session", route.session)] = now
 
-        def done(_) -> None:
-            self.in_flight[rid] -= 1
-            self.tokens[rid] -= route.tokens
+    def _count(self, rid: str, tokens: int, sign: int) -> None:
+        self.in_flight[rid] += sign
+        self.tokens[rid] += sign * tokens
 
-        result.add_done_callback(done)
+    def _forget(self, now: float) -> None:
+        """Drop choices Serve never assigned (their requests were cancelled while queued)."""
+        for key in [k for k, c in self._choices.items() if now - c[3] > 60.0]:
+            rid, _, tokens, _ = self._choices.pop(key)
+            self._count(rid, tokens, -1)
 
     def replica_ids(self) -> list[str]:
         return [r.unique_id for r in self.curr_replicas]

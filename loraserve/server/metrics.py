@@ -53,6 +53,9 @@ class ReplicaView:
     stats: dict[str, EngineStats]
     """Each live replica's stats as of the last scrape."""
 
+    pids: dict[str, int]
+    """Each live replica's process (where to look when one misbehaves)."""
+
 
 class _ReplicaCollector:
     """Per replica: routing decisions, and the few series that tell whether
@@ -71,6 +74,10 @@ class _ReplicaCollector:
         for (replica, reason), n in sorted(view.routed.items()):
             routed.add_metric([replica, reason], n)
         yield routed
+        pids = GaugeMetricFamily("loraserve_replica_pid", "The replica's process id", labels=["replica"])
+        for replica, pid in sorted(view.pids.items()):
+            pids.add_metric([replica], pid)
+        yield pids
         for name, doc, kind, value in [
             ("loraserve_replica_requests_running", "Requests running on the replica", GaugeMetricFamily,
              lambda e: e.running),
