@@ -121,7 +121,8 @@ async def _request(run: _Run, turn: Turn, prompt: str, prompt_len: int) -> tuple
     """Send one turn and time its stream; the record and the reply text.
     `prompt_len` (the workload's estimate) is replaced by the server's usage count when it sends one."""
     body = {"model": turn.adapter or run.base_model, "prompt": prompt, "max_tokens": turn.output_len,
-            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+            "user": f"session-{turn.session}"}  # OpenAI's end-user field: a session-aware router keeps turns together
     rec = _record(turn, run.clock(), prompt_len)
     parts: list[str] = []
     try:

@@ -71,6 +71,9 @@ class ReplicaSetClient:
             call = self.stream_handle.generate.remote(specs, route=route)
             try:
                 first = await call.__anext__()
+            except asyncio.CancelledError:  # the client went away while it was being taken
+                call.cancel()
+                raise
             except Exception as e:  # the replica died before it took the request: try another
                 call.cancel()
                 if attempt + 1 == RETRIES:
@@ -84,6 +87,7 @@ class ReplicaSetClient:
         ids = [spec[3] for spec in specs]
         for request_id in ids:
             self._calls[request_id] = call
+        _deliver(first, queues)
         pump = asyncio.create_task(_pump(call, queues))
         return [self._outputs(request_id, q, call, pump, ids) for request_id, q in zip(ids, queues)]
 
@@ -223,14 +227,18 @@ async def _pump(call, queues: list[asyncio.Queue]) -> None:
     mid-stream ends every choice with Unavailable (a 503 error event)."""
     try:
         async for batch in call:
-            for i, item in batch:
-                queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
+            _deliver(batch, queues)
     except asyncio.CancelledError:
         raise
     except Exception as e:
         lost = Unavailable(f"the replica serving this request stopped ({type(e).__name__}); retry it")
         for q in queues:
             q.put_nowait(lost)
+
+
+def _deliver(batch: list, queues: list[asyncio.Queue]) -> None:
+    for i, item in batch:
+        queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
 
 
 def _error(r: Refusal) -> Exception:

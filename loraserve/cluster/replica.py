@@ -2,8 +2,8 @@
 `LLMEngine` and its `AsyncEngine` loop thread) in a Ray actor.
 
 It answers the endpoint's client (`cluster/client.py`) over Serve calls: a
-request's outputs stream back as lists of `(choice, RequestOutput)` pairs after one
-first item that says whether it was accepted; adapter loads, stats and its
+request's outputs stream back as lists of `(choice, RequestOutput)` pairs, or
+one Refusal if it was not accepted; adapter loads, stats and its
 description are plain calls. Every method takes the `route` keyword the
 request router reads (`calls.RouteKey`). Serve calls `record_routing_stats`
 every few hundred milliseconds: what the replica reports there (resident
@@ -56,8 +56,8 @@ class EngineReplica:
         self.sessions: OrderedDict[str, None] = OrderedDict()
 
     async def generate(self, specs: list, route: RouteKey) -> AsyncIterator:
-        """First the replica's id (accepted) or a Refusal; then lists of (choice, output) pairs until every
-        choice ends. A list holds whatever came since the last one: each Ray item costs a few milliseconds
+        """A Refusal, or lists of (choice, output) pairs until every choice ends (the first list is the
+        answer that it was accepted: one Ray item less before the first token). A list holds whatever came since the last one: each Ray item costs a few milliseconds
         on a busy host, more than a small model's decode step, so outputs travel in batches when they queue."""
         try:
             streams = await self.client.submit(specs)
@@ -69,7 +69,6 @@ class EngineReplica:
             self.sessions.move_to_end(route.session)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
-        yield self.id
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, stream) -> None:

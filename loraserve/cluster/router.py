@@ -27,6 +27,9 @@ class ReplicaRouter(RequestRouter):
     def initialize_state(self, policy: str = "affinity", slack: int = 2, ratio: float = 0.25,
                          recent_s: float = 2.0) -> None:
         self.policy = Router(policy, Bound(slack, ratio))
+        # Serve probes a chosen replica's queue length with an RPC before each request unless its cache
+        # has one: we keep the cache filled with our own counts (below), which saves that round trip
+        self._use_replica_queue_len_cache = True
         self.recent_s = recent_s
         self.in_flight: Counter[str] = Counter()
         self.tokens: Counter[str] = Counter()
@@ -58,6 +61,8 @@ class ReplicaRouter(RequestRouter):
         candidates = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         choice = self.policy.pick([self._load(r, now) for r in candidates], route.adapter, route.session)
         chosen = candidates[choice.index]
+        for r in candidates:
+            self.replica_queue_len_cache.update(r.replica_id, max(0, self.in_flight[r.replica_id.unique_id]))
         if key is not None:
             rid = chosen.replica_id.unique_id
             self._choices[key] = (rid, choice.reason, route.tokens, now)
