@@ -114,16 +114,26 @@ def load(model_dir: Path, adapters: dict[str, Path], sessions: int, rate: float)
 
 
 def table(r: dict) -> str:
-    o = r["overhead"]
     lines = [f"# Scale-out on Ray Serve, {r['machine'].get('model name', '?')} ({r['machine'].get('class', '?')}), "
-             f"commit {r['commit']}", "",
-             f"## Endpoint overhead (tiny-llama, {o['requests_each']} alternating requests each, TTFT of a 4-token stream)",
+             f"commit {r['commit']}", ""]
+    if "overhead" in r:
+        lines += overhead_table(r["overhead"])
+    if "load" in r:
+        lines += load_table(r["load"])
+    return "\n".join(lines) + "\n"
+
+
+def overhead_table(o: dict) -> list[str]:
+    lines = [f"## Endpoint overhead (tiny-llama, {o['requests_each']} alternating requests each, TTFT of a 4-token stream)",
              "", "| path | median TTFT ms | p90 ms |", "|---|---|---|"]
     for name in ("one process", "endpoint + 1 replica"):
         lines.append(f"| {name} | {o[name]['median_ms']:.1f} | {o[name]['p90_ms']:.1f} |")
-    lines += ["", f"added by the endpoint: median {o['added_median_ms']:+.1f} ms, p90 {o['added_p90_ms']:+.1f} ms", ""]
-    ld = r["load"]
-    lines += [f"## Load: {ld['requests']} requests ({ld['sessions']} sessions × ~3 turns, {ld['rate']} sessions/s), "
+    return lines + ["", f"added by the endpoint: median {o['added_median_ms']:+.1f} ms, p90 {o['added_p90_ms']:+.1f} ms",
+                     ""]
+
+
+def load_table(ld: dict) -> list[str]:
+    lines = [f"## Load: {ld['requests']} requests ({ld['sessions']} sessions × ~3 turns, {ld['rate']} sessions/s), "
               "32 adapters (Zipf 1.0), ~8 fit a replica's device tier", "",
               "| system | TTFT p50 s | TTFT p95 s | TPOT ms | output tok/s | adapter hit | KV hit | routed (session/adapter/load) | failed |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -133,20 +143,23 @@ def table(r: dict) -> str:
         lines.append(f"| {name} | {x['ttft_p50_s']:.3f} | {x['ttft_p95_s']:.3f} | {1e3 * x['tpot_mean_s']:.1f} | "
                      f"{x['output_tok_s']:.1f} | {x['adapter_hit_rate']:.2f} | {x['kv_hit_rate']:.2f} | {routed} | "
                      f"{x['failed']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", choices=["overhead", "load"], help="one part (the table then shows only it)")
     args = ap.parse_args()
     model_dir, _, template = model("tiny-llama")
     adapters = fresh_adapters("tiny-llama", template, 32)
     result = {"commit": git_commit(), "machine": machine()}
-    result["overhead"] = overhead(model_dir, 20 if args.quick else 60)
-    print(result["overhead"], flush=True)
-    result["load"] = load(model_dir, adapters, 20 if args.quick else 60, 2.0)
+    if args.only != "load":
+        result["overhead"] = overhead(model_dir, 20 if args.quick else 60)
+        print(result["overhead"], flush=True)
+    if args.only != "overhead":
+        result["load"] = load(model_dir, adapters, 20 if args.quick else 60, 2.0)
     write_results(result, args.out, table)
 
 

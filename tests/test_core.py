@@ -178,3 +178,19 @@ def test_the_simulator_needs_no_tokenizer_template_engine_or_http_client():
             "for m in ('tokenizers', 'jinja2', 'httpx', 'fastapi', 'transformers'): sys.modules[m] = None\n"
             "import loraserve.sim.engine, loraserve.sim.cli, loraserve.sim.run, loraserve.sim.replay\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_only_the_cluster_package_imports_ray():
+    """Ray is an optional extra: the single-process server, the engine and the simulator run without it."""
+    importers = set()
+    for f in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(f.relative_to(ROOT).parts[0])
+    assert importers == {"cluster"}
+    code = ("import sys\nsys.modules['ray'] = None\n"
+            "import loraserve.cli, loraserve.server.app, loraserve.engine.llm_engine, loraserve.sim.cluster\n"
+            "from loraserve.cli import build_parser\nbuild_parser().parse_args(['serve', '--replicas', '2'])\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

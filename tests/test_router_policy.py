@@ -33,6 +33,14 @@ def test_affinity_prefers_session_then_adapter_then_load():
     assert router.pick(loads, None) == Choice(0, "load")
 
 
+def test_among_warm_instances_the_one_it_went_to_last_keeps_the_adapter():
+    loads = [InstanceLoad(0, adapters=frozenset({"a"})), InstanceLoad(1, adapters=frozenset({"a"}), recent={"a"})]
+    assert Router().pick(loads, "a") == Choice(1, "adapter")  # not flipped to the less loaded, within the bound
+    assert Router().pick(loads, "b") == Choice(0, "load")
+    loads = [InstanceLoad(0, adapters=frozenset({"a"})), InstanceLoad(3, adapters=frozenset({"a"}), recent={"a"})]
+    assert Router().pick(loads, "a") == Choice(0, "adapter")  # past the bound: balance wins
+
+
 def test_affinity_falls_back_past_the_imbalance_bound():
     loads = [InstanceLoad(1), InstanceLoad(4, adapters=frozenset({"a"}), sessions=frozenset({"s"}))]
     assert Router("affinity").pick(loads, "a", "s") == Choice(0, "load")  # 4 > 1 + 2

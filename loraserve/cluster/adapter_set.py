@@ -1,4 +1,5 @@
-"""The adapters every replica serves, in one named Ray actor.
+"""The adapters every replica serves, in one named Ray actor (and what the
+first replica said of its engine, which the endpoint reads before it serves).
 
 The endpoint changes it (load, unload through the API); a replica reads it when
 it starts and again with each routing report, so a replica started later, or
@@ -15,6 +16,15 @@ class AdapterSet:
     def __init__(self, adapters: dict[str, str]) -> None:
         self.adapters = dict(adapters)
         self.version = 0
+        self.engine: dict | None = None
+        """What the first replica to start said of its engine (model, dtype, context length, adapters)."""
+
+    def describe(self, engine: dict) -> None:
+        if self.engine is None:
+            self.engine = engine
+
+    def described(self) -> dict | None:
+        return self.engine
 
     def current(self) -> tuple[int, dict[str, str]]:
         return self.version, dict(self.adapters)

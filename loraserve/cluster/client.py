@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from loraserve.cluster.calls import Refusal, RouteKey, raise_refusal
@@ -37,12 +38,12 @@ RETRIES = 3
 
 
 class ReplicaSetClient:
-    def __init__(self, handle: DeploymentHandle, adapter_set, deployment: str, describe: dict,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(self, app: str, deployment: str, adapter_set, describe: dict, timeout_s: float = 60.0) -> None:
         """`describe`: one replica's `describe()`; `timeout_s`: the longest a control call (load, stats) waits."""
-        self.stream_handle = handle.options(stream=True)
-        self.call_handle = handle.options(stream=False)
-        self.adapter_set, self.deployment, self.timeout_s = adapter_set, deployment, timeout_s
+        self.app, self.adapter_set, self.timeout_s = app, adapter_set, timeout_s
+        self.deployment = f"{app}/{deployment}"
+        self._deployment_name = deployment
+        self._handle: DeploymentHandle | None = None
         self.model_root: str = describe["model_root"]
         self.info: dict[str, str] = describe["info"]
         self.adapters_remote: bool = describe["adapters_remote"]
@@ -68,7 +69,7 @@ class ReplicaSetClient:
         tokens = sum((len(p) if isinstance(p, list) else len(p) // 4) + s.max_tokens for p, s, _, _ in specs)
         route = RouteKey(adapter, session, tokens)
         for attempt in range(RETRIES):
-            call = self.stream_handle.generate.remote(specs, route=route)
+            call = self.handle.options(stream=True).generate.remote(specs, route=route)
             try:
                 first = await call.__anext__()
             except asyncio.CancelledError:  # the client went away while it was being taken
@@ -210,6 +211,7 @@ class ReplicaSetClient:
 
     async def _replicas(self) -> list[str]:
         """The live replicas' ids, as this process's router knows them (waits for the first)."""
+        self.handle.options(stream=False)  # the router is made when a handle is first set up
         for _ in range(int(self.timeout_s * 20)):
             router = ROUTERS.get(self.deployment)
             if router is not None and router.replica_ids():
@@ -217,8 +219,15 @@ class ReplicaSetClient:
             await asyncio.sleep(0.05)
         raise Unavailable("no replica is running")
 
+    @property
+    def handle(self) -> DeploymentHandle:
+        """Made on first use, on the server's event loop: Serve's router then runs on that loop (see __init__.py)."""
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(self._deployment_name, app_name=self.app)
+        return self._handle
+
     async def _pinned(self, replica: str, method: str, *args):
-        call = getattr(self.call_handle, method).remote(*args, route=RouteKey(pin=replica))
+        call = getattr(self.handle.options(stream=False), method).remote(*args, route=RouteKey(pin=replica))
         return await asyncio.wait_for(call, self.timeout_s)
 
 

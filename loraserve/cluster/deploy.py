@@ -18,6 +18,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from loraserve.cluster import SERVE_ENV
 from loraserve.cluster.adapter_set import AdapterSet
 from loraserve.cluster.client import ReplicaSetClient
 from loraserve.cluster.replica import EngineReplica
@@ -82,16 +83,17 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
         num_replicas=opts.replicas,
         # the engine queues and refuses (429) by itself; Serve only has to never hold a request back
         max_ongoing_requests=max_waiting + scheduler.max_num_seqs + 16,
-        ray_actor_options={"num_cpus": opts.cpus, "num_gpus": opts.replica_gpus},
+        ray_actor_options={"num_cpus": opts.cpus, "num_gpus": opts.replica_gpus,
+                           "runtime_env": {"env_vars": {k: os.environ[k] for k in SERVE_ENV}}},
         health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=10.0,
         request_router_config=RequestRouterConfig(
             request_router_class=ReplicaRouter, request_router_kwargs={"policy": opts.routing},
             request_routing_stats_period_s=opts.stats_period_s, request_routing_stats_timeout_s=10.0))
     threads = max(1, int(opts.cpus))
-    handle = serve.run(deployment.bind(config, set_name, NAMESPACE, threads, max_waiting), name=opts.app,
+    serve.run(deployment.bind(config, set_name, NAMESPACE, threads, max_waiting), name=opts.app,
                        route_prefix=None)
-    describe = handle.options(stream=False).describe.remote(route=None).result(timeout_s=120)
-    return ReplicaSetClient(handle, adapter_set, f"{opts.app}/{DEPLOYMENT}", describe)
+    describe = ray.get(adapter_set.described.remote(), timeout=60)  # the handle is for the server's event loop
+    return ReplicaSetClient(opts.app, DEPLOYMENT, adapter_set, describe)
 
 
 def stop_cluster(opts: ClusterOptions) -> None:

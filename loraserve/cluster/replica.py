@@ -54,6 +54,7 @@ class EngineReplica:
         self.client = AsyncEngine(self.engine, max_waiting=max_waiting)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.sessions: OrderedDict[str, None] = OrderedDict()
+        ray.get(self.adapter_set.describe.remote(self.describe(None)))
 
     async def generate(self, specs: list, route: RouteKey) -> AsyncIterator:
         """A Refusal, or lists of (choice, output) pairs until every choice ends (the first list is the

@@ -114,4 +114,4 @@ class ReplicaRouter(RequestRouter):
         adapters = set(stats.get("adapters", ())) | {k for kind, k in sent if kind == "adapter"}
         sessions = set(stats.get("sessions", ())) | {k for kind, k in sent if kind == "session"}
         return InstanceLoad(max(self.in_flight[rid], stats.get("requests", 0)), self.tokens[rid],
-                            adapters, sessions)
+                            adapters, sessions, {k for _, k in sent})

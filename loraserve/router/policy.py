@@ -9,7 +9,8 @@ Nothing here reads a clock or a socket, and nothing waits: a report that is a
 second old is still the best there is, and the router never blocks on it.
 
 `affinity` prefers, in this order, the instance holding the request's session,
-then one with its adapter resident, then the least loaded; an instance is only
+then one with its adapter resident (the one it last went to, if several), then
+the least loaded; an instance is only
 preferred while it is within the imbalance bound of the least loaded one, so a
 hot adapter (or a chatty session) cannot pin all load to one instance.
 """
@@ -41,6 +42,11 @@ class InstanceLoad:
 
     sessions: Set[str] = frozenset()
     """Sessions whose earlier turns it served, so whose history KV it may still hold."""
+
+    recent: Set[str] = frozenset()
+    """Adapters and sessions the router sent here moments ago. Among instances that
+    hold an adapter, the one it went to last keeps it (with the prefix KV under
+    it), rather than the load flipping it between two that are equally warm."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class Router:
             if wanted is not None:
                 warm = [i for i in near if wanted in getattr(loads[i], held)]
                 if warm:
-                    return Choice(least_loaded(loads, warm), reason)
+                    return Choice(min(warm, key=lambda i: (wanted not in loads[i].recent, loads[i].requests,
+                                                           loads[i].tokens, i)), reason)
         return Choice(best, "load")
 
 
