@@ -130,15 +130,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters = adapters or {p.name: str(p) for p in sorted((demo / "adapters").iterdir())}
     if args.lora_server and args.model is None:
         raise ValueError("--lora-server needs --model (the demo's adapters are the LoRA server's to serve)")
-    if args.ray_address and args.replicas is None:
-        raise ValueError("--ray-address needs --replicas (how many engine replicas to deploy there)")
+    if (args.ray_address or args.lora_server_ranks) and args.replicas is None:
+        raise ValueError("--ray-address and --lora-server-ranks need --replicas (how many engine replicas to deploy)")
     if args.replicas is not None:
         try:
             from loraserve.cluster.deploy import ClusterOptions, start_cluster, stop_cluster
         except ImportError as e:
             raise RuntimeError(f"--replicas needs Ray Serve: pip install 'loraserve[cluster]' ({e})") from e
 
-        opts = ClusterOptions(args.replicas, args.ray_address, args.replica_cpus, args.replica_gpus, args.routing)
+        server = remote = None
+        if args.lora_server_ranks:
+            from loraserve.cluster.lora_server import parse_ranks
+
+            if args.model is None or args.lora_server:
+                raise ValueError("--lora-server-ranks needs --model and no --lora-server (it starts the server)")
+            ep, pp = parse_ranks(args.lora_server_ranks)
+            server = LoraServerConfig(model=model, device=args.device, dtype=args.dtype,
+                                      max_lora_rank=args.max_lora_rank, ep=ep, pp=pp)
+            remote = dict(mode=args.lora_mode, overlap=args.lora_overlap, timeout_s=args.lora_server_timeout,
+                          transport=args.lora_transport)
+        opts = ClusterOptions(args.replicas, args.ray_address, args.replica_cpus, args.replica_gpus, args.routing,
+                              lora_server=server, remote=remote, lora_server_gpus=args.lora_server_gpus,
+                              lora_dirs=tuple(args.lora_dir or ()))
         async_engine = start_cluster(engine_config(args, model), adapters, opts, args.max_waiting)
         where = f"{args.replicas} replicas on Ray Serve ({args.routing} routing)"
         dtype, close = async_engine.info["dtype"], lambda: stop_cluster(opts)
@@ -277,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-address", help="join this Ray cluster ('auto' or ray://HOST:PORT; default: start a local one)")
     c.add_argument("--replica-cpus", type=float, help="CPUs per replica (default: this machine's cores / N)")
     c.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default: %(default)s)")
+    c.add_argument("--lora-server-ranks", metavar="EPxPP",
+                   help="the disaggregated layout: a LoRA server of EP×PP ranks (e.g. 1x1, 2x1) as a Ray actor that "
+                        "every replica calls for its deltas; restarted at the same address if it dies")
+    c.add_argument("--lora-server-gpus", type=float, default=0.0,
+                   help="GPUs per LoRA server rank (default: %(default)s)")
     c.add_argument("--routing", default="affinity", choices=POLICIES,
                    help="which replica a request goes to: the one holding its session, then its adapter, within "
                         "an imbalance bound, else the least loaded (affinity); or a plain policy (default: %(default)s)")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 
 import ray
 from ray import serve
@@ -20,10 +21,12 @@ from ray.serve.config import RequestRouterConfig
 
 from loraserve.cluster import SERVE_ENV
 from loraserve.cluster.adapter_set import AdapterSet
+from loraserve.cluster.lora_server import LoraServerActor
 from loraserve.cluster.client import ReplicaSetClient
 from loraserve.cluster.replica import EngineReplica
 from loraserve.cluster.router import ReplicaRouter
 from loraserve.config import EngineConfig
+from loraserve.remote.config import LoraServerConfig, RemoteLoraConfig
 from loraserve.router import POLICIES
 
 NAMESPACE = "loraserve"
@@ -49,6 +52,19 @@ class ClusterOptions:
     app: str = "loraserve"
     """The Serve application's name (several endpoints may share one Ray cluster under different names)."""
 
+    lora_server: LoraServerConfig | None = None
+    """The disaggregated layout: a LoRA server of these EP×PP ranks as a Ray actor, which every replica
+    calls for its deltas (`remote` says how; its endpoint is filled in here)."""
+
+    remote: dict | None = None
+    """RemoteLoraConfig's fields but the endpoint (how the replicas call the server)."""
+
+    lora_server_gpus: float = 0.0
+    """GPUs per LoRA server rank."""
+
+    lora_dirs: tuple[str, ...] = ()
+    """Where the LoRA server may read runtime loads from."""
+
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
@@ -67,7 +83,8 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
     """Deploy `opts.replicas` engines serving `adapters` and return the endpoint's
     client; blocks until every replica has loaded its model."""
     if not ray.is_initialized():
-        local = {} if opts.ray_address else {"num_cpus": max(os.cpu_count() or 1, opts.cpus * opts.replicas)}
+        server = opts.lora_server.ep * opts.lora_server.pp if opts.lora_server is not None else 0
+        local = {} if opts.ray_address else {"num_cpus": max(os.cpu_count() or 1, opts.cpus * opts.replicas + server)}
         ray.init(address=opts.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, **local)
     serve.start(proxy_location="Disabled")
@@ -78,6 +95,9 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
         pass
     adapter_set = ray.remote(AdapterSet).options(name=set_name, namespace=NAMESPACE, num_cpus=0).remote(
         {name: str(path) for name, path in adapters.items()})
+    if opts.lora_server is not None:
+        config = replace(config, lora_server=RemoteLoraConfig(start_lora_server(opts, set_name),
+                                                              **(opts.remote or {})))
     scheduler = config.scheduler
     deployment = serve.deployment(EngineReplica, name=DEPLOYMENT).options(
         num_replicas=opts.replicas,
@@ -96,10 +116,33 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
     return ReplicaSetClient(opts.app, DEPLOYMENT, adapter_set, describe)
 
 
+def start_lora_server(opts: ClusterOptions, adapter_set: str) -> str:
+    """Start the LoRA server actor (restarted by Ray at the same port if it dies); its endpoint."""
+    name = f"{opts.app}-lora-server"
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+    except ValueError:
+        pass
+    ranks = opts.lora_server.ep * opts.lora_server.pp
+    with socket.socket() as s:  # a port of this node, kept across restarts (a local cluster's node)
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    actor = ray.remote(LoraServerActor).options(
+        name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=ranks,
+        num_gpus=ranks * opts.lora_server_gpus).remote(opts.lora_server, port, list(opts.lora_dirs), adapter_set,
+                                                       NAMESPACE)
+    return ray.get(actor.endpoint.remote(), timeout=300)
+
+
 def stop_cluster(opts: ClusterOptions) -> None:
     """Delete the application; a local Ray instance this process started goes with it."""
     try:
         serve.delete(opts.app)
+        for name in (f"{opts.app}-lora-server", f"{opts.app}-adapters"):
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+            except ValueError:
+                pass
     finally:
         if not opts.ray_address:
             serve.shutdown()

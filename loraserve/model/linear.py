@@ -32,8 +32,12 @@ TRANSPOSED_FORM = "avx512f" not in cpu_flags()
 """Whether `linear` takes `transposed_form` for small fp32 batches (AVX2 CPUs)."""
 
 
+PACK_BF16 = {"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags() or "avx_ne_convert" in cpu_flags()
+"""Whether oneDNN can reorder a bf16 weight on this CPU (it refuses on AVX2-only ones)."""
+
+
 def _can_pack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32)
+    return (w.device.type == "cpu" and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and PACK_BF16))
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
