@@ -209,3 +209,64 @@ def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster
     else:
         pytest.fail(f"no replacement replica within 180 s: {now}")
     assert client.completions.create(model="r16", prompt="Hi", max_tokens=3).choices[0].text
+
+
+# -- the disaggregated layout: a LoRA server actor every replica calls ----------------
+
+@pytest.fixture(scope="module")
+def disagg(tiny):
+    root = tiny("llama")
+    mark = f"LORASERVE_TEST_CLUSTER={uuid.uuid4().hex}"
+    args = ["--served-model-name", "base", "--replicas", "2", "--replica-cpus", "1", "--lora-server-ranks", "1x1"]
+    for name in ADAPTERS:
+        args += ["--lora", f"{name}={root / 'adapters' / name}"]
+    key, value = mark.split("=")
+    proc = None
+    try:
+        proc, url = start_server(root, *args, env={key: value}, timeout=240)
+        yield url, root, mark
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                proc.kill()
+        for pid in marked_pids(mark):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_replicas_get_their_deltas_from_the_lora_server_actor_which_comes_back_after_a_kill(disagg):
+    url, root, mark = disagg
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    offline = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS})
+
+    def expected(model: str) -> str:
+        return offline.generate("The quick brown fox", SamplingParams(max_tokens=8, temperature=0.0),
+                                adapter=model)[0].text
+
+    def ask(model: str) -> str:
+        return client.completions.create(model=model, prompt="The quick brown fox", max_tokens=8,
+                                         temperature=0).choices[0].text
+
+    assert {m.id for m in client.models.list().data} == {"base", *ADAPTERS}
+    for model in ADAPTERS:
+        assert ask(model) == expected(model)
+    m = scrape(url)
+    assert m["loraserve_lora_bank_bytes"] == 0  # the instances hold no adapter weights
+    assert m["loraserve_remote_lora_steps_total"] >= len(ADAPTERS)
+    server = [pid for pid in marked_pids(mark) if b"LoraServerActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(server) == 1
+    os.kill(server[0], signal.SIGKILL)
+    deadline, answer = time.time() + 180, None
+    while time.time() < deadline:  # Ray restarts it at the same address, with the adapter set loaded
+        try:
+            answer = ask("r8")
+            break
+        except openai.APIError:  # 503 while it is down
+            time.sleep(1)
+    assert answer == expected("r8")
+    assert ask("base") == offline.generate("The quick brown fox", SamplingParams(max_tokens=8, temperature=0.0))[0].text

@@ -41,6 +41,8 @@ class ReplicaSetClient:
     def __init__(self, app: str, deployment: str, adapter_set, describe: dict, timeout_s: float = 60.0) -> None:
         """`describe`: one replica's `describe()`; `timeout_s`: the longest a control call (load, stats) waits."""
         self.app, self.adapter_set, self.timeout_s = app, adapter_set, timeout_s
+        self.lora_server = None
+        """The LoRA server actor's handle, in the disaggregated layout (held: it lives while a handle does)."""
         self.deployment = f"{app}/{deployment}"
         self._deployment_name = deployment
         self._handle: DeploymentHandle | None = None

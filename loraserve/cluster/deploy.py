@@ -95,9 +95,11 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
         pass
     adapter_set = ray.remote(AdapterSet).options(name=set_name, namespace=NAMESPACE, num_cpus=0).remote(
         {name: str(path) for name, path in adapters.items()})
+    lora_server = None
     if opts.lora_server is not None:
-        config = replace(config, lora_server=RemoteLoraConfig(start_lora_server(opts, set_name),
-                                                              **(opts.remote or {})))
+        lora_server = start_lora_server(opts, set_name)
+        endpoint = ray.get(lora_server.endpoint.remote(), timeout=300)
+        config = replace(config, lora_server=RemoteLoraConfig(endpoint, **(opts.remote or {})))
     scheduler = config.scheduler
     deployment = serve.deployment(EngineReplica, name=DEPLOYMENT).options(
         num_replicas=opts.replicas,
@@ -113,11 +115,14 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
     serve.run(deployment.bind(config, set_name, NAMESPACE, threads, max_waiting), name=opts.app,
                        route_prefix=None)
     describe = ray.get(adapter_set.described.remote(), timeout=60)  # the handle is for the server's event loop
-    return ReplicaSetClient(opts.app, DEPLOYMENT, adapter_set, describe)
+    client = ReplicaSetClient(opts.app, DEPLOYMENT, adapter_set, describe)
+    client.lora_server = lora_server
+    return client
 
 
-def start_lora_server(opts: ClusterOptions, adapter_set: str) -> str:
-    """Start the LoRA server actor (restarted by Ray at the same port if it dies); its endpoint."""
+def start_lora_server(opts: ClusterOptions, adapter_set: str):
+    """Start the LoRA server actor (restarted by Ray at the same port if it dies). Keep the handle: an
+    actor that is not detached goes when its last handle does."""
     name = f"{opts.app}-lora-server"
     try:
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
@@ -131,7 +136,7 @@ def start_lora_server(opts: ClusterOptions, adapter_set: str) -> str:
         name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=ranks,
         num_gpus=ranks * opts.lora_server_gpus).remote(opts.lora_server, port, list(opts.lora_dirs), adapter_set,
                                                        NAMESPACE)
-    return ray.get(actor.endpoint.remote(), timeout=300)
+    return actor
 
 
 def stop_cluster(opts: ClusterOptions) -> None:

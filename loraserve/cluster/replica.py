@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,8 +45,11 @@ class EngineReplica:
         torch.set_num_threads(threads)  # a replica owns its share of the cores, not all of them
         self.engine = LLMEngine(config)
         self.engine.memory.prefault()
+        self._wait_for_lora_server(config)
         self.adapter_set = ray.get_actor(adapter_set, namespace=namespace)
         self.version, adapters = ray.get(self.adapter_set.current.remote())
+        if self.engine.remote is not None:  # the LoRA server loaded the set: its catalogue names them here
+            adapters = {}
         for name, path in adapters.items():
             try:
                 self.engine.add_adapter(name, path)
@@ -141,6 +145,14 @@ class EngineReplica:
             client.shutdown()
             self.engine.close()
 
+    def _wait_for_lora_server(self, config: EngineConfig) -> None:
+        """With a LoRA server, be up only once it answers: the adapter set is loaded through it, and the
+        endpoint lists the adapters this replica names when it starts."""
+        remote = self.engine.remote
+        deadline = time.monotonic() + 6 * config.lora_server.timeout_s if remote is not None else 0
+        while remote is not None and not remote.up and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def _resident(self) -> list[str]:
         """Names of the adapters on the device tier (the loop thread's: it owns the cache tree)."""
         ids = self.engine.cache.tree.resident
@@ -148,8 +160,9 @@ class EngineReplica:
 
     async def _catch_up(self) -> None:
         """Apply the adapter set's changes this replica missed (it started, or
-        restarted, while a load or unload was broadcast)."""
-        if await self.adapter_set.version_now.remote() == self.version:
+        restarted, while a load or unload was broadcast). With a LoRA server there is nothing to catch up
+        with: its catalogue is what this replica serves."""
+        if self.engine.remote is not None or await self.adapter_set.version_now.remote() == self.version:
             return
         version, wanted = await self.adapter_set.current.remote()
         have = {a.name for a in self.client.adapters()}
