@@ -7,7 +7,8 @@ and what routing buys.
    difference of the median TTFTs (and of p90).
 2. Load: the project's load client (`loraserve bench`'s `run_workload`) replays
    one multi-turn workload over 32 distinct rank-16 adapters (Zipf) against one
-   process, 1 replica, and 2 replicas routed by `affinity` and by `round-robin`.
+   process, 1 replica, 2 replicas routed by `affinity` and by `round-robin`, and
+   2 replicas calling a LoRA server actor (`--lora-server-ranks 1x1`).
    Each replica's device tier holds about 8 of the 32 adapters beside its KV, so
    where a request lands decides adapter hits; later turns decide KV hits.
 
@@ -86,7 +87,9 @@ def load(model_dir: Path, adapters: dict[str, Path], sessions: int, rate: float)
     lora = [a for name, path in adapters.items() for a in ("--lora", f"{name}={path}")]
     systems = {"one process": [], "1 replica": ["--replicas", "1", "--replica-cpus", "1"],
                "2 replicas, affinity": ["--replicas", "2", "--replica-cpus", "1", "--routing", "affinity"],
-               "2 replicas, round-robin": ["--replicas", "2", "--replica-cpus", "1", "--routing", "round-robin"]}
+               "2 replicas, round-robin": ["--replicas", "2", "--replica-cpus", "1", "--routing", "round-robin"],
+               "2 replicas + LoRA server actor": ["--replicas", "2", "--replica-cpus", "1", "--lora-server-ranks",
+                                                  "1x1"]}
     out = {"requests": wl.num_requests, "sessions": sessions, "rate": rate}
     for name, extra in systems.items():
         port = free_port()
@@ -114,7 +117,7 @@ def load(model_dir: Path, adapters: dict[str, Path], sessions: int, rate: float)
 
 
 def table(r: dict) -> str:
-    lines = [f"# Scale-out on Ray Serve, {r['machine'].get('model name', '?')} ({r['machine'].get('class', '?')}), "
+    lines = [f"# Scale-out on Ray Serve, {r['machine'].get('model_name', '?')} family {r['machine'].get('family', '?')} ({r['machine'].get('class', '?')}), "
              f"commit {r['commit']}", ""]
     if "overhead" in r:
         lines += overhead_table(r["overhead"])
@@ -137,7 +140,8 @@ def load_table(ld: dict) -> list[str]:
               "32 adapters (Zipf 1.0), ~8 fit a replica's device tier", "",
               "| system | TTFT p50 s | TTFT p95 s | TPOT ms | output tok/s | adapter hit | KV hit | routed (session/adapter/load) | failed |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("one process", "1 replica", "2 replicas, affinity", "2 replicas, round-robin"):
+    for name in ("one process", "1 replica", "2 replicas, affinity", "2 replicas, round-robin",
+                 "2 replicas + LoRA server actor"):
         x = ld[name]
         routed = "/".join(str(int(x["routed"].get(k, 0))) for k in ("session", "adapter", "load")) if x["routed"] else "-"
         lines.append(f"| {name} | {x['ttft_p50_s']:.3f} | {x['ttft_p95_s']:.3f} | {1e3 * x['tpot_mean_s']:.1f} | "
