@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loraserve.bench import plots  # noqa: E402
-from loraserve.bench.metrics import SLO  # noqa: E402
+from loraserve.bench.metrics import SLO, bracket_rate  # noqa: E402
 from loraserve.config import CacheConfig  # noqa: E402
 from loraserve.sim.cluster import simulate_cluster  # noqa: E402
 from loraserve.sim.deployments import deployment  # noqa: E402
@@ -112,30 +112,7 @@ class Bench:
             history.append(self.run(model, name, rate, **kw))
             return history[-1]["meets"]
 
-        good = bad = None
-        rate = start
-        for _ in range(steps):
-            if ok(rate):
-                good = rate
-                if bad is not None:
-                    break
-                rate *= 2
-            else:
-                bad = rate
-                if good is not None:
-                    break
-                rate /= 2
-        if good is None:
-            return 0.0, history
-        if bad is None:
-            return good, history
-        for _ in range(iters):
-            mid = (good + bad) / 2
-            if ok(mid):
-                good = mid
-            else:
-                bad = mid
-        return good, history
+        return bracket_rate(ok, start, steps, iters), history
 
 
 def capped(history: list[dict]) -> bool:

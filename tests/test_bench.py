@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from matplotlib.image import imread
 
 from loraserve.bench import SLO, RequestRecord, percentile, run_workload_sync, serviceable_rate, summarize
+from loraserve.bench.metrics import bracket_rate
 from loraserve.bench.cli import add_parser
 from loraserve.bench.plots import latency_cdfs, latency_vs_rate, memory_over_time
 from loraserve.bench.scrape import memory_by_kind, parse_prometheus
@@ -92,6 +93,20 @@ def test_serviceable_rate_bisects_to_the_threshold():
     assert serviceable_rate(synthetic, SLO(1.0, 0.02), lo=25, hi=64)[0] == 0.0
     best, history = serviceable_rate(synthetic, SLO(1.0, 0.02), lo=2, hi=10)
     assert best == 10 and len(history) == 2
+
+
+def test_bracket_rate_steps_from_a_start_until_it_brackets_the_threshold_then_bisects():
+    tried = []
+
+    def ok(rate: float) -> bool:
+        tried.append(rate)
+        return synthetic(rate)["meets_slo"]
+
+    assert bracket_rate(ok, 4.0) == 20 and tried == [4, 8, 16, 32, 24, 20]  # up by 2, then [16, 32] halved twice
+    tried.clear()
+    assert bracket_rate(ok, 64.0) == 20 and tried == [64, 32, 16, 24, 20]  # down first
+    assert bracket_rate(lambda r: True, 1.0, steps=3) == 4.0  # never refused: the search's ceiling
+    assert bracket_rate(lambda r: False, 1.0, steps=3) == 0.0
 
 
 # -- the fake server ----------------------------------------------------------

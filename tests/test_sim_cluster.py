@@ -176,9 +176,9 @@ def test_pipeline_stages_run_concurrently_and_a_busy_stage_queues():
 
 # -- the cluster ---------------------------------------------------------------------
 
-def small_workload(n: int, rate: float, adapters: int = 8, seed: int = 3):
+def small_workload(n: int, rate: float, adapters: int = 8, seed: int = 3, **kw):
     return generate(WorkloadConfig(num_sessions=n, num_adapters=adapters, arrival=ArrivalConfig("poisson", rate),
-                                   first_input=Lengths(64, "uniform"), output=Lengths(24, "uniform"), seed=seed))
+                                   first_input=Lengths(64, "uniform"), output=Lengths(24, "uniform"), seed=seed, **kw))
 
 
 def test_disaggregated_cluster_serves_every_request_and_routes_by_load():
@@ -203,6 +203,22 @@ def test_cluster_spreads_sessions_over_instances():
     cluster.run(wl)
     per = [list(cluster.home.values()).count(i) for i in range(4)]
     assert sum(per) == 40 and min(per) >= 6  # all four used, none starved (load decides, not order)
+
+
+def test_adapter_aware_routing_sends_turns_to_their_history_and_requests_to_their_adapters():
+    """One multi-turn workload on four coupled replicas, each with room for 12 of the 40 adapters:
+    affinity sends later turns where their history KV is and first turns where their adapter is,
+    so it hits both caches far more often than round robin, which spreads both over all four."""
+    wl = small_workload(60, 20.0, adapters=40, seed=4, turns=3.0, think_s=1.0)
+    sim = SimConfig(cache=CacheConfig(policy="elora", host_bytes=8 << 30), device_tier_bytes=1 << 30)
+    stats = {p: simulate_cluster(wl, model_spec("llama3-8b"), PROFILES["h100"], ClusterConfig(
+        "coupled", 4, 1, 16, router=p, sim=sim), {a: 80 << 20 for a in wl.adapters}).stats
+        for p in ("affinity", "round-robin")}
+    aff, rr = stats["affinity"], stats["round-robin"]
+    assert aff["routed"]["session"] >= 0.9 * (len(wl.turns) - 60)  # later turns: home, bar a few past the bound
+    assert rr["routed"] == {"session": 0, "adapter": 0, "load": len(wl.turns)}
+    assert aff["adapter_hit_rate"] > rr["adapter_hit_rate"] + 0.15  # 0.91 against 0.64
+    assert aff["kv_hit_rate"] > rr["kv_hit_rate"] + 0.25  # 0.74 against 0.41
 
 
 # -- the proof: the simulator's LoRA server decides as the real one ---------------------

@@ -166,11 +166,43 @@ def serviceable_rate(measure: Callable[[float], dict], slo: SLO, lo: float, hi: 
         return 0.0, history
     if hi == lo or ok(hi):
         return hi, history
-    good, bad = lo, hi
+    return bisect_rate(ok, lo, hi, iters), history
+
+
+def bracket_rate(ok: Callable[[float], bool], start: float, steps: int = 8, iters: int = 2,
+                 factor: float = 2.0) -> float:
+    """The highest rate `ok` accepts, when no range is known to hold it: from `start`,
+    step up by `factor` while rates are accepted (down while they are not) until one
+    of each is found, `steps` tries at most, then bisect `iters` times between them.
+    0.0 if even start / factor**(steps - 1) is refused; the highest rate tried if
+    every one was accepted (the search's ceiling, a lower bound, not a measurement).
+    Assumes, as serviceable_rate does, that accepting r means accepting below r."""
+    good = bad = None
+    rate = start
+    for _ in range(steps):
+        if ok(rate):
+            good = rate
+            if bad is not None:
+                break
+            rate *= factor
+        else:
+            bad = rate
+            if good is not None:
+                break
+            rate /= factor
+    if good is None:
+        return 0.0
+    if bad is None:
+        return good
+    return bisect_rate(ok, good, bad, iters)
+
+
+def bisect_rate(ok: Callable[[float], bool], good: float, bad: float, iters: int) -> float:
+    """Halve [good, bad] `iters` times (`ok(good)` held, `ok(bad)` did not); the last good rate."""
     for _ in range(iters):
         mid = (good + bad) / 2
         if ok(mid):
             good = mid
         else:
             bad = mid
-    return good, history
+    return good

@@ -91,6 +91,12 @@ class CostModel:
         recency = 1.0 - _sigmoid((now - node.last_use) / self.tau) if t.recency else 1.0
         return lora_eval * cost * visit * recency
 
+    def lora_flat(self, low_lora: float, now_lora: int) -> bool:
+        """Whether LoRA_Eval is 1 for a NowLoRA of `now_lora` and any more: then an adapter
+        more or less on the device, down to that count, changes no score (the swapper need
+        not score every node again after moving one)."""
+        return self.terms.lru or not self.terms.lora or low_lora <= max(now_lora, 1)
+
     def eviction_key(self, node: Node, now: float, low_lora: float, device_loras: int) -> tuple:
         """Sort key, lowest evicted first; ties go to the older, less visited, deeper node (E-CODE)."""
         after = device_loras - 1 if node.kind is Kind.LORA else device_loras

@@ -92,8 +92,9 @@ class Swapper:
             parent = node.parent
             freed += node.num_blocks
             self._move_out(node)
-            if node.kind is Kind.LORA and not lru:  # NowLoRA changed: every score changes
-                heap = self._heap(self._eviction_candidates(region), now, low, evict=True)
+            if node.kind is Kind.LORA and not lru:  # NowLoRA changed: every score may change
+                if not self.cost.lora_flat(low, ledger.num_loras[DEVICE] - 1):
+                    heap = self._heap(self._eviction_candidates(region), now, low, evict=True)
             elif dependency and parent in ledger.tree.device_leaves and parent.movable \
                     and ledger.region(parent) == region:
                 heapq.heappush(heap, self.entry(parent, now, low, evict=True))
@@ -101,7 +102,19 @@ class Swapper:
             self.copies.land_outgoing(region)
 
     def _heap(self, nodes: list[Node], now: float, low: float, evict: bool) -> list[tuple]:
-        heap = [self.entry(n, now, low, evict) for n in nodes]
+        """Entries of `nodes`, heapified. A node's key is a function of its kind, size, visits,
+        last use and depth alone (`CostModel`), so nodes alike in those are scored once: a
+        replica's thousand adapters that no request has touched yet are all alike, and scoring
+        each of them on every prefetch pass dominated a simulated cluster."""
+        heap, memo = [], {}
+        loras = self.ledger.num_loras[DEVICE]
+        key = self.cost.eviction_key if evict else self.cost.prefetch_key
+        for n in nodes:
+            like = (n.kind, n.num_bytes, n.visits, n.last_use, n.depth)
+            k = memo.get(like)
+            if k is None:
+                k = memo[like] = key(n, now, low, loras) if evict else tuple(-x for x in key(n, now, low, loras))
+            heap.append((*k, n.seq, n))
         heapq.heapify(heap)
         return heap
 
@@ -191,6 +204,8 @@ class Swapper:
     def _prefetch_candidates(self, region: str) -> list[Node]:
         ledger = self.ledger
         nodes = ledger.tree.host_roots if ledger.policy.dependency else ledger.tree.on_tier[HOST]
+        if ledger.policy.unified:  # one region: every node is in it
+            return [n for n in nodes if n.movable]
         return [n for n in nodes if n.movable and ledger.region(n) == region]
 
     def _prefetch(self, region: str) -> None:
@@ -215,9 +230,13 @@ class Swapper:
         low = self.cost.low_lora(now)
         heap = self._heap(self._prefetch_candidates(region), now, low, evict=False)
         moved = 0
+
+        def fits(node: Node) -> bool:
+            return node.tier is HOST and node.movable and node.num_blocks <= min(pool.num_free, want - moved)
+
         while heap and moved < want:
             node = heapq.heappop(heap)[-1]
-            if node.tier is not HOST or not node.movable or node.num_blocks > min(pool.num_free, want - moved):
+            if not fits(node):
                 continue
             if node.num_bytes > budget and self.copies.bytes_in_flight:
                 return  # the rest when the link has drained
@@ -226,6 +245,14 @@ class Swapper:
             self.copies.submit(node, DEVICE, pool.allocate(node.num_blocks), pinned)
             moved += node.num_blocks
             budget -= node.num_bytes
+            if budget < 0 and self.copies.bytes_in_flight and moved < want:
+                # every node is over the budget now, so whichever fits next ends the pass here: whether
+                # one does is all that is left to know, and scoring every candidate again to pop it
+                # was the hot spot of a replica with a thousand adapters waiting on its host
+                rest = self._prefetch_candidates(region) if node.kind is Kind.LORA else [e[-1] for e in heap]
+                if any(fits(n) for n in rest):
+                    return
+                break
             if node.kind is Kind.LORA:
                 heap = self._heap(self._prefetch_candidates(region), now, low, evict=False)
         self._prefetching.discard(region)  # the target is reached, or nothing more fits

@@ -95,7 +95,8 @@ class TieredCacheManager:
             blocks = ledger.host.allocate(n)
             ledger.tree.move(node, HOST, blocks)
         ledger.acct(node, +1)
-        self.max_request_blocks = self._max_request_blocks()
+        if ledger.policy.unified:  # what _max_request_blocks gives, without a pass over every adapter per add
+            self.max_request_blocks = min(self.max_request_blocks, ledger.num_device_blocks - n)
         return node.blocks
 
     def add_remote_adapter(self, key: str) -> None:

@@ -11,6 +11,7 @@ from loraserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loraserve.dtypes import CHOICES
 from loraserve.flags import add_flag
 from loraserve.sim.engine import SimConfig
+from loraserve.sim.hardware import PROFILES
 from loraserve.units import format_bytes, parse_bytes
 
 
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--workload", required=True, help="workload file (`loraserve workload`)")
     r.add_argument("--model", required=True, help="preset (llama3-8b, mixtral-8x7b, ...) or a model directory")
     r.add_argument("--hardware", default="h100",
-                   help="a100-80g, h100, h800, h20, cpu, or a profile JSON (default: %(default)s)")
+                   help=f"{', '.join(PROFILES)}, or a profile JSON (default: %(default)s)")
     add_flag(r, "--tp", SimConfig, "tp", help="tensor-parallel degree")
     add_flag(r, "--dtype-bytes", SimConfig, "dtype_bytes", help="bytes per weight and KV element (2: bf16)")
     r.add_argument("--rank", type=int, default=32,

@@ -67,6 +67,9 @@ PROFILES: dict[str, Hardware] = {
     # its links from sim/exchange.py's LINKS)
     "h20": Hardware("h20", flops=148e12, mem_bw=4000 * GB, mem_bytes=96 * GiB, pcie_bw=50 * GB,
                     interconnect_bw=450 * GB),
+    # the 24 GB PCIe inference part fleets of small-model replicas run on (datasheet: 125 TFLOP/s dense
+    # bf16 tensor, 600 GB/s GDDR6, PCIe 4 x16, no NVLink): an 8B model's weights leave it ~6.6 GiB of device tier
+    "a10": Hardware("a10", flops=125e12, mem_bw=600 * GB, mem_bytes=24 * GiB, pcie_bw=25 * GB),
     # a 2-core CPU with torch (peaks from the team's environment notes; `calibrate` fits yours): the "device"
     # is an arena in RAM, so a swap is a memcpy; fp32 matmul peak, measured read bandwidth. A copy
     # job's latency is the mover thread's hand-off: it waits for the GIL, which the engine thread
