@@ -15,7 +15,7 @@ from loraserve.flags import add_flag
 from loraserve.errors import RequestError
 from loraserve.lora.adapter import AdapterError
 from loraserve.model.spec import ModelError
-from loraserve.router import POLICIES
+from loraserve.router import POLICIES as ROUTING_POLICIES
 from loraserve.remote.config import MODES, TRANSPORTS, LoraServerConfig, RemoteLoraConfig
 from loraserve.sampling import SamplingParams
 from loraserve.server.limits import ServerLimits
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every replica calls for its deltas; restarted at the same address if it dies")
     c.add_argument("--lora-server-gpus", type=float, default=0.0,
                    help="GPUs per LoRA server rank (default: %(default)s)")
-    c.add_argument("--routing", default="affinity", choices=POLICIES,
+    c.add_argument("--routing", default="affinity", choices=ROUTING_POLICIES,
                    help="which replica a request goes to: the one holding its session, then its adapter, within "
                         "an imbalance bound, else the least loaded (affinity); or a plain policy (default: %(default)s)")
     v.set_defaults(func=cmd_serve)

@@ -42,3 +42,30 @@ def test_unknown_architecture_exits_2(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
     out = cli("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert out.returncode == 2 and "unsupported architecture ['BertModel']" in out.stderr
+
+
+def test_serve_takes_cache_policies_and_routing_policies_apart():
+    """Both lists are called POLICIES in their packages; each flag offers its own."""
+    from loraserve.cache.policy import POLICIES as CACHE
+    from loraserve.cli import build_parser
+    from loraserve.router import POLICIES as ROUTING
+
+    args = build_parser().parse_args(["serve", "--cache-policy", "vllm", "--routing", "round-robin", "--replicas", "2",
+                                      "--lora-server-ranks", "2x1"])
+    assert (args.cache_policy, args.routing, args.replicas, args.lora_server_ranks) == ("vllm", "round-robin", 2, "2x1")
+    for cache, routing in zip(CACHE, ROUTING):
+        args = build_parser().parse_args(["serve", "--cache-policy", cache, "--routing", routing])
+        assert (args.cache_policy, args.routing) == (cache, routing)
+    for bad in (["--cache-policy", "affinity"], ["--routing", "elora"]):
+        r = subprocess.run([sys.executable, "-m", "loraserve.cli", "serve", *bad], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_ray_flags_without_replicas_exit_2_with_one_line(tiny):
+    for flags in (["--ray-address", "auto"], ["--lora-server-ranks", "1x1"]):
+        r = subprocess.run([sys.executable, "-m", "loraserve.cli", "serve", "--model", str(tiny("llama") / "model"),
+                            *flags], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            "loraserve: error: --ray-address and --lora-server-ranks need --replicas (how many engine replicas to "
+            "deploy)"]
