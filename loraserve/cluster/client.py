@@ -77,6 +77,8 @@ class ReplicaSetClient:
             except asyncio.CancelledError:  # the client went away while it was being taken
                 call.cancel()
                 raise
+            except StopAsyncIteration:  # cannot happen: a replica answers every accepted request
+                raise RuntimeError("a replica ended a request without an answer") from None
             except Exception as e:  # the replica died before it took the request: try another
                 call.cancel()
                 if attempt + 1 == RETRIES:
@@ -92,14 +94,14 @@ class ReplicaSetClient:
             self._calls[request_id] = call
         _deliver(first, queues)
         pump = asyncio.create_task(_pump(call, queues))
-        return [self._outputs(request_id, q, call, pump, ids) for request_id, q in zip(ids, queues)]
+        return [self._outputs(request_id, q, pump, ids) for request_id, q in zip(ids, queues)]
 
     def abort(self, request_id: str) -> None:
         call = self._calls.pop(request_id, None)
         if call is not None and not any(c is call for c in self._calls.values()):
             call.cancel()  # the replica's generator is cancelled, and aborts its requests
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue, call, pump: asyncio.Task,
+    async def _outputs(self, request_id: str, q: asyncio.Queue, pump: asyncio.Task,
                        ids: list[str]) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
