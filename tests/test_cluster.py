@@ -11,6 +11,7 @@ fixture kills whatever still carries it, so a failing test leaves nothing behind
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
@@ -42,20 +43,19 @@ def marked_pids(mark: str) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny, tmp_path_factory):
-    root = tiny("llama")
-    lora_dir = tmp_path_factory.mktemp("cluster-loras")
-    shutil.copytree(root / "adapters" / "r8", lora_dir / "late")
+@contextlib.contextmanager
+def running_cluster(root: Path, *extra: str):
+    """`serve --replicas 2` with the test adapters and `extra` flags; yields (url, marker). However the
+    tests end, the endpoint gets SIGINT and whatever still carries the marker (Ray's processes) SIGKILL."""
     mark = f"LORASERVE_TEST_CLUSTER={uuid.uuid4().hex}"
-    args = ["--served-model-name", "base", "--replicas", "2", "--replica-cpus", "1", "--lora-dir", str(lora_dir)]
+    args = ["--served-model-name", "base", "--replicas", "2", "--replica-cpus", "1", *extra]
     for name in ADAPTERS:
         args += ["--lora", f"{name}={root / 'adapters' / name}"]
     key, value = mark.split("=")
     proc = None
     try:
         proc, url = start_server(root, *args, env={key: value, "RAY_DEDUP_LOGS": "0"}, timeout=240)
-        yield url, root, lora_dir
+        yield url, mark
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -68,6 +68,15 @@ def cluster(tiny, tmp_path_factory):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny, tmp_path_factory):
+    root = tiny("llama")
+    lora_dir = tmp_path_factory.mktemp("cluster-loras")
+    shutil.copytree(root / "adapters" / "r8", lora_dir / "late")
+    with running_cluster(root, "--lora-dir", str(lora_dir)) as (url, _):
+        yield url, root, lora_dir
 
 
 @pytest.fixture()
@@ -216,27 +225,8 @@ def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster
 @pytest.fixture(scope="module")
 def disagg(tiny):
     root = tiny("llama")
-    mark = f"LORASERVE_TEST_CLUSTER={uuid.uuid4().hex}"
-    args = ["--served-model-name", "base", "--replicas", "2", "--replica-cpus", "1", "--lora-server-ranks", "1x1"]
-    for name in ADAPTERS:
-        args += ["--lora", f"{name}={root / 'adapters' / name}"]
-    key, value = mark.split("=")
-    proc = None
-    try:
-        proc, url = start_server(root, *args, env={key: value}, timeout=240)
+    with running_cluster(root, "--lora-server-ranks", "1x1") as (url, mark):
         yield url, root, mark
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except Exception:
-                proc.kill()
-        for pid in marked_pids(mark):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_replicas_get_their_deltas_from_the_lora_server_actor_which_comes_back_after_a_kill(disagg):

@@ -89,10 +89,7 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
                  logging_level=logging.WARNING, **local)
     serve.start(proxy_location="Disabled")
     set_name = f"{opts.app}-adapters"
-    try:  # a set left by an endpoint that died: the new one is the truth
-        ray.kill(ray.get_actor(set_name, namespace=NAMESPACE))
-    except ValueError:
-        pass
+    _kill_actor(set_name)  # a set left by an endpoint that died: the new one is the truth
     adapter_set = ray.remote(AdapterSet).options(name=set_name, namespace=NAMESPACE, num_cpus=0).remote(
         {name: str(path) for name, path in adapters.items()})
     lora_server = None
@@ -124,10 +121,7 @@ def start_lora_server(opts: ClusterOptions, adapter_set: str):
     """Start the LoRA server actor (restarted by Ray at the same port if it dies). Keep the handle: an
     actor that is not detached goes when its last handle does."""
     name = f"{opts.app}-lora-server"
-    try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-    except ValueError:
-        pass
+    _kill_actor(name)
     ranks = opts.lora_server.ep * opts.lora_server.pp
     with socket.socket() as s:  # a port of this node, kept across restarts (a local cluster's node)
         s.bind(("", 0))
@@ -144,11 +138,17 @@ def stop_cluster(opts: ClusterOptions) -> None:
     try:
         serve.delete(opts.app)
         for name in (f"{opts.app}-lora-server", f"{opts.app}-adapters"):
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-            except ValueError:
-                pass
+            _kill_actor(name)
     finally:
         if not opts.ray_address:
             serve.shutdown()
             ray.shutdown()
+
+
+def _kill_actor(name: str) -> None:
+    """Kill our named actor, if there is one."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+    except ValueError:
+        pass
+
