@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from loraserve.cluster.calls import Refusal, RouteKey, raise_refusal
 from loraserve.cluster.live import ROUTERS
-from loraserve.engine.async_engine import EngineStats, RequestSpec
+from loraserve.engine.async_engine import EngineStats, RequestSpec, queued_outputs
 from loraserve.engine.output import RequestOutput
 from loraserve.errors import Draining, Unavailable, UnknownModel
 from loraserve.lora.files import AdapterError
@@ -101,23 +101,14 @@ class ReplicaSetClient:
         if call is not None and not any(c is call for c in self._calls.values()):
             call.cancel()  # the replica's generator is cancelled, and aborts its requests
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue, pump: asyncio.Task,
-                       ids: list[str]) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await q.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+    def _outputs(self, request_id: str, q: asyncio.Queue, pump: asyncio.Task,
+                 ids: list[str]) -> AsyncIterator[RequestOutput]:
+        def done() -> None:
             self._calls.pop(request_id, None)
             if not any(i in self._calls for i in ids):
                 pump.cancel()
+
+        return queued_outputs(q, lambda: self.abort(request_id), done)
 
     def num_unfinished(self) -> int:
         return len(self._calls)

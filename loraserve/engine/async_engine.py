@@ -235,20 +235,9 @@ class AsyncEngine:
     def _dead_error(self) -> EngineDead:
         return EngineDead(f"the engine has stopped ({self.dead}); the server is exiting to be restarted")
 
-    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                if isinstance(out, Exception):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:  # the consumer went away: free its blocks
-                self.abort(request_id)
-            self._streams.pop(request_id, None)
+    def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        return queued_outputs(outputs, lambda: self.abort(request_id),  # the consumer went away: free its blocks
+                              lambda: self._streams.pop(request_id, None))
 
     # -- loop thread -------------------------------------------------------
 
@@ -340,6 +329,25 @@ class AsyncEngine:
             self.engine.queue(req)
         except ValueError as e:  # e.g. a request id already in use: this request's fault alone
             self._deliver(req.request_id, e)
+
+
+async def queued_outputs(outputs: asyncio.Queue, abort: Callable[[], None],
+                         done: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+    """One request's outputs from its queue until the finished one (an Exception put there is
+    raised); `abort` if the consumer stops before that, then `done` however it ends."""
+    finished = False
+    try:
+        while not finished:
+            out = await outputs.get()
+            if isinstance(out, Exception):
+                finished = True
+                raise out
+            finished = out.finished
+            yield out
+    finally:
+        if not finished:
+            abort()
+        done()
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
