@@ -9,10 +9,13 @@ of error there, so the HTTP layer maps it to the same status as one process woul
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from loraserve.errors import Draining, EngineDead, InvalidRequest, Overloaded, Unavailable, UnknownModel
 from loraserve.lora.files import AdapterError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,20 @@ def raise_refusal(r: Refusal):
     """Raise it as the error it was; "Internal" (a replica's bug) as a RuntimeError, a 500."""
     make = KINDS[r.kind][1] if r.kind in KINDS else lambda m, f: RuntimeError(m)
     raise make(r.message, r.field)
+
+
+def answer(e: Exception) -> Refusal:
+    """What a replica answers for an error: its refusal, or for anything else (a bug) an internal error."""
+    r = refusal(e)
+    if r is None:
+        log.error("replica: internal error", exc_info=e)
+        return Refusal("Internal", f"{type(e).__name__}: {e}")
+    return r
+
+
+def as_error(r: Refusal) -> Exception:
+    """The error a refusal stands for, to hand to a stream's consumer."""
+    try:
+        raise_refusal(r)
+    except Exception as e:
+        return e

@@ -2,8 +2,9 @@
 interface `server/app.py` uses (that of `AsyncEngine`), so the endpoint is the
 single-process server's own app and speaks the same API.
 
-A request is one Serve call, routed by `ReplicaRouter`; its n choices stream
-back together and are handed out one iterator each. Adapter loads go to every
+A request goes to the replica `ReplicaRouter` chooses, over that replica's
+data channel (`channel.py`); its n choices stream back together and are
+handed out one iterator each. Adapter loads go to every
 live replica (pinned calls through the same router) after the adapter set
 actor has recorded them, so a replica that starts meanwhile catches up.
 Tokenizing (chat templates, token text) happens here, with the model's own
@@ -22,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from loraserve.cluster.calls import Refusal, RouteKey, raise_refusal
+from loraserve.cluster.channel import Call, EndpointChannel
 from loraserve.cluster.live import ROUTERS
 from loraserve.engine.async_engine import EngineStats, RequestSpec, queued_outputs
 from loraserve.engine.output import RequestOutput
@@ -52,8 +54,10 @@ class ReplicaSetClient:
         self.max_model_len: int = describe["max_model_len"]
         self.tokenizer = Tokenizer(self.model_root)
         self._adapters: tuple[AdapterInfo, ...] = tuple(describe["adapters"])
-        self._calls: dict[str, object] = {}
-        """Request id → the Serve call carrying it (aborting cancels the call once all its choices are gone)."""
+        self.channel = EndpointChannel()
+        self._ready = False
+        self._calls: dict[str, Call] = {}
+        """Request id → the call carrying it (aborting stops the call once all its choices are gone)."""
         self._stats = EngineStats()
         self._replica_stats: dict[str, EngineStats] = {}
         self._pids: dict[str, int] = {describe["id"]: describe["pid"]}
@@ -70,45 +74,46 @@ class ReplicaSetClient:
         adapter = specs[0][2]
         tokens = sum((len(p) if isinstance(p, list) else len(p) // 4) + s.max_tokens for p, s, _, _ in specs)
         route = RouteKey(adapter, session, tokens)
+        router = await self._router()
         for attempt in range(RETRIES):
-            call = self.handle.options(stream=True).generate.remote(specs, route=route)
+            down = self.channel.down()
+            if down:  # links to replicas Serve has since replaced are closed
+                self.channel.forget(set(router.replica_ids()))
+            target = router.choose(route, down)
+            if target is None:
+                raise Unavailable("no replica is reachable")
+            call = await self.channel.open(*target, specs, session)
             try:
-                first = await call.__anext__()
+                answer = await asyncio.shield(call.answer)
             except asyncio.CancelledError:  # the client went away while it was being taken
-                call.cancel()
+                self.channel.abort(call)
+                router.release(call.replica, route)
                 raise
-            except StopAsyncIteration:  # cannot happen: a replica answers every accepted request
-                raise RuntimeError("a replica ended a request without an answer") from None
-            except Exception as e:  # the replica died before it took the request: try another
-                call.cancel()
-                if attempt + 1 == RETRIES:
-                    raise Unavailable(f"no replica could take the request ({type(e).__name__})") from e
-                await asyncio.sleep(0.1 * (attempt + 1))
-                continue
-            if isinstance(first, Refusal):
-                raise_refusal(first)
-            break
-        queues = [asyncio.Queue() for _ in specs]
+            if answer is None:
+                break
+            router.release(call.replica, route)
+            if isinstance(answer, Refusal):
+                raise_refusal(answer)
+            if attempt + 1 == RETRIES:  # LOST: the replica went away before it took the request
+                raise Unavailable("no replica could take the request")
+            await asyncio.sleep(0.1 * (attempt + 1))
         ids = [spec[3] for spec in specs]
         for request_id in ids:
             self._calls[request_id] = call
-        _deliver(first, queues)
-        pump = asyncio.create_task(_pump(call, queues))
-        return [self._outputs(request_id, q, pump, ids) for request_id, q in zip(ids, queues)]
+
+        def done(request_id: str) -> None:
+            self._calls.pop(request_id, None)
+            if not any(i in self._calls for i in ids):
+                self.channel.close(call)
+                router.release(call.replica, route)
+
+        return [queued_outputs(q, lambda r=request_id: self.abort(r), lambda r=request_id: done(r))
+                for request_id, q in zip(ids, call.queues)]
 
     def abort(self, request_id: str) -> None:
         call = self._calls.pop(request_id, None)
         if call is not None and not any(c is call for c in self._calls.values()):
-            call.cancel()  # the replica's generator is cancelled, and aborts its requests
-
-    def _outputs(self, request_id: str, q: asyncio.Queue, pump: asyncio.Task,
-                 ids: list[str]) -> AsyncIterator[RequestOutput]:
-        def done() -> None:
-            self._calls.pop(request_id, None)
-            if not any(i in self._calls for i in ids):
-                pump.cancel()
-
-        return queued_outputs(q, lambda: self.abort(request_id), done)
+            self.channel.abort(call)  # the replica aborts its requests
 
     def num_unfinished(self) -> int:
         return len(self._calls)
@@ -199,18 +204,27 @@ class ReplicaSetClient:
     def shutdown(self) -> None:
         """Cancel what still streams (the deployment itself is `deploy.py`'s to stop)."""
         for call in {id(c): c for c in self._calls.values()}.values():
-            call.cancel()
+            self.channel.abort(call)
         self._calls.clear()
+        self.channel.shutdown()
 
     # -- Serve calls -------------------------------------------------------------
 
     async def _replicas(self) -> list[str]:
         """The live replicas' ids, as this process's router knows them (waits for the first)."""
+        return (await self._router()).replica_ids()
+
+    async def _router(self):
+        """This process's router, once it knows of a replica that has reported its channel (waits for one)."""
+        router = ROUTERS.get(self.deployment)
+        if router is not None and self._ready:
+            return router
         self.handle.options(stream=False)  # the router is made when a handle is first set up
         for _ in range(int(self.timeout_s * 20)):
             router = ROUTERS.get(self.deployment)
-            if router is not None and router.replica_ids():
-                return router.replica_ids()
+            if router is not None and any((r.routing_stats or {}).get("data") for r in router.curr_replicas.values()):
+                self._ready = True
+                return router
             await asyncio.sleep(0.05)
         raise Unavailable("no replica is running")
 
@@ -224,32 +238,6 @@ class ReplicaSetClient:
     async def _pinned(self, replica: str, method: str, *args):
         call = getattr(self.handle.options(stream=False), method).remote(*args, route=RouteKey(pin=replica))
         return await asyncio.wait_for(call, self.timeout_s)
-
-
-async def _pump(call, queues: list[asyncio.Queue]) -> None:
-    """The call's (choice, output) pairs to each choice's queue; a replica lost
-    mid-stream ends every choice with Unavailable (a 503 error event)."""
-    try:
-        async for batch in call:
-            _deliver(batch, queues)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        lost = Unavailable(f"the replica serving this request stopped ({type(e).__name__}); retry it")
-        for q in queues:
-            q.put_nowait(lost)
-
-
-def _deliver(batch: list, queues: list[asyncio.Queue]) -> None:
-    for i, item in batch:
-        queues[i].put_nowait(_error(item) if isinstance(item, Refusal) else item)
-
-
-def _error(r: Refusal) -> Exception:
-    try:
-        raise_refusal(r)
-    except Exception as e:
-        return e
 
 
 def _unpack(result):

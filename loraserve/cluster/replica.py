@@ -1,29 +1,27 @@
 """One replica of the Ray Serve deployment: a whole loraserve engine (the
 `LLMEngine` and its `AsyncEngine` loop thread) in a Ray actor.
 
-It answers the endpoint's client (`cluster/client.py`) over Serve calls: a
-request's outputs stream back as lists of `(choice, RequestOutput)` pairs, or
-one Refusal if it was not accepted; adapter loads, stats and its
-description are plain calls. Every method takes the `route` keyword the
-request router reads (`calls.RouteKey`). Serve calls `record_routing_stats`
-every few hundred milliseconds: what the replica reports there (resident
-adapters, sessions it served, requests it holds) is what the router decides on.
+Requests reach it on its data channel (`channel.py`: a socket of its own, not
+a Serve call); adapter loads, stats and its description are Serve calls, each
+taking the `route` keyword the request router reads (`calls.RouteKey`). Serve
+calls `record_routing_stats` every few hundred milliseconds: what the replica
+reports there (its channel's address, resident adapters, sessions it served,
+requests it holds) is what the router decides on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import ray
 from ray import serve
 
-from loraserve.cluster.calls import Refusal, RouteKey, refusal
+from loraserve.cluster.calls import Refusal, RouteKey, answer
+from loraserve.cluster.channel import ReplicaChannel
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncEngine, EngineStats
 from loraserve.engine.llm_engine import LLMEngine
@@ -58,46 +56,9 @@ class EngineReplica:
         self.client = AsyncEngine(self.engine, max_waiting=max_waiting)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.sessions: OrderedDict[str, None] = OrderedDict()
+        # on the loop that runs this replica's methods (Serve builds replicas inside it)
+        self.channel = ReplicaChannel(self.client, ray.util.get_node_ip_address(), self._served)
         ray.get(self.adapter_set.describe.remote(self.describe(None)))
-
-    async def generate(self, specs: list, route: RouteKey) -> AsyncIterator:
-        """A Refusal, or lists of (choice, output) pairs until every choice ends (the first list is the
-        answer that it was accepted: one Ray item less before the first token). A list holds whatever came since the last one: each Ray item costs a few milliseconds
-        on a busy host, more than a small model's decode step, so outputs travel in batches when they queue."""
-        try:
-            streams = await self.client.submit(specs)
-        except Exception as e:
-            yield _refusal(e)
-            return
-        if route.session is not None:
-            self.sessions[route.session] = None
-            self.sessions.move_to_end(route.session)
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((i, out))
-            except Exception as e:  # unloaded meanwhile, the engine stopped: this choice's ending
-                queue.put_nowait((i, _refusal(e)))
-            finally:
-                queue.put_nowait((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            left = len(tasks)
-            while left:
-                batch = [await queue.get()]
-                while not queue.empty():  # what came meanwhile goes in the same Ray item
-                    batch.append(queue.get_nowait())
-                left -= sum(item is None for _, item in batch)
-                if any(item is not None for _, item in batch):
-                    yield [(i, item) for i, item in batch if item is not None]
-        finally:  # cancelled (the client went away): the streams' own cleanup aborts their requests
-            for t in tasks:
-                t.cancel()
 
     async def load_adapter(self, name: str, path: str, within: list[str], route: RouteKey) -> AdapterInfo | Refusal:
         """Idempotent: the broadcast of a load and a replica catching up on the set may meet."""
@@ -107,7 +68,7 @@ class EngineReplica:
         try:
             return await self.client.load_adapter(name, path, [Path(d) for d in within])
         except Exception as e:
-            return _refusal(e)
+            return answer(e)
 
     async def unload_adapter(self, name: str, route: RouteKey) -> Refusal | None:
         try:
@@ -115,7 +76,7 @@ class EngineReplica:
         except UnknownModel:
             return None  # already gone here: what the caller wanted
         except Exception as e:
-            return _refusal(e)
+            return answer(e)
         return None
 
     async def stats(self, route: RouteKey) -> EngineStats:
@@ -132,18 +93,28 @@ class EngineReplica:
         """Serve's periodic report to the routers; also when the replica catches up with the adapter set."""
         await self._catch_up()
         adapters = await self.client.call(self._resident) if self.client.dead is None else []
-        return {"adapters": adapters, "sessions": list(self.sessions), "requests": self.client.num_unfinished()}
+        return {"data": self.channel.address, "adapters": adapters, "sessions": list(self.sessions),
+                "requests": self.client.num_unfinished()}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine loop has died."""
         if self.client.dead is not None:
             raise RuntimeError(f"the engine has stopped: {self.client.dead}")
+        if self.channel.task.done():
+            raise RuntimeError("the data channel has stopped")
 
     def __del__(self) -> None:
         client = getattr(self, "client", None)
         if client is not None:
+            self.channel.close()
             client.shutdown()
             self.engine.close()
+
+    def _served(self, session: str) -> None:
+        self.sessions[session] = None
+        self.sessions.move_to_end(session)
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
 
     def _wait_for_lora_server(self, config: EngineConfig) -> None:
         """With a LoRA server, be up only once it answers: the adapter set is loaded through it, and the
@@ -174,11 +145,3 @@ class EngineReplica:
                 log.error("replica: cannot load adapter %s from %s: %s", name, wanted[name], result.message)
         self.version = version
 
-
-def _refusal(e: Exception) -> Refusal:
-    """A known refusal as data; anything else (a bug) as an internal error."""
-    r = refusal(e)
-    if r is None:
-        log.error("replica: internal error", exc_info=e)
-        return Refusal("Internal", f"{type(e).__name__}: {e}")
-    return r
