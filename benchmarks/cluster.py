@@ -160,7 +160,7 @@ def main() -> None:
     adapters = fresh_adapters("tiny-llama", template, 32)
     result = {"commit": git_commit(), "machine": machine()}
     if args.only != "load":
-        result["overhead"] = overhead(model_dir, 20 if args.quick else 60)
+        result["overhead"] = overhead(model_dir, 20 if args.quick else 150)
         print(result["overhead"], flush=True)
     if args.only != "overhead":
         result["load"] = load(model_dir, adapters, 20 if args.quick else 60, 2.0)

@@ -191,6 +191,8 @@ def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster
                                          extra_body={"ignore_eos": True}, stream=True) for _ in range(2)]
     for s in streams:
         next(iter(s))
+    running = replica_series(url, "loraserve_replica_requests_running")
+    assert sorted(running.values()) == [1.0, 1.0], running
     victim = next(iter(pids))
     os.kill(victim, signal.SIGKILL)
 
@@ -225,11 +227,13 @@ def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster
 @pytest.fixture(scope="module")
 def disagg(tiny):
     root = tiny("llama")
-    with running_cluster(root, "--lora-server-ranks", "1x1") as (url, mark):
+    with running_cluster(root, "--lora-server-ranks", "1x2") as (url, mark):
         yield url, root, mark
 
 
-def test_replicas_get_their_deltas_from_the_lora_server_actor_which_comes_back_after_a_kill(disagg):
+def test_replicas_get_their_deltas_from_the_lora_server_ranks_which_come_back_after_a_kill(disagg):
+    """Two pipeline ranks, each its own Ray actor. Killing rank 1 breaks the group, so rank 0 exits and
+    Ray restarts the whole server; killing rank 0 restarts it too; each time at the same address."""
     url, root, mark = disagg
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
     offline = LLM(str(root / "model"), dtype="float32", adapters={n: str(root / "adapters" / n) for n in ADAPTERS})
@@ -242,21 +246,27 @@ def test_replicas_get_their_deltas_from_the_lora_server_actor_which_comes_back_a
         return client.completions.create(model=model, prompt="The quick brown fox", max_tokens=8,
                                          temperature=0).choices[0].text
 
+    def actors(kind: bytes) -> list[int]:
+        return [pid for pid in marked_pids(mark) if kind in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
     assert {m.id for m in client.models.list().data} == {"base", *ADAPTERS}
     for model in ADAPTERS:
         assert ask(model) == expected(model)
     m = scrape(url)
     assert m["loraserve_lora_bank_bytes"] == 0  # the instances hold no adapter weights
     assert m["loraserve_remote_lora_steps_total"] >= len(ADAPTERS)
-    server = [pid for pid in marked_pids(mark) if b"LoraServerActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(server) == 1
-    os.kill(server[0], signal.SIGKILL)
-    deadline, answer = time.time() + 180, None
-    while time.time() < deadline:  # Ray restarts it at the same address, with the adapter set loaded
-        try:
-            answer = ask("r8")
-            break
-        except openai.APIError:  # 503 while it is down
-            time.sleep(1)
-    assert answer == expected("r8")
+    rank0, rank1 = actors(b"LoraServerActor"), actors(b"LoraRankActor")
+    assert len(rank0) == len(rank1) == 1 and rank0 != rank1
+    for kind in (b"LoraRankActor", b"LoraServerActor"):
+        before = actors(kind)
+        os.kill(before[0], signal.SIGKILL)
+        deadline, answer = time.time() + 180, None
+        while time.time() < deadline:  # Ray restarts the server, with the adapter set loaded
+            try:
+                answer = ask("r8")
+                break
+            except openai.APIError:  # 503 while it is down
+                time.sleep(1)
+        assert answer == expected("r8")
+        assert len(actors(kind)) == 1 and actors(kind) != before
     assert ask("base") == offline.generate("The quick brown fox", SamplingParams(max_tokens=8, temperature=0.0))[0].text

@@ -106,7 +106,7 @@ class Running:
         except BaseException:
             self.server.close()
             raise
-        self.procs = list(self.server.ranks.procs)
+        self.procs = list(self.server.ranks.launcher.procs.values())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

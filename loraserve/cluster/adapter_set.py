@@ -18,6 +18,8 @@ class AdapterSet:
         self.version = 0
         self.engine: dict | None = None
         """What the first replica to start said of its engine (model, dtype, context length, adapters)."""
+        self.lora_server: str | None = None
+        """Where the LoRA server listens (disaggregated layout): it keeps that address across restarts."""
 
     def describe(self, engine: dict) -> None:
         if self.engine is None:
@@ -25,6 +27,12 @@ class AdapterSet:
 
     def described(self) -> dict | None:
         return self.engine
+
+    def server_endpoint(self, endpoint: str | None = None) -> str | None:
+        """Record the LoRA server's endpoint (when given); the one recorded."""
+        if endpoint is not None:
+            self.lora_server = endpoint
+        return self.lora_server
 
     def current(self) -> tuple[int, dict[str, str]]:
         return self.version, dict(self.adapters)

@@ -136,8 +136,7 @@ class ReplicaChannel:
         self.task.cancel()
         for t in list(self.calls.values()):
             t.cancel()
-        self.sock.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
 
 # -- the endpoint's side -----------------------------------------------------------
@@ -180,6 +179,9 @@ class EndpointChannel:
         link = self.links.get(replica) or self._connect(replica, address)
         call = Call(next(self._ids), replica, [asyncio.Queue() for _ in specs],
                     asyncio.get_running_loop().create_future())
+        if link.lost:  # chosen before the loss was seen
+            call.answer.set_result(LOST)
+            return call
         self.calls[call.id] = call
         link.calls.add(call.id)
         specs_out = [[prompt, vars(params), adapter, rid] for prompt, params, adapter, rid in specs]
@@ -207,7 +209,7 @@ class EndpointChannel:
     def shutdown(self) -> None:
         for replica in list(self.links):
             self._drop(replica)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # the monitors' sockets too (their tasks may not run again)
 
     def _connect(self, replica: str, address: str) -> _Link:
         sock = self.ctx.socket(zmq.DEALER)

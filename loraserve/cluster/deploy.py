@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass, replace
 
 import ray
@@ -118,19 +117,14 @@ def start_cluster(config: EngineConfig, adapters: dict[str, str], opts: ClusterO
 
 
 def start_lora_server(opts: ClusterOptions, adapter_set: str):
-    """Start the LoRA server actor (restarted by Ray at the same port if it dies). Keep the handle: an
-    actor that is not detached goes when its last handle does."""
+    """Start the LoRA server's rank 0 (it starts the other ranks; Ray restarts it if it dies). Keep the
+    handle: an actor that is not detached goes when its last handle does."""
     name = f"{opts.app}-lora-server"
     _kill_actor(name)
-    ranks = opts.lora_server.ep * opts.lora_server.pp
-    with socket.socket() as s:  # a port of this node, kept across restarts (a local cluster's node)
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    actor = ray.remote(LoraServerActor).options(
-        name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=ranks,
-        num_gpus=ranks * opts.lora_server_gpus).remote(opts.lora_server, port, list(opts.lora_dirs), adapter_set,
-                                                       NAMESPACE)
-    return actor
+    return ray.remote(LoraServerActor).options(
+        name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=1,
+        num_gpus=opts.lora_server_gpus).remote(opts.lora_server, list(opts.lora_dirs), adapter_set, NAMESPACE,
+                                               opts.lora_server_gpus)
 
 
 def stop_cluster(opts: ClusterOptions) -> None:

@@ -5,8 +5,8 @@ Requests reach it on its data channel (`channel.py`: a socket of its own, not
 a Serve call); adapter loads, stats and its description are Serve calls, each
 taking the `route` keyword the request router reads (`calls.RouteKey`). Serve
 calls `record_routing_stats` every few hundred milliseconds: what the replica
-reports there (its channel's address, resident adapters, sessions it served,
-requests it holds) is what the router decides on.
+reports there (its channel's address, resident adapters, sessions it served)
+is what the router decides on, with its own count of requests in flight.
 """
 
 from __future__ import annotations
@@ -93,8 +93,7 @@ class EngineReplica:
         """Serve's periodic report to the routers; also when the replica catches up with the adapter set."""
         await self._catch_up()
         adapters = await self.client.call(self._resident) if self.client.dead is None else []
-        return {"data": self.channel.address, "adapters": adapters, "sessions": list(self.sessions),
-                "requests": self.client.num_unfinished()}
+        return {"data": self.channel.address, "adapters": adapters, "sessions": list(self.sessions)}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine loop has died."""

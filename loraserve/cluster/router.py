@@ -6,11 +6,12 @@ Requests do not travel as Serve calls (see `channel.py`): the endpoint's
 client asks `choose` for a replica and its channel address, and `release`s
 it when the request ends. What the choice rests on never makes a request wait:
 - each replica's last report (`record_routing_stats`, every few hundred ms
-  through Serve's controller): its channel, resident adapters, sessions,
-  requests held;
-- what this router sent since: requests in flight (counted at the choice, so
-  a burst sees itself) and, for `recent_s` seconds, the adapters and sessions
-  it sent where (a report older than the decision cannot show them yet).
+  through Serve's controller): its channel, resident adapters, sessions;
+- what this router sent: requests in flight (counted at the choice, so a
+  burst sees itself, and until they end: the endpoint is the deployment's
+  only client, so this count is exact where a report would lag) and, for
+  `recent_s` seconds, the adapters and sessions it sent where (a report older
+  than the decision cannot show them yet).
 
 Serve calls (adapter loads, stats) carry a pinned `RouteKey`: each goes to
 that replica alone, which is how the endpoint reaches every replica.
@@ -92,5 +93,4 @@ class ReplicaRouter(RequestRouter):
             del sent[key]
         adapters = set(stats.get("adapters", ())) | {k for kind, k in sent if kind == "adapter"}
         sessions = set(stats.get("sessions", ())) | {k for kind, k in sent if kind == "session"}
-        return InstanceLoad(max(self.in_flight[rid], stats.get("requests", 0)), self.tokens[rid],
-                            adapters, sessions, {k for _, k in sent})
+        return InstanceLoad(self.in_flight[rid], self.tokens[rid], adapters, sessions, {k for _, k in sent})

@@ -2,10 +2,11 @@
 
 Rank 0 is the front: it owns the instances' socket, the catalogue and the
 batching (`server.py`, as with one rank), and is also stage 0's leader (EP
-rank 0 of stage 0). It starts ranks 1..X*Y-1 as processes
-(`python -m loraserve.lora_server.rank`), meets them on a TCPStore on a free
-port of 127.0.0.1, and from then on is the only one that speaks to them
-(`wire.py`). It stops them on close; they stop by themselves if it dies.
+rank 0 of stage 0). It starts ranks 1..X*Y-1 through a launcher: its own
+processes (`LocalRanks`: `python -m loraserve.lora_server.rank`), or Ray actors
+placed on any node (`cluster/lora_server.py`). It meets them on a TCPStore on a
+free port of the launcher's address, and from then on is the only one that
+speaks to them (`wire.py`). It stops them on close; they stop by themselves if it dies.
 
 Control (load, unload, hint) is applied on every rank: each rank's store
 keeps its shard's bytes. A load is checked on rank 0 first, then on the
@@ -32,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -71,9 +72,55 @@ class _Part:
     """Local expert ids (expert targets)."""
 
 
+class RankLauncher(Protocol):
+    """Starts and stops ranks 1.. (their processes); the ranks do the rest over the store."""
+
+    host: str
+    """Rank 0's address as every rank reaches it (its store and its end of the group listen there)."""
+
+    def start(self, rank: int, world: int, port: int, timeout_s: float, config: LoraServerConfig) -> None: ...
+
+    def exited(self, rank: int) -> int | None:
+        """The rank's exit status once it has stopped (None while it runs)."""
+
+    def stop(self, grace_s: float) -> None:
+        """Wait up to `grace_s` for the ranks to exit, then kill those left."""
+
+
+class LocalRanks:
+    """Ranks as child processes on this machine (`loraserve lora-server --ep --pp`)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, rank: int, world: int, port: int, timeout_s: float, config: LoraServerConfig) -> None:
+        env = dict(os.environ)
+        # the ranks run this very code, wherever it was imported from
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "loraserve.lora_server.rank", "--rank", str(rank), "--world", str(world),
+               "--port", str(port), "--timeout", str(timeout_s), "--config", config_json(config),
+               "--parent", str(os.getpid())]
+        self.procs[rank] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+    def exited(self, rank: int) -> int | None:
+        return self.procs[rank].poll()
+
+    def stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
 class Ranks:
     def __init__(self, config: LoraServerConfig, layout: Layout, store: AdapterStore,
-                 timeout_s: float = TIMEOUT_S) -> None:
+                 timeout_s: float = TIMEOUT_S, launcher: RankLauncher | None = None) -> None:
         self.layout = layout
         self.store = store
         """Rank 0's own store (its shard)."""
@@ -81,17 +128,18 @@ class Ranks:
         self.lock = threading.Lock()
         """One exchange at a time: the server loop's and the pinger's."""
         self.closed = threading.Event()
-        self.procs: list[subprocess.Popen] = []
+        self.launcher = launcher or LocalRanks()
         self.last_sent = [time.monotonic()] * layout.world
         self.not_ready = 0
         """Answers "not ready" from other ranks (their batch was asked again later)."""
-        tcp = wire.rendezvous(timeout_s)
+        tcp = wire.rendezvous(timeout_s, self.launcher.host)
         try:
-            self._spawn(config, tcp.port)
+            for rank in range(1, layout.world):
+                self.launcher.start(rank, layout.world, tcp.port, timeout_s, config)
             self._wait_up(tcp)
-            self.channel = wire.Channel(tcp, 0, layout.world, store.bank.device, timeout_s)
+            self.channel = wire.Channel(tcp, 0, layout.world, store.bank.device, timeout_s, self.launcher.host)
         except BaseException:
-            self._reap()
+            self.launcher.stop(5.0)
             raise
         self._tcp = tcp
         self._pinger = threading.Thread(target=self._ping, name="loraserve-rank-pinger", daemon=True)
@@ -99,24 +147,14 @@ class Ranks:
 
     # -- start and stop --------------------------------------------------------
 
-    def _spawn(self, config: LoraServerConfig, port: int) -> None:
-        env = dict(os.environ)
-        # the ranks run this very code, wherever it was imported from
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        for rank in range(1, self.layout.world):
-            cmd = [sys.executable, "-m", "loraserve.lora_server.rank", "--rank", str(rank),
-                   "--world", str(self.layout.world), "--port", str(port), "--timeout", str(self.timeout_s),
-                   "--config", config_json(config), "--parent", str(os.getpid())]
-            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
-
     def _wait_up(self, tcp) -> None:
         keys = [f"up/{rank}" for rank in range(1, self.layout.world)]
         deadline = time.monotonic() + self.timeout_s
         while not tcp.check(keys):
-            for rank, proc in enumerate(self.procs, 1):
-                if proc.poll() is not None:
-                    raise RankFailed(f"LoRA server rank {rank} exited with status {proc.returncode} at start")
+            for rank in range(1, self.layout.world):
+                status = self.launcher.exited(rank)
+                if status is not None:
+                    raise RankFailed(f"LoRA server rank {rank} exited with status {status} at start")
             if time.monotonic() > deadline:
                 raise RankFailed(f"LoRA server ranks did not start within {self.timeout_s:g} s")
             time.sleep(0.05)
@@ -127,23 +165,13 @@ class Ranks:
         self.closed.set()
         self._pinger.join(timeout=5)
         with self.lock:
-            for rank, proc in enumerate(self.procs, 1):
+            for rank in range(1, self.layout.world):
                 try:
-                    if proc.poll() is None:
+                    if self.launcher.exited(rank) is None:
                         self.channel.send(rank, [wire.STOP])
                 except RuntimeError:
                     pass  # gone meanwhile
-        self._reap()
-
-    def _reap(self) -> None:
-        """Wait a moment for the ranks to exit, then kill those that did not."""
-        deadline = time.monotonic() + 5.0
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        self.launcher.stop(5.0)
 
     def _ping(self) -> None:
         period = self.timeout_s / 4

@@ -1,6 +1,7 @@
 """A rank > 0 of a parallel LoRA server: `python -m loraserve.lora_server.rank`.
 
-Rank 0 starts it (`parallel.py`) and is the only peer it talks to. It holds
+Rank 0 starts it (`parallel.py`), as a process of its own or, on Ray, as an
+actor (`cluster/lora_server.py` calls `run`), and is the only peer it talks to. It holds
 its shard of every adapter in its own `AdapterStore` (so its own tiered cache,
 slots and bank) and answers, in order: deltas for its rows (or "not ready",
 and rank 0 asks again later: nothing here ever waits for a load), control
@@ -162,6 +163,27 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
+def run(rank: int, world: int, host: str, port: int, timeout_s: float, config: LoraServerConfig,
+        own_host: str = "127.0.0.1") -> int:
+    """Serve as `rank` until rank 0 says stop (0) or is gone (1). `host`:`port`: rank 0's store;
+    `own_host`: this rank's address as the others reach it."""
+    device = wire.rank_device(config.device, rank)
+    config = dataclasses.replace(config, device=str(device))
+    spec = ModelSpec.from_dir(config.model)
+    store = AdapterStore(spec, config, MonotonicClock(), Layout.of(config.ep, config.pp, spec).shard(rank))
+    try:
+        tcp = wire.join(host, port, timeout_s)
+        tcp.set(f"up/{rank}", "1")
+        channel = wire.Channel(tcp, rank, world, device, timeout_s, own_host)
+        Rank(rank, store, channel).serve()
+    except RuntimeError as e:  # rank 0 closed the connection, or went silent
+        log.error("stopping: %s", str(e).splitlines()[0][:300])
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="a rank > 0 of a parallel LoRA server (started by rank 0)")
     p.add_argument("--rank", type=int, required=True)
@@ -174,23 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is rank 0's to handle; it stops us
     logging.basicConfig(level=logging.WARNING, format=f"rank {args.rank}: %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
-    config = config_from_json(args.config)
-    device = wire.rank_device(config.device, args.rank)
-    config = dataclasses.replace(config, device=str(device))
-    spec = ModelSpec.from_dir(config.model)
-    store = AdapterStore(spec, config, MonotonicClock(), Layout.of(config.ep, config.pp, spec).shard(args.rank))
-    try:
-        tcp = wire.join(args.port, args.timeout)
-        tcp.set(f"up/{args.rank}", "1")
-        channel = wire.Channel(tcp, args.rank, args.world, device, args.timeout)
-        Rank(args.rank, store, channel).serve()
-    except RuntimeError as e:  # rank 0 closed the connection, or went silent
-        log.error("stopping: %s", str(e).splitlines()[0][:300])
-        return 1
-    finally:
-        store.close()
-    return 0
-
+    return run(args.rank, args.world, "127.0.0.1", args.port, args.timeout, config_from_json(args.config))
 
 if __name__ == "__main__":
     sys.exit(main())

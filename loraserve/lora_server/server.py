@@ -33,7 +33,7 @@ from loraserve.clock import Clock, MonotonicClock
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
-from loraserve.lora_server.parallel import RankFailed, Ranks
+from loraserve.lora_server.parallel import RankFailed, RankLauncher, Ranks
 from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.lora_server.store import AdapterStore
@@ -63,9 +63,10 @@ MAX_MESSAGES_PER_TURN = 4096
 
 class LoraServer:
     def __init__(self, config: LoraServerConfig, listen: str, lora_dirs: list[str] = (),
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, launcher: RankLauncher | None = None) -> None:
         """`lora_dirs`: the only directories runtime loads may read from (none: runtime loading is off).
-        `clock`: what the policies (batching window, adapter cache, expiries) read time from."""
+        `clock`: what the policies (batching window, adapter cache, expiries) read time from.
+        `launcher`: how ranks 1.. start (default: as this process's children)."""
         self.config = config
         self.lora_dirs = [Path(d).resolve() for d in lora_dirs]
         self.spec = ModelSpec.from_dir(config.model)
@@ -79,7 +80,7 @@ class LoraServer:
         self.ranks: Ranks | None = None
         if layout.world > 1:
             try:
-                self.ranks = Ranks(config, layout, self.store)
+                self.ranks = Ranks(config, layout, self.store, launcher=launcher)
             except BaseException:
                 self.sock.close()
                 self.store.close()

@@ -144,6 +144,8 @@ class AdapterStore:
         device tier (the cache bounds those), and queue them to be filled into
         slots in idle time (at most a slot's worth; the newest hints win)."""
         for adapter_id in adapter_ids:
+            if not self.registry.has(adapter_id) or not self.registry.get(adapter_id).num_bytes:
+                continue  # unknown, or nothing of it in this rank's shard (it is not in the cache)
             if self.fill.hint(adapter_id):
                 self.holds.touch(adapter_id)
 

@@ -9,8 +9,9 @@ answer two (one if not ready), whatever the number of tensors, and nothing is
 pickled. Control messages carry JSON bytes.
 
 The process group is built directly (`ProcessGroupGloo`, or `ProcessGroupNCCL`
-on CUDA with a GPU per rank) over a TCPStore on 127.0.0.1, not as the
-process-wide default group: a process may hold several servers (the tests do).
+on CUDA with a GPU per rank) over a TCPStore on rank 0's address (127.0.0.1
+when the ranks are its own processes, its node's address when they are Ray
+actors that may sit on other nodes), not as the process-wide default group: a process may hold several servers (the tests do).
 Two properties of gloo shape the rest: a send completes only once the peer
 has posted the matching receive, and a posted receive cannot be polled
 (`is_completed` stays false until it is waited on). So a rank > 0 blocks in
@@ -68,28 +69,30 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", ((dev.index or 0) + rank) % torch.cuda.device_count())
 
 
-def rendezvous(timeout_s: float) -> dist.TCPStore:
-    """Rank 0's store, listening on a free port of 127.0.0.1 (`.port`)."""
+def rendezvous(timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
+    """Rank 0's store, listening on a free port of `host` (`.port`)."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     sock.listen(64)
     port = sock.getsockname()[1]
-    return dist.TCPStore("127.0.0.1", port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+    return dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
                          wait_for_workers=False, master_listen_fd=sock.detach())
 
 
-def join(port: int, timeout_s: float) -> dist.TCPStore:
+def join(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     """Another rank's handle on rank 0's store."""
-    return dist.TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class Channel:
     """Headers and payloads to and from the peers of one process group.
 
     NCCL when every rank has its own GPU (tensors travel from device memory);
-    otherwise gloo over 127.0.0.1 (tensors travel from host memory)."""
+    otherwise gloo (tensors travel from host memory) over `host`, this rank's
+    address as the others reach it."""
 
-    def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout_s: float,
+                 host: str = "127.0.0.1") -> None:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.PrefixStore("group", store)
         if device.type == "cuda" and torch.cuda.device_count() >= world:
@@ -100,7 +103,7 @@ class Channel:
         else:
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self.group = dist.ProcessGroupGloo(store, rank, world, opts)
             self.device = torch.device("cpu")
 
