@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
+import zmq
+import zmq.asyncio
 
 from loraserve import LLM, SamplingParams
 from loraserve.cluster.calls import Refusal
@@ -80,6 +83,16 @@ def test_two_choices_stream_back_the_engines_own_tokens_and_the_session_is_repor
 
 def test_a_refusal_crosses_as_data_and_nothing_is_left_running(llm):
     async def body(client, replica, endpoint):
+        stray = zmq.asyncio.Context.instance().socket(zmq.DEALER)  # junk first: it must not stop the channel
+        stray.setsockopt(zmq.LINGER, 0)
+        stray.connect(replica.address)
+        for junk in ([b"\xc1not msgpack"], [b"two", b"frames"], [msgpack.packb([1, [2], None])],
+                     [msgpack.packb([0, 5, {"specs": 3}])]):
+            await stray.send_multipart(junk)
+        internal = await stray.recv()  # the last one was well formed but for its specs: an internal error
+        assert msgpack.unpackb(internal)[:2] == [3, 5]
+        stray.close()
+        assert not replica.task.done()
         call = await endpoint.open("one", replica.address,
                                    [(PROMPT, SamplingParams(max_tokens=4), "nope", "x-0")], None)
         answer = await call.answer

@@ -77,10 +77,13 @@ class ReplicaChannel:
 
     async def _serve(self) -> None:
         while True:
-            peer, data = await self.sock.recv_multipart()
+            frames = await self.sock.recv_multipart()
             try:
+                peer, data = frames
                 op, call, payload = _unpack(data)
-            except Exception:
+                if not isinstance(call, int):
+                    raise TypeError("a call id is an integer")
+            except Exception:  # whoever sent it, it must not stop the channel
                 log.warning("replica: a malformed message on the data path was dropped")
                 continue
             if op == SUBMIT:
