@@ -18,7 +18,7 @@ process, one replica, or each of two replicas), the endpoint and Ray's own
 processes share the same two cores, and the tiny model's steps are short, so
 per-request overheads weigh more than they would on a GPU.
 
-    python benchmarks/cluster.py            # both parts (~8 minutes)
+    python benchmarks/cluster.py            # both parts (~12 minutes)
     python benchmarks/cluster.py --quick    # fewer requests
 """
 
