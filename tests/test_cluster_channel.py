@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from loraserve import LLM, SamplingParams
 from loraserve.cluster.calls import Refusal
-from loraserve.cluster.channel import LOST, EndpointChannel, ReplicaChannel
+from loraserve.cluster.channel import LOST, EndpointChannel, ReplicaChannel, Target
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.errors import Unavailable
 
@@ -49,6 +49,12 @@ def run(llm, body) -> None:
     return sessions
 
 
+async def until(condition) -> None:
+    """Poll `condition` (the body's own deadline, WAIT_S, bounds it)."""
+    while not condition():
+        await asyncio.sleep(0.05)
+
+
 async def drain(q: asyncio.Queue) -> list:
     """Outputs until the finished one, or the error that ended the choice."""
     items = []
@@ -67,7 +73,7 @@ def test_two_choices_stream_back_the_engines_own_tokens_and_the_session_is_repor
         got = {}
         for adapter in ("r4", "r8"):
             specs = [(PROMPT, greedy, adapter, f"{adapter}-{i}") for i in range(2)]
-            call = await endpoint.open("one", replica.address, specs, "session-7")
+            call = await endpoint.open(Target("one", replica.address, "load"), specs, "session-7")
             assert await call.answer is None
             for q in call.queues:
                 outs = await drain(q)
@@ -93,7 +99,7 @@ def test_a_refusal_crosses_as_data_and_nothing_is_left_running(llm):
         assert msgpack.unpackb(internal)[:2] == [3, 5]
         stray.close()
         assert not replica.task.done()
-        call = await endpoint.open("one", replica.address,
+        call = await endpoint.open(Target("one", replica.address, "load"),
                                    [(PROMPT, SamplingParams(max_tokens=4), "nope", "x-0")], None)
         answer = await call.answer
         assert isinstance(answer, Refusal) and answer.kind == "UnknownModel" and "nope" in answer.message
@@ -102,19 +108,21 @@ def test_a_refusal_crosses_as_data_and_nothing_is_left_running(llm):
     run(llm, body)
 
 
-def test_an_abort_stops_the_request_on_the_replica(llm):
+def test_an_abort_or_a_vanished_endpoint_stops_the_request_on_the_replica(llm):
     async def body(client, replica, endpoint):
         long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
-        call = await endpoint.open("one", replica.address, [(PROMPT, long, None, "long-0")], None)
+        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-0")], None)
         assert await call.answer is None
         first = await call.queues[0].get()
         assert not first.finished
         endpoint.abort(call)
-        for _ in range(int(WAIT_S * 20)):
-            if client.num_unfinished() == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert client.num_unfinished() == 0 and not replica.calls
+        await until(lambda: client.num_unfinished() == 0 and not replica.calls)
+        # an endpoint that goes away without a word: the replica aborts its calls at its next send
+        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-2")], None)
+        assert await call.answer is None
+        await call.queues[0].get()
+        endpoint.shutdown()
+        await until(lambda: client.num_unfinished() == 0 and not replica.calls)
 
     run(llm, body)
 
@@ -122,7 +130,7 @@ def test_an_abort_stops_the_request_on_the_replica(llm):
 def test_a_replica_gone_ends_its_accepted_streams_and_loses_calls_it_never_took(llm):
     async def body(client, replica, endpoint):
         long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
-        call = await endpoint.open("one", replica.address, [(PROMPT, long, None, "long-1")], None)
+        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-1")], None)
         assert await call.answer is None
         await call.queues[0].get()
         replica.close()  # its socket closes, as a killed process's would
@@ -130,12 +138,11 @@ def test_a_replica_gone_ends_its_accepted_streams_and_loses_calls_it_never_took(
         assert isinstance(outs[-1], Unavailable)
         endpoint.close(call)  # as the client does once its streams end
         assert endpoint.down() == {"one"}
-        late = await endpoint.open("one", replica.address, [(PROMPT, long, None, "late")], None)
+        late = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "late")], None)
         assert await late.answer is LOST  # the client sends it elsewhere
-        fresh = await endpoint.open("two", replica.address, [(PROMPT, long, None, "fresh")], None)
+        fresh = await endpoint.open(Target("two", replica.address, "load"), [(PROMPT, long, None, "fresh")], None)
         assert await fresh.answer is LOST  # a new link to where nobody listens: connecting is refused
         assert endpoint.down() == {"one", "two"} and not endpoint.calls
-        for rid in list(llm.engine.scheduler.requests):  # the request the closed channel left running
-            client.abort(rid)
+        await until(lambda: client.num_unfinished() == 0)  # the closing replica aborted what it ran
 
     run(llm, body)

@@ -4,8 +4,11 @@
 Serve deployment whose request router (`router.py`) calls the project's routing
 policy (`loraserve/router`), and serves the same FastAPI app as the single
 process server over `ReplicaSetClient` (`client.py`), the engine client
-interface spoken over Ray calls. The adapter set lives in one named actor
-(`adapter_set.py`), so a replica started later gets the current set.
+interface: requests and their outputs over each replica's ZeroMQ channel
+(`channel.py`), adapter loads and stats over Serve calls. The adapter set
+lives in one named actor (`adapter_set.py`), so a replica started later gets
+the current set. With `--lora-server-ranks`, the LoRA server's ranks are Ray
+actors too (`lora_server.py`).
 
 Ray is an optional extra (`pip install loraserve[cluster]`); nothing outside
 this package imports it.

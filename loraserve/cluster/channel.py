@@ -19,7 +19,14 @@ A replica's death is seen at the socket: ZeroMQ reports the disconnect (the
 kernel closes a killed process's connections at once; heartbeats find a lost
 node within HEARTBEAT_TIMEOUT_MS). A call not yet accepted there is answered
 LOST, for the client to send elsewhere; an accepted one's choices end with
-Unavailable (a stream's 503 error event).
+Unavailable (a stream's 503 error event). The lost link is closed at once, so
+a request queued on it is never delivered after it went elsewhere. The other
+way round, a replica whose endpoint has gone finds out at its next send
+(ROUTER_MANDATORY) and aborts that endpoint's calls.
+
+Nothing is dropped for want of room (no high-water mark: a slow reader makes
+the sender wait, never lose an output). The socket takes no credentials:
+like Ray's own ports, it is for the cluster's private network.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import zmq
@@ -38,6 +47,7 @@ from loraserve.cluster.calls import Refusal, answer, as_error
 from loraserve.engine.async_engine import AsyncEngine, RequestSpec
 from loraserve.engine.output import RequestOutput
 from loraserve.errors import Unavailable
+from loraserve.remote.transport import context
 from loraserve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,12 @@ OUTPUT, ENDING = 0, 1
 """An OUT item's kind: a RequestOutput, or the Refusal that ends its choice."""
 
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 2000, 10_000
+MAX_MESSAGE_BYTES = 64 << 20
+"""A replica disconnects a peer that sends more (a request is a prompt and its sampling parameters)."""
+
+LOST_HOLD_S = 10.0
+"""How long a replica whose link was lost is not chosen; after that a new link may try it again."""
+
 LOST = object()
 """A call's answer when its replica went away before accepting it."""
 
@@ -59,6 +75,15 @@ def _unpack(data: bytes) -> list:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)  # top_logprobs are keyed by token id
 
 
+def _socket(kind: int) -> zmq.asyncio.Socket:
+    """A socket of the process's one ZeroMQ context (`remote.transport.context`), for this event loop."""
+    sock = zmq.asyncio.Context.shadow(context()).socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
 # -- the replica's side ------------------------------------------------------------
 
 
@@ -68,9 +93,9 @@ class ReplicaChannel:
     def __init__(self, client: AsyncEngine, host: str, on_session) -> None:
         """`on_session(key)`: a request of that session was accepted here (the replica reports them)."""
         self.client, self.on_session = client, on_session
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock = _socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished endpoint fails, not vanishes
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.address = f"tcp://{host}:{self.sock.bind_to_random_port(f'tcp://{host}')}"
         self.calls: dict[tuple[bytes, int], asyncio.Task] = {}
         self.task = asyncio.get_running_loop().create_task(self._serve())
@@ -91,7 +116,7 @@ class ReplicaChannel:
                 self.calls[peer, call] = task
                 task.add_done_callback(lambda _, key=(peer, call): self.calls.pop(key, None))
             elif op == ABORT and (peer, call) in self.calls:
-                self.calls[peer, call].cancel()  # the streams' own cleanup aborts the requests
+                self.calls[peer, call].cancel()
 
     async def _send(self, peer: bytes, op: int, call: int, payload=None) -> None:
         await self.sock.send_multipart([peer, _pack(op, call, payload)])
@@ -100,14 +125,14 @@ class ReplicaChannel:
         try:
             specs = [(prompt, SamplingParams(**params), adapter, rid) for prompt, params, adapter, rid
                      in payload["specs"]]
+            session = payload.get("session")
+            if session is not None and not isinstance(session, str):
+                raise TypeError("a session key is a string")
             streams = await self.client.submit(specs)
         except Exception as e:
             r = answer(e)
             await self._send(peer, REFUSED, call, [r.kind, r.message, r.field])
             return
-        if payload.get("session") is not None:
-            self.on_session(payload["session"])
-        await self._send(peer, ACCEPTED, call)
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, stream) -> None:
@@ -120,8 +145,12 @@ class ReplicaChannel:
             finally:
                 queue.put_nowait(None)
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        tasks: list[asyncio.Task] = []
         try:
+            if session is not None:
+                self.on_session(session)
+            await self._send(peer, ACCEPTED, call)
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
             left = len(tasks)
             while left:
                 batch = [await queue.get()]
@@ -131,15 +160,19 @@ class ReplicaChannel:
                 items = [item for item in batch if item is not None]
                 if items:
                     await self._send(peer, OUT, call, items)
-        finally:  # cancelled (the client went away): the streams' own cleanup aborts their requests
+        except zmq.ZMQError as e:  # the endpoint has gone (EHOSTUNREACH): nobody reads these any more
+            log.warning("replica: call %d's endpoint is gone (%s); aborting it", call, e)
+        finally:  # ended, cancelled (ABORT) or its endpoint gone: what still runs is aborted, started or not
             for t in tasks:
                 t.cancel()
+            for _, _, _, rid in specs:
+                self.client.abort(rid)  # a no-op for those that finished
 
     def close(self) -> None:
         self.task.cancel()
         for t in list(self.calls.values()):
             t.cancel()
-        self.ctx.destroy(linger=0)
+        self.sock.close()
 
 
 # -- the endpoint's side -----------------------------------------------------------
@@ -159,30 +192,41 @@ class Call:
 @dataclass(eq=False)
 class _Link:
     sock: zmq.asyncio.Socket
+    monitor: zmq.asyncio.Socket
     tasks: list[asyncio.Task] = field(default_factory=list)
     calls: set[int] = field(default_factory=set)
-    lost: bool = False
+    lost_at: float | None = None
+
+
+class Target(NamedTuple):
+    """Where the router sends a request, and why (one of `loraserve.router.REASONS`)."""
+
+    replica: str
+    address: str
+    reason: str
 
 
 class EndpointChannel:
     """The endpoint's links to its replicas, made on first use on the server's event loop."""
 
     def __init__(self) -> None:
-        self.ctx = zmq.asyncio.Context()
         self.links: dict[str, _Link] = {}
         self.calls: dict[int, Call] = {}
         self._ids = itertools.count()
 
     def down(self) -> set[str]:
-        """Replicas whose link is lost: not to be chosen."""
-        return {r for r, link in self.links.items() if link.lost}
+        """Replicas whose link was lost in the last LOST_HOLD_S: not to be chosen."""
+        now = time.monotonic()
+        for replica in [r for r, link in self.links.items() if link.lost_at and now - link.lost_at > LOST_HOLD_S]:
+            del self.links[replica]  # already closed: the next request there makes a new link
+        return {r for r, link in self.links.items() if link.lost_at is not None}
 
-    async def open(self, replica: str, address: str, specs: list[RequestSpec], session: str | None) -> Call:
+    async def open(self, target: Target, specs: list[RequestSpec], session: str | None) -> Call:
         """Send the request; its answer (`Call.answer`) and outputs (`Call.queues`) follow."""
-        link = self.links.get(replica) or self._connect(replica, address)
-        call = Call(next(self._ids), replica, [asyncio.Queue() for _ in specs],
+        link = self.links.get(target.replica) or self._connect(target.replica, target.address)
+        call = Call(next(self._ids), target.replica, [asyncio.Queue() for _ in specs],
                     asyncio.get_running_loop().create_future())
-        if link.lost:  # chosen before the loss was seen
+        if link.lost_at is not None:  # chosen before the loss was seen
             call.answer.set_result(LOST)
             return call
         self.calls[call.id] = call
@@ -192,10 +236,10 @@ class EndpointChannel:
         return call
 
     def abort(self, call: Call) -> None:
-        """The client went away: the replica stops the call."""
+        """The client went away: the replica stops the call (on the event loop)."""
         link = self.links.get(call.replica)
         self.close(call)
-        if link is not None and not link.lost:
+        if link is not None and link.lost_at is None:
             link.sock.send(_pack(ABORT, call.id))
 
     def close(self, call: Call) -> None:
@@ -207,39 +251,50 @@ class EndpointChannel:
     def forget(self, live: set[str]) -> None:
         """Close the links of replicas no longer in the deployment (after their calls have ended)."""
         for replica in [r for r, link in self.links.items() if r not in live and not link.calls]:
-            self._drop(replica)
+            self._lose(self.links.pop(replica))
 
     def shutdown(self) -> None:
-        for replica in list(self.links):
-            self._drop(replica)
-        self.ctx.destroy(linger=0)  # the monitors' sockets too (their tasks may not run again)
+        """Close every link, with or without a running event loop (the server's may be gone): no message is
+        sent, no future settled; the replicas abort what they ran for us at their next send."""
+        for link in self.links.values():
+            try:
+                link.sock.disable_monitor()
+                link.monitor.close()
+                link.sock.close()
+            except Exception as e:
+                log.warning("closing the data path: %s", e)
+        self.links.clear()
 
     def _connect(self, replica: str, address: str) -> _Link:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = _socket(zmq.DEALER)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                                          | zmq.EVENT_CONNECT_RETRIED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(address)
-        link = self.links[replica] = _Link(sock)
-        link.tasks = [asyncio.create_task(self._read(link)), asyncio.create_task(self._watch(replica, link, monitor))]
+        link = self.links[replica] = _Link(sock, monitor)
+        link.tasks = [asyncio.create_task(self._read(link)), asyncio.create_task(self._watch(replica, link))]
         return link
 
-    def _drop(self, replica: str) -> None:
-        link = self.links.pop(replica)
-        self._lose(link)
-        for t in link.tasks:
-            t.cancel()
-        link.sock.disable_monitor()
-        link.sock.close()
-
     async def _read(self, link: _Link) -> None:
-        while True:
-            op, call_id, payload = _unpack(await link.sock.recv())
+        try:
+            while True:
+                self._deliver(await link.sock.recv())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket failed under us: the link is as good as lost
+            log.exception("the data path's reader stopped")
+            self._lose(link)
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            op, call_id, payload = _unpack(data)
             call = self.calls.get(call_id)
-            if call is None:  # aborted meanwhile
-                continue
+        except Exception:
+            log.error("a malformed message from a replica was dropped")
+            return
+        if call is None:  # aborted meanwhile
+            return
+        try:
             if op == ACCEPTED and not call.answer.done():
                 call.answer.set_result(None)
             elif op == REFUSED and not call.answer.done():
@@ -248,22 +303,26 @@ class EndpointChannel:
             elif op == OUT:
                 for i, kind, item in payload:
                     call.queues[i].put_nowait(RequestOutput(**item) if kind == OUTPUT else as_error(Refusal(*item)))
+        except Exception as e:  # a replica of another version, or a bug: this call ends, the link goes on
+            log.exception("a message for call %d could not be read", call_id)
+            failed = RuntimeError(f"a replica's answer could not be read ({type(e).__name__})")
+            if not call.answer.done():
+                call.answer.set_result(Refusal("Internal", str(failed)))
+                self.close(call)
+            for q in call.queues:
+                q.put_nowait(failed)
 
-    async def _watch(self, replica: str, link: _Link, monitor: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                event = (await recv_monitor_message(monitor))["event"]
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    link.lost = False
-                elif not link.lost:
-                    log.warning("the data path to replica %s is lost (%s)", replica, zmq.Event(event).name)
-                    self._lose(link)
-        finally:
-            monitor.close()
+    async def _watch(self, replica: str, link: _Link) -> None:
+        event = (await recv_monitor_message(link.monitor))["event"]
+        log.warning("the data path to replica %s is lost (%s)", replica, zmq.Event(event).name)
+        self._lose(link)
 
     def _lose(self, link: _Link) -> None:
-        """The replica is gone: its calls not yet accepted are LOST (sent elsewhere), the rest end."""
-        link.lost = True
+        """The replica is gone (or forgotten): its calls not yet accepted are LOST (sent elsewhere), the
+        rest end; the socket closes, dropping whatever it still queued."""
+        if link.lost_at is not None:
+            return
+        link.lost_at = time.monotonic()
         for call in [self.calls[c] for c in link.calls if c in self.calls]:
             if not call.answer.done():
                 call.answer.set_result(LOST)
@@ -272,3 +331,10 @@ class EndpointChannel:
                 lost = Unavailable("the replica serving this request stopped; retry it")
                 for q in call.queues:
                     q.put_nowait(lost)
+        current = asyncio.current_task()
+        for t in link.tasks:
+            if t is not current:
+                t.cancel()
+        link.sock.disable_monitor()
+        link.monitor.close()
+        link.sock.close()

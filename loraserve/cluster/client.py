@@ -58,6 +58,8 @@ class ReplicaSetClient:
         self._ready = False
         self._calls: dict[str, Call] = {}
         """Request id → the call carrying it (aborting stops the call once all its choices are gone)."""
+        self._open: dict[int, RouteKey] = {}
+        """Accepted calls not yet finished (each counted in flight by the router until then)."""
         self._stats = EngineStats()
         self._replica_stats: dict[str, EngineStats] = {}
         self._pids: dict[str, int] = {describe["id"]: describe["pid"]}
@@ -82,16 +84,19 @@ class ReplicaSetClient:
             target = router.choose(route, down)
             if target is None:
                 raise Unavailable("no replica is reachable")
-            call = await self.channel.open(*target, specs, session)
+            call = None
             try:
+                call = await self.channel.open(target, specs, session)
                 answer = await asyncio.shield(call.answer)
-            except asyncio.CancelledError:  # the client went away while it was being taken
-                self.channel.abort(call)
-                router.release(call.replica, route)
+            except BaseException:  # the client went away (cancelled) while it was being sent or taken
+                if call is not None:
+                    self.channel.abort(call)
+                router.release(target.replica, route)
                 raise
             if answer is None:
+                router.took(target)
                 break
-            router.release(call.replica, route)
+            router.release(target.replica, route)
             if isinstance(answer, Refusal):
                 raise_refusal(answer)
             if attempt + 1 == RETRIES:  # LOST: the replica went away before it took the request
@@ -100,12 +105,12 @@ class ReplicaSetClient:
         ids = [spec[3] for spec in specs]
         for request_id in ids:
             self._calls[request_id] = call
+        self._open[call.id] = route
 
         def done(request_id: str) -> None:
             self._calls.pop(request_id, None)
             if not any(i in self._calls for i in ids):
-                self.channel.close(call)
-                router.release(call.replica, route)
+                self._finish(call)
 
         return [queued_outputs(q, lambda r=request_id: self.abort(r), lambda r=request_id: done(r))
                 for request_id, q in zip(ids, call.queues)]
@@ -114,6 +119,14 @@ class ReplicaSetClient:
         call = self._calls.pop(request_id, None)
         if call is not None and not any(c is call for c in self._calls.values()):
             self.channel.abort(call)  # the replica aborts its requests
+            self._finish(call)  # a choice whose stream never started never calls its `done`
+
+    def _finish(self, call: Call) -> None:
+        """Once per accepted call, however it ends: it leaves the channel and the router's in-flight count."""
+        route = self._open.pop(call.id, None)
+        if route is not None:
+            self.channel.close(call)
+            ROUTERS[self.deployment].release(call.replica, route)
 
     def num_unfinished(self) -> int:
         return len(self._calls)
@@ -202,10 +215,10 @@ class ReplicaSetClient:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def shutdown(self) -> None:
-        """Cancel what still streams (the deployment itself is `deploy.py`'s to stop)."""
-        for call in {id(c): c for c in self._calls.values()}.values():
-            self.channel.abort(call)
+        """Close the data path; called after the server's event loop has ended (the deployment itself is
+        `deploy.py`'s to stop, and the replicas abort what still ran for us)."""
         self._calls.clear()
+        self._open.clear()
         self.channel.shutdown()
 
     # -- Serve calls -------------------------------------------------------------

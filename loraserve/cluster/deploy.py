@@ -3,9 +3,10 @@ endpoint's client: what `loraserve serve --replicas N` runs before it serves
 the usual app over that client.
 
 Serve runs no HTTP proxy of its own: the endpoint is this process's uvicorn
-serving `server/app.py`, which calls the deployment through a handle. That
-keeps one hop (and one API implementation), and the handle's request router
-(`ReplicaRouter`) lives here, where the endpoint reads its counters.
+serving `server/app.py` (one API implementation). Requests go straight to the
+replicas' data channels (`channel.py`); control calls go through a handle,
+whose request router (`ReplicaRouter`, which also chooses each request's
+replica) lives here, where the endpoint reads its counters.
 """
 
 from __future__ import annotations

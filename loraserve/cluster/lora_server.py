@@ -12,8 +12,15 @@ Ray restarts the whole server (without limit).
 Rank 0 picks its port on its own node when it first starts and records its
 endpoint in the adapter set actor; a restart on the same node listens there
 again, so the instances reconnect by themselves (a restarted server's new
-incarnation makes them re-read its catalogue). It loads the adapter set when
-it starts, so a restart also brings back what was loaded at runtime.
+incarnation makes them re-read its catalogue). A restart on another node
+(its node lost) listens elsewhere, and the instances do not follow: they
+keep answering 503 for adapter requests until the endpoint is restarted. It
+loads the adapter set when it starts, so a restart also brings back what was
+loaded at runtime.
+
+On GPUs the ranks exchange tensors through host memory over gloo: each actor
+sees only its own GPU, which `wire.Channel` does not take for one GPU per rank
+(NCCL between Ray actors is not wired yet).
 """
 
 from __future__ import annotations
@@ -49,9 +56,6 @@ class LoraRankActor:
     def run(self, rank: int, world: int, host: str, port: int, timeout_s: float, config: str) -> int:
         return run(rank, world, host, port, timeout_s, config_from_json(config), ray.util.get_node_ip_address())
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class RayRanks:
     """The parallel server's launcher on Ray (`lora_server.parallel.RankLauncher`)."""
@@ -85,6 +89,18 @@ class RayRanks:
 class LoraServerActor:
     def __init__(self, config: LoraServerConfig, lora_dirs: list[str], adapter_set: str, namespace: str,
                  rank_gpus: float) -> None:
+        try:
+            self._start(config, lora_dirs, adapter_set, namespace, rank_gpus)
+        except Exception:
+            if not ray.get_runtime_context().was_current_actor_reconstructed:
+                raise  # at deploy: the error is the operator's to read
+            # Ray does not restart an actor whose constructor raised: exit, so that it tries again (the
+            # last incarnation's ranks may still hold their GPUs, or its port may be taken for a moment)
+            log.exception("the LoRA server could not restart; exiting to be restarted again")
+            os._exit(1)
+
+    def _start(self, config: LoraServerConfig, lora_dirs: list[str], adapter_set: str, namespace: str,
+               rank_gpus: float) -> None:
         host = ray.util.get_node_ip_address()
         adapters_actor = ray.get_actor(adapter_set, namespace=namespace)
         before = ray.get(adapters_actor.server_endpoint.remote())

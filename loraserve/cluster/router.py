@@ -3,8 +3,8 @@ replica set and their reports, and deciding with the project's routing policy
 (`loraserve.router.Router`), the same object the simulator's cluster calls.
 
 Requests do not travel as Serve calls (see `channel.py`): the endpoint's
-client asks `choose` for a replica and its channel address, and `release`s
-it when the request ends. What the choice rests on never makes a request wait:
+client asks `choose` for a replica and its channel address, tells `took`
+when the replica accepted, and `release`s it when the request ends. What the choice rests on never makes a request wait:
 - each replica's last report (`record_routing_stats`, every few hundred ms
   through Serve's controller): its channel, resident adapters, sessions;
 - what this router sent: requests in flight (counted at the choice, so a
@@ -25,6 +25,7 @@ from collections import Counter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from loraserve.cluster.calls import RouteKey
+from loraserve.cluster.channel import Target
 from loraserve.router import Bound, InstanceLoad, Router
 
 
@@ -52,9 +53,9 @@ class ReplicaRouter(RequestRouter):
             return [candidate_replicas]
         return [[r for r in candidate_replicas if r.replica_id.unique_id == route.pin]]
 
-    def choose(self, route: RouteKey, down: set[str] = frozenset()) -> tuple[str, str] | None:
-        """A request's replica and its channel address (None: no replica has reported one yet),
-        counted in flight there until `release`. `down`: replicas the endpoint cannot reach."""
+    def choose(self, route: RouteKey, down: set[str] = frozenset()) -> Target | None:
+        """A request's replica (None: no replica has reported its channel yet), counted in flight there
+        until `release`. `down`: replicas the endpoint cannot reach."""
         now = time.monotonic()
         # in a fixed order (Serve's changes with each report), so that ties always go the same way
         candidates = sorted((r for r in self.curr_replicas.values()
@@ -66,13 +67,16 @@ class ReplicaRouter(RequestRouter):
         chosen = candidates[choice.index]
         rid = chosen.replica_id.unique_id
         self._count(rid, route.tokens, +1)
-        self.routed[rid, choice.reason] += 1
         sent = self.recent.setdefault(rid, {})
         if route.adapter is not None:
             sent[("adapter", route.adapter)] = now
         if route.session is not None:
             sent[("session", route.session)] = now
-        return rid, chosen.routing_stats["data"]
+        return Target(rid, chosen.routing_stats["data"], choice.reason)
+
+    def took(self, target: Target) -> None:
+        """The replica accepted the request: a routing decision to count."""
+        self.routed[target.replica, target.reason] += 1
 
     def release(self, rid: str, route: RouteKey) -> None:
         """The request chosen for `rid` has ended there (or was never taken)."""

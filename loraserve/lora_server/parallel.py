@@ -132,6 +132,8 @@ class Ranks:
         self.last_sent = [time.monotonic()] * layout.world
         self.not_ready = 0
         """Answers "not ready" from other ranks (their batch was asked again later)."""
+        self.failed: RankFailed | None = None
+        """What the pinger found: a rank gone while the server was idle."""
         tcp = wire.rendezvous(timeout_s, self.launcher.host)
         try:
             for rank in range(1, layout.world):
@@ -181,9 +183,15 @@ class Ranks:
                     if time.monotonic() - self.last_sent[rank] > period and not self.closed.is_set():
                         try:
                             self._send(rank, [wire.PING])
-                        except RankFailed:
+                        except RankFailed as e:
                             log.error("LoRA server rank %d is gone", rank)
+                            self.failed = e  # the server loop stops on it (`check`)
                             return
+
+    def check(self) -> None:
+        """Raise what the pinger found: an idle server must not outlive a rank it can no longer reach."""
+        if self.failed is not None:
+            raise self.failed
 
     # -- messages --------------------------------------------------------------
 

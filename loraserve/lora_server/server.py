@@ -113,6 +113,8 @@ class LoraServer:
             self.close()
 
     def run_once(self, idle_wait: float = 0.05) -> None:
+        if self.ranks is not None:
+            self.ranks.check()
         # deltas waiting for weights (or NIXL writes in flight) poll briefly: other threads need the CPU
         busy = self.pending or self.loads or self.store.prefetch or (self.nixl is not None and self.nixl.busy)
         wait = WEIGHT_POLL_S if busy else idle_wait

@@ -87,8 +87,9 @@ def join(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 class Channel:
     """Headers and payloads to and from the peers of one process group.
 
-    NCCL when every rank has its own GPU (tensors travel from device memory);
-    otherwise gloo (tensors travel from host memory) over `host`, this rank's
+    NCCL when every rank has its own GPU among those this process sees (the
+    local launcher's ranks see them all; a Ray actor sees only its own, so Ray's
+    ranks take gloo), tensors then travelling from device memory; otherwise gloo (tensors travel from host memory) over `host`, this rank's
     address as the others reach it."""
 
     def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout_s: float,
