@@ -12,6 +12,7 @@ side by side, once for the module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -280,9 +281,11 @@ def check_deltas(client: Client, root: Path) -> None:
     assert client.control.stats()["rank_not_ready"] > before
 
 
-def test_the_ranks_exit_when_rank_0_dies(tiny):
+@contextlib.contextmanager
+def cli_server(root: Path):
+    """`loraserve lora-server --ep 2` as a process; yields (its process, its one rank's psutil.Process).
+    Both are killed after, whatever happened."""
     psutil = pytest.importorskip("psutil")  # comes with peft, which the tiny models need
-    root = tiny("mixtral")
     cmd = [sys.executable, "-m", "loraserve.cli", "lora-server", "--model", str(root / "model"),
            "--listen", "tcp://127.0.0.1:0", "--ep", "2", "--device-cache", "16MiB", "--host-cache", "16MiB",
            "--lora", f"r8={root / 'adapters' / 'r8'}"]
@@ -299,10 +302,7 @@ def test_the_ranks_exit_when_rank_0_dies(tiny):
         ranks = [p for p in psutil.Process(proc.pid).children()
                  if "loraserve.lora_server.rank" in " ".join(p.cmdline())]
         assert len(ranks) == 1
-        proc.kill()
-        proc.wait(timeout=10)
-        gone, alive = psutil.wait_procs(ranks, timeout=15)
-        assert not alive, "a rank outlived rank 0"
+        yield proc, ranks[0]
     finally:
         try:
             ranks += psutil.Process(proc.pid).children(recursive=True)
@@ -314,3 +314,21 @@ def test_the_ranks_exit_when_rank_0_dies(tiny):
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
         proc.wait(timeout=10)
+
+
+def test_the_ranks_exit_when_rank_0_dies(tiny):
+    import psutil
+
+    with cli_server(tiny("mixtral")) as (proc, rank):
+        proc.kill()
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs([rank], timeout=15)
+        assert not alive, "a rank outlived rank 0"
+
+
+def test_an_idle_rank_0_exits_when_a_rank_dies(tiny):
+    """No request comes: the pinger finds the rank gone, and the server exits (non-zero) for its
+    supervisor to restart it, rather than serving on without the rank's shard."""
+    with cli_server(tiny("mixtral")) as (proc, rank):
+        rank.kill()
+        assert proc.wait(timeout=TIMEOUT_S) != 0
