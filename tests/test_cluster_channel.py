@@ -16,9 +16,10 @@ import zmq.asyncio
 
 from loraserve import LLM, SamplingParams
 from loraserve.cluster.calls import Refusal
+from loraserve.cluster import channel
 from loraserve.cluster.channel import LOST, EndpointChannel, ReplicaChannel, Target
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.errors import Unavailable
+from loraserve.errors import InvalidRequest, Unavailable
 
 PROMPT = "The quick brown fox"
 WAIT_S = 60.0
@@ -144,5 +145,27 @@ def test_a_replica_gone_ends_its_accepted_streams_and_loses_calls_it_never_took(
         assert await fresh.answer is LOST  # a new link to where nobody listens: connecting is refused
         assert endpoint.down() == {"one", "two"} and not endpoint.calls
         await until(lambda: client.num_unfinished() == 0)  # the closing replica aborted what it ran
+
+    run(llm, body)
+
+
+def test_a_request_too_big_for_the_channel_is_refused_before_it_is_sent(llm, monkeypatch):
+    """A replica drops a link that brings a message over its limit, and every call on it with the link:
+    the endpoint refuses such a request itself (400). Choices share their prompt in the message."""
+    monkeypatch.setattr(channel, "MAX_MESSAGE_BYTES", 3 << 10)
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    shared = "word " * 300  # 1,500 characters: four choices of it fit in 3 KiB only if sent once
+
+    async def body(client, replica, endpoint):
+        with pytest.raises(InvalidRequest, match="MiB on the way to a replica"):
+            await endpoint.open(Target("one", replica.address, "load"),
+                                [(shared + str(i), greedy, None, f"big-{i}") for i in range(2)], None)
+        call = await endpoint.open(Target("one", replica.address, "load"),
+                                   [(shared, greedy, None, f"shared-{i}") for i in range(4)], None)
+        assert await call.answer is None
+        for q in call.queues:
+            assert (await drain(q))[-1].finished
+        endpoint.close(call)
+        assert endpoint.down() == set() and not endpoint.calls
 
     run(llm, body)

@@ -10,7 +10,8 @@ residency; the endpoint keeps one DEALER per replica. Messages are msgpack,
 never pickle: a replica's port accepts nothing that can run code.
 
 A message is [op, call, payload]:
-- endpoint → replica: SUBMIT {"specs", "session"}; ABORT (the client went away).
+- endpoint → replica: SUBMIT {"prompts", "specs", "session"} (each prompt once,
+  however many choices share it); ABORT (the client went away).
 - replica → endpoint: ACCEPTED, or REFUSED [kind, message, field]; then OUT
   [[choice, kind, item], ...] until every choice has ended, where an item is
   an output, or a refusal that ends that choice (unloaded meanwhile).
@@ -46,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 from loraserve.cluster.calls import Refusal, answer, as_error
 from loraserve.engine.async_engine import AsyncEngine, RequestSpec
 from loraserve.engine.output import RequestOutput
-from loraserve.errors import Unavailable
+from loraserve.errors import InvalidRequest, Unavailable
 from loraserve.remote.transport import context
 from loraserve.sampling import SamplingParams
 
@@ -57,6 +58,12 @@ OUTPUT, ENDING = 0, 1
 """An OUT item's kind: a RequestOutput, or the Refusal that ends its choice."""
 
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 2000, 10_000
+"""The endpoint pings each replica; either side drops a link silent for the timeout (a lost node, a
+partition), and a connect that has not completed by then counts as refused."""
+
+RECONNECT_IVL_MS = 30_000
+"""ZeroMQ would reconnect a dropped link by itself and send what it queued: a request the client has
+meanwhile sent elsewhere. The link is closed on loss long before this."""
 MAX_MESSAGE_BYTES = 64 << 20
 """A replica disconnects a peer that sends more (a request is a prompt and its sampling parameters)."""
 
@@ -123,7 +130,8 @@ class ReplicaChannel:
 
     async def _run(self, peer: bytes, call: int, payload: dict) -> None:
         try:
-            specs = [(prompt, SamplingParams(**params), adapter, rid) for prompt, params, adapter, rid
+            prompts = payload["prompts"]
+            specs = [(prompts[p], SamplingParams(**params), adapter, rid) for p, params, adapter, rid
                      in payload["specs"]]
             session = payload.get("session")
             if session is not None and not isinstance(session, str):
@@ -162,6 +170,13 @@ class ReplicaChannel:
                     await self._send(peer, OUT, call, items)
         except zmq.ZMQError as e:  # the endpoint has gone (EHOSTUNREACH): nobody reads these any more
             log.warning("replica: call %d's endpoint is gone (%s); aborting it", call, e)
+        except Exception as e:  # a bug: the endpoint's streams must still end
+            r = answer(e)
+            try:
+                await self._send(peer, OUT, call, [[i, ENDING, [r.kind, r.message, r.field]]
+                                                   for i in range(len(specs))])
+            except Exception:
+                pass
         finally:  # ended, cancelled (ABORT) or its endpoint gone: what still runs is aborted, started or not
             for t in tasks:
                 t.cancel()
@@ -229,10 +244,18 @@ class EndpointChannel:
         if link.lost_at is not None:  # chosen before the loss was seen
             call.answer.set_result(LOST)
             return call
+        index: dict[int, int] = {}  # a prompt object's position in the message (n choices share one)
+        for prompt, _, _, _ in specs:
+            index.setdefault(id(prompt), len(index))
+        prompts = list({id(prompt): prompt for prompt, _, _, _ in specs}.values())
+        message = _pack(SUBMIT, call.id, {"prompts": prompts, "session": session, "specs": [
+            [index[id(prompt)], vars(params), adapter, rid] for prompt, params, adapter, rid in specs]})
+        if len(message) > MAX_MESSAGE_BYTES:  # the replica would drop the link, and every call on it
+            raise InvalidRequest("prompt", f"the request comes to {len(message) / 2**20:.1f} MiB on the way to a "
+                                 f"replica, over the limit of {MAX_MESSAGE_BYTES / 2**20:.0f} MiB: fewer prompts or choices")
         self.calls[call.id] = call
         link.calls.add(call.id)
-        specs_out = [[prompt, vars(params), adapter, rid] for prompt, params, adapter, rid in specs]
-        await link.sock.send(_pack(SUBMIT, call.id, {"specs": specs_out, "session": session}))
+        await link.sock.send(message)
         return call
 
     def abort(self, call: Call) -> None:
@@ -269,6 +292,9 @@ class EndpointChannel:
         sock = _socket(zmq.DEALER)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)  # the replica's side drops us when we go silent
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(address)
         link = self.links[replica] = _Link(sock, monitor)
@@ -308,9 +334,10 @@ class EndpointChannel:
             failed = RuntimeError(f"a replica's answer could not be read ({type(e).__name__})")
             if not call.answer.done():
                 call.answer.set_result(Refusal("Internal", str(failed)))
-                self.close(call)
-            for q in call.queues:
-                q.put_nowait(failed)
+            else:
+                for q in call.queues:
+                    q.put_nowait(failed)
+            self.abort(call)  # the replica stops generating what nobody can read
 
     async def _watch(self, replica: str, link: _Link) -> None:
         event = (await recv_monitor_message(link.monitor))["event"]
@@ -323,6 +350,12 @@ class EndpointChannel:
         if link.lost_at is not None:
             return
         link.lost_at = time.monotonic()
+        sync = zmq.Socket.shadow(link.sock.underlying)
+        while True:  # what the replica sent before it went (a call it finished, a last output) still counts
+            try:
+                self._deliver(sync.recv(zmq.NOBLOCK))
+            except zmq.ZMQError:
+                break
         for call in [self.calls[c] for c in link.calls if c in self.calls]:
             if not call.answer.done():
                 call.answer.set_result(LOST)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import ray
 
@@ -36,6 +37,9 @@ from loraserve.lora_server.server import LoraServer
 from loraserve.remote.config import LoraServerConfig
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 5.0
+"""Pause before a failed restart exits to be restarted again."""
 
 
 def parse_ranks(text: str) -> tuple[int, int]:
@@ -96,7 +100,8 @@ class LoraServerActor:
                 raise  # at deploy: the error is the operator's to read
             # Ray does not restart an actor whose constructor raised: exit, so that it tries again (the
             # last incarnation's ranks may still hold their GPUs, or its port may be taken for a moment)
-            log.exception("the LoRA server could not restart; exiting to be restarted again")
+            log.exception("the LoRA server could not restart; exiting to be restarted again in %g s", RETRY_S)
+            time.sleep(RETRY_S)  # a failure that persists (its port taken) must not spin
             os._exit(1)
 
     def _start(self, config: LoraServerConfig, lora_dirs: list[str], adapter_set: str, namespace: str,
