@@ -137,9 +137,16 @@ class ReplicaChannel:
             if session is not None and not isinstance(session, str):
                 raise TypeError("a session key is a string")
             streams = await self.client.submit(specs)
+        except asyncio.CancelledError:  # aborted while it was being taken: whatever it queued goes too
+            for _, _, _, rid in specs:
+                self.client.abort(rid)
+            raise
         except Exception as e:
             r = answer(e)
-            await self._send(peer, REFUSED, call, [r.kind, r.message, r.field])
+            try:
+                await self._send(peer, REFUSED, call, [r.kind, r.message, r.field])
+            except zmq.ZMQError:  # its endpoint has gone meanwhile
+                pass
             return
         queue: asyncio.Queue = asyncio.Queue()
 
