@@ -88,7 +88,7 @@ class ReplicaSetClient:
             try:
                 call = await self.channel.open(target, specs, session)
                 answer = await asyncio.shield(call.answer)
-            except BaseException:  # the client went away (cancelled) while it was being sent or taken
+            except BaseException:  # refused before it was sent (too big), or the client went away meanwhile
                 if call is not None:
                     self.channel.abort(call)
                 router.release(target.replica, route)
