@@ -50,6 +50,18 @@ def run(llm, body) -> None:
     return sessions
 
 
+LONG = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+"""Far longer than any check here takes: the request is still running when the test acts on it."""
+
+
+async def streaming(endpoint: EndpointChannel, replica: ReplicaChannel, request_id: str):
+    """A long request accepted by the replica, its first output received: a call mid-stream."""
+    call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, LONG, None, request_id)], None)
+    assert await call.answer is None
+    assert not (await call.queues[0].get()).finished
+    return call
+
+
 async def until(condition) -> None:
     """Poll `condition` (the body's own deadline, WAIT_S, bounds it)."""
     while not condition():
@@ -111,17 +123,10 @@ def test_a_refusal_crosses_as_data_and_nothing_is_left_running(llm):
 
 def test_an_abort_or_a_vanished_endpoint_stops_the_request_on_the_replica(llm):
     async def body(client, replica, endpoint):
-        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
-        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-0")], None)
-        assert await call.answer is None
-        first = await call.queues[0].get()
-        assert not first.finished
-        endpoint.abort(call)
+        endpoint.abort(await streaming(endpoint, replica, "long-0"))
         await until(lambda: client.num_unfinished() == 0 and not replica.calls)
         # an endpoint that goes away without a word: the replica aborts its calls at its next send
-        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-2")], None)
-        assert await call.answer is None
-        await call.queues[0].get()
+        await streaming(endpoint, replica, "long-2")
         endpoint.shutdown()
         await until(lambda: client.num_unfinished() == 0 and not replica.calls)
 
@@ -130,18 +135,15 @@ def test_an_abort_or_a_vanished_endpoint_stops_the_request_on_the_replica(llm):
 
 def test_a_replica_gone_ends_its_accepted_streams_and_loses_calls_it_never_took(llm):
     async def body(client, replica, endpoint):
-        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
-        call = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "long-1")], None)
-        assert await call.answer is None
-        await call.queues[0].get()
+        call = await streaming(endpoint, replica, "long-1")
         replica.close()  # its socket closes, as a killed process's would
         outs = await drain(call.queues[0])
         assert isinstance(outs[-1], Unavailable)
         endpoint.close(call)  # as the client does once its streams end
         assert endpoint.down() == {"one"}
-        late = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, long, None, "late")], None)
+        late = await endpoint.open(Target("one", replica.address, "load"), [(PROMPT, LONG, None, "late")], None)
         assert await late.answer is LOST  # the client sends it elsewhere
-        fresh = await endpoint.open(Target("two", replica.address, "load"), [(PROMPT, long, None, "fresh")], None)
+        fresh = await endpoint.open(Target("two", replica.address, "load"), [(PROMPT, LONG, None, "fresh")], None)
         assert await fresh.answer is LOST  # a new link to where nobody listens: connecting is refused
         assert endpoint.down() == {"one", "two"} and not endpoint.calls
         await until(lambda: client.num_unfinished() == 0)  # the closing replica aborted what it ran

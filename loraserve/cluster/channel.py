@@ -82,6 +82,12 @@ def _unpack(data: bytes) -> list:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)  # top_logprobs are keyed by token id
 
 
+def _refused(e: Exception) -> list:
+    """The Refusal a replica answers for `e` (`calls.answer`), as it travels."""
+    r = answer(e)
+    return [r.kind, r.message, r.field]
+
+
 def _socket(kind: int) -> zmq.asyncio.Socket:
     """A socket of the process's one ZeroMQ context (`remote.transport.context`), for this event loop."""
     sock = zmq.asyncio.Context.shadow(context()).socket(kind)
@@ -142,9 +148,8 @@ class ReplicaChannel:
                 self.client.abort(rid)
             raise
         except Exception as e:
-            r = answer(e)
             try:
-                await self._send(peer, REFUSED, call, [r.kind, r.message, r.field])
+                await self._send(peer, REFUSED, call, _refused(e))
             except zmq.ZMQError:  # its endpoint has gone meanwhile
                 pass
             return
@@ -155,8 +160,7 @@ class ReplicaChannel:
                 async for out in stream:
                     queue.put_nowait([i, OUTPUT, vars(out)])
             except Exception as e:  # unloaded meanwhile, the engine stopped: this choice's ending
-                r = answer(e)
-                queue.put_nowait([i, ENDING, [r.kind, r.message, r.field]])
+                queue.put_nowait([i, ENDING, _refused(e)])
             finally:
                 queue.put_nowait(None)
 
@@ -178,10 +182,9 @@ class ReplicaChannel:
         except zmq.ZMQError as e:  # the endpoint has gone (EHOSTUNREACH): nobody reads these any more
             log.warning("replica: call %d's endpoint is gone (%s); aborting it", call, e)
         except Exception as e:  # a bug: the endpoint's streams must still end
-            r = answer(e)
+            ending = _refused(e)
             try:
-                await self._send(peer, OUT, call, [[i, ENDING, [r.kind, r.message, r.field]]
-                                                   for i in range(len(specs))])
+                await self._send(peer, OUT, call, [[i, ENDING, ending] for i in range(len(specs))])
             except Exception:
                 pass
         finally:  # ended, cancelled (ABORT) or its endpoint gone: what still runs is aborted, started or not
