@@ -50,6 +50,10 @@ def test_segmented_and_padded_match_the_loop(counts):
     ([0, 1, 0, 0, 0, 0, 0, 1], False),    # two rows seven slots apart: segmented
     ([0, 0, 0, 12, 1, 2, 0, 0], False),   # a prefill-heavy step: segmented
     ([3, 3, 0, 0, 0, 0, 0, 0], True),
+    ([2, 8, 8, 0, 0, 0, 0, 0], True),     # ragged decode-sized segments: padded
+    ([16, 512, 512, 0, 0, 0, 0, 0], False),  # a prefill beside a prefix-cache hit: segmented
+    ([128, 128, 0, 0, 0, 0, 0, 0], True),  # even segments: padded, in place
+    ([200, 200, 0, 0, 0, 0, 0, 0], False),  # even but long: segmented
 ])
 def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
     """Base rows first, then adapter rows by slot: every row gets its own slot's delta, base rows none."""

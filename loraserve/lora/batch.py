@@ -8,7 +8,12 @@ picked once per step:
   (any segment sizes; what prefill-heavy steps use);
 - padded: every slot's segment padded to the longest one, then two batched
   matmuls over the slots. On CPU this is 2-4x faster for decode-heavy steps
-  (few tokens per adapter), and is chosen when padding at most doubles the rows.
+  (few tokens per adapter). Chosen where it wins (a microbenchmark of both at
+  SmolLM2's shapes on AVX2 and AVX-512 CPUs): segments all of one length up
+  to 128 rows (the expand adds into the output in place), or ragged ones of at
+  most 8 rows whose padding at most doubles them. Ragged longer segments (a
+  prefill beside a prefix-cache hit) pay for the padded copies in and out:
+  3-9x slower than the segmented path at 16 + 512-row segments.
 
 Either way only the slots from the first to the last one with rows take part
 (a view of the bank, no copy), and only the projections one of their adapters
@@ -26,7 +31,13 @@ from loraserve.model.lora import Routing
 from loraserve.model.targets import Target
 
 MAX_PADDING = 2.0
-"""Use the padded path while slots x longest segment <= this x adapter rows."""
+"""Ragged segments take the padded path while slots x longest segment <= this x adapter rows ..."""
+
+MAX_RAGGED_PAD = 8
+"""... and the longest segment has at most this many rows."""
+
+MAX_EVEN_PAD = 128
+"""Segments all of one length take the padded path up to this length."""
 
 
 class LoraBatch:
@@ -53,10 +64,12 @@ class LoraBatch:
         self.offs = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
         """[S'] cumulative ends of each taking-part slot's segment, counted from row num_base."""
         self.pad = max(counts, default=0)
-        self.padded = num_rows > 0 and len(counts) * self.pad <= MAX_PADDING * num_rows
+        ragged = any(c != self.pad for c in counts)
+        self.padded = num_rows > 0 and (self.pad <= MAX_RAGGED_PAD and len(counts) * self.pad <= MAX_PADDING * num_rows
+                                        if ragged else self.pad <= MAX_EVEN_PAD)
         self.pad_index: torch.Tensor | None = None
         """Where each adapter row sits in the [S' * pad] padded layout (None: rows already fill it)."""
-        if self.padded and any(c != self.pad for c in counts):
+        if self.padded and ragged:
             idx = [s * self.pad + i for s, c in enumerate(counts) for i in range(c)]
             self.pad_index = torch.tensor(idx, dtype=torch.long, device=device)
 
