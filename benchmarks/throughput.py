@@ -65,7 +65,14 @@ def machine_limits() -> dict:
     flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_fp16", *NATIVE_BF16_FLAGS))
     return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()},
             "cpu_flags": flags, "dtype_auto": resolve_dtype("auto", "cpu"),
-            "machine_class": "native bf16" if resolve_dtype("auto", "cpu") == "bfloat16" else "AVX2-class (bf16 emulated)"}
+            "machine_class": machine_class()}
+
+
+def machine_class() -> str:
+    """The README's name for this CPU: what its vector units are and whether bf16 is native."""
+    if resolve_dtype("auto", "cpu") == "bfloat16":
+        return "AVX-512, native bf16"
+    return ("AVX-512" if "avx512f" in cpu_flags() else "AVX2-only") + ", bf16 emulated"
 
 
 def prepare(model: str) -> tuple[Path, dict[str, str]]:

@@ -463,3 +463,56 @@ def test_a_catalogue_read_before_a_load_does_not_undo_it(tiny):
         if engine is not None:
             engine.close()
         server.kill()
+
+
+def test_a_cold_adapter_does_not_hold_back_another_instances_delta(tiny):
+    """Two instances' deltas of one (layer, projection) batch together. One's adapter
+    is in a slot, the other's is still being copied (1 s of virtual time): the
+    warm delta is answered now, equal to the plain product, and only the cold one
+    waits, then is answered once its copy has landed."""
+    from loraserve.cache.mover import LinkMover
+    from loraserve.clock import ManualClock
+    from loraserve.config import CacheConfig
+    from loraserve.lora_server.delta import Delta
+    from loraserve.lora_server.server import LoraServer
+    from loraserve.model.targets import Target
+    from loraserve.remote.config import LoraServerConfig
+    from loraserve.remote.protocol import decode
+    from loraserve.sim.paced import PacedMover
+
+    root = tiny("llama")
+    clock = ManualClock()
+    config = LoraServerConfig(model=str(root / "model"), batch_window_us=0,
+                              cache=CacheConfig(device_bytes=16 << 20, host_bytes=16 << 20))
+    server = LoraServer(config, "tcp://127.0.0.1:0", clock=clock)
+    sent = []
+    try:
+        server.sock.send = lambda peer, frames: sent.append((peer, decode(frames)))
+        store = server.store
+        store.cache.mover = PacedMover(store.mover, LinkMover(clock, duration=lambda job: 1.0))
+        read = store.registry.load("r4", root / "adapters" / "r4")
+        a, b = read.weights[(0, Target.QKV)]  # (the store keeps them packed in its cache blocks)
+        warm = store.add_loaded("r4", read)
+        assert not store.ready([warm.id], 0)  # its copy starts
+        clock.advance(1.5)
+        assert store.ready([warm.id], 0)  # in a slot now
+        cold = store.add_loaded("r8", store.registry.load("r8", root / "adapters" / "r8"))
+        assert not store.ready([cold.id], 0)  # its copy starts
+        spec = server.spec
+        x = torch.randn(2, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+
+        def delta(peer: bytes, adapter) -> Delta:
+            return Delta(peer, 1, 0, Target.QKV, torch.float32, True, x, [adapter.id], torch.zeros(2, dtype=torch.long),
+                         None, clock.now())
+
+        server.pending = [delta(b"cold-instance", cold), delta(b"warm-instance", warm)]
+        server._compute()
+        assert [(peer, m.kind) for peer, m in sent] == [(b"warm-instance", "result")]
+        assert torch.allclose(sent[0][1].tensors[0], x @ a @ b, atol=1e-5)
+        assert [d.peer for d in server.pending] == [b"cold-instance"]
+        clock.advance(1.0)
+        server._compute()
+        assert [(peer, m.kind) for peer, m in sent] == [(b"warm-instance", "result"), (b"cold-instance", "result")]
+        assert not server.pending
+    finally:
+        server.close()

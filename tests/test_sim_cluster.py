@@ -157,6 +157,30 @@ def test_simulated_server_releases_a_delta_when_its_layers_weights_have_arrived(
         assert len(done) == 1 and done[0] > clock.now()
 
 
+def test_a_cold_adapter_does_not_hold_back_another_instances_delta():
+    """Two instances' deltas at one position batch together; "warm" is in a slot,
+    "cold" is still on its way (5 ms): warm's delta runs now, only cold's waits
+    (as the real server does, tests/test_remote.py)."""
+    cfg = DisaggConfig(layer_arrival=False, batch_window_us=0, layer_group=4, host_bytes=10**11,
+                       server_cache_bytes=10**11)
+    server, clock, wakes = sim_server(cfg, {"warm": 2 * 10**9, "cold": 2 * 10**9})
+    server.hint("warm")
+    clock.advance(0.01)
+    server.pump()  # idle: warm's slot is filled
+    assert server.fill.complete("warm")
+    server.hint("cold")
+    done = {}
+    deltas = [SimDelta(peer, 0, clock.now(), (name,), 8, 1e-4, lambda t, n=name: done.setdefault(n, t))
+              for peer, name in ((0, "cold"), (1, "warm"))]
+    server.pending = list(deltas)
+    server.pump()
+    assert list(done) == ["warm"] and server.pending == deltas[:1]
+    while server.pending:
+        clock.advance(min(t for t in wakes if t > clock.now()) - clock.now())
+        server.pump()
+    assert list(done) == ["warm", "cold"] and done["cold"] - done["warm"] > 4e-3
+
+
 def test_pipeline_stages_run_concurrently_and_a_busy_stage_queues():
     sizes = {"a": 10**6, "b": 10**6}
     ends = {}

@@ -37,7 +37,7 @@ from loraserve.lora_server.parallel import RankFailed, RankLauncher, Ranks
 from loraserve.lora_server.shard import Layout
 from loraserve.lora_server.metrics import ServerMetrics
 from loraserve.lora_server.store import AdapterStore
-from loraserve.lora_server.window import BatchWindow, form_batches
+from loraserve.lora_server.window import BatchWindow, form_batches, run_ready
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets
 from loraserve.remote.config import LoraServerConfig
@@ -248,7 +248,8 @@ class LoraServer:
         waiting = []
         for (layer, target), batch in form_batches(live, lambda d: (d.layer, d.target), lambda d: d.adapters,
                                                    self.config.max_loras):
-            waiting.extend(self._run(layer, target, batch))
+            waiting.extend(run_ready(batch, lambda ds: self._run(layer, target, ds),
+                                     lambda d: self.store.ready(d.adapters, layer)))
         self.pending = waiting
 
     def _run(self, layer: int, target: Target, batch: list[Delta]) -> list[Delta]:

@@ -160,6 +160,20 @@ class AdapterStore:
     def release(self, adapter_id: str) -> None:
         self.fill.release(adapter_id)
 
+    def ready(self, adapters: list[str], layer: int) -> bool:
+        """Whether every adapter's weights for `layer` are in a slot (filling what
+        can be filled), pinning them as `store_delta` does and letting go."""
+        got = []
+        try:
+            for a in dict.fromkeys(adapters):
+                if self.acquire(a, layer) is None:
+                    return False
+                got.append(a)
+            return True
+        finally:
+            for a in got:
+                self.release(a)
+
     def advance(self) -> bool:
         """Idle work: fill one more layer of a hinted adapter. Returns whether
         there was anything to do."""

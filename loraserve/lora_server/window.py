@@ -92,6 +92,21 @@ def form_batches(deltas: list[D], key: Callable[[D], Hashable], adapters: Callab
     return out
 
 
+def run_ready(batch: list[D], run: Callable[[list[D]], list[D]], ready: Callable[[D], bool]) -> list[D]:
+    """Run a batch (`run` returns the deltas that must wait: some adapter's
+    weights are not in a slot yet); if it cannot run whole, run the deltas whose
+    weights are all in place, so one instance's cold adapter (a load from disk
+    takes a third of a second) does not hold back other instances' deltas that
+    happened to batch with it. Returns the deltas that wait."""
+    rest = run(batch)
+    if len(rest) < 2:
+        return rest
+    go = [d for d in rest if ready(d)]
+    if not go:
+        return rest
+    return [d for d in rest if not any(d is g for g in go)] + run(go)
+
+
 def _fit(deltas: list[D], adapters: Callable[[D], Iterable[str]], max_adapters: int) -> tuple[list[D], list[D]]:
     """The longest prefix of `deltas` using at most `max_adapters` distinct adapters (at least one delta)."""
     seen: set[str] = set()

@@ -112,10 +112,10 @@ def simulate(c: SimCheck, cache_bytes: int) -> dict:
 
 
 def check(c: SimCheck, scales: tuple[float, ...] = (1.0, 0.8)) -> dict:
-    """The plan, and the simulation at each share of its cache_bytes. A slow miss holds back
-    every delta batched with it on the server (the batch waits for all its adapters), which
-    the planner does not model: so the check runs at a low rate, where few requests share
-    a batch with a miss."""
+    """The plan, and the simulation at each share of its cache_bytes. A slow miss stalls the
+    step of the instance whose request needs it (its delta needs every row), which the
+    planner does not model: so the check runs at a low rate, where few requests share an
+    instance's batch with a miss."""
     p = plan_of(c)
     plan = {k: getattr(p, k) for k in ("cache_bytes", "cache_adapters", "resident_adapters", "working_adapters",
                                       "server_gpus", "iar", "required_iar", "miss_delay_s", "load_utilisation")}

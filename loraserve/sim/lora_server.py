@@ -3,7 +3,7 @@
 Its decisions are the real server's policy objects: the adapter cache is the
 project's `TieredCacheManager` holding adapters alone (ELORA's cost model by
 default, `elora-wos` for plain LRU), slots are filled by `SlotFill` (layer-wise
-or whole), and deltas wait and batch by `BatchWindow` and `form_batches`, as
+or whole), and deltas wait and batch by `BatchWindow`, `form_batches` and `run_ready`, as
 `lora_server/server.py` does. What is modelled instead of done:
 
 - copies to the device tier go over a `LinkMover` at the server GPUs' PCIe
@@ -32,7 +32,7 @@ from loraserve.cache.mover import CopyJob, LinkMover
 from loraserve.cache.tiered import TieredCacheManager
 from loraserve.clock import ManualClock
 from loraserve.lora_server.fill import Holds, SlotFill
-from loraserve.lora_server.window import BatchWindow, form_batches
+from loraserve.lora_server.window import BatchWindow, form_batches, run_ready
 from loraserve.model.spec import ModelSpec
 from loraserve.sim.exchange import ExchangeModel
 from loraserve.sim.hardware import Hardware
@@ -192,14 +192,19 @@ class SimLoraServer:
         waiting: list[SimDelta] = []
         for position, batch in form_batches(self.pending, lambda d: d.position, lambda d: d.adapters,
                                             self.cfg.max_loras):
-            if self._acquire(position, batch):
-                self._run(position, batch)
-            else:
-                waiting.extend(batch)
+            waiting.extend(run_ready(batch, lambda ds: self._try(position, ds),
+                                     lambda d: self._acquire(position, [d])))
         self.pending = waiting
         self.window.expire()
         if waiting:
             self.wake(self._ready_time(waiting))
+
+    def _try(self, position: int, batch: list[SimDelta]) -> list[SimDelta]:
+        """Run the batch if its weights are in place, as the real server's `_run`; returns what waits."""
+        if not self._acquire(position, batch):
+            return batch
+        self._run(position, batch)
+        return []
 
     def _acquire(self, position: int, batch: list[SimDelta]) -> bool:
         """Whether every adapter of the batch has the position's layers in a slot,
