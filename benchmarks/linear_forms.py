@@ -27,7 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loraserve.dtypes import cpu_flags  # noqa: E402
+from loraserve.dtypes import cpu_class, cpu_line  # noqa: E402
 from loraserve.model.linear import Linear, transposed_form  # noqa: E402
 
 LAYERS = 30
@@ -57,9 +57,7 @@ def time_forms(weights: list[tuple[torch.Tensor, Linear]], rows: int, dtype: tor
 
 def main() -> None:
     torch.manual_seed(0)
-    machine = "avx512" if "avx512f" in cpu_flags() else "avx2"
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-    lines = [f"# {machine} machine (flags: {', '.join(flags)}), {torch.get_num_threads()} threads; "
+    lines = [f"# {cpu_line()}; "
              "ms per decode step's matmuls, best of 5",
              f"# layers = {LAYERS} x (qkv, o, gate_up, down) of SmolLM2-135M; lm_head = {LM_HEAD}"]
     for dtype, forms in FORMS.items():
@@ -76,7 +74,7 @@ def main() -> None:
                 cells = " | ".join(f"{v:.2f}" for v in ms.values())
                 lines.append(f"| {rows} | {part} | {cells} | {ms[names[0]] / ms[names[1]]:.2f}x |")
                 print(lines[-1], flush=True)
-    out = ROOT / "benchmarks" / "results" / f"linear_forms-{machine}.txt"
+    out = ROOT / "benchmarks" / "results" / f"linear_forms-{cpu_class()}.txt"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

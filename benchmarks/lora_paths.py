@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loraserve.dtypes import cpu_flags  # noqa: E402
+from loraserve.dtypes import cpu_class, cpu_line  # noqa: E402
 from loraserve.kernels import lora_delta, padded_lora_delta  # noqa: E402
 from loraserve.lora.batch import LoraBatch  # noqa: E402
 
@@ -83,9 +83,7 @@ def picks_padded(counts: list[int]) -> bool:
 
 
 def main() -> None:
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512f", "avx512_bf16", "amx")))
-    machine = "avx512" if "avx512f" in cpu_flags() else "avx2"
-    lines = [f"# {machine} machine (flags: {', '.join(flags)}), {torch.get_num_threads()} threads, fp32; "
+    lines = [f"# {cpu_line()}, fp32; "
              f"one step's LoRA over {LAYERS} layers; ratio = segmented / padded time (median of 7 alternating)",
              "| step | rows per slot | padded ms | segmented ms | ratio | faster | LoraBatch picks |",
              "|---|---|---|---|---|---|---|"]
@@ -95,7 +93,7 @@ def main() -> None:
         lines.append(f"| {name} | {counts} | {tp * 1e3:.1f} | {ts * 1e3:.1f} | {ratio:.2f} | "
                      f"{'padded' if ratio > 1 else 'segmented'} | {picks} |")
         print(lines[-1], flush=True)
-    out = ROOT / "benchmarks" / "results" / f"lora_paths-{machine}.txt"
+    out = ROOT / "benchmarks" / "results" / f"lora_paths-{cpu_class()}.txt"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -58,3 +58,17 @@ def cpu_flags() -> frozenset[str]:
 
 def native_bf16_cpu() -> bool:
     return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_class() -> str:
+    """How CPU benchmark results are filed: "avx512" or "avx2" (which matmul form or
+    kernel wins differs between them)."""
+    return "avx512" if "avx512f" in cpu_flags() else "avx2"
+
+
+def cpu_line() -> str:
+    """The head of a CPU benchmark's result: its class, the flags that decide speed, the threads."""
+    import torch
+
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", *NATIVE_BF16_FLAGS))
+    return f"{cpu_class()} machine (flags: {', '.join(flags)}), {torch.get_num_threads()} threads"

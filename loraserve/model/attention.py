@@ -5,17 +5,20 @@ Each step writes its new K/V through a flat slot mapping, then gathers each
 request's blocks (by its block table) into a padded batch and runs SDPA with a
 mask that encodes causality, chunk offsets and padding. Requests of one step are
 split into two groups (single-token decodes; multi-token prefills) so a long
-prefill never pads the decodes' queries.
+prefill never pads the decodes' queries. On CPU in float32 the decodes skip
+the gather: a small kernel reads their blocks in place (`cpu_attention.py`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loraserve.gpu import active as triton_active
+from loraserve.model import cpu_attention
 
 
 @dataclass
@@ -32,6 +35,9 @@ class AttnGroup:
     """[B, 1, Lq, Lk] bool: True where a query may attend a key."""
     identity: bool = False
     """The only group, with src = dst = every row in order (e.g. an all-decode step)."""
+    kv_lens: torch.Tensor | None = None
+    """[B] long: keys each sequence attends (its length so far); decode groups only."""
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -113,6 +119,8 @@ def _group(seqs, token_order, block_size, sliding_window, device) -> AttnGroup:
         q_len=q_len,
         block_tables=tables.to(device),
         mask=mask[:, None].to(device),
+        kv_lens=torch.tensor([start + n for _, start, n in seqs], device=device) if q_len == 1 else None,
+        sliding_window=sliding_window,
     )
 
 
@@ -129,6 +137,13 @@ def paged_attention(
         return meta.paged.attend(q, kv)
     out = torch.empty_like(q)
     for g in meta.groups:
+        if g.kv_lens is not None and cpu_attention.available(q, kv):  # decodes: blocks read in place
+            o = cpu_attention.kernel()(q if g.identity else q[g.src], kv, g.block_tables, g.kv_lens,
+                                       1 / math.sqrt(d), g.sliding_window or 0)
+            if g.identity:
+                return o
+            out[g.src] = o
+            continue
         if g.identity:  # rows are already the padded layout: no scatter, no gather
             qp = q.view(g.batch, g.q_len, -1, d).transpose(1, 2)
         else:
