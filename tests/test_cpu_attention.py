@@ -51,3 +51,24 @@ def test_other_dtypes_gather():
     q, kv = torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(2, 4, 4, 2, 16, dtype=torch.bfloat16)
     assert not cpu_attention.available(q, kv)
     assert cpu_attention.available(q.float(), kv.float())
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    """A build killed midway leaves torch's lock file, on which every later build would
+    wait forever: one older than STALE_LOCK_S goes; a fresh one (a build under way in
+    another process) stays, for torch to wait on."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(ext, "load_inline", lambda *a, **k: SimpleNamespace(paged_decode="the op"))
+    lock = os.path.join(ext._get_build_directory(cpu_attention._name(), verbose=False), "lock")
+    open(lock, "w").close()
+    old = time.time() - cpu_attention.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cpu_attention._build() == "the op" and not os.path.exists(lock)
+    open(lock, "w").close()
+    assert cpu_attention._build() == "the op" and os.path.exists(lock)

@@ -506,7 +506,12 @@ def test_a_cold_adapter_does_not_hold_back_another_instances_delta(tiny):
                          None, clock.now())
 
         server.pending = [delta(b"cold-instance", cold), delta(b"warm-instance", warm)]
+        before = dict(store.fill.counters)
         server._compute()
+        # the whole batch was asked once (cold first: a wait) and warm's delta ran (a hit); the
+        # readiness checks that split them count nothing
+        assert store.fill.counters["slot_hits"] - before["slot_hits"] == 1
+        assert store.fill.counters["layer_waits"] - before["layer_waits"] == 1
         assert [(peer, m.kind) for peer, m in sent] == [(b"warm-instance", "result")]
         assert torch.allclose(sent[0][1].tensors[0], x @ a @ b, atol=1e-5)
         assert [d.peer for d in server.pending] == [b"cold-instance"]

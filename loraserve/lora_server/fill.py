@@ -75,18 +75,20 @@ class SlotFill:
             del self.prefetch[next(iter(self.prefetch))]
         return True
 
-    def acquire(self, adapter_id: str, layer: int) -> int | None:
+    def acquire(self, adapter_id: str, layer: int, count: bool = True) -> int | None:
         """Pin the adapter's slot for a delta of `layer`, filling what is missing.
         Returns the slot, or None if the weights are not there yet (or every
-        slot is pinned): the delta waits, and `release` is not due."""
+        slot is pinned): the delta waits, and `release` is not due. `count`:
+        False for a readiness check (`window.run_ready`), which counts the fills
+        it makes but not its hits and waits."""
         need = self.need(layer)
         slot = self.slots.slot_of(adapter_id)
         if slot is not None and need <= self.filled[adapter_id]:
             self.slots.acquire(adapter_id)
-            self.counters["slot_hits"] += 1
+            self.counters["slot_hits"] += count
             return slot
         if not self.loader.available(adapter_id, need) or not self.slots.can_acquire(adapter_id):
-            self.counters["layer_waits"] += 1
+            self.counters["layer_waits"] += count
             return None
         self.counters["slot_misses"] += 1
         self._fill(adapter_id, need)

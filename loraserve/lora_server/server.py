@@ -248,8 +248,11 @@ class LoraServer:
         waiting = []
         for (layer, target), batch in form_batches(live, lambda d: (d.layer, d.target), lambda d: d.adapters,
                                                    self.config.max_loras):
-            waiting.extend(run_ready(batch, lambda ds: self._run(layer, target, ds),
-                                     lambda d: self.store.ready(d.adapters, layer)))
+            if self.ranks is None:
+                waiting.extend(run_ready(batch, lambda ds: self._run(layer, target, ds),
+                                         lambda d: self.store.ready(d.adapters, layer)))
+            else:  # the layer's weights may sit on other ranks (pipeline stages): a batch runs whole or waits
+                waiting.extend(self._run(layer, target, batch))
         self.pending = waiting
 
     def _run(self, layer: int, target: Target, batch: list[Delta]) -> list[Delta]:

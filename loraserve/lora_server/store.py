@@ -162,11 +162,14 @@ class AdapterStore:
 
     def ready(self, adapters: list[str], layer: int) -> bool:
         """Whether every adapter's weights for `layer` are in a slot (filling what
-        can be filled), pinning them as `store_delta` does and letting go."""
+        can be filled), pinning them as `store_delta` does and letting go. A
+        question, not a delta: hits and waits are not counted."""
         got = []
         try:
             for a in dict.fromkeys(adapters):
-                if self.acquire(a, layer) is None:
+                if not self.registry.has(a):
+                    raise ProtocolError(f"unknown adapter {a!r}", 404)
+                if self.fill.acquire(a, layer, count=False) is None:
                     return False
                 got.append(a)
             return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 import time
 
@@ -43,6 +44,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
   q = q.contiguous(); tables = tables.contiguous(); lens = lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t NB = kv.size(1), BS = kv.size(2), Hkv = kv.size(3), MB = tables.size(1), G = Hq / Hkv;
+  TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == D && Hq % Hkv == 0 && tables.size(0) == B && lens.size(0) == B);
+  TORCH_CHECK(B == 0 || (tables.min().item<int64_t>() >= 0 && tables.max().item<int64_t>() < NB
+                         && lens.min().item<int64_t>() >= 1 && lens.max().item<int64_t>() <= MB * BS),
+              "block table or length out of range");
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = kv.data_ptr<float>();
@@ -51,6 +56,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  pybind11::gil_scoped_release no_gil;  // the server's other threads run meanwhile, as during torch's own ops
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s, acc(G * D);
     std::vector<const float*> rows;
@@ -111,24 +117,37 @@ def kernel():
     return _built[0]
 
 
+def _name() -> str:
+    """The build's name. It is compiled with -march=native where the CPU's flags are known (x86),
+    so it is named by them; elsewhere for the compiler's default target, named by the architecture."""
+    tag = hashlib.sha1(" ".join([SOURCE, platform.machine(), *sorted(cpu_flags())]).encode()).hexdigest()[:12]
+    return f"loraserve_paged_decode_{tag}"
+
+
+STALE_LOCK_S = 600
+"""A build lock older than this was left by a build that was killed: torch would wait on it forever."""
+
+
 def _build():
     if os.environ.get("LORASERVE_CPU_ATTENTION", "1") == "0":
         return None
+    path = os.environ.get("PATH", "")
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         try:  # torch runs `ninja` from PATH, which lacks an unactivated virtualenv's bin
             import ninja
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
         except ImportError:
             pass
-
-        # compiled for this CPU (-march=native), so named by its flags and the source
-        tag = hashlib.sha1((SOURCE + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:12]
+        name = _name()
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
         start = time.perf_counter()
-        module = load_inline(f"loraserve_paged_decode_{tag}", cpp_sources=SOURCE, functions=["paged_decode"],
-                             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        module = load_inline(name, cpp_sources=SOURCE, functions=["paged_decode"],
+                             extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-march=native"] if cpu_flags() else []),
                              extra_ldflags=["-lm", "-fopenmp"], verbose=False)
         log.info("CPU paged decode kernel ready (%.1f s; built once per machine, then cached)",
                  time.perf_counter() - start)
@@ -137,6 +156,8 @@ def _build():
         log.warning("the CPU paged decode kernel could not be built (%s); decode attention gathers KV blocks",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
+    finally:
+        os.environ["PATH"] = path
 
 
 def available(q: torch.Tensor, kv: torch.Tensor) -> bool:

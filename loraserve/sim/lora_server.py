@@ -193,7 +193,7 @@ class SimLoraServer:
         for position, batch in form_batches(self.pending, lambda d: d.position, lambda d: d.adapters,
                                             self.cfg.max_loras):
             waiting.extend(run_ready(batch, lambda ds: self._try(position, ds),
-                                     lambda d: self._acquire(position, [d])))
+                                     lambda d: self._acquire(position, [d], count=False)))
         self.pending = waiting
         self.window.expire()
         if waiting:
@@ -206,21 +206,22 @@ class SimLoraServer:
         self._run(position, batch)
         return []
 
-    def _acquire(self, position: int, batch: list[SimDelta]) -> bool:
+    def _acquire(self, position: int, batch: list[SimDelta], count: bool = True) -> bool:
         """Whether every adapter of the batch has the position's layers in a slot,
         asked as store_delta asks for each layer: pin adapter after adapter,
         stop at the first missing one, then release. (When every adapter's slot
-        is already complete, one pass stands for the group's layers.)"""
+        is already complete, one pass stands for the group's layers.) `count`: as
+        `SlotFill.acquire`'s (False: a readiness check)."""
         adapters = list(dict.fromkeys(a for d in batch for a in d.adapters))
         layers = self.layers(position)
         if all(self.fill.complete(a) for a in adapters):
             layers = layers[:1]
-            self.fill.counters["slot_hits"] += (len(self.layers(position)) - 1) * len(adapters)
+            self.fill.counters["slot_hits"] += (len(self.layers(position)) - 1) * len(adapters) * count
         for layer in layers:
             got = []
             try:
                 for a in adapters:
-                    if self.fill.acquire(a, layer) is None:
+                    if self.fill.acquire(a, layer, count) is None:
                         return False
                     got.append(a)
             finally:
