@@ -401,6 +401,7 @@ def test_named_deployments_share_the_budget_and_climb_the_ladder():
              ("disagg-naive", "disagg+overlap", "disagg+loading", "disagg")]
     assert [(d.overlap, d.layerwise, d.kernel_eff == 1.0) for d in rungs] == [
         (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    assert slora.router == less.router == "least-loaded"  # the comparison's dispatch, whatever ClusterConfig's default
     full = deployment("disagg", MIXTRAL, H20, 64, 2, size)
     assert full.num_instances == 4 and (full.disagg.ep, full.disagg.pp, full.disagg.link) == (4, 2, "ib")
     assert not deployment("disagg-pull", MIXTRAL, H20, 64, 2, size).disagg.push

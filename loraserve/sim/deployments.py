@@ -34,6 +34,12 @@ GENERIC_KERNEL_EFF = 0.4
 shrink/expand over many small (adapter, expert) slices reach a fraction of what the paper's
 wgmma/TMA kernels do. A modelling assumption, not a measurement."""
 
+ROUTER = "least-loaded"
+"""How requests reach instances in InfiniLoRA's comparison: the least loaded one, in every
+deployment alike, as its set-up prescribes. (ClusterConfig's default, the affinity router,
+is measured on its own in benchmarks/routing_sim.py; under affinity a Zipf-hot adapter's
+requests queue on the instances that hold it, which this comparison is not about.)"""
+
 SLORA_LORA_SHARE = 0.5
 LESS_LORA_SHARE = 0.4
 SCHEDULER = SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=2048, max_loras=8)
@@ -54,7 +60,7 @@ def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpu
     """The ClusterConfig of a named deployment (disagg: DisaggConfig overrides). In
     both kinds every adapter waits in host memory (as S-LoRA keeps them), so a
     miss is a host-to-device copy, not a disk read."""
-    base = ClusterConfig("coupled", total_gpus, instance_gpus, rank)
+    base = ClusterConfig("coupled", total_gpus, instance_gpus, rank, router=ROUTER)
     host = int(num_adapters * adapter_bytes / 0.75) + (64 << 20) * (num_adapters + 8)
     if name in COUPLED:
         share = LESS_LORA_SHARE if name == "slora-less" else SLORA_LORA_SHARE
