@@ -88,6 +88,8 @@ class Bench:
         cfg = deployment(name, spec, self.hw, d.rank, d.gpus, next(iter(sizes.values())), len(sizes), **kw)
         if instance_cache:  # instances keep (elora) or drop (slora) history KV; 64 GiB of host memory each
             cfg = replace(cfg, sim=replace(cfg.sim, cache=CacheConfig(policy=instance_cache, host_bytes=64 << 30)))
+        if turns > 1:  # a session's later turns go where its history is (the router's session affinity)
+            cfg = replace(cfg, router="affinity")
         res = simulate_cluster(wl, spec, self.hw, cfg, sizes, SLO_, WARMUP, LEAD_IN)
         self.sims += 1
         self.sim_s += res.wall_s
