@@ -163,13 +163,12 @@ class AdapterStore:
     def ready(self, adapters: list[str], layer: int) -> bool:
         """Whether every adapter's weights for `layer` are in a slot (filling what
         can be filled), pinning them as `store_delta` does and letting go. A
-        question, not a delta: hits and waits are not counted."""
+        question, not a delta: hits and waits are not counted. An adapter no longer
+        served is not ready (the server answers its delta 404 on its next pass)."""
         got = []
         try:
             for a in dict.fromkeys(adapters):
-                if not self.registry.has(a):
-                    raise ProtocolError(f"unknown adapter {a!r}", 404)
-                if self.fill.acquire(a, layer, count=False) is None:
+                if not self.registry.has(a) or self.fill.acquire(a, layer, count=False) is None:
                     return False
                 got.append(a)
             return True

@@ -38,7 +38,7 @@ kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
@@ -96,12 +96,16 @@ class ExchangeModel:
     kernel_overhead: float = 5e-6
     """Launch and synchronisation per batched kernel (and per EP all-gather)."""
 
+    _trips_by_layer: dict[int, list[Trip]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Sizing a layer's trips walks the model's targets, which a long run would do per delta. (Kept
+    here: a module-level cache keyed by id(spec) handed one model's trips to another model whose
+    spec reused a freed spec's id, so a run's results depended on what ran before it.)"""
+
     def trips(self, layer: int = 0) -> list[Trip]:
         """Per token, the layer's dependent round trips (q|k|v folded into one)."""
-        key = (id(self.spec), self.rank, layer)
-        if key not in _TRIPS:
-            _TRIPS[key] = self._trips(layer)
-        return _TRIPS[key]
+        if layer not in self._trips_by_layer:
+            self._trips_by_layer[layer] = self._trips(layer)
+        return self._trips_by_layer[layer]
 
     def _trips(self, layer: int) -> list[Trip]:
         s, d, out = self.spec, self.dtype_bytes, []
@@ -177,10 +181,6 @@ class LayerCost:
 
     busy: float
     """The server stage's compute time for the layer's batched kernels."""
-
-
-_TRIPS: dict[tuple, list[Trip]] = {}
-"""Trips by (spec, rank, layer): sizing them walks the model's targets, which a long run would do per delta."""
 
 
 def _distinct(experts: int, rows: float) -> float:
