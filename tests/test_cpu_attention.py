@@ -69,6 +69,8 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(monkeypatch, tmp_pat
     open(lock, "w").close()
     old = time.time() - cpu_attention.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
+    path = os.environ.get("PATH")
     assert cpu_attention._build() == "the op" and not os.path.exists(lock)
+    assert os.environ.get("PATH") == path  # (ninja's directory only during the build)
     open(lock, "w").close()
     assert cpu_attention._build() == "the op" and os.path.exists(lock)

@@ -131,14 +131,14 @@ STALE_LOCK_S = 600
 def _build():
     if os.environ.get("LORASERVE_CPU_ATTENTION", "1") == "0":
         return None
-    path = os.environ.get("PATH", "")
+    path = os.environ.get("PATH")
     try:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         try:  # torch runs `ninja` from PATH, which lacks an unactivated virtualenv's bin
             import ninja
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+            os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
         except ImportError:
             pass
         name = _name()
@@ -157,7 +157,10 @@ def _build():
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 def available(q: torch.Tensor, kv: torch.Tensor) -> bool:
