@@ -189,9 +189,9 @@ class ReplicaSetClient:
         except asyncio.TimeoutError:
             return self._stats
         self._replica_stats = {r: p for r, p in zip(replicas, parts) if isinstance(p, EngineStats)}
-        for r in self._replica_stats.keys() - self._pids.keys():  # a new replica: ask once who it is
-            try:
-                self._pids[r] = (await self._pinned(r, "describe"))["pid"]
+        for r in self._replica_stats.keys() - self._pids.keys():  # a new replica: ask who it is (again next time)
+            try:  # within the scrape's bound: a replica still starting must not hold /metrics for a control call's minute
+                self._pids[r] = (await asyncio.wait_for(self._pinned(r, "describe"), timeout))["pid"]
             except Exception:
                 pass
         if self._replica_stats:
