@@ -104,6 +104,15 @@ def replica_series(url: str, name: str) -> dict[str, float]:
     return {m.group(1): v for s, v in scrape(url).items() if (m := re.fullmatch(name + r'\{replica="(\w+)"\}', s))}
 
 
+def replica_pids(url: str, count: int = 2, within_s: float = 60.0) -> dict[str, float]:
+    """Each replica's pid as /metrics reports it, once `count` replicas do (the endpoint asks a new
+    replica who it is within a scrape's bound, so a busy one may be missing from a scrape or two)."""
+    deadline = time.time() + within_s
+    while len(pids := replica_series(url, "loraserve_replica_pid")) < count and time.time() < deadline:
+        time.sleep(0.5)
+    return pids
+
+
 def served_by(url: str, before: dict) -> tuple[str, str]:
     """The one (replica, reason) whose count grew since `before`."""
     grown = [k for k, v in routed(url).items() if v > before.get(k, 0)]
@@ -172,8 +181,7 @@ def test_a_runtime_load_makes_the_adapter_servable_on_every_replica(cluster, cli
             model="late", prompt="Hello there", max_tokens=40, temperature=0,
             extra_body={"ignore_eos": True}).choices[0].text, range(6)))
     assert texts == [reference] * 6  # the same weights as r8, on either replica
-    assert {r for (r, _), n in routed(url).items() if n > before.get((r, _), 0)} == set(replica_series(
-        url, "loraserve_replica_pid"))
+    assert {r for (r, _), n in routed(url).items() if n > before.get((r, _), 0)} == set(replica_pids(url))
     bad = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(lora_dir / "none")},
                      timeout=120)
     assert bad.status_code == 400 and "bad" not in {m.id for m in client.models.list().data}
@@ -184,7 +192,7 @@ def test_a_runtime_load_makes_the_adapter_servable_on_every_replica(cluster, cli
 
 def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster, client):
     url = cluster[0]
-    pids = {int(v): r for r, v in replica_series(url, "loraserve_replica_pid").items()}
+    pids = {int(v): r for r, v in replica_pids(url).items()}
     assert len(pids) == 2
     # two long streams: the least loaded replica takes each, so one runs on each replica
     streams = [client.completions.create(model="base", prompt="Count:", max_tokens=400, temperature=0,
