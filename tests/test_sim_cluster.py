@@ -14,7 +14,7 @@ from loraserve.clock import ManualClock
 from loraserve.lora_server.fill import SlotFill
 from loraserve.lora_server.window import BatchWindow, form_batches
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
+from loraserve.model.targets import Target
 from loraserve.sim.cluster import Cluster, ClusterConfig, simulate_cluster
 from loraserve.sim.engine import SimConfig
 from loraserve.sim.exchange import LINKS, ExchangeModel
@@ -258,19 +258,26 @@ def extra_adapters(root, n: int) -> dict[str, str]:
 
 
 def run_disaggregated(root, spec: ModelSpec, paths: dict[str, str], real: bool, wl_seed: int = 5):
-    """A small disaggregated workload on virtual time: two instances (the engine's
-    scheduler and cache) and a LoRA server whose cache, slot filling and batching
-    are either the real AdapterStore's (tensors copied, unpacked, computed) or the
-    simulator's models of the copies. Returns the decision log and the store."""
-    from loraserve.lora_server.compute import store_delta
+    """A small disaggregated workload on virtual time: three instances (the
+    engine's scheduler and cache) and a LoRA server whose cache, slot filling
+    and batching are the same policy objects either way. Real: the server's are
+    a real AdapterStore's (tensors copied, unpacked, computed) and each instance
+    runs its forward passes on real weights and KV, its deltas computed by the
+    store's kernels when the server runs their batch (`sim/served.py`);
+    else: the simulator's models. Returns the decision log, the server, the
+    kernels each batch ran and the finished requests."""
+    from loraserve.engine.tier_memory import TierMemory
+    from loraserve.engine.torch_executor import TorchExecutor
     from loraserve.lora_server.store import AdapterStore
+    from loraserve.model.loader import load_model
     from loraserve.remote.config import LoraServerConfig
+    from loraserve.sim.served import ServedBackend, ThreadedExecutor, serve_batch
 
     clock = ManualClock()
     small = CacheConfig(device_bytes=16 << 20, host_bytes=16 << 20)  # (the default arenas would take 3 GiB)
     probe = AdapterStore(spec, LoraServerConfig(model=str(root / "model"), cache=small), clock)
-    sizes = {probe.add(name, path).id: 0 for name, path in paths.items()}
-    sizes = {a: probe.registry.get(a).num_bytes for a in sizes}
+    names = {probe.add(name, path).id: name for name, path in paths.items()}
+    sizes = {a: probe.registry.get(a).num_bytes for a in names}
     probe.close()
     block = probe.cache.block_bytes
     device, host = block * (max(sizes.values()) // block + 1) * 3, block * 4096  # room for 3 of the 6 on the device
@@ -292,44 +299,49 @@ def run_disaggregated(root, spec: ModelSpec, paths: dict[str, str], real: bool, 
     server.log, server.fill.log, server.cache.log = [], [], []
     for eng in cluster.instances:
         eng.scheduler.log = []
-    computed = []
+    kernels: list[int] = []
+    threaded: list[ThreadedExecutor] = []
     if real:
-        def compute(position: int, batch: list[SimDelta]) -> None:
-            """The batch's deltas with the store's kernels: its weights must be in the slots now."""
-            adapters = list(dict.fromkeys(a for d in batch for a in d.adapters))
-            rows = sum(d.tokens for d in batch)
-            for target in layer_targets(spec, position):
-                x = torch.randn(rows, in_dim(spec, target))
-                row_adapter = torch.arange(rows) % len(adapters)
-                expert = torch.randint(0, spec.num_experts, (rows,)) if target.is_expert else None
-                y = store_delta(store, position, target, x, adapters, row_adapter, expert)
-                assert y is not None and y.shape == (rows, out_dim(spec, target))
-            computed.append(position)
-
-        server.on_batch = compute
+        metas = {a: store.registry.get(a) for a in sizes}
+        for eng in cluster.instances:  # each its own weights and KV: the forward passes run side by side
+            memory = TierMemory(spec, eng.cache.num_device_blocks, eng.cache.config.block_size, torch.float32, "cpu")
+            backend = ServedBackend(spec, metas)
+            executor = TorchExecutor(load_model(root / "model", torch.float32), memory, backend, seed=0)
+            threaded.append(ThreadedExecutor(executor, backend))
+            eng.executor.inner = threaded[-1]
+        server.on_batch = lambda position, batch: kernels.append(serve_batch(
+            store, spec, server.layers(position), list(dict.fromkeys(threaded[d.peer].backend for d in batch))))
     try:
         done = cluster.run(wl)
     finally:
+        for t in threaded:
+            t.close()
         if store is not None:
             store.close()
     assert len(done) == 40
     log = {"instances": [eng.scheduler.log for eng in cluster.instances], "fills": server.fill.log,
            "batches": server.log, "cache": server.cache.log,
            "finished": sorted((r.request_id, r.first_token_time, r.finish_time) for r in done)}
-    return log, server, computed
+    return log, server, kernels, [(r, names[r.adapter]) for r in done]
 
 
 def test_the_simulated_lora_server_decides_as_the_real_one(tiny):
-    """The same workload through the real AdapterStore (real copies, unpacking, slot
-    writes and batched kernels, paced to modelled copy times) and through the
-    simulator's modelled server gives identical decision logs: admissions at the
-    instances, every layer filled into a slot and when, every batch formed (which
-    instances, which adapters), every cache move, and every request's timing."""
+    """The same workload through real instances and the real AdapterStore
+    (forward passes over real weights and KV; real copies, unpacking, slot
+    writes and batched kernels; all paced to modelled times) and through the
+    simulator gives identical decision logs: admissions at the instances, every
+    layer filled into a slot and when, every batch formed (which instances,
+    which adapters), every cache move, and every request's timing. And the
+    real run's tokens are the coupled engine's: every delta came from the
+    right weights, in the slots at the modelled moment."""
+    from loraserve.llm import LLM
+    from loraserve.sampling import SamplingParams
+
     root = tiny("mixtral")
     spec = ModelSpec.from_dir(root / "model")
     paths = extra_adapters(root, 6)
-    real_log, real_server, computed = run_disaggregated(root, spec, paths, real=True)
-    sim_log, sim_server, _ = run_disaggregated(root, spec, paths, real=False)
+    real_log, real_server, kernels, done = run_disaggregated(root, spec, paths, real=True)
+    sim_log, sim_server, _, _ = run_disaggregated(root, spec, paths, real=False)
     assert real_log == sim_log
     # the log is worth comparing: loads per layer, waits, evictions and cross-instance batches happened
     fills = real_log["fills"]
@@ -339,9 +351,18 @@ def test_the_simulated_lora_server_decides_as_the_real_one(tiny):
     assert any(e[1] == "move" and e[3] == "host" for e in real_log["cache"])  # device evictions
     assert any(len(set(b[3])) > 1 for b in real_log["batches"])  # one kernel for both instances
     assert all(log and log[0][1] == "admit" for log in real_log["instances"])
-    assert len(computed) == len(real_log["batches"])
+    assert len(kernels) == len(real_log["batches"]) and min(kernels) >= 1  # every batch computed real deltas
     misses = ("slot_misses", "layers_loaded", "layer_waits")  # (hits differ: the real kernels asked per projection)
     assert [real_server.fill.counters[k] for k in misses] == [sim_server.fill.counters[k] for k in misses]
+
+    llm = LLM(str(root / "model"), adapters=paths, dtype="float32")
+    try:
+        want = llm.generate([r.prompt_token_ids for r, _ in done],
+                            [SamplingParams(max_tokens=r.num_output_tokens, temperature=0.0, ignore_eos=True)
+                             for r, _ in done], [name for _, name in done], use_tqdm=False)
+    finally:
+        llm.engine.close()
+    assert [r.output_token_ids for r, _ in done] == [w.token_ids for w in want]
 
 
 # -- workload, admission order and the named deployments -------------------------------

@@ -23,30 +23,98 @@ from loraserve.remote.protocol import position
 from loraserve.remote.transport import ClientSocket, Unreachable
 
 
-class RemoteLoraBackend:
-    """The model's `LoraBackend` with every delta computed on the LoRA server.
+class ServerRows:
+    """The half of a `LoraBackend` whose deltas are computed elsewhere that does
+    not depend on how rows travel: `begin` lays a step's rows out base model
+    first, then by adapter, and notes each adapter row's adapter; `rows` picks
+    a projection's adapter rows (for experts, the adapter rows' (token,
+    expert) pairs with their expert ids). Base-model rows never travel.
+    `RemoteLoraBackend` sends them over the wire; the simulator's real
+    instances (`sim/served.py`) hand them to a store on virtual time."""
 
-    `begin` lays a step's rows out base model first, then by adapter, and
-    notes each adapter row's adapter. `submit` sends a projection's adapter
-    rows (for experts, the adapter rows' (token, expert) pairs with their
-    expert ids) before the base matmul, or, without overlap, `wait` sends them
-    after it; `wait` takes the delta (pushed into the buffer registered for it,
-    or pulled) and adds it in place. Base-model rows never travel.
-    """
-
-    def __init__(self, spec: ModelSpec, client: LoraServerClient, adapters: dict[str, LoraAdapter]) -> None:
+    def __init__(self, spec: ModelSpec, adapters: dict[str, LoraAdapter]) -> None:
         self.spec = spec
-        self.client = client
-        self.config = client.config
         self.adapters = adapters
         """id → metadata (the layout says which projections each adapter adapts)."""
-        self.sock = ClientSocket(client.config.endpoint)
-        self._ids = itertools.count(1)
         self.slots = UnboundedBudget()
         self.num_base = 0
         self.step_adapters: list[str] = []
         self.row_adapter: torch.Tensor | None = None
         self.targets: set[tuple[int, Target]] = set()
+
+    @property
+    def active(self) -> bool:
+        return self.row_adapter is not None
+
+    def begin(self, adapters: Sequence[str | None], rows: Sequence[int], loads: Sequence) -> list[int]:
+        order = sorted(range(len(adapters)), key=lambda i: "" if adapters[i] is None else adapters[i])
+        self.num_base = sum(rows[i] for i in order if adapters[i] is None)
+        ids = list(dict.fromkeys(adapters[i] for i in order if adapters[i] is not None))
+        self.step_adapters = ids
+        self.row_adapter = None
+        self.targets = set()
+        if ids:
+            self.start_step()
+            index = {a: k for k, a in enumerate(ids)}
+            self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
+                                             for _ in range(rows[i])], dtype=torch.int32)
+            for a in ids:
+                meta = self.adapters.get(a)
+                if meta is None:
+                    raise UnknownModel(a, f"adapter {a} is not in the LoRA server's catalogue")
+                self.targets.update(key for key, _, _ in meta.layout)
+        return order
+
+    def start_step(self) -> None:
+        """A step with adapter rows begins (before its rows are laid out)."""
+
+    def rows(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
+        """(xs, row_adapter, expert, rows) of the projection's adapter rows: rows
+        (None: the adapter rows are x's tail) says where their deltas go back;
+        None if the step has none for it."""
+        if self.row_adapter is None or (layer, target) not in self.targets:
+            return None
+        if routing is None:
+            return x[self.num_base:], self.row_adapter, None, None
+        rows = (routing.token >= self.num_base).nonzero().flatten()
+        if not len(rows):
+            return None
+        row_adapter = self.row_adapter[(routing.token[rows] - self.num_base).cpu()]
+        return x[rows], row_adapter, routing.expert[rows].to(torch.int32).cpu(), rows
+
+    def add(self, out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Add the deltas of `rows` (as `rows` gave them) into the projection's output."""
+        delta = delta.to(out.device)
+        if rows is None:
+            out[self.num_base:] += delta
+        else:
+            out.index_add_(0, rows, delta.to(out.dtype))
+
+    def end_step(self) -> None:
+        pass
+
+    def hint(self, adapter_ids: list[str]) -> None:
+        pass
+
+    def forget(self, adapter_id: str) -> None:
+        """Nothing to drop here: the adapter's weights live on the server."""
+
+
+class RemoteLoraBackend(ServerRows):
+    """The model's `LoraBackend` with every delta computed on the LoRA server.
+
+    `submit` sends a projection's adapter rows (`ServerRows.rows`) before the
+    base matmul, or, without overlap, `wait` sends them after it; `wait` takes
+    the delta (pushed into the buffer registered for it, or pulled) and adds
+    it in place.
+    """
+
+    def __init__(self, spec: ModelSpec, client: LoraServerClient, adapters: dict[str, LoraAdapter]) -> None:
+        super().__init__(spec, adapters)
+        self.client = client
+        self.config = client.config
+        self.sock = ClientSocket(client.config.endpoint)
+        self._ids = itertools.count(1)
         self.plan: list[int] | None = None
         """Positions of the step's deltas, sent with its first one (then None)."""
         self.wait_s = 0.0
@@ -64,52 +132,29 @@ class RemoteLoraBackend:
             self.nixl = nixl_transport.NixlArena(self.config.arena_bytes)
             self._nixl_register()
 
-    @property
-    def active(self) -> bool:
-        return self.row_adapter is not None
-
     def begin(self, adapters: Sequence[str | None], rows: Sequence[int], loads: Sequence) -> list[int]:
-        order = sorted(range(len(adapters)), key=lambda i: "" if adapters[i] is None else adapters[i])
-        self.num_base = sum(rows[i] for i in order if adapters[i] is None)
-        ids = list(dict.fromkeys(adapters[i] for i in order if adapters[i] is not None))
-        self.step_adapters = ids
-        self.row_adapter = None
         self.sock.buffers.clear()  # landing buffers of an earlier step that raised midway
-        self.targets = set()
-        if ids:
-            if not self.client.up:
-                raise Unavailable(f"the LoRA server at {self.config.endpoint} is down")
-            if self.nixl is not None and not self.nixl_ready:
-                try:
-                    self._nixl_register()
-                except LoraServerError as e:
-                    raise Unavailable(str(e)) from None
-            self.steps += 1
-            self._step_wait = self._step_wait or 0.0
-            index = {a: k for k, a in enumerate(ids)}
-            self.row_adapter = torch.tensor([index[adapters[i]] for i in order if adapters[i] is not None
-                                             for _ in range(rows[i])], dtype=torch.int32)
-            for a in ids:
-                meta = self.adapters.get(a)
-                if meta is None:
-                    raise UnknownModel(a, f"adapter {a} is not in the LoRA server's catalogue")
-                self.targets.update(key for key, _, _ in meta.layout)
+        order = super().begin(adapters, rows, loads)
+        if self.active:
             self.plan = sorted(position(self.spec, layer, target) for layer, target in self.targets)
         return order
 
+    def start_step(self) -> None:
+        if not self.client.up:
+            raise Unavailable(f"the LoRA server at {self.config.endpoint} is down")
+        if self.nixl is not None and not self.nixl_ready:
+            try:
+                self._nixl_register()
+            except LoraServerError as e:
+                raise Unavailable(str(e)) from None
+        self.steps += 1
+        self._step_wait = self._step_wait or 0.0
+
     def submit(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
-        if self.row_adapter is None or (layer, target) not in self.targets:
+        picked = self.rows(layer, target, x, routing)
+        if picked is None:
             return None
-        if routing is None:
-            rows, row_adapter, expert = None, self.row_adapter, None
-            xs = x[self.num_base:]
-        else:
-            rows = (routing.token >= self.num_base).nonzero().flatten()
-            if not len(rows):
-                return None
-            xs = x[rows]
-            row_adapter = self.row_adapter[(routing.token[rows] - self.num_base).cpu()]
-            expert = routing.expert[rows].to(torch.int32).cpu()
+        xs, row_adapter, expert, rows = picked
         header = {"kind": "delta", "id": next(self._ids), "layer": layer, "target": target.value,
                   "dtype": str(x.dtype).removeprefix("torch."), "rows": xs.shape[0], "adapters": self.step_adapters,
                   "push": self.config.mode == "push"}
@@ -152,11 +197,7 @@ class RemoteLoraBackend:
             waited = time.perf_counter() - start
             self.wait_s += waited
             self._step_wait = (self._step_wait or 0.0) + waited
-        delta = msg.tensors[0].to(out.device)
-        if rows is None:
-            out[self.num_base:] += delta
-        else:
-            out.index_add_(0, rows, delta.to(out.dtype))
+        self.add(out, msg.tensors[0], rows)
         if self.nixl is not None:
             self.nixl.release(header["id"])
 
@@ -186,9 +227,6 @@ class RemoteLoraBackend:
                 self.sock.send({"kind": "hint", "adapters": adapter_ids}, timeout_s=0)
             except Unreachable:
                 pass  # a hint is advice: the delta will ask again
-
-    def forget(self, adapter_id: str) -> None:
-        """Nothing to drop here: the adapter's weights live on the server."""
 
     def _nixl_register(self, close: bool = False) -> None:
         """Register the arena with the server (or withdraw it); its answer is also the fence

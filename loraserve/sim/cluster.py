@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from loraserve.bench.metrics import SLO, RequestRecord, summarize
@@ -233,6 +234,8 @@ class Cluster:
 
     def _step_done(self, i: int, plan: StepPlan, result) -> None:
         eng = self.instances[i]
+        if isinstance(result, Future):  # a real instance's forward pass, run beside the loop (sim/served.py)
+            result = eng.executor.inner.finish(result)
         self.loads[i] = None
         for req in eng.scheduler.update(plan, result):
             if req.is_finished:
