@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraserve.server.app import build_app
     from loraserve.server.lifecycle import DrainingServer
     from loraserve.server.limits import ServerLimits
+    from loraserve.threads import apart, compute_alone
 
     adapters = dict(args.lora or [])
     model, served_name = args.model, args.served_model_name
@@ -156,10 +157,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         where = f"{args.replicas} replicas on Ray Serve ({args.routing} routing)"
         dtype, close = async_engine.info["dtype"], lambda: stop_cluster(opts)
     else:
-        engine = LLMEngine(engine_config(args, model))
-        engine.memory.prefault()  # a server takes its host tier at start (see TierMemory.prefault)
-        for name, path in adapters.items():
-            engine.add_adapter(name, path)
+        def build() -> LLMEngine:
+            engine = LLMEngine(engine_config(args, model))
+            engine.memory.prefault()  # a server takes its host tier at start (see TierMemory.prefault)
+            for name, path in adapters.items():
+                engine.add_adapter(name, path)
+            return engine
+
+        engine = apart(build)  # the engine thread steps it: the loading thread's OpenMP team must not stay
+        compute_alone()
         async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
         where, dtype, close = "one process", engine.dtype, engine.close
     limits = ServerLimits(max_request_bytes=args.max_request_bytes)

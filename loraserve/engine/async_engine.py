@@ -17,6 +17,7 @@ the server to exit so that a supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from loraserve.lora.adapter import AdapterError
 from loraserve.lora.registry import AdapterInfo, check_name
 from loraserve.request import Request
 from loraserve.sampling import SamplingParams
+from loraserve.threads import alone_pool
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class AsyncEngine:
         """Why the engine loop stopped, once it has."""
         self._stats = EngineStats()
         self._publish()
+        self._side = alone_pool(4, "loraserve-side")
+        """Validation and adapter reads, off the event loop; the loop thread alone computes with a team."""
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
 
@@ -99,7 +103,7 @@ class AsyncEngine:
         nowhere else to send it: its prefix cache finds the history anyway)."""
         self._check_open()
         self._check_room()
-        made = await asyncio.to_thread(lambda: [self.engine.make_request(*spec) for spec in specs])
+        made = await self._aside(lambda: [self.engine.make_request(*spec) for spec in specs])
         self._check_open()
         self._check_room()  # again: others were accepted while this one was validated
         loop = asyncio.get_running_loop()
@@ -140,7 +144,7 @@ class AsyncEngine:
         check_name(name)
         if any(a.name == name for a in self.adapters()):
             raise AdapterError(f"an adapter named {name!r} is already loaded", "lora_name")
-        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, within)
+        adapter = await self._aside(self.engine.read_adapter, name, path, within)
         try:
             await self.call(self.engine.register_adapter, name, adapter)
         except AdapterError:
@@ -159,7 +163,7 @@ class AsyncEngine:
         while self.engine.adapter_loaded(info.id) and not self.engine.adapters.is_named(info.id):
             self._check_alive()  # a dead engine never finishes them
             await asyncio.sleep(0.05)
-        await asyncio.to_thread(self.engine.unload_remote, name)
+        await self._aside(self.engine.unload_remote, name)
 
     def health(self) -> str:
         """"ok", "draining" or "dead" (then `dead` says why)."""
@@ -215,6 +219,11 @@ class AsyncEngine:
         self._running = False
         self._inbox.put(("wake", None))
         self._thread.join(timeout=10)
+        self._side.shutdown(wait=False)
+
+    async def _aside(self, fn, *args):
+        """fn(*args) on a side thread (asyncio.to_thread's, on threads that compute alone)."""
+        return await asyncio.get_running_loop().run_in_executor(self._side, functools.partial(fn, *args))
 
     def _check_room(self) -> None:
         """Refuse when `max_waiting` requests wait. Counted here, on the event

@@ -22,6 +22,7 @@ from loraserve.engine.tier_memory import TierMemory
 from loraserve.gpu.host_memory import CopyOrder
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.lora.packing import pack
+from loraserve.threads import compute_alone
 
 
 class TorchMover:
@@ -91,6 +92,7 @@ class TorchMover:
 
 
 def _serve(ref: weakref.ref, jobs: queue.Queue) -> None:
+    compute_alone()  # copies need no OpenMP team, and a second one slows the engine's (loraserve/threads.py)
     while True:
         try:
             job = jobs.get(timeout=1.0)

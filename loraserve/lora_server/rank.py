@@ -38,6 +38,7 @@ from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import in_dim
 from loraserve.remote.config import LoraServerConfig
 from loraserve.remote.protocol import ProtocolError, refusal
+from loraserve.threads import compute_alone
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Rank:
         """Idle work: one layer of a hinted adapter per turn; a short nap while
         none can go in yet (its copy to the device travels), a longer one with
         nothing hinted."""
+        compute_alone()  # the message loop's thread keeps the OpenMP team (loraserve/threads.py)
         while not self.stopped.is_set():
             with self.lock:
                 progressed = self.store.advance()

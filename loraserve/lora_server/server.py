@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ from loraserve.remote.protocol import (MAX_HEADER, MAX_ROWS, Message, ProtocolEr
                                        refusal)
 from loraserve.remote import nixl_transport
 from loraserve.remote.transport import ServerSocket
+from loraserve.threads import alone_pool
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class LoraServer:
         self.nixl: nixl_transport.NixlWriter | None = None
         """One-sided writes of pushed results, once an instance registered an arena (`remote/nixl_transport.py`)."""
         self.stop = threading.Event()
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-reader")
+        self.loader = alone_pool(1, "loraserve-adapter-reader")
         self.loads: list[tuple[bytes, object, str, str, Future]] = []
         """Runtime loads being read: (peer, message id, name, path, the read)."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,7 @@ from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
 from loraserve.remote.backend import ServerRows
 from loraserve.remote.protocol import position
+from loraserve.threads import alone_pool
 
 WAIT_S = 120.0
 """Longest wait for the other side (a forward pass's next request, or its answer): a bug, not load."""
@@ -99,7 +100,7 @@ class ThreadedExecutor:
     def __init__(self, inner, backend: ServedBackend) -> None:
         self.inner = inner
         self.backend = backend
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="served-instance")
+        self.pool = alone_pool(1, "served-instance")  # several instances' threads: no OpenMP team each
 
     def execute(self, plan: StepPlan) -> Future:
         return self.pool.submit(self._run, plan)
