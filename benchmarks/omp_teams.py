@@ -10,15 +10,14 @@ thread that has run one parallel op stands for that second team: the engine
 steps the throughput workload's decodes (SmolLM2-135M fp32, 128-token prompts;
 32 requests over 8 rank-16 adapters, the same without adapters, and one
 request alone), switching between "one team" (the parked thread gone) and
-"two teams" every few steps. Reports the median step time of each, and checks
-that the engine's own threads now hold one team.
+"two teams" every few steps. Reports the median step time of each
+(`tests/test_threads.py` checks that the engine's threads hold one team).
 
     python benchmarks/omp_teams.py     # writes benchmarks/results/omp_teams-<machine class>.txt
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import threading
@@ -60,10 +59,6 @@ class SecondTeam:
         self.thread.join(10)
 
 
-def os_threads() -> int:
-    return len(os.listdir(f"/proc/{os.getpid()}/task"))
-
-
 def decode_steps(llm: LLM, batch: int, adapters: bool) -> dict[str, list[float]]:
     engine = llm.engine
     names = [f"a{i % tp.NUM_ADAPTERS}" if adapters else None for i in range(batch)]
@@ -92,15 +87,12 @@ def decode_steps(llm: LLM, batch: int, adapters: bool) -> dict[str, list[float]]
 
 def main() -> None:
     model_dir, adapters = tp.prepare("smollm2")
-    before = os_threads()
     llm = LLM(str(model_dir), adapters=adapters, dtype="float32",
               scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=4096, max_loras=8))
     llm.generate(tp.prompts()[:8], SamplingParams(max_tokens=2, temperature=0.0),
                  adapter=[f"a{i}" for i in range(8)], use_tqdm=False)  # adapters copied in by the mover
-    # the engine added its mover thread and nothing more: the mover made no team of its own
-    added = os_threads() - before
     lines = [f"# {cpu_line()}; SmolLM2-135M fp32, decode steps after 128-token prompts, "
-             f"{STEPS_PER_SWITCH} steps per switch x {SWITCHES} switches each; threads the engine added: {added}",
+             f"{STEPS_PER_SWITCH} steps per switch x {SWITCHES} switches each",
              "| batch | adapters | one team ms (median) | two teams ms (median) | two / one |",
              "|---|---|---|---|---|"]
     for batch, with_adapters in ((32, True), (32, False), (1, False)):
