@@ -13,7 +13,7 @@ request alone), switching between "one team" (the parked thread gone) and
 "two teams" every few steps. Reports the median step time of each
 (`tests/test_threads.py` checks that the engine's threads hold one team).
 
-    python benchmarks/omp_teams.py     # writes benchmarks/results/omp_teams-<machine class>.txt
+    python benchmarks/omp_teams.py     # appends to benchmarks/results/omp_teams-<machine class>.txt
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def main() -> None:
                      f"| {two / one:.2f} |")
         print(lines[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / f"omp_teams-{cpu_class()}.txt"
-    out.write_text("\n".join(lines) + "\n")
+    with out.open("a") as f:  # every run is kept: the machine's noise shows between them
+        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')}\n" + "\n".join(lines) + "\n")
     print("\n".join(lines[:1]))
     print(f"wrote {out}")
 

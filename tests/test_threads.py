@@ -11,6 +11,7 @@ and go.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,14 +34,17 @@ def os_threads():
     return len(os.listdir(f"/proc/{os.getpid()}/task"))
 
 torch.set_num_threads(2)  # two, whatever the machine: one core would make no team at all
-torch.ones(1 << 22).sum()  # the main thread's team exists before anything is counted
+torch.ones(1 << 22).sum()  # the main thread's teams exist before anything is counted
+a = torch.randn(512, 512)
+a @ a
 """
 
 
 def counted(script: str) -> dict:
     """Run PRELUDE + script in a fresh interpreter; it prints one JSON object."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "MKL_"))}
     out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script)], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+                         timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -52,7 +56,9 @@ def test_a_thread_that_computes_alone_makes_no_team():
             def run():
                 if alone:
                     compute_alone()
-                torch.ones(1 << 22).sum()  # a parallel op
+                torch.ones(1 << 22).sum()  # a parallel op of torch's
+                a = torch.randn(512, 512)
+                a @ a  # and one of MKL's
                 seen.append(torch.get_num_threads())
                 ready.set()
                 release.wait(30)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class AsyncEngine:
         """Why the engine loop stopped, once it has."""
         self._stats = EngineStats()
         self._publish()
-        self._side = alone_pool(4, "loraserve-side")
+        self._side = alone_pool(min(32, (os.cpu_count() or 1) + 4), "loraserve-side")  # asyncio.to_thread's size
         """Validation and adapter reads, off the event loop; the loop thread alone computes with a team."""
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
@@ -222,8 +223,12 @@ class AsyncEngine:
         self._side.shutdown(wait=False)
 
     async def _aside(self, fn, *args):
-        """fn(*args) on a side thread (asyncio.to_thread's, on threads that compute alone)."""
-        return await asyncio.get_running_loop().run_in_executor(self._side, functools.partial(fn, *args))
+        """fn(*args) on a side thread (as asyncio.to_thread, on threads that compute alone)."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._side, functools.partial(fn, *args))
+        except RuntimeError:  # the pool is shut down: the server is exiting
+            raise Draining("the server is shutting down") from None
+        return await future
 
     def _check_room(self) -> None:
         """Refuse when `max_waiting` requests wait. Counted here, on the event

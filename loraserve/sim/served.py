@@ -63,6 +63,12 @@ class ServedBackend(ServerRows):
         super().__init__(spec, adapters)
         self.asks: queue.Queue = queue.Queue()
         self._next: Ask | object | None = None
+        self.made: list[Ask] = []
+        """This step's requests, so that a cluster that stops can release a pass waiting on one."""
+
+    def begin(self, adapters, rows, loads) -> list[int]:
+        self.made = []
+        return super().begin(adapters, rows, loads)
 
     def submit(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
         picked = self.rows(layer, target, x, routing)
@@ -70,13 +76,21 @@ class ServedBackend(ServerRows):
             return None
         xs, row_adapter, expert, rows = picked
         ask = Ask(layer, target, xs, self.step_adapters, row_adapter, expert, rows)
+        self.made.append(ask)
         self.asks.put(ask)
         return ask
 
     def wait(self, ask: Ask, out: torch.Tensor) -> None:
         if not ask.answered.wait(WAIT_S):
             raise TimeoutError(f"no delta for layer {ask.layer} {ask.target.value} within {WAIT_S} s")
+        if ask.delta is None:
+            raise RuntimeError("the cluster stopped before answering")
         self.add(out, ask.delta, ask.rows)
+
+    def abandon(self) -> None:
+        """Release a pass waiting for an answer that will not come (its wait raises)."""
+        for ask in self.made:
+            ask.answered.set()
 
     # -- the loop's side ---------------------------------------------------------
 
@@ -113,16 +127,16 @@ class ThreadedExecutor:
 
     def finish(self, result: Future):
         """The step's result once its modelled end has come (it raises what the pass raised)."""
-        out = result.result(timeout=WAIT_S)
-        if self.backend.peek() is not None:
+        if self.backend.peek() is not None:  # at once, not after the pass's own wait times out
             raise RuntimeError("a forward pass asked for a delta no batch of the server answered")
         self.backend.take()
-        return out
+        return result.result(timeout=WAIT_S)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def close(self) -> None:
+        self.backend.abandon()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
