@@ -51,3 +51,33 @@ def test_positions_follow_the_forward_pass():
     order = [position(spec, layer, t) for layer in range(2) for t in layer_targets(spec, layer)]
     assert order == sorted(order) and len(set(order)) == len(order)
     assert layer_targets(spec, 0)[2:4] == [Target.EXPERTS_GATE_UP, Target.EXPERTS_DOWN]
+
+
+def test_gate_up_rows_go_once_per_token_and_gather_back_to_every_expert():
+    """A token's gate|up input is the same whichever expert it is routed to: the
+    wire carries it once and a gather index per (token, expert) row; down's
+    inputs differ per expert and go as they are."""
+    from types import SimpleNamespace
+
+    from loraserve.model.lora import Routing
+    from loraserve.remote.backend import ServerRows
+
+    spec = ModelSpec.from_config({"architectures": ["MixtralForCausalLM"], "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "hidden_size": 16, "num_hidden_layers": 1,
+                                  "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                  "vocab_size": 100, "max_position_embeddings": 64, "rms_norm_eps": 1e-6})
+    layout = [((0, Target.EXPERTS_GATE_UP), 0, 0), ((0, Target.EXPERTS_DOWN), 0, 0)]
+    rows = ServerRows(spec, {"a": SimpleNamespace(layout=layout), "b": SimpleNamespace(layout=layout)})
+    assert rows.begin(["b", None, "a"], [2, 2, 3], []) == [1, 2, 0]  # base first, then by adapter
+    h = torch.randn(7, 16)  # 2 base tokens, 3 of a, 2 of b
+    experts = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3], [1, 3], [0, 2], [2, 1]])
+    order = torch.argsort(experts.flatten(), stable=True)
+    routing = Routing(torch.arange(7).repeat_interleave(2)[order], experts.flatten()[order], torch.ones(14))
+    pairs = h[routing.token]
+    xs, row_adapter, expert, sel, gather = rows.rows(0, Target.EXPERTS_GATE_UP, pairs, routing)
+    assert xs.shape == (5, 16) and len(row_adapter) == len(expert) == len(gather) == 10  # 5 tokens, 10 pairs
+    assert torch.equal(xs[gather.long()], pairs[sel]) and gather.dtype == torch.int32
+    assert torch.equal(row_adapter, torch.tensor([0 if t < 5 else 1 for t in routing.token[sel].tolist()],
+                                                 dtype=torch.int32))
+    down = rows.rows(0, Target.EXPERTS_DOWN, torch.randn(14, 32), routing)
+    assert down[0].shape == (10, 32) and down[4] is None

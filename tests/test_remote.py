@@ -235,6 +235,11 @@ def test_hostile_frames_are_refused_and_the_server_keeps_serving(tiny, servers):
         (encode(delta(), [x, torch.full((2,), 5, dtype=torch.int32)]), 400),  # adapter index out of range
         (encode(delta(target="experts_down", rows=2), [torch.randn(2, spec["intermediate_size"]), idx,
                                                        torch.full((2,), 99, dtype=torch.int32)]), 400),  # bad expert
+        (encode(delta(target="experts_gate_up", rows=2, unique=1), [x[:1], idx, idx, torch.tensor(
+            [0, 1], dtype=torch.int32)]), 400),  # a gather index past the unique rows
+        (encode(delta(unique=1), [x[:1], idx, idx]), 400),  # 'unique' on a dense target
+        (encode(delta(target="experts_gate_up", rows=2, unique=3), [torch.randn(3, hidden), idx, idx, idx]),
+         400),  # more unique rows than rows
     ]
     try:
         for frames, status in cases:

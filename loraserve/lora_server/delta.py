@@ -66,12 +66,16 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     rows = field(h, "rows", int)
     if not 0 < rows <= MAX_ROWS:
         raise ProtocolError(f"rows {rows} is outside (0, {MAX_ROWS}]")
-    want = 2 if target.is_expert else 1
+    unique = h.get("unique")
+    if unique is not None and (not target.is_expert or not isinstance(unique, int) or isinstance(unique, bool)
+                               or not 0 < unique <= rows):
+        raise ProtocolError(f"'unique' must be a row count in (0, {rows}] of an expert target's delta, got {unique!r}")
+    want = (2 if target.is_expert else 1) + (unique is not None)
     if len(msg.tensors) != 1 + want:
         raise ProtocolError(f"a {target} delta carries {1 + want} tensors, got {len(msg.tensors)}")
-    x = msg.tensors[0]
-    if x.dtype != DTYPES[h["dtype"]] or list(x.shape) != [rows, in_dim(s, target)]:
-        raise ProtocolError(f"x must be {h['dtype']}[{rows}, {in_dim(s, target)}], "
+    x, x_rows = msg.tensors[0], rows if unique is None else unique
+    if x.dtype != DTYPES[h["dtype"]] or list(x.shape) != [x_rows, in_dim(s, target)]:
+        raise ProtocolError(f"x must be {h['dtype']}[{x_rows}, {in_dim(s, target)}], "
                             f"got {str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
     adapters = field(h, "adapters", list)
     if not adapters or not all(isinstance(a, str) for a in adapters):
@@ -88,6 +92,9 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
         expert = msg.tensors[2]
         check_index(expert, rows, s.num_experts, "expert")
         expert = expert.long()
+    if unique is not None:  # each row's input sent once per token: gather them back, one per (token, expert)
+        check_index(msg.tensors[3], rows, unique, "gather")
+        x = x[msg.tensors[3].long()]
     at = h.get("at")
     if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
         raise ProtocolError(f"'at' must be an offset >= 0 in the instance's NIXL arena, got {at!r}")

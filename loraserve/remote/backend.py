@@ -69,18 +69,29 @@ class ServerRows:
         """A step with adapter rows begins (before its rows are laid out)."""
 
     def rows(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
-        """(xs, row_adapter, expert, rows) of the projection's adapter rows: rows
-        (None: the adapter rows are x's tail) says where their deltas go back;
-        None if the step has none for it."""
+        """(xs, row_adapter, expert, rows, gather) of the projection's adapter rows:
+        rows (None: the adapter rows are x's tail) says where their deltas go
+        back; gather (None: xs is one row per delta row) maps each (token,
+        expert) row to its token's row of xs, for gate|up, whose input is the
+        token's hidden state whichever expert it goes to: sent once, not top-k
+        times. None if the step has none for it."""
         if self.row_adapter is None or (layer, target) not in self.targets:
             return None
         if routing is None:
-            return x[self.num_base:], self.row_adapter, None, None
+            return x[self.num_base:], self.row_adapter, None, None, None
         rows = (routing.token >= self.num_base).nonzero().flatten()
         if not len(rows):
             return None
-        row_adapter = self.row_adapter[(routing.token[rows] - self.num_base).cpu()]
-        return x[rows], row_adapter, routing.expert[rows].to(torch.int32).cpu(), rows
+        token = routing.token[rows]
+        row_adapter = self.row_adapter[(token - self.num_base).cpu()]
+        expert = routing.expert[rows].to(torch.int32).cpu()
+        xs, gather = x[rows], None
+        if target is Target.EXPERTS_GATE_UP:
+            unique, gather = torch.unique(token, return_inverse=True)
+            # a token's rows are equal, so whichever one lands is the token's hidden state
+            xs = xs.new_empty(len(unique), xs.shape[1]).index_copy_(0, gather, xs)
+            gather = gather.to(torch.int32).cpu()
+        return xs, row_adapter, expert, rows, gather
 
     def add(self, out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
         """Add the deltas of `rows` (as `rows` gave them) into the projection's output."""
@@ -154,13 +165,16 @@ class RemoteLoraBackend(ServerRows):
         picked = self.rows(layer, target, x, routing)
         if picked is None:
             return None
-        xs, row_adapter, expert, rows = picked
+        xs, row_adapter, expert, rows, gather = picked
         header = {"kind": "delta", "id": next(self._ids), "layer": layer, "target": target.value,
-                  "dtype": str(x.dtype).removeprefix("torch."), "rows": xs.shape[0], "adapters": self.step_adapters,
-                  "push": self.config.mode == "push"}
+                  "dtype": str(x.dtype).removeprefix("torch."), "rows": len(row_adapter),
+                  "adapters": self.step_adapters, "push": self.config.mode == "push"}
         if self.plan is not None:
             header["plan"], self.plan = self.plan, None
         tensors = [xs.cpu(), row_adapter] + ([expert] if expert is not None else [])
+        if gather is not None:
+            header["unique"] = xs.shape[0]
+            tensors.append(gather)
         handle = (header, tensors, rows, target)
         if self.config.overlap:
             self._send(header, tensors, target)

@@ -17,9 +17,11 @@ refused) and `kind`. Kinds, instance → server:
   start bringing them to the device (scheduler-driven prefetch).
 - delta: one (layer, target)'s LoRA input rows. Fields: `id` (the sender's
   sequence number, echoed in the reply), `layer`, `target`, `dtype`, `rows`,
-  `segments` [[adapter id, rows], ...] for dense targets (rows sorted by
-  adapter), or for expert targets `adapters` [ids] with per-row frames
-  `expert` and `adapter` (an index into `adapters`); `push` (reply at once)
+  `adapters` [ids] with a per-row frame `adapter` (an index into
+  `adapters`), and for expert targets one row per (token, expert) with a
+  per-row frame `expert`; an expert delta may carry `unique` and a last
+  per-row frame `gather` (an index into its `unique` input rows: gate|up
+  sends a token's hidden state once, not once per routed expert); `push` (reply at once)
   or pull (keep the result until a `pull` for the same `id`). A step's
   first delta also carries `plan`: the `position`s of every delta the step
   will send, so the server knows whom a batch is worth waiting for.
@@ -48,7 +50,7 @@ from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_ROWS = 1 << 16
 """Most rows one delta may carry (a step's tokens times top-k: 2048 × 8 is

@@ -10,12 +10,13 @@ deltas are combined on the server with the router weights (they travel with
 the ids, a few bytes) into one row, as the MoE combine is linear. Only the
 expert-sized rows (gate|up's deltas, down's inputs) cross k times.
 
-That is the design the wire should have, not the one it has today:
-`remote/backend.py` sends one row per (token, expert) pair both ways (the
-hidden state k times for gate|up, k down deltas back, summed by the
-instance's index_add_). The model describes the better wire, so the
-simulator's figures hold for a server that dedupes and combines; the real
-wire over-sends top-k times on those two legs until it adopts it.
+The real wire (`remote/backend.py`) has half of it: gate|up's input goes
+once per token with a gather index (protocol version 2), but down's k
+deltas still come back one per (token, expert), summed by the instance's
+index_add_: combining them on the server needs the router weights there
+and the model to add one row after its combine. The simulator's figures
+hold for a server that dedupes and combines; the real wire over-sends the
+down leg top-k times until it does.
 
 A trip costs link latency + (bytes in + bytes out) / bandwidth of the link
 the placement implies (NVLink inside a node, InfiniBand across nodes): push

@@ -74,7 +74,9 @@ class ServedBackend(ServerRows):
         picked = self.rows(layer, target, x, routing)
         if picked is None:
             return None
-        xs, row_adapter, expert, rows = picked
+        xs, row_adapter, expert, rows, gather = picked
+        if gather is not None:  # what the server does on receipt (lora_server/delta.py)
+            xs = xs[gather.long()]
         ask = Ask(layer, target, xs, self.step_adapters, row_adapter, expert, rows)
         self.made.append(ask)
         self.asks.put(ask)
