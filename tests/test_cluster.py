@@ -219,9 +219,12 @@ def test_a_killed_replica_is_restarted_and_its_streams_end_with_an_error(cluster
     # requests not yet started go to the live replica meanwhile; Serve starts a new one in its place
     for _ in range(3):
         assert client.completions.create(model="r8", prompt="Hi", max_tokens=3).choices[0].text
-    deadline = time.time() + 180
+    deadline, now = time.time() + 180, {}
     while time.time() < deadline:
-        now = replica_series(url, "loraserve_replica_pid")
+        try:
+            now = replica_series(url, "loraserve_replica_pid")
+        except httpx.TimeoutException:  # once, in a full-suite run, a scrape hung 60 s while the new replica started
+            continue
         if len(now) == 2 and victim not in {int(v) for v in now.values()}:
             break
         time.sleep(1)
