@@ -35,7 +35,6 @@ import ray
 from loraserve.lora_server.rank import config_from_json, config_json, run
 from loraserve.lora_server.server import LoraServer
 from loraserve.remote.config import LoraServerConfig
-from loraserve.threads import apart, compute_alone
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +110,14 @@ class LoraServerActor:
         adapters_actor = ray.get_actor(adapter_set, namespace=namespace)
         before = ray.get(adapters_actor.server_endpoint.remote())
         listen = before if before is not None and before.startswith(f"tcp://{host}:") else f"tcp://{host}:0"
-        def build() -> LoraServer:
-            server = LoraServer(config, listen, lora_dirs, launcher=RayRanks(rank_gpus))
-            ray.get(adapters_actor.server_endpoint.remote(server.endpoint))
-            _, adapters = ray.get(adapters_actor.current.remote())
-            for name, path in adapters.items():
-                try:
-                    server.load(name, path)
-                except Exception as e:  # one unreadable adapter must not keep the server down
-                    log.error("LoRA server: cannot load adapter %s from %s: %s", name, path, e)
-            return server
-
-        # built on a thread that then exits: the serving thread computes, and the building thread's
-        # OpenMP team must not stay beside its own (loraserve/threads.py)
-        self.server = apart(build)
-        compute_alone()
+        self.server = LoraServer(config, listen, lora_dirs, launcher=RayRanks(rank_gpus))
+        ray.get(adapters_actor.server_endpoint.remote(self.server.endpoint))
+        _, adapters = ray.get(adapters_actor.current.remote())
+        for name, path in adapters.items():
+            try:
+                self.server.load(name, path)
+            except Exception as e:  # one unreadable adapter must not keep the server down
+                log.error("LoRA server: cannot load adapter %s from %s: %s", name, path, e)
         self.thread = threading.Thread(target=self._serve, name="loraserve-lora-server", daemon=True)
         self.thread.start()
 

@@ -27,7 +27,6 @@ from loraserve.engine.async_engine import AsyncEngine, EngineStats
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.errors import UnknownModel
 from loraserve.lora.registry import AdapterInfo
-from loraserve.threads import apart, compute_alone
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +41,24 @@ class EngineReplica:
         import torch
 
         torch.set_num_threads(threads)  # a replica owns its share of the cores, not all of them
+        self.engine = LLMEngine(config)
+        self.engine.memory.prefault()
+        self._wait_for_lora_server(config)
         self.adapter_set = ray.get_actor(adapter_set, namespace=namespace)
-        # built on a thread that then exits: the engine thread steps it, and the loading thread's
-        # OpenMP team must not stay beside the engine thread's (loraserve/threads.py)
-        self.engine, self.version = apart(self._build, config)
-        compute_alone()
+        self.version, adapters = ray.get(self.adapter_set.current.remote())
+        if self.engine.remote is not None:  # the LoRA server loaded the set: its catalogue names them here
+            adapters = {}
+        for name, path in adapters.items():
+            try:
+                self.engine.add_adapter(name, path)
+            except Exception as e:  # one unreadable adapter must not keep the replica from starting
+                log.error("replica: cannot load adapter %s from %s: %s", name, path, e)
         self.client = AsyncEngine(self.engine, max_waiting=max_waiting)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.sessions: OrderedDict[str, None] = OrderedDict()
         # on the loop that runs this replica's methods (Serve builds replicas inside it)
         self.channel = ReplicaChannel(self.client, ray.util.get_node_ip_address(), self._served)
         ray.get(self.adapter_set.describe.remote(self.describe(None)))
-
-    def _build(self, config: EngineConfig) -> tuple[LLMEngine, int]:
-        engine = LLMEngine(config)
-        engine.memory.prefault()
-        self._wait_for_lora_server(engine, config)
-        version, adapters = ray.get(self.adapter_set.current.remote())
-        if engine.remote is not None:  # the LoRA server loaded the set: its catalogue names them here
-            adapters = {}
-        for name, path in adapters.items():
-            try:
-                engine.add_adapter(name, path)
-            except Exception as e:  # one unreadable adapter must not keep the replica from starting
-                log.error("replica: cannot load adapter %s from %s: %s", name, path, e)
-        return engine, version
 
     async def load_adapter(self, name: str, path: str, within: list[str], route: RouteKey) -> AdapterInfo | Refusal:
         """Idempotent: the broadcast of a load and a replica catching up on the set may meet."""
@@ -123,11 +115,10 @@ class EngineReplica:
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
 
-    @staticmethod
-    def _wait_for_lora_server(engine: LLMEngine, config: EngineConfig) -> None:
+    def _wait_for_lora_server(self, config: EngineConfig) -> None:
         """With a LoRA server, be up only once it answers: the adapter set is loaded through it, and the
         endpoint lists the adapters this replica names when it starts."""
-        remote = engine.remote
+        remote = self.engine.remote
         deadline = time.monotonic() + 6 * config.lora_server.timeout_s if remote is not None else 0
         while remote is not None and not remote.up and time.monotonic() < deadline:
             time.sleep(0.1)
