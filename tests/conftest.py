@@ -40,9 +40,9 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--device") == "cpu":  # the Triton kernels' tests run in its interpreter, before it loads
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from loraserve.model import cpu_attention
+    from loraserve.model import cpu_kernels
 
-    cpu_attention.kernel()  # built once (~30 s on 2 cores, then cached), before servers start that load it
+    cpu_kernels.kernels()  # built once (~30 s on 2 cores, then cached), before servers start that load it
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from loraserve.engine.sampler import sample
 from loraserve.engine.tier_memory import TierMemory
 from loraserve.gpu.segments import upload
 from loraserve.lora.backend import LocalLoraBackend
-from loraserve.model import cpu_attention
+from loraserve.model import cpu_kernels
 from loraserve.model.attention import build_metadata
 from loraserve.model.transformer import Transformer
 
@@ -30,7 +30,7 @@ class TorchExecutor:
         on the model's device, where sampling runs."""
         self.generators: dict[str, torch.Generator] = {}
         if model.device.type == "cpu" and model.dtype == torch.float32:
-            cpu_attention.kernel()  # built (or found built) now, not in the first decode step
+            cpu_kernels.kernels()  # built (or found built) now, not in the first step
 
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()

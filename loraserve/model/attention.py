@@ -6,7 +6,7 @@ request's blocks (by its block table) into a padded batch and runs SDPA with a
 mask that encodes causality, chunk offsets and padding. Requests of one step are
 split into two groups (single-token decodes; multi-token prefills) so a long
 prefill never pads the decodes' queries. On CPU in float32 the decodes skip
-the gather: a small kernel reads their blocks in place (`cpu_attention.py`).
+the gather: a small kernel reads their blocks in place (`cpu_kernels.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.gpu import active as triton_active
-from loraserve.model import cpu_attention
+from loraserve.model import cpu_kernels
 
 
 @dataclass
@@ -130,16 +130,20 @@ def paged_attention(
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new keys and values);
     kv: [2, num_blocks, block_size, Hkv, D] (one layer's cache). Returns [T, Hq, D]."""
     _, num_blocks, block_size, hkv, d = kv.shape
-    flat = kv.view(2, num_blocks * block_size, hkv, d)
-    flat[0].index_copy_(0, meta.slot_mapping, k)
-    flat[1].index_copy_(0, meta.slot_mapping, v)
+    compiled = cpu_kernels.attention_available(q, kv)
+    if compiled:
+        cpu_kernels.kernels().write_kv(kv, meta.slot_mapping, k, v)
+    else:
+        flat = kv.view(2, num_blocks * block_size, hkv, d)
+        flat[0].index_copy_(0, meta.slot_mapping, k)
+        flat[1].index_copy_(0, meta.slot_mapping, v)
     if meta.paged is not None:
         return meta.paged.attend(q, kv)
     out = torch.empty_like(q)
     for g in meta.groups:
-        if g.kv_lens is not None and cpu_attention.available(q, kv):  # decodes: blocks read in place
-            o = cpu_attention.kernel()(q if g.identity else q[g.src], kv, g.block_tables, g.kv_lens,
-                                       1 / math.sqrt(d), g.sliding_window or 0)
+        if g.kv_lens is not None and compiled:  # decodes: blocks read in place
+            o = cpu_kernels.kernels().paged_decode(q if g.identity else q[g.src], kv, g.block_tables, g.kv_lens,
+                                                   1 / math.sqrt(d), g.sliding_window or 0)
             if g.identity:
                 return o
             out[g.src] = o

@@ -25,6 +25,7 @@ from loraserve.kernels import segmented_mm
 from loraserve.model.attention import AttnMetadata, paged_attention
 from loraserve.model.linear import Linear
 from loraserve.model.lora import LoraBackend, Routing
+from loraserve.model.ops import add_rms_norm, rms_norm, rope_, silu_mul
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target
 
@@ -62,13 +63,6 @@ def project(lora: LoraBackend | None, layer: int, target: Target, x: torch.Tenso
     if handle is not None:
         lora.wait(handle, y)
     return y
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused kernel, same arithmetic as below
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # as HF: normalize in fp32, round, then scale
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -110,44 +104,36 @@ class Transformer:
     def device(self) -> torch.device:
         return self.embed.device
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, h, D]; rotate halves (HF "rotate_half" convention)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor,
                 lora: LoraBackend | None, sample_rows: torch.Tensor) -> torch.Tensor:
         """input_ids: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D];
         sample_rows: [N] rows whose next-token logits are wanted. Returns [N, V] fp32 logits."""
         s = self.spec
-        x = F.embedding(input_ids, self.embed)  # [T, H]
-        cos = self.cos[meta.positions][:, None, :]  # [T, 1, D/2]
-        sin = self.sin[meta.positions][:, None, :]
+        x = F.embedding(input_ids, self.embed)  # [T, H], the residual stream, added to in place
+        cos, sin = self.cos[meta.positions], self.sin[meta.positions]  # [T, D/2]
+        # each layer's residual add is fused with the norm after it: the next layer's, or the final one
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        h = add_rms_norm(x, None, self.layers[0].input_norm, s.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
             qkv = project(lora, i, Target.QKV, h, layer.qkv)  # [T, (Hq + 2Hkv) D]
             qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
             qk = qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim)  # q heads, then k heads
             if layer.q_norm is not None:
                 qk = torch.cat([rms_norm(qk[:, :s.num_heads], layer.q_norm, s.rms_norm_eps),
                                 rms_norm(qk[:, s.num_heads:], layer.k_norm, s.rms_norm_eps)], dim=1)
-            q, k = self._rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)
+            q, k = rope_(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
             attn = paged_attention(q, k, v, kv_cache[i], meta).view(-1, s.q_size)
             o = project(lora, i, Target.O, attn, layer.o)
-            x = x + o
-            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            if isinstance(layer.mlp, MoE):
-                x = x + self._moe(i, layer.mlp, h, lora)
-            else:
-                x = x + self._mlp(i, layer.mlp, h, lora)
-        x = rms_norm(x[sample_rows], self.norm, s.rms_norm_eps)
-        return self.lm_head(x).float()
+            h = add_rms_norm(x, o, layer.post_norm, s.rms_norm_eps)
+            y = self._moe(i, layer.mlp, h, lora) if isinstance(layer.mlp, MoE) else self._mlp(i, layer.mlp, h, lora)
+            h = add_rms_norm(x, y, norms[i], s.rms_norm_eps)
+        return self.lm_head(h[sample_rows]).float()
 
     def _mlp(self, i: int, mlp: DenseMLP, h: torch.Tensor, lora: LoraBackend | None,
              targets: tuple[Target, Target] = (Target.GATE_UP, Target.DOWN)) -> torch.Tensor:
-        gate, up = project(lora, i, targets[0], h, mlp.gate_up).chunk(2, dim=-1)  # [T, I] each
-        return project(lora, i, targets[1], F.silu(gate) * up, mlp.down)
+        gate_up = project(lora, i, targets[0], h, mlp.gate_up)  # [T, 2I]
+        return project(lora, i, targets[1], silu_mul(gate_up), mlp.down)
 
     def _moe(self, i: int, moe: MoE, h: torch.Tensor, lora: LoraBackend | None) -> torch.Tensor:
         s = self.spec
@@ -162,8 +148,8 @@ class Transformer:
         routing = Routing(token[order], experts.flatten()[order], weights.flatten()[order])
         offs = group_ends(routing.expert, s.num_experts)
         xs = h[routing.token]  # [T*K, H]
-        gate, up = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing).chunk(2, dim=-1)
-        y = self._experts(lora, i, Target.EXPERTS_DOWN, F.silu(gate) * up, moe.down, offs, routing)  # [T*K, H]
+        gate_up = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing)  # [T*K, 2I]
+        y = self._experts(lora, i, Target.EXPERTS_DOWN, silu_mul(gate_up), moe.down, offs, routing)  # [T*K, H]
         out = torch.zeros_like(h).index_add_(0, routing.token, y * routing.weight[:, None])
         if moe.shared is not None:
             shared = self._mlp(i, moe.shared, h, lora, (Target.SHARED_GATE_UP, Target.SHARED_DOWN))

@@ -1,0 +1,292 @@
+"""The few CPU kernels the model's float32 step calls, compiled on first use.
+
+- Decode attention that reads each sequence's KV blocks where they lie. The
+  plain path (`attention.py`) gathers every decoding sequence's blocks into a
+  padded copy, then runs SDPA over it: at a batch of 32 that copy and the
+  second read of it were a quarter of a decode step (the gather alone 15%).
+  `paged_decode` walks each sequence's block table instead and reads every
+  key and value once, in place: per (sequence, KV head) it scores the head's
+  query group against the keys, takes a softmax, and sums the values.
+  `write_kv` puts a step's new keys and values into their slots.
+- The glue between a layer's matmuls, each one pass over its rows
+  (`model/ops.py` calls them): the residual add with the RMSNorm after it,
+  RoPE in place, and SiLU(gate) * up. As torch ops they are 2-7 small ops
+  each, and on a 2-core CPU each small op pays for waking the other core's
+  worker (~5-30 µs): at batch 1 that glue was a fifth of the step. Here rows
+  are split over threads only when there are enough of them
+  (`at::parallel_for`'s grain), so a decode's glue runs on the calling thread.
+
+All are a few lines of C++ built with the compiler the machine has
+(`torch.utils.cpp_extension.load_inline`, cached under torch's extensions
+directory, per CPU: it is compiled for this one), float32 only. Where they
+cannot be built, or with `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and
+the model runs torch's ops as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import time
+
+import torch
+
+from loraserve.dtypes import cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+// Rows per task: a task gets at least ~16K elements, so a decode's few rows run on the calling thread
+// rather than wake the pool's workers for microseconds of work.
+static int64_t grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)); }
+
+// q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache); tables [B, MB]; lens [B]: keys per sequence.
+// Query head j*G + g attends with KV head j (G = Hq / Hkv), as SDPA's enable_gqa.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tables, torch::Tensor lens,
+                           double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(kv.is_contiguous() && tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  q = q.contiguous(); tables = tables.contiguous(); lens = lens.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = kv.size(1), BS = kv.size(2), Hkv = kv.size(3), MB = tables.size(1), G = Hq / Hkv;
+  TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == D && Hq % Hkv == 0 && tables.size(0) == B && lens.size(0) == B);
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kv.data_ptr<float>();
+  const float* vp = kp + NB * BS * Hkv * D;
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  std::atomic<bool> bad{false};
+  {
+  pybind11::gil_scoped_release no_gil;  // the server's other threads run meanwhile, as during torch's own ops
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, acc(G * D);
+    std::vector<const float*> rows;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, len = lp[b];
+      // checked here, not by reductions over the tables first: those were 4 more ops per layer
+      if (len < 1 || len > MB * BS) { bad = true; continue; }
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - first;
+      rows.resize(n);
+      bool ok = true;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = first + t, block = tp[b * MB + pos / BS];
+        if (block < 0 || block >= NB) { ok = false; break; }
+        rows[t] = kp + ((block * BS + pos % BS) * Hkv + h) * D;
+      }
+      if (!ok) { bad = true; continue; }
+      s.resize(G * n);
+      const float* qh = qp + (b * Hq + h * G) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qh + g * D;
+        float* sg = s.data() + g * n;
+        for (int64_t t = 0; t < n; ++t) {
+          const float* k = rows[t];
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+          sg[t] = dot * sc;
+        }
+        float m = sg[0];
+        for (int64_t t = 1; t < n; ++t) m = std::max(m, sg[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t shift = vp - kp;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* v = rows[t] + shift;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = s[g * n + t];
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+        }
+      }
+      std::copy(acc.begin(), acc.end(), op + (b * Hq + h * G) * D);
+    }
+  });
+  }
+  TORCH_CHECK(!bad, "block table or length out of range");
+  return out;
+}
+
+// kv [2, NB, BS, Hkv, D] (one layer's cache): row t of k and v ([T, Hkv, D], D contiguous) into slot slots[t].
+void write_kv(torch::Tensor kv, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(kv.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat);
+  TORCH_CHECK(kv.is_contiguous() && slots.scalar_type() == at::kLong && k.dim() == 3 && v.dim() == 3);
+  slots = slots.contiguous();
+  const int64_t T = k.size(0), H = kv.size(3), D = kv.size(4), capacity = kv.size(1) * kv.size(2);
+  TORCH_CHECK(slots.size(0) == T && v.size(0) == T && k.size(1) == H && v.size(1) == H && k.size(2) == D
+              && v.size(2) == D && k.stride(2) == 1 && v.stride(2) == 1, "k, v and slots do not match the cache");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot out of range");
+  float* kc = kv.data_ptr<float>();
+  float* vc = kc + capacity * H * D;
+  const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, T, grain(2 * H * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy(kp + t * k0 + h * k1, kp + t * k0 + h * k1 + D, kc + (sp[t] * H + h) * D);
+        std::copy(vp + t * v0 + h * v1, vp + t * v0 + h * v1 + D, vc + (sp[t] * H + h) * D);
+      }
+  });
+}
+
+// x [T, H] (the residual stream) += d in place (d may be None); returns rms_norm(x) * w, as HF's RMSNorm
+// rounds it: (x * rsqrt(mean(x^2) + eps)) * w, the mean accumulated in double.
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> d, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous());
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.numel() == H && w.is_contiguous(), "norm weight does not match");
+  const float* dp = nullptr;
+  torch::Tensor dc;
+  if (d.has_value()) {
+    dc = d->contiguous();
+    TORCH_CHECK(dc.scalar_type() == at::kFloat && dc.dim() == 2 && dc.size(0) == T && dc.size(1) == H);
+    dp = dc.data_ptr<float>();
+  }
+  auto out = torch::empty_like(x);
+  float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, T, grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* xr = xp + t * H; float* o = op + t * H;
+      if (dp) { const float* dr = dp + t * H; for (int64_t i = 0; i < H; ++i) xr[i] += dr[i]; }
+      double ss = 0.0;
+      for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      const float r = 1.f / std::sqrt(static_cast<float>(ss / H) + e);
+      for (int64_t i = 0; i < H; ++i) o[i] = (xr[i] * r) * wp[i];
+    }
+  });
+  return out;
+}
+
+// HF's rotate-half RoPE in place on qk [T, heads, D] (D contiguous), with cos, sin [T, D/2] (the step's rows).
+void rope_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(qk.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat);
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.size(2) % 2 == 0);
+  const int64_t T = qk.size(0), NH = qk.size(1), half = qk.size(2) / 2;
+  cos = cos.contiguous(); sin = sin.contiguous();
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half && sin.sizes() == cos.sizes());
+  float* xp = qk.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
+  const int64_t s0 = qk.stride(0), s1 = qk.stride(1);
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, T, grain(NH * 2 * half), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + t * half; const float* s = sp + t * half;
+      for (int64_t h = 0; h < NH; ++h) {
+        float* x = xp + t * s0 + h * s1;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  });
+}
+
+// gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I].
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0);
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({T, I}, gu.options());
+  const float* gp = gu.data_ptr<float>(); float* op = out.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * 2 * I; const float* u = g + I; float* o = op + t * I;
+      // torch's g / (1 + exp(-g)); the exponent capped below exp's overflow, which -ffast-math turns into NaN
+      for (int64_t i = 0; i < I; ++i) o[i] = (g[i] / (1.f + std::exp(std::min(-g[i], 88.f)))) * u[i];
+    }
+  });
+  return out;
+}
+"""
+
+FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul"]
+
+_lock = threading.Lock()
+_built: list = []
+"""[the module or None] once a build was tried."""
+
+
+def kernels():
+    """The compiled module (its ops are FUNCTIONS), or None where it cannot be built."""
+    if not _built:
+        with _lock:
+            if not _built:
+                _built.append(_build())
+    return _built[0]
+
+
+def _name() -> str:
+    """The build's name. It is compiled with -march=native where the CPU's flags are known (x86),
+    so it is named by them; elsewhere for the compiler's default target, named by the architecture."""
+    tag = hashlib.sha1(" ".join([SOURCE, platform.machine(), *sorted(cpu_flags())]).encode()).hexdigest()[:12]
+    return f"loraserve_cpu_kernels_{tag}"
+
+
+STALE_LOCK_S = 600
+"""A build lock older than this was left by a build that was killed: torch would wait on it forever."""
+
+
+def _build():
+    if os.environ.get("LORASERVE_CPU_KERNELS", "1") == "0":
+        return None
+    path = os.environ.get("PATH")
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+        try:  # torch runs `ninja` from PATH, which lacks an unactivated virtualenv's bin
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
+        except ImportError:
+            pass
+        name = _name()
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+        start = time.perf_counter()
+        module = load_inline(name, cpp_sources=SOURCE, functions=FUNCTIONS,
+                             extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-march=native"] if cpu_flags() else []),
+                             extra_ldflags=["-lm", "-fopenmp"], verbose=False)
+        log.info("CPU kernels ready (%.1f s; built once per machine, then cached)", time.perf_counter() - start)
+        return module
+    except Exception as e:  # no compiler, no ninja, a read-only cache: torch's ops instead
+        log.warning("the CPU kernels could not be built (%s); the model runs torch's ops (decode attention "
+                    "gathers KV blocks)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
+def attention_available(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether this decode group can take `paged_decode` (and the step's K/V `write_kv`)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and kv.dtype == torch.float32
+            and kv.is_contiguous() and kernels() is not None)
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether the glue ops on `x` can take the compiled kernels."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels() is not None
