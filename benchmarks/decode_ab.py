@@ -31,10 +31,10 @@ Modes = dict[str, Callable[[], AbstractContextManager]]
 """Two conditions by name, each entered around its steps (the first is the baseline of the ratio's denominator)."""
 
 
-def engine() -> LLM:
-    """SmolLM2 fp32 with the throughput benchmark's adapters, each loaded once (by the mover)."""
+def engine(dtype: str = "float32") -> LLM:
+    """SmolLM2 with the throughput benchmark's adapters, each loaded once (by the mover)."""
     model_dir, adapters = tp.prepare("smollm2")
-    llm = LLM(str(model_dir), adapters=adapters, dtype="float32",
+    llm = LLM(str(model_dir), adapters=adapters, dtype=dtype,
               scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=4096, max_loras=8))
     llm.generate(tp.prompts()[:8], SamplingParams(max_tokens=2, temperature=0.0),
                  adapter=[f"a{i}" for i in range(8)], use_tqdm=False)
@@ -66,12 +66,12 @@ def decode_steps(llm: LLM, batch: int, adapters: bool, modes: Modes, steps: int,
 
 
 def run(name: str, modes: Modes, cases: list[tuple[int, bool]], steps: int, switches: int,
-        append: bool = False) -> list[str]:
+        append: bool = False, dtype: str = "float32") -> list[str]:
     """Every case's medians as a table, printed and written to results/<name>-<machine class>.txt
     (`append`: after the runs already there, under the time of this one)."""
-    llm = engine()
+    llm = engine(dtype)
     first, second = modes
-    lines = [f"# {cpu_line()}; SmolLM2-135M fp32, decode steps after 128-token prompts, "
+    lines = [f"# {cpu_line()}; SmolLM2-135M {dtype}, decode steps after 128-token prompts, "
              f"{steps} steps per switch x {switches} switches each",
              f"| batch | adapters | {first} ms (median) | {second} ms (median) | {second} / {first} |",
              "|---|---|---|---|---|"]

@@ -136,12 +136,38 @@ def test_glue_ops_compute_what_torch_does(rows):
     assert torch.allclose(ops.silu_mul(gate_up), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_glue_ops_in_bf16_take_torch_ops():
-    """bf16 keeps HF's roundings (norm in fp32, rounded, then scaled); the kernels are fp32 only."""
-    x = torch.randn(2, 32, dtype=torch.bfloat16)
-    w = torch.randn(32, dtype=torch.bfloat16)
+def test_glue_kernels_in_bf16_round_as_torch_ops(monkeypatch):
+    """bf16 keeps HF's roundings (norm in fp32, rounded, then scaled; silu rounded before the product)."""
+    g = torch.Generator().manual_seed(7)
+    rows, h, heads, d, inter = 5, 64, 3, 16, 24
+    x, delta = torch.randn(rows, h, generator=g).bfloat16(), torch.randn(rows, h, generator=g).bfloat16()
+    w = torch.randn(h, generator=g).bfloat16()
+    qkv = torch.randn(rows, (heads + 2) * d, generator=g).bfloat16()
+    angles = torch.rand(rows, d // 2, generator=g) * 50
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).bfloat16()
+
+    def run():
+        xs, q = x.clone(), qkv.clone()
+        out = ops.add_rms_norm(xs, delta, w, 1e-5)
+        ops.rope_(q[:, :heads * d].view(rows, heads, d), angles.cos(), angles.sin())
+        return xs, out, q, ops.silu_mul(gate_up)
+
+    assert cpu_kernels.fused_available(x)
+    compiled = run()
+    monkeypatch.setattr(cpu_kernels, "fused_available", lambda t: False)
+    reference = run()
+    assert all(c.dtype == torch.bfloat16 for c in compiled)
+    assert torch.equal(compiled[0], reference[0])  # the residual add: one rounding, the same
+    for c, r in zip(compiled[1:], reference[1:]):  # float32 sums in another order: at most one bf16 step apart
+        assert torch.allclose(c.float(), r.float(), rtol=2 ** -7, atol=1e-6)
+    assert (compiled[1] != reference[1]).float().mean() < 0.05
+
+
+def test_other_dtypes_take_torch_ops():
+    x = torch.randn(2, 32, dtype=torch.float16)
     assert not cpu_kernels.fused_available(x)
+    w = torch.randn(32, dtype=torch.float16)
     before = x.clone()
     out = ops.add_rms_norm(x, before, w, 1e-5)
     assert torch.equal(x, before + before)
-    assert torch.equal(out, w * F.rms_norm((before + before).float(), (32,), None, 1e-5).to(torch.bfloat16))
+    assert torch.equal(out, w * F.rms_norm((before + before).float(), (32,), None, 1e-5).to(torch.float16))

@@ -18,9 +18,11 @@
 
 All are a few lines of C++ built with the compiler the machine has
 (`torch.utils.cpp_extension.load_inline`, cached under torch's extensions
-directory, per CPU: it is compiled for this one), float32 only. Where they
-cannot be built, or with `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and
-the model runs torch's ops as before.
+directory, per CPU: it is compiled for this one). Attention is float32; the
+glue takes float32 or bfloat16 (computed in float32, rounded where torch's
+bf16 ops round). Where they cannot be built, or with
+`LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model runs torch's
+ops as before.
 """
 
 from __future__ import annotations
@@ -147,74 +149,96 @@ void write_kv(torch::Tensor kv, torch::Tensor slots, torch::Tensor k, torch::Ten
   });
 }
 
+// The glue kernels take float32 or bfloat16 rows and compute in float32, rounding where torch's bf16 ops
+// round (each op's result), so bf16 gives what the torch path gives, up to the order of a sum.
+template <typename T> static inline float f32(T v) { return static_cast<float>(v); }
+template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
+
+#define GLUE_DISPATCH(dtype, ...)                                                          \
+  if ((dtype) == at::kFloat) { using scalar_t = float; __VA_ARGS__(); }                   \
+  else if ((dtype) == at::kBFloat16) { using scalar_t = c10::BFloat16; __VA_ARGS__(); }   \
+  else TORCH_CHECK(false, "float32 or bfloat16 only");
+
 // x [T, H] (the residual stream) += d in place (d may be None); returns rms_norm(x) * w, as HF's RMSNorm
-// rounds it: (x * rsqrt(mean(x^2) + eps)) * w, the mean accumulated in double.
+// rounds it: the norm in float32 (the mean accumulated in double), rounded, then scaled by w.
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> d, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.scalar_type() == x.scalar_type());
   const int64_t T = x.size(0), H = x.size(1);
   TORCH_CHECK(w.numel() == H && w.is_contiguous(), "norm weight does not match");
-  const float* dp = nullptr;
   torch::Tensor dc;
   if (d.has_value()) {
     dc = d->contiguous();
-    TORCH_CHECK(dc.scalar_type() == at::kFloat && dc.dim() == 2 && dc.size(0) == T && dc.size(1) == H);
-    dp = dc.data_ptr<float>();
+    TORCH_CHECK(dc.scalar_type() == x.scalar_type() && dc.dim() == 2 && dc.size(0) == T && dc.size(1) == H);
   }
   auto out = torch::empty_like(x);
-  float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* op = out.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, T, grain(H), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* xr = xp + t * H; float* o = op + t * H;
-      if (dp) { const float* dr = dp + t * H; for (int64_t i = 0; i < H; ++i) xr[i] += dr[i]; }
-      double ss = 0.0;
-      for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-      const float r = 1.f / std::sqrt(static_cast<float>(ss / H) + e);
-      for (int64_t i = 0; i < H; ++i) o[i] = (xr[i] * r) * wp[i];
-    }
+  GLUE_DISPATCH(x.scalar_type(), [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>(); const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* dp = dc.defined() ? dc.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    pybind11::gil_scoped_release no_gil;
+    at::parallel_for(0, T, grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* xr = xp + t * H; scalar_t* o = op + t * H;
+        if (dp) { const scalar_t* dr = dp + t * H; for (int64_t i = 0; i < H; ++i) xr[i] = rnd<scalar_t>(f32(xr[i]) + f32(dr[i])); }
+        double ss = 0.0;
+        for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(f32(xr[i])) * f32(xr[i]);
+        const float r = 1.f / std::sqrt(static_cast<float>(ss / H) + e);
+        for (int64_t i = 0; i < H; ++i) o[i] = rnd<scalar_t>(f32(wp[i]) * f32(rnd<scalar_t>(f32(xr[i]) * r)));
+      }
+    });
   });
   return out;
 }
 
-// HF's rotate-half RoPE in place on qk [T, heads, D] (D contiguous), with cos, sin [T, D/2] (the step's rows).
+// HF's rotate-half RoPE in place on qk [T, heads, D] (D contiguous), with float32 cos, sin [T, D/2] (the step's
+// rows), computed in float32 and rounded once.
 void rope_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(qk.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat);
   TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.size(2) % 2 == 0);
   const int64_t T = qk.size(0), NH = qk.size(1), half = qk.size(2) / 2;
   cos = cos.contiguous(); sin = sin.contiguous();
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half && sin.sizes() == cos.sizes());
-  float* xp = qk.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
   const int64_t s0 = qk.stride(0), s1 = qk.stride(1);
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, T, grain(NH * 2 * half), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* c = cp + t * half; const float* s = sp + t * half;
-      for (int64_t h = 0; h < NH; ++h) {
-        float* x = xp + t * s0 + h * s1;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = x[i], x2 = x[i + half];
-          x[i] = x1 * c[i] - x2 * s[i];
-          x[i + half] = x2 * c[i] + x1 * s[i];
+  GLUE_DISPATCH(qk.scalar_type(), [&] {
+    scalar_t* xp = qk.data_ptr<scalar_t>();
+    pybind11::gil_scoped_release no_gil;
+    at::parallel_for(0, T, grain(NH * 2 * half), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* c = cp + t * half; const float* s = sp + t * half;
+        for (int64_t h = 0; h < NH; ++h) {
+          scalar_t* x = xp + t * s0 + h * s1;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = f32(x[i]), x2 = f32(x[i + half]);
+            x[i] = rnd<scalar_t>(x1 * c[i] - x2 * s[i]);
+            x[i + half] = rnd<scalar_t>(x2 * c[i] + x1 * s[i]);
+          }
         }
       }
-    }
+    });
   });
 }
 
-// gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I].
+// gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I]; silu's result is rounded before the product, as
+// torch's two ops round.
 torch::Tensor silu_mul(torch::Tensor gu) {
-  TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0);
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0);
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   auto out = torch::empty({T, I}, gu.options());
-  const float* gp = gu.data_ptr<float>(); float* op = out.data_ptr<float>();
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* g = gp + t * 2 * I; const float* u = g + I; float* o = op + t * I;
-      // torch's g / (1 + exp(-g)); the exponent capped below exp's overflow, which -ffast-math turns into NaN
-      for (int64_t i = 0; i < I; ++i) o[i] = (g[i] / (1.f + std::exp(std::min(-g[i], 88.f)))) * u[i];
-    }
+  GLUE_DISPATCH(gu.scalar_type(), [&] {
+    const scalar_t* gp = gu.data_ptr<scalar_t>(); scalar_t* op = out.data_ptr<scalar_t>();
+    pybind11::gil_scoped_release no_gil;
+    at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* g = gp + t * 2 * I; const scalar_t* u = g + I; scalar_t* o = op + t * I;
+        // torch's g / (1 + exp(-g)); the exponent capped below exp's overflow, which -ffast-math turns into NaN
+        for (int64_t i = 0; i < I; ++i) {
+          const float gv = f32(g[i]);
+          o[i] = rnd<scalar_t>(f32(rnd<scalar_t>(gv / (1.f + std::exp(std::min(-gv, 88.f))))) * f32(u[i]));
+        }
+      }
+    });
   });
   return out;
 }
@@ -289,4 +313,4 @@ def attention_available(q: torch.Tensor, kv: torch.Tensor) -> bool:
 
 def fused_available(x: torch.Tensor) -> bool:
     """Whether the glue ops on `x` can take the compiled kernels."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels() is not None
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels() is not None

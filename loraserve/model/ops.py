@@ -1,9 +1,9 @@
 """The elementwise steps between a layer's matmuls, one call each.
 
-The residual add with the RMSNorm after it, RoPE, and SiLU(gate) * up. In
-float32 on CPU each is one pass of a compiled kernel (`cpu_kernels.py`);
-elsewhere (bf16, GPUs, no compiler) torch's ops, which are the reference:
-the kernels round as they do, up to the order of a sum.
+The residual add with the RMSNorm after it, RoPE, and SiLU(gate) * up. On
+CPU (float32 or bfloat16) each is one pass of a compiled kernel
+(`cpu_kernels.py`); elsewhere (GPUs, fp16, no compiler) torch's ops, which
+are the reference: the kernels round as they do, up to the order of a sum.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += delta in place (the residual stream; skipped when delta is None), then rms_norm(x).
     x: [T, H]."""
-    if cpu_kernels.fused_available(x) and x.is_contiguous():
+    if (cpu_kernels.fused_available(x) and x.is_contiguous() and weight.dtype == x.dtype
+            and (delta is None or delta.dtype == x.dtype)):
         return cpu_kernels.kernels().add_rms_norm(x, delta, weight, eps)
     if delta is not None:
         x.add_(delta)
