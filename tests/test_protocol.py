@@ -53,10 +53,12 @@ def test_positions_follow_the_forward_pass():
     assert layer_targets(spec, 0)[2:4] == [Target.EXPERTS_GATE_UP, Target.EXPERTS_DOWN]
 
 
-def test_gate_up_rows_go_once_per_token_and_gather_back_to_every_expert():
+def test_expert_rows_travel_once_per_token_where_they_can():
     """A token's gate|up input is the same whichever expert it is routed to: the
-    wire carries it once and a gather index per (token, expert) row; down's
-    inputs differ per expert and go as they are."""
+    wire carries it once and a gather index per (token, expert) row. Down's
+    inputs differ per expert and go as they are, but its deltas come back one
+    per token: the server combines them with the routing weights (`combine_rows`),
+    and the model adds them after its own combine."""
     from types import SimpleNamespace
 
     from loraserve.model.lora import Routing
@@ -73,11 +75,27 @@ def test_gate_up_rows_go_once_per_token_and_gather_back_to_every_expert():
     experts = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3], [1, 3], [0, 2], [2, 1]])
     order = torch.argsort(experts.flatten(), stable=True)
     routing = Routing(torch.arange(7).repeat_interleave(2)[order], experts.flatten()[order], torch.ones(14))
+    routing.weight = torch.rand(14)
     pairs = h[routing.token]
-    xs, row_adapter, expert, sel, gather = rows.rows(0, Target.EXPERTS_GATE_UP, pairs, routing)
-    assert xs.shape == (5, 16) and len(row_adapter) == len(expert) == len(gather) == 10  # 5 tokens, 10 pairs
-    assert torch.equal(xs[gather.long()], pairs[sel]) and gather.dtype == torch.int32
-    assert torch.equal(row_adapter, torch.tensor([0 if t < 5 else 1 for t in routing.token[sel].tolist()],
-                                                 dtype=torch.int32))
+    up = rows.rows(0, Target.EXPERTS_GATE_UP, pairs, routing)
+    assert up.xs.shape == (5, 16) and len(up.row_adapter) == len(up.expert) == len(up.gather) == 10  # 5 tokens
+    assert torch.equal(up.xs[up.gather.long()], pairs[up.rows]) and up.gather.dtype == torch.int32
+    assert torch.equal(up.row_adapter, torch.tensor([0 if t < 5 else 1 for t in routing.token[up.rows].tolist()],
+                                                    dtype=torch.int32))
+    assert up.tokens is None
+
     down = rows.rows(0, Target.EXPERTS_DOWN, torch.randn(14, 32), routing)
-    assert down[0].shape == (10, 32) and down[4] is None
+    assert down.xs.shape == (10, 32) and down.gather is None
+    assert down.tokens.tolist() == [2, 3, 4, 5, 6] and down.scatter.dtype == torch.int32
+    assert torch.equal(down.tokens[down.scatter.long()], routing.token[down.rows])
+    assert torch.equal(down.weight, routing.weight[down.rows])
+    # what the server sends back, added after the model's combine, equals the deltas added before it
+    from loraserve.lora_server.compute import combine_rows
+
+    delta = torch.randn(10, 16, dtype=torch.float64)
+    y = torch.randn(14, 16, dtype=torch.float64)
+    before = y.clone().index_add_(0, down.rows, delta)
+    per_pair = torch.zeros(7, 16, dtype=torch.float64).index_add_(0, routing.token, before * routing.weight[:, None].double())
+    token, combined = rows.add(y, combine_rows(delta, down.scatter, down.weight, 5), down)
+    after = torch.zeros(7, 16, dtype=torch.float64).index_add_(0, routing.token, y * routing.weight[:, None].double())
+    assert torch.allclose(after.index_add_(0, token, combined), per_pair)

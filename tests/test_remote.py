@@ -28,7 +28,7 @@ import zmq
 from loraserve.config import EngineConfig
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.remote.config import RemoteLoraConfig
-from loraserve.remote.protocol import PROTOCOL_VERSION, encode
+from loraserve.remote.protocol import PROTOCOL_VERSION, decode, encode
 from loraserve.sampling import SamplingParams
 from tests.oracle import greedy
 from tests.test_server import free_port, start_server
@@ -221,6 +221,7 @@ def test_hostile_frames_are_refused_and_the_server_keeps_serving(tiny, servers):
                 "adapters": [good_id], "push": True, **over}
 
     x, idx = torch.randn(2, hidden), torch.zeros(2, dtype=torch.int32)
+    down_x = torch.randn(2, spec["intermediate_size"])
     cases = [
         ([b"\xff not json"], 400),
         ([json.dumps({"v": PROTOCOL_VERSION + 1, "kind": "ping"}).encode()], 426),
@@ -233,19 +234,46 @@ def test_hostile_frames_are_refused_and_the_server_keeps_serving(tiny, servers):
         (encode(delta(layer=99), [x, idx]), 400),
         (encode(delta(adapters=["0" * 32]), [x, idx]), 404),  # unknown adapter
         (encode(delta(), [x, torch.full((2,), 5, dtype=torch.int32)]), 400),  # adapter index out of range
-        (encode(delta(target="experts_down", rows=2), [torch.randn(2, spec["intermediate_size"]), idx,
+        (encode(delta(target="experts_down", rows=2), [down_x, idx,
                                                        torch.full((2,), 99, dtype=torch.int32)]), 400),  # bad expert
         (encode(delta(target="experts_gate_up", rows=2, unique=1), [x[:1], idx, idx, torch.tensor(
             [0, 1], dtype=torch.int32)]), 400),  # a gather index past the unique rows
         (encode(delta(unique=1), [x[:1], idx, idx]), 400),  # 'unique' on a dense target
         (encode(delta(target="experts_gate_up", rows=2, unique=3), [torch.randn(3, hidden), idx, idx, idx]),
          400),  # more unique rows than rows
+        (encode(delta(target="experts_down", rows=2, combine=1), [down_x, idx, idx, torch.ones(2), torch.tensor(
+            [0, 1], dtype=torch.int32)]), 400),  # a token index past the combined tokens
+        (encode(delta(target="experts_down", rows=2, combine=2), [down_x, idx, idx, torch.tensor(
+            [1.0, float("nan")]), idx]), 400),  # a routing weight that is not finite
+        (encode(delta(target="experts_down", rows=2, combine=2), [down_x, idx, idx, torch.ones(3), idx]),
+         400),  # a weight per row, not more
+        (encode(delta(target="experts_down", rows=2, combine=2), [down_x, idx, idx]), 400),  # frames missing
+        (encode(delta(target="experts_gate_up", rows=2, combine=2), [x, idx, idx, torch.ones(2), idx]),
+         400),  # 'combine' on gate|up
     ]
     try:
         for frames, status in cases:
             reply = ask(sock, frames)
             assert reply["kind"] == "error" and reply["status"] == status, (reply, status)
         assert ask(sock, [json.dumps({"v": PROTOCOL_VERSION, "kind": "ping", "id": 1}).encode()])["kind"] == "ping"
+        # a well-formed down delta asked combined comes back one row per token: its rows' deltas times their weights
+        rows_x, expert = torch.randn(3, spec["intermediate_size"]), torch.tensor([0, 1, 2], dtype=torch.int32)
+        three, scatter = torch.zeros(3, dtype=torch.int32), torch.tensor([0, 1, 0], dtype=torch.int32)
+        weight = torch.tensor([0.25, 0.5, 0.75])
+        replies = []
+        experts = next(e["id"] for e in entries if [0, "experts_down"] in [k for k, _, _ in e["layout"]])
+        for i, extra in enumerate(({}, {"combine": 2})):
+            tail = [weight, scatter] if extra else []
+            sock.send_multipart(encode(delta(id=100 + i, target="experts_down", rows=3, adapters=[experts], **extra),
+                                       [rows_x, three, expert, *tail]))
+            assert sock.poll(30_000), "no reply"
+            replies.append(decode(sock.recv_multipart()))
+        assert [r.kind for r in replies] == ["result", "result"]
+        per_row, combined = (r.tensors[0] for r in replies)
+        assert per_row.shape == (3, hidden) and combined.shape == (2, hidden)
+        assert per_row.abs().sum() > 0
+        assert torch.allclose(combined, torch.stack([0.25 * per_row[0] + 0.75 * per_row[2], 0.5 * per_row[1]]),
+                              atol=1e-6)
         # a message past the largest a delta can be is cut off before it is allocated
         flood = zmq.Context.instance().socket(zmq.DEALER)
         flood.setsockopt(zmq.LINGER, 0)

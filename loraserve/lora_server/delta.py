@@ -45,6 +45,15 @@ class Delta:
     at: int | None = None
     """NIXL push: where in the instance's registered arena the result is to be written."""
 
+    combine: int | None = None
+    """experts_down: reply one row per token, of this many (see `combine_rows`)."""
+
+    weight: torch.Tensor | None = None
+    """[N] each row's routing weight (with `combine`)."""
+
+    scatter: torch.Tensor | None = None
+    """[N] each row's token in [0, combine) (with `combine`)."""
+
 
 def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore, max_loras: int,
                 now: float | None = None) -> Delta:
@@ -70,7 +79,12 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     if unique is not None and (not target.is_expert or not isinstance(unique, int) or isinstance(unique, bool)
                                or not 0 < unique <= rows):
         raise ProtocolError(f"'unique' must be a row count in (0, {rows}] of an expert target's delta, got {unique!r}")
-    want = (2 if target.is_expert else 1) + (unique is not None)
+    combine = h.get("combine")
+    if combine is not None and (target is not Target.EXPERTS_DOWN or not isinstance(combine, int)
+                                or isinstance(combine, bool) or not 0 < combine <= rows):
+        raise ProtocolError(f"'combine' must be a token count in (0, {rows}] of an experts_down delta, "
+                            f"got {combine!r}")
+    want = (2 if target.is_expert else 1) + (unique is not None) + 2 * (combine is not None)
     if len(msg.tensors) != 1 + want:
         raise ProtocolError(f"a {target} delta carries {1 + want} tensors, got {len(msg.tensors)}")
     x, x_rows = msg.tensors[0], rows if unique is None else unique
@@ -95,11 +109,19 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     if unique is not None:  # each row's input sent once per token: gather them back, one per (token, expert)
         check_index(msg.tensors[3], rows, unique, "gather")
         x = x[msg.tensors[3].long()]
+    weight = scatter = None
+    if combine is not None:
+        weight, scatter = msg.tensors[-2:]
+        if weight.dtype != x.dtype or list(weight.shape) != [rows] or not bool(torch.isfinite(weight).all()):
+            raise ProtocolError(f"routing weights must be finite {h['dtype']}[{rows}]")
+        check_index(scatter, rows, combine, "scatter")
+        scatter = scatter.long()
     at = h.get("at")
     if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
         raise ProtocolError(f"'at' must be an offset >= 0 in the instance's NIXL arena, got {at!r}")
     return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
-                 row_adapter.long(), expert, time.monotonic() if now is None else now, position(s, layer, target), at)
+                 row_adapter.long(), expert, time.monotonic() if now is None else now, position(s, layer, target), at,
+                 combine, weight, scatter)
 
 
 def check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:

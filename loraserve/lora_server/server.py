@@ -31,7 +31,7 @@ import torch
 
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.lora.adapter import LoraAdapter
-from loraserve.lora_server.compute import store_delta
+from loraserve.lora_server.compute import combine_rows, store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
 from loraserve.lora_server.parallel import RankFailed, RankLauncher, Ranks
 from loraserve.lora_server.shard import Layout
@@ -287,7 +287,10 @@ class LoraServer:
         at = 0
         for d in batch:
             n = d.x.shape[0]
-            rows = y[at:at + n].to(d.dtype)
+            rows = y[at:at + n]
+            if d.combine is not None:
+                rows = combine_rows(rows, d.scatter, d.weight, d.combine)
+            rows = rows.to(d.dtype)
             at += n
             extra = {}
             if d.at is not None and d.push:

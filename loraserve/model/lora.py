@@ -39,6 +39,9 @@ class LoraBackend(Protocol):
         their `routing`). None: no adapter of the step adapts this projection."""
         ...
 
-    def wait(self, handle: object, out: torch.Tensor) -> None:
-        """Add the delta `submit` started into `out` (the base projection's output), in place."""
+    def wait(self, handle: object, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Add the delta `submit` started into `out` (the base projection's output), in place.
+        For an expert down projection a backend may instead return (token rows [U], deltas
+        [U, out]) already combined over each token's experts with the routing weights (a LoRA
+        server sends one row per token, not top-k): the model adds them after its own combine."""
         ...

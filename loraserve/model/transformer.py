@@ -148,9 +148,12 @@ class Transformer:
         routing = Routing(token[order], experts.flatten()[order], weights.flatten()[order])
         offs = group_ends(routing.expert, s.num_experts)
         xs = h[routing.token]  # [T*K, H]
-        gate_up = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing)  # [T*K, 2I]
-        y = self._experts(lora, i, Target.EXPERTS_DOWN, silu_mul(gate_up), moe.down, offs, routing)  # [T*K, H]
-        out = torch.zeros_like(h).index_add_(0, routing.token, y * routing.weight[:, None])
+        gate_up, _ = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing)  # [T*K, 2I]
+        y, combined = self._experts(lora, i, Target.EXPERTS_DOWN, silu_mul(gate_up), moe.down, offs, routing)
+        out = torch.zeros_like(h).index_add_(0, routing.token, y * routing.weight[:, None])  # y: [T*K, H]
+        if combined is not None:  # the LoRA deltas, combined over each token's experts by the backend
+            token, delta = combined
+            out.index_add_(0, token, delta.to(out.dtype))
         if moe.shared is not None:
             shared = self._mlp(i, moe.shared, h, lora, (Target.SHARED_GATE_UP, Target.SHARED_DOWN))
             if moe.shared_gate is not None:
@@ -160,10 +163,9 @@ class Transformer:
 
     @staticmethod
     def _experts(lora: LoraBackend | None, i: int, target: Target, x: torch.Tensor, w: torch.Tensor,
-                 offs: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Each row through its expert's weights ([E, out, in]) plus its LoRA delta."""
+                 offs: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, tuple | None]:
+        """Each row through its expert's weights ([E, out, in]) plus its LoRA delta; and the
+        deltas the backend combined per token instead (see `LoraBackend.wait`), if it did."""
         handle = lora.submit(i, target, x, routing) if lora is not None else None
         y = segmented_mm(x, w.transpose(1, 2), offs)
-        if handle is not None:
-            lora.wait(handle, y)
-        return y
+        return y, (lora.wait(handle, y) if handle is not None else None)

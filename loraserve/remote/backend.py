@@ -19,8 +19,40 @@ from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, out_dim
 from loraserve.remote import nixl_transport
 from loraserve.remote.client import LoraServerClient, LoraServerError, answer
-from loraserve.remote.protocol import position
+from loraserve.remote.protocol import position, result_rows
 from loraserve.remote.transport import ClientSocket, Unreachable
+
+
+@dataclass
+class Picked:
+    """A projection's adapter rows as they travel, and where their deltas go back."""
+
+    xs: torch.Tensor
+    """The input rows sent: [N, in], or for gate|up [U, in], one per token."""
+
+    row_adapter: torch.Tensor
+    """[N] int32: each row's index into the step's adapters."""
+
+    expert: torch.Tensor | None = None
+    """[N] int32: each row's expert (expert targets)."""
+
+    rows: torch.Tensor | None = None
+    """Where each row's delta goes in the projection's output (None: its tail, the adapter rows)."""
+
+    gather: torch.Tensor | None = None
+    """gate|up: [N] int32, each (token, expert) row's token in `xs`: a token's hidden state is
+    the input whichever expert it goes to, so it is sent once, not top-k times."""
+
+    tokens: torch.Tensor | None = None
+    """down: [U] the step rows (tokens) of the rows. The server combines a token's k expert
+    deltas with their routing `weight`s, as the model combines the experts' outputs, and sends
+    one row per token back, not top-k."""
+
+    scatter: torch.Tensor | None = None
+    """down: [N] int32, each row's token in `tokens`."""
+
+    weight: torch.Tensor | None = None
+    """down: [N] each row's routing weight."""
 
 
 class ServerRows:
@@ -68,38 +100,43 @@ class ServerRows:
     def start_step(self) -> None:
         """A step with adapter rows begins (before its rows are laid out)."""
 
-    def rows(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
-        """(xs, row_adapter, expert, rows, gather) of the projection's adapter rows:
-        rows (None: the adapter rows are x's tail) says where their deltas go
-        back; gather (None: xs is one row per delta row) maps each (token,
-        expert) row to its token's row of xs, for gate|up, whose input is the
-        token's hidden state whichever expert it goes to: sent once, not top-k
-        times. None if the step has none for it."""
+    def rows(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None) -> Picked | None:
+        """The projection's adapter rows and where their deltas go (see `Picked`); None if the step
+        has none for it."""
         if self.row_adapter is None or (layer, target) not in self.targets:
             return None
         if routing is None:
-            return x[self.num_base:], self.row_adapter, None, None, None
+            return Picked(x[self.num_base:], self.row_adapter)
         rows = (routing.token >= self.num_base).nonzero().flatten()
         if not len(rows):
             return None
         token = routing.token[rows]
         row_adapter = self.row_adapter[(token - self.num_base).cpu()]
         expert = routing.expert[rows].to(torch.int32).cpu()
-        xs, gather = x[rows], None
-        if target is Target.EXPERTS_GATE_UP:
-            unique, gather = torch.unique(token, return_inverse=True)
-            # a token's rows are equal, so whichever one lands is the token's hidden state
-            xs = xs.new_empty(len(unique), xs.shape[1]).index_copy_(0, gather, xs)
-            gather = gather.to(torch.int32).cpu()
-        return xs, row_adapter, expert, rows, gather
+        picked = Picked(x[rows], row_adapter, expert, rows)
+        if target in (Target.EXPERTS_GATE_UP, Target.EXPERTS_DOWN):
+            unique, index = torch.unique(token, return_inverse=True)
+            if target is Target.EXPERTS_GATE_UP:
+                # a token's rows are equal, so whichever one lands is the token's hidden state
+                picked.xs = picked.xs.new_empty(len(unique), x.shape[1]).index_copy_(0, index, picked.xs)
+                picked.gather = index.to(torch.int32).cpu()
+            else:
+                picked.tokens, picked.scatter = unique, index.to(torch.int32).cpu()
+                picked.weight = routing.weight[rows].cpu()
+        return picked
 
-    def add(self, out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """Add the deltas of `rows` (as `rows` gave them) into the projection's output."""
+    def add(self, out: torch.Tensor, delta: torch.Tensor, picked: Picked) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Add the deltas of `picked`'s rows into the projection's output; or, for a delta the
+        server combined per token, return (token rows, deltas) for the model to add after its
+        MoE combine (`LoraBackend.wait`)."""
         delta = delta.to(out.device)
-        if rows is None:
+        if picked.tokens is not None:
+            return picked.tokens, delta
+        if picked.rows is None:
             out[self.num_base:] += delta
         else:
-            out.index_add_(0, rows, delta.to(out.dtype))
+            out.index_add_(0, picked.rows, delta.to(out.dtype))
+        return None
 
     def end_step(self) -> None:
         pass
@@ -165,23 +202,25 @@ class RemoteLoraBackend(ServerRows):
         picked = self.rows(layer, target, x, routing)
         if picked is None:
             return None
-        xs, row_adapter, expert, rows, gather = picked
         header = {"kind": "delta", "id": next(self._ids), "layer": layer, "target": target.value,
-                  "dtype": str(x.dtype).removeprefix("torch."), "rows": len(row_adapter),
+                  "dtype": str(x.dtype).removeprefix("torch."), "rows": len(picked.row_adapter),
                   "adapters": self.step_adapters, "push": self.config.mode == "push"}
         if self.plan is not None:
             header["plan"], self.plan = self.plan, None
-        tensors = [xs.cpu(), row_adapter] + ([expert] if expert is not None else [])
-        if gather is not None:
-            header["unique"] = xs.shape[0]
-            tensors.append(gather)
-        handle = (header, tensors, rows, target)
+        tensors = [picked.xs.cpu(), picked.row_adapter] + ([picked.expert] if picked.expert is not None else [])
+        if picked.gather is not None:
+            header["unique"] = picked.xs.shape[0]
+            tensors.append(picked.gather)
+        if picked.tokens is not None:
+            header["combine"] = len(picked.tokens)
+            tensors += [picked.weight.to(x.dtype), picked.scatter]
+        handle = (header, tensors, picked, target)
         if self.config.overlap:
             self._send(header, tensors, target)
         return handle
 
-    def wait(self, handle, out: torch.Tensor) -> None:
-        header, tensors, rows, target = handle
+    def wait(self, handle, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        header, tensors, picked, target = handle
         if not self.config.overlap:
             self._send(header, tensors, target)
         start = time.perf_counter()
@@ -190,7 +229,7 @@ class RemoteLoraBackend(ServerRows):
                 self.sock.send({"kind": "pull", "id": header["id"]})
             if self.nixl is not None:
                 msg = answer(nixl_transport.wait_result(self.sock, self.nixl, header["id"], tensors[0].dtype,
-                                                         [header["rows"], out_dim(self.spec, target)],
+                                                         [result_rows(header), out_dim(self.spec, target)],
                                                          self.config.timeout_s))
                 if msg.header.get("nixl") == "unregistered":  # the server restarted: register before the next step
                     self.nixl_ready = False
@@ -211,13 +250,14 @@ class RemoteLoraBackend(ServerRows):
             waited = time.perf_counter() - start
             self.wait_s += waited
             self._step_wait = (self._step_wait or 0.0) + waited
-        self.add(out, msg.tensors[0], rows)
+        combined = self.add(out, msg.tensors[0], picked)
         if self.nixl is not None:
             self.nixl.release(header["id"])
+        return combined
 
     def _send(self, header: dict, tensors: list[torch.Tensor], target: Target) -> None:
         if self.config.mode == "push":
-            dtype, shape = tensors[0].dtype, (header["rows"], out_dim(self.spec, target))
+            dtype, shape = tensors[0].dtype, (result_rows(header), out_dim(self.spec, target))
             if self.nixl is None:
                 self.sock.register(header["id"], torch.empty(shape, dtype=dtype))
             elif (at := self.nixl.alloc(header["id"], shape[0] * shape[1] * dtype.itemsize)) is not None:

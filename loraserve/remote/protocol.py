@@ -21,7 +21,12 @@ refused) and `kind`. Kinds, instance → server:
   `adapters`), and for expert targets one row per (token, expert) with a
   per-row frame `expert`; an expert delta may carry `unique` and a last
   per-row frame `gather` (an index into its `unique` input rows: gate|up
-  sends a token's hidden state once, not once per routed expert); `push` (reply at once)
+  sends a token's hidden state once, not once per routed expert); an
+  experts_down delta may carry `combine` (its number of tokens) and two
+  last per-row frames, `weight` (the routing weight, in `dtype`) and
+  `scatter` (an index into its `combine` tokens): the reply then has one
+  row per token, the sum of its rows' deltas times their weights, as the
+  model combines its experts' outputs; `push` (reply at once)
   or pull (keep the result until a `pull` for the same `id`). A step's
   first delta also carries `plan`: the `position`s of every delta the step
   will send, so the server knows whom a batch is worth waiting for.
@@ -31,7 +36,8 @@ refused) and `kind`. Kinds, instance → server:
   `at`, its result's offset in the arena (`remote/nixl_transport.py`).
 - ping: liveness and the catalogue version; stats: the server's counters.
 
-Server → instance: result (`id`, one frame: the delta [rows, out]; or, for a
+Server → instance: result (`id`, one frame: the delta [rows, out], or
+[combine, out] for a delta that asked it combined; or, for a
 delta with `at`, a NIXL write of it with the id as notification), error
 (`id` if any, `status` HTTP-like, `message`), and each request's reply.
 """
@@ -50,7 +56,7 @@ from loraserve.errors import InvalidRequest, UnknownModel
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAX_ROWS = 1 << 16
 """Most rows one delta may carry (a step's tokens times top-k: 2048 × 8 is
@@ -139,6 +145,11 @@ def as_tensor(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Te
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def result_rows(header: dict) -> int:
+    """Rows of a delta's result: one per token if it asked them combined, else one per row sent."""
+    return header.get("combine") or header["rows"]
 
 
 def position(spec: ModelSpec, layer: int, target: Target) -> int:

@@ -10,13 +10,10 @@ deltas are combined on the server with the router weights (they travel with
 the ids, a few bytes) into one row, as the MoE combine is linear. Only the
 expert-sized rows (gate|up's deltas, down's inputs) cross k times.
 
-The real wire (`remote/backend.py`) has half of it: gate|up's input goes
-once per token with a gather index (protocol version 2), but down's k
-deltas still come back one per (token, expert), summed by the instance's
-index_add_: combining them on the server needs the router weights there
-and the model to add one row after its combine. The simulator's figures
-hold for a server that dedupes and combines; the real wire over-sends the
-down leg top-k times until it does.
+The real wire (`remote/backend.py`, protocol version 3) is the same:
+gate|up's input goes once per token with a gather index, and down's rows
+go with their routing weights and come back combined, one row per token,
+which the model adds after its own combine.
 
 A trip costs link latency + (bytes in + bytes out) / bandwidth of the link
 the placement implies (NVLink inside a node, InfiniBand across nodes): push

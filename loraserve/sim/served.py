@@ -25,11 +25,11 @@ import torch
 
 from loraserve.engine.plan import StepPlan
 from loraserve.lora.adapter import LoraAdapter
-from loraserve.lora_server.compute import store_delta
+from loraserve.lora_server.compute import combine_rows, store_delta
 from loraserve.model.lora import Routing
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
-from loraserve.remote.backend import ServerRows
+from loraserve.remote.backend import Picked, ServerRows
 from loraserve.remote.protocol import position
 from loraserve.threads import alone_pool
 
@@ -47,7 +47,9 @@ class Ask:
     adapters: list[str]
     row_adapter: torch.Tensor
     expert: torch.Tensor | None
-    rows: torch.Tensor | None
+    picked: Picked
+    """Where the delta goes back (and, for down, how the server combines it per token)."""
+
     delta: torch.Tensor | None = None
     answered: threading.Event = field(default_factory=threading.Event)
 
@@ -74,20 +76,21 @@ class ServedBackend(ServerRows):
         picked = self.rows(layer, target, x, routing)
         if picked is None:
             return None
-        xs, row_adapter, expert, rows, gather = picked
-        if gather is not None:  # what the server does on receipt (lora_server/delta.py)
-            xs = xs[gather.long()]
-        ask = Ask(layer, target, xs, self.step_adapters, row_adapter, expert, rows)
+        xs = picked.xs if picked.gather is None else picked.xs[picked.gather.long()]  # as the server parses it
+        ask = Ask(layer, target, xs, self.step_adapters, picked.row_adapter, picked.expert, picked)
         self.made.append(ask)
         self.asks.put(ask)
         return ask
 
-    def wait(self, ask: Ask, out: torch.Tensor) -> None:
+    def wait(self, ask: Ask, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not ask.answered.wait(WAIT_S):
             raise TimeoutError(f"no delta for layer {ask.layer} {ask.target.value} within {WAIT_S} s")
         if ask.delta is None:
             raise RuntimeError("the cluster stopped before answering")
-        self.add(out, ask.delta, ask.rows)
+        p, delta = ask.picked, ask.delta
+        if p.tokens is not None:  # combined per token, as the server replies (lora_server/server.py)
+            delta = combine_rows(delta, p.scatter, p.weight, len(p.tokens))
+        return self.add(out, delta, p)
 
     def abandon(self) -> None:
         """Release a pass waiting for an answer that will not come (its wait raises)."""
