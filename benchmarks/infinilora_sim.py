@@ -19,7 +19,10 @@ recorded) and mean TPOT ≤ 0.1 s. Deployments are `loraserve/sim/deployments.py
    ELORA history KV vs dropping it (S-LoRA), in the disaggregated deployment;
    and 1,024 adapters;
 6. the planner checked against the simulator (`loraserve/plan/simcheck.py`'s setting, and the old
-   layer-wise one for contrast).
+   layer-wise one for contrast);
+7. S-LoRA as vLLM integrates it (the paper's named baseline): serviceable rates of `slora-sync`
+   (adapter loads inside the step) and `slora-vllm` (also vLLM's default CPU LoRA cache of
+   max_loras adapters), beside disagg's.
 
 Each simulation replays N requests (default 120) and judges the SLO on those
 after the first 25% (caches start cold), after 20 idle seconds in which the LoRA server's
@@ -27,6 +30,7 @@ ELORA swapper may prefetch (S-LoRA does nothing when idle). Single process.
 
     python benchmarks/infinilora_sim.py            # the whole reproduction
     python benchmarks/infinilora_sim.py --quick    # Mixtral only, fewer requests
+    python benchmarks/infinilora_sim.py --vllm-only   # section 7 alone, into the recorded results
 """
 
 from __future__ import annotations
@@ -132,6 +136,54 @@ def ablation_at(bench: Bench, model: str, rate: float) -> dict:
                                                       "disagg")}}
 
 
+VLLM = ("slora-sync", "slora-vllm")
+"""S-LoRA as vLLM integrates it (the paper's named baseline): loads inside the step, with every
+adapter in host memory (`slora-sync`) or with vLLM's default CPU cache of max_loras adapters
+(`slora-vllm`, misses beyond it read from disk). See `loraserve/sim/deployments.py`."""
+
+
+def vllm_baselines(bench: Bench, result: dict) -> dict:
+    """Serviceable rates of the vLLM-integrated readings of S-LoRA, and per-adapter attainment at
+    each model's fixed rate, beside the recorded `disagg` and `slora`."""
+    out: dict = {"deployments": list(VLLM), "models": {}}
+    for model, entry in result["models"].items():
+        rates, searches = {}, {}
+        for name in VLLM:
+            rates[name], searches[name] = bench.serviceable(model, name)
+            print(f"{model:>14} {name:>12}: {rates[name]:6.2f} req/s", flush=True)
+        out["models"][model] = {"serviceable_rate": rates, "searches": searches,
+                                "capped": [n for n in VLLM if capped(searches[n])],
+                                "attainment": {n: bench.run(model, n, entry["fixed_rate"]) for n in VLLM}}
+    return out
+
+
+def vllm_lines(r: dict) -> list[str]:
+    v = r.get("vllm_baselines")
+    if not v:
+        return []
+    lines = ["", "S-LoRA as vLLM integrates it (loads inside the step): serviceable rate (req/s), disagg / it, "
+                 "adapters in SLO at 1.5 x slora's rate",
+             f"{'model':>14} {'disagg':>8} " + " ".join(f"{n:>11}" for n in VLLM)
+             + "  " + " ".join(f"{'disagg/' + n:>18}" for n in VLLM) + "  attainment disagg vs " + " vs ".join(VLLM)]
+    ratios: dict = {n: [] for n in VLLM}
+    for m, e in v["models"].items():
+        d, s = r["models"][m]["serviceable_rate"]["disagg"], e["serviceable_rate"]
+        cells = []
+        for n in VLLM:
+            if s[n]:
+                ratios[n].append(d / s[n])
+            cells.append(f"{d / s[n]:18.2f}" if s[n] else f"{'serves none':>18}")
+        att = [r["models"][m]["attainment"]["disagg"]["adapter_attainment"],
+               *(e["attainment"][n]["adapter_attainment"] for n in VLLM)]
+        lines.append(f"{m:>14} {d:8.2f} " + " ".join(f"{s[n]:10.2f}{'+' if n in e['capped'] else ' '}" for n in VLLM)
+                     + "  " + " ".join(cells) + "  " + " vs ".join(f"{a:.2f}" for a in att))
+    for n in VLLM:
+        if ratios[n]:
+            lines.append(f"mean disagg/{n} over models where it serves some rate: {sum(ratios[n]) / len(ratios[n]):.2f}"
+                         f" ({len(ratios[n])} of {len(v['models'])})")
+    return lines
+
+
 def planner_check(bench: Bench, model: str, rate: float) -> dict:
     """The planner checked against the simulator: the planned cache meets the P95 TTFT SLO at the
     planned rate and a cache 20% smaller does not.
@@ -185,7 +237,17 @@ def main() -> None:
                     help="rerun only the planner check into an existing --out")
     ap.add_argument("--ablation-only", action="store_true",
                     help="rerun only the ladder at disagg's serviceable rate into an existing --out")
+    ap.add_argument("--vllm-only", action="store_true",
+                    help="run only the vLLM-integrated S-LoRA baselines into an existing --out")
     args = ap.parse_args()
+    if args.vllm_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        bench = Bench(result["requests_per_sim"])
+        result["vllm_baselines"] = vllm_baselines(bench, result)
+        result["vllm_baselines"]["commit"] = git_commit()
+        write_results(result, out, table)
+        return
     if args.ablation_only:
         out = Path(args.out)
         result = json.loads(out.read_text())
@@ -256,6 +318,7 @@ def main() -> None:
                           **{n: bench.run(mix, n, result["models"][mix]["fixed_rate"], adapters=1024)
                              for n in ("disagg", "slora")}}}
     result["planner"] = planner_check(bench, mix, result["models"][mix]["serviceable_rate"]["disagg"] or rate)
+    result["vllm_baselines"] = vllm_baselines(bench, result)
     result["sims"], result["sim_s"] = bench.sims, round(bench.sim_s, 1)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["cpu_s"] = round(time.process_time(), 1)  # this process's CPU time: the machine is shared
@@ -314,7 +377,7 @@ def table(r: dict) -> str:
               *(f"  multi-turn {n}: P95 TTFT with prefill {b['multi_turn'][n]['p95_ttft_with_prefill']:.3f}, "
                 f"kv hit {b['multi_turn'][n]['kv_hit_rate']}" for n in ("elora_history_kv", "no_history_kv")),
               *(f"  1024 adapters {n}: attainment {b['adapters_1024'][n]['adapter_attainment']:.2f}"
-                for n in ("disagg", "slora")), "", *planner_lines(r["planner"])]
+                for n in ("disagg", "slora")), "", *planner_lines(r["planner"]), *vllm_lines(r)]
     return "\n".join(lines) + "\n"
 
 

@@ -421,6 +421,11 @@ def test_named_deployments_share_the_budget_and_climb_the_ladder():
     assert less.sim.cache.policy == "vllm" and less.sim.cache.adapter_fraction == 0.4
     assert less.sim.scheduler.max_loras < slora.sim.scheduler.max_loras
     assert deployment("slora-sjf", MIXTRAL, H20, 64, 2, size).sim.scheduler.order == "sjf"
+    sync, vllm = (deployment(n, MIXTRAL, H20, 64, 2, size) for n in ("slora-sync", "slora-vllm"))
+    assert not slora.sim.blocking_loads and sync.sim.blocking_loads and vllm.sim.blocking_loads
+    assert sync.sim.cache.host_bytes == slora.sim.cache.host_bytes >= 512 * size  # every adapter in host memory
+    slots = vllm.sim.scheduler.max_loras  # vLLM's CPU LoRA cache defaults to max_loras adapters
+    assert slots * size <= vllm.sim.cache.host_bytes < (slots + 1) * size * 1.5
     rungs = [deployment(n, MIXTRAL, H20, 64, 2, size).disagg for n in
              ("disagg-naive", "disagg+overlap", "disagg+loading", "disagg")]
     assert [(d.overlap, d.layerwise, d.kernel_eff == 1.0) for d in rungs] == [
@@ -446,3 +451,35 @@ def test_simulate_cluster_command(capsys):
     assert all(0 <= r["p95_ttft_s"] < r["p95_ttft_with_prefill_s"] for r in out["results"].values())
     assert main(["simulate", "cluster", "--model", "llama3-8b", "--rate", "4"]) == 2
     assert main(["simulate", "cluster", "--model", "dbrx", "--rate", "4", "--deployment", "nonesuch"]) == 2
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_blocking_load_stalls_every_running_request(blocking):
+    """vLLM loads a step's adapters inside the step (`slora-sync`, `slora-vllm`): a decoding
+    request waits out another request's adapter read; with loads beside the steps it does not."""
+    from loraserve.sampling import SamplingParams
+    from loraserve.sim.engine import SimEngine
+
+    size = 2 * 10**9  # read from disk (no host tier): 1 s at the profile's 2 GB/s
+    cfg = SimConfig(cache=CacheConfig(policy="slora", host_bytes=0), blocking_loads=blocking, tp=2)
+    eng = SimEngine(MIXTRAL, H20, cfg, {"a": size, "b": size})
+    clock = eng.clock
+
+    def step() -> None:
+        if eng.run_step().plan.is_empty:  # waiting for a copy: time passes
+            clock.advance(max(0.0, (eng.mover.next_finish() or clock.now()) - clock.now()))
+
+    a = eng.add_request(list(range(16)), SamplingParams(max_tokens=40, ignore_eos=True), adapter="a")
+    while a.num_output_tokens < 2:
+        step()
+    eng.add_request(list(range(16)), SamplingParams(max_tokens=4, ignore_eos=True), adapter="b")
+    stamps = [clock.now()]
+    while a.num_output_tokens < 12:
+        step()
+        stamps.append(clock.now())
+    gaps = [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
+    load = H20.pcie_latency + size / 2 / H20.disk_bw  # each of the 2 GPUs reads its half
+    if blocking:
+        assert max(gaps) >= load * 0.99
+    else:
+        assert max(gaps) < load / 10

@@ -57,12 +57,17 @@ class LinkMover:
         self._finish: dict[int, float] = {}
         self._queue: list[tuple[float, int]] = []  # (finish time, job id), a heap
         self.num_bytes = {"in": 0, "out": 0}
+        self.loads_done_at = 0.0
+        """When the last adapter load submitted so far lands on the device (what an engine
+        that loads a step's adapters inside the step, as vLLM does, waits for)."""
 
     def submit(self, job: CopyJob) -> None:
         start = max(self.clock.now(), self._busy_until)
         self._busy_until = start + self.duration(job)
         self._finish[job.id] = self._busy_until
         heapq.heappush(self._queue, (self._busy_until, job.id))
+        if job.adapter is not None and job.dst_tier == "device":
+            self.loads_done_at = self._busy_until
         self.num_bytes["in" if job.dst_tier == "device" else "out"] += job.num_bytes
 
     def poll(self) -> list[int]:

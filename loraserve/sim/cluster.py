@@ -209,7 +209,7 @@ class Cluster:
                 self.at(t, self._kick, i)
             return
         result = eng.executor.inner.execute(plan)
-        base = eng.cost.step_time(plan)
+        base = eng.step_time(plan)
         self.busy[i] = True
         rows = [(q.adapter, q.num_new_tokens) for q in plan.seqs if q.adapter is not None]
         if self.server is None or not rows:

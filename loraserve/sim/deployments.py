@@ -10,6 +10,14 @@
 - `slora-less`: 40% of that memory for adapters in a static region, 60% for
   KV (the `vllm` policy's split; a single-turn workload has no prefix reuse,
   so its LRU prefix cache does not matter).
+- `slora-sync`: `slora` with blocking loads (`SimConfig.blocking_loads`): a
+  step waits for the adapters it loads, as vLLM's LoRA manager loads them
+  inside the step, so one miss stalls every running request of the instance.
+- `slora-vllm`: S-LoRA as vLLM integrates it, with vLLM's defaults: blocking
+  loads, and a CPU LoRA cache of `max_cpu_loras` = `max_loras` adapters,
+  so an adapter that is in neither is read from disk (`Hardware.disk_bw`)
+  on its miss. The paper's baseline is "S-LoRA integrated in vLLM"; its
+  settings are not given, so this is the reading by vLLM's defaults.
 - `elora`: coupled with the ELORA cache (cost model, history KV, idle prefetch).
 - `disagg`: InfiniLoRA: `server_gpus` for the LoRA server (EP4-PP2 on 8),
   instances on the rest, every optimisation on. The ablation ladder's rungs
@@ -44,7 +52,7 @@ SLORA_LORA_SHARE = 0.5
 LESS_LORA_SHARE = 0.4
 SCHEDULER = SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=2048, max_loras=8)
 
-COUPLED = ("slora", "slora-sjf", "slora-less", "elora")
+COUPLED = ("slora", "slora-sjf", "slora-less", "slora-sync", "slora-vllm", "elora")
 LADDER = ("disagg-naive", "disagg+overlap", "disagg+loading", "disagg")
 DISAGG = (*LADDER, "disagg-pull", "disagg-nvlink", "disagg-lru")
 
@@ -55,21 +63,28 @@ def lora_slots(spec: ModelSpec, hw: Hardware, gpus: int, adapter_bytes: int, sha
     return max(1, int(share * free // adapter_bytes))
 
 
+def host_bytes(adapters: int, adapter_bytes: int) -> int:
+    """A host tier that holds `adapters` adapters (with room for the blocks they round up to)."""
+    return int(adapters * adapter_bytes / 0.75) + (64 << 20) * (adapters + 8)
+
+
 def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpus: int, adapter_bytes: int,
                num_adapters: int = 512, total_gpus: int = 16, server_gpus: int = 8, **disagg) -> ClusterConfig:
     """The ClusterConfig of a named deployment (disagg: DisaggConfig overrides). In
     both kinds every adapter waits in host memory (as S-LoRA keeps them), so a
-    miss is a host-to-device copy, not a disk read."""
+    miss is a host-to-device copy, not a disk read; except in `slora-vllm`,
+    whose host cache holds only `max_loras` adapters (vLLM's default)."""
     base = ClusterConfig("coupled", total_gpus, instance_gpus, rank, router=ROUTER)
-    host = int(num_adapters * adapter_bytes / 0.75) + (64 << 20) * (num_adapters + 8)
     if name in COUPLED:
         share = LESS_LORA_SHARE if name == "slora-less" else SLORA_LORA_SHARE
         slots = lora_slots(spec, hw, instance_gpus, adapter_bytes, share)
         policy = {"slora-less": "vllm", "elora": "elora"}.get(name, "slora")
+        host = host_bytes(slots if name == "slora-vllm" else num_adapters, adapter_bytes)
         cache = CacheConfig(policy=policy, adapter_fraction=LESS_LORA_SHARE, host_bytes=host)
         sched = replace(SCHEDULER, max_loras=slots, order="sjf" if name == "slora-sjf" else "fcfs")
         # the coupled baselines run generic segmented LoRA kernels, as the ladder's rungs before "+kernel"
-        return replace(base, sim=SimConfig(cache=cache, scheduler=sched, lora_eff=GENERIC_KERNEL_EFF))
+        return replace(base, sim=SimConfig(cache=cache, scheduler=sched, lora_eff=GENERIC_KERNEL_EFF,
+                                           blocking_loads=name in ("slora-sync", "slora-vllm")))
     if name not in DISAGG:
         raise ValueError(f"unknown deployment {name!r}; choose from {', '.join(COUPLED + DISAGG)}")
     ep = 4 if server_gpus % 4 == 0 else server_gpus

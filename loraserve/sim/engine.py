@@ -15,6 +15,7 @@ from loraserve.clock import ManualClock
 from loraserve.config import CacheConfig, SchedulerConfig
 from loraserve.engine.core import EngineCore
 from loraserve.engine.output import RequestOutput, make_output
+from loraserve.engine.plan import StepPlan
 from loraserve.lora.slots import LoraSlots
 from loraserve.model.spec import ModelSpec
 from loraserve.request import Request
@@ -45,6 +46,12 @@ class SimConfig:
 
     lora_eff: float = 1.0
     """Efficiency of the engine's LoRA kernels relative to its base GEMMs (see StepCost)."""
+
+    blocking_loads: bool = False
+    """Adapter loads stall the whole instance: vLLM's LoRA manager loads a step's adapters
+    inside the step, before its forward pass, so every running request waits for a miss, not
+    only its own (S-LoRA as integrated in vLLM, InfiniLoRA's baseline). False: loads run beside
+    the steps and only the request that needs one waits (S-LoRA's and our design)."""
 
 
 def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:
@@ -82,7 +89,7 @@ class SimEngine(EngineCore):
         self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, lora_bytes, cfg.lora_eff)
         super().__init__(cfg.cache, cfg.scheduler, num_blocks, cfg.cache.host_bytes // block_bytes, block_bytes,
                          cfg.max_model_len, clock, LinkMover(clock, duration=self.cost.copy_time),
-                         PacedExecutor(NullExecutor(), self.cost, clock),
+                         PacedExecutor(NullExecutor(), self, clock),
                          LoraSlots(cfg.scheduler.max_num_seqs if remote else cfg.scheduler.max_loras))
         for name, size in adapters.items():
             if remote:
@@ -90,6 +97,11 @@ class SimEngine(EngineCore):
             else:
                 self.cache.add_adapter(name, size)
         self._ids = itertools.count()
+
+    def step_time(self, plan: StepPlan) -> float:
+        """The modelled step, after any adapter load it must wait for (`blocking_loads`)."""
+        stall = max(0.0, self.mover.loads_done_at - self.clock.now()) if self.config.blocking_loads else 0.0
+        return stall + self.cost.step_time(plan)
 
     def add_request(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
                     request_id: str | None = None) -> Request:

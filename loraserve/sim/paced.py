@@ -33,6 +33,8 @@ class NullExecutor:
 
 class PacedExecutor:
     def __init__(self, inner, cost: StepCost, clock: ManualClock) -> None:
+        """cost: what prices a step (`step_time(plan)`): a StepCost, or a SimEngine (which adds
+        the stall of a load the step must wait for)."""
         self.inner = inner
         self.cost = cost
         self.clock = clock
