@@ -2,8 +2,8 @@
 
 The throughput workload's decode (SmolLM2-135M, fp32, 32 requests over 8
 rank-16 adapters, 128-token prompts): the engine runs batches of decode steps,
-switching between the CPU decode kernel (`model/cpu_kernels.py`) and the
-gather-then-SDPA path every few steps, so both see the same contexts and the
+switching between the CPU decode kernel (`model/cpu_kernels.py`, with its
+K/V write) and the gather-then-SDPA path (with `index_copy_`) every few steps, so both see the same contexts and the
 same moments of this shared machine. Reports the median step time of each and
 their ratio per batch size.
 

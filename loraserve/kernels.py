@@ -94,3 +94,11 @@ def padded_lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad: in
     y = torch.bmm(shrunk, b).view(num_slots * pad, -1)
     y = y if pad_index is None else y[pad_index]
     return y if out is None else out.add_(y.to(out.dtype))
+
+
+def combine_rows(rows: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The MoE combine: [num_tokens, out], each token's (token, expert) rows times their routing
+    weights, summed (rows [N, out], token [N] each row's token, weight [N]). The model combines
+    its experts' outputs with it, and the LoRA server a token's expert deltas, the same way."""
+    weighted = rows * weight.to(rows.device, rows.dtype)[:, None]
+    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token.to(rows.device), weighted)

@@ -92,6 +92,10 @@ def test_a_bad_block_table_is_refused_not_read():
             module.paged_decode(q, kv, tables, lens, 0.25, 0)
     with pytest.raises(RuntimeError, match="slot out of range"):
         module.write_kv(kv, torch.tensor([0, 32]), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
+    with pytest.raises(RuntimeError, match="one layer's"):  # no V half to write into
+        module.write_kv(kv[:1], torch.tensor([0, 1]), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
+    with pytest.raises(RuntimeError, match="CPU tensors only"):  # a device pointer is never read as a host one
+        module.add_rms_norm(torch.zeros(2, 16), None, torch.zeros(16, device="meta"), 1e-6)
 
 
 def test_write_kv_puts_strided_rows_in_their_slots():

@@ -90,7 +90,7 @@ def test_expert_rows_travel_once_per_token_where_they_can():
     assert torch.equal(down.tokens[down.scatter.long()], routing.token[down.rows])
     assert torch.equal(down.weight, routing.weight[down.rows])
     # what the server sends back, added after the model's combine, equals the deltas added before it
-    from loraserve.lora_server.compute import combine_rows
+    from loraserve.kernels import combine_rows
 
     delta = torch.randn(10, 16, dtype=torch.float64)
     y = torch.randn(14, 16, dtype=torch.float64)

@@ -228,7 +228,6 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
         stream = client.completions.create(model="r16", prompt="go on", max_tokens=480, temperature=0, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))
-        assert metric(server, "loraserve_running_kv_blocks") > 0
         stream.close()
         deadline = time.time() + 30  # the engine frees the blocks and the response counts the end, in either order
         while (metric(server, "loraserve_running_kv_blocks") > 0

@@ -29,7 +29,7 @@ class TorchExecutor:
         """Unseeded rows draw from it; a seeded request has its own (`_generator`),
         on the model's device, where sampling runs."""
         self.generators: dict[str, torch.Generator] = {}
-        if model.device.type == "cpu" and model.dtype == torch.float32:
+        if model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16):
             cpu_kernels.kernels()  # built (or found built) now, not in the first step
 
     def execute(self, plan: StepPlan) -> StepResult:

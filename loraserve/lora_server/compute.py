@@ -63,9 +63,3 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
         for a in adapters[:len(slots)]:
             store.release(a)
 
-
-def combine_rows(delta: torch.Tensor, scatter: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[tokens, out]: each token's (token, expert) row deltas times their routing weights, summed,
-    as the model combines its experts' outputs (delta [N, out], scatter [N] each row's token)."""
-    weighted = delta * weight.to(delta.dtype)[:, None]
-    return delta.new_zeros(tokens, delta.shape[1]).index_add_(0, scatter.to(delta.device), weighted)

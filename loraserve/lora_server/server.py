@@ -31,7 +31,8 @@ import torch
 
 from loraserve.clock import Clock, MonotonicClock
 from loraserve.lora.adapter import LoraAdapter
-from loraserve.lora_server.compute import combine_rows, store_delta
+from loraserve.kernels import combine_rows
+from loraserve.lora_server.compute import store_delta
 from loraserve.lora_server.delta import Delta, parse_delta
 from loraserve.lora_server.parallel import RankFailed, RankLauncher, Ranks
 from loraserve.lora_server.shard import Layout
@@ -288,10 +289,15 @@ class LoraServer:
         for d in batch:
             n = d.x.shape[0]
             rows = y[at:at + n]
-            if d.combine is not None:
-                rows = combine_rows(rows, d.scatter, d.weight, d.combine)
-            rows = rows.to(d.dtype)
             at += n
+            if d.combine is not None:
+                try:
+                    rows = combine_rows(rows, d.scatter, d.weight, d.combine)
+                except Exception as e:  # a bug or a device fault: this delta fails, the server goes on
+                    log.exception("combining a delta of layer %d %s failed", layer, target)
+                    self.sock.send(d.peer, error(f"{type(e).__name__}: {e}", 500, id=d.id))
+                    continue
+            rows = rows.to(d.dtype)
             extra = {}
             if d.at is not None and d.push:
                 if self.nixl is None or d.peer not in self.nixl.peers:

@@ -1,4 +1,4 @@
-"""The few CPU kernels the model's float32 step calls, compiled on first use.
+"""The few CPU kernels the model's step calls (float32; the glue bf16 too), compiled on first use.
 
 - Decode attention that reads each sequence's KV blocks where they lie. The
   plain path (`attention.py`) gathers every decoding sequence's blocks into a
@@ -46,18 +46,26 @@ SOURCE = r"""
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 // Rows per task: a task gets at least ~16K elements, so a decode's few rows run on the calling thread
 // rather than wake the pool's workers for microseconds of work.
 static int64_t grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)); }
 
+// Every tensor a kernel reads through data_ptr must be in host memory: a CUDA pointer would be read as one.
+static void on_cpu(std::initializer_list<torch::Tensor> ts) {
+  for (const auto& t : ts) TORCH_CHECK(!t.defined() || t.device().is_cpu(), "CPU tensors only");
+}
+
 // q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache); tables [B, MB]; lens [B]: keys per sequence.
 // Query head j*G + g attends with KV head j (G = Hq / Hkv), as SDPA's enable_gqa.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tables, torch::Tensor lens,
                            double scale, int64_t window) {
+  on_cpu({q, kv, tables, lens});
   TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat, "float32 only");
   TORCH_CHECK(kv.is_contiguous() && tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 5 && tables.dim() == 2 && lens.dim() == 1 && kv.size(3) > 0);
   q = q.contiguous(); tables = tables.contiguous(); lens = lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t NB = kv.size(1), BS = kv.size(2), Hkv = kv.size(3), MB = tables.size(1), G = Hq / Hkv;
@@ -127,8 +135,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
 
 // kv [2, NB, BS, Hkv, D] (one layer's cache): row t of k and v ([T, Hkv, D], D contiguous) into slot slots[t].
 void write_kv(torch::Tensor kv, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
+  on_cpu({kv, slots, k, v});
   TORCH_CHECK(kv.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat);
-  TORCH_CHECK(kv.is_contiguous() && slots.scalar_type() == at::kLong && k.dim() == 3 && v.dim() == 3);
+  TORCH_CHECK(kv.is_contiguous() && kv.dim() == 5 && kv.size(0) == 2, "kv must be one layer's [2, NB, BS, H, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && k.dim() == 3 && v.dim() == 3);
   slots = slots.contiguous();
   const int64_t T = k.size(0), H = kv.size(3), D = kv.size(4), capacity = kv.size(1) * kv.size(2);
   TORCH_CHECK(slots.size(0) == T && v.size(0) == T && k.size(1) == H && v.size(1) == H && k.size(2) == D
@@ -162,6 +172,7 @@ template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }
 // x [T, H] (the residual stream) += d in place (d may be None); returns rms_norm(x) * w, as HF's RMSNorm
 // rounds it: the norm in float32 (the mean accumulated in double), rounded, then scaled by w.
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> d, torch::Tensor w, double eps) {
+  on_cpu({x, w, d.has_value() ? *d : torch::Tensor()});
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.scalar_type() == x.scalar_type());
   const int64_t T = x.size(0), H = x.size(1);
   TORCH_CHECK(w.numel() == H && w.is_contiguous(), "norm weight does not match");
@@ -194,6 +205,7 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> d, torc
 // HF's rotate-half RoPE in place on qk [T, heads, D] (D contiguous), with float32 cos, sin [T, D/2] (the step's
 // rows), computed in float32 and rounded once.
 void rope_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
+  on_cpu({qk, cos, sin});
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat);
   TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.size(2) % 2 == 0);
   const int64_t T = qk.size(0), NH = qk.size(1), half = qk.size(2) / 2;
@@ -223,6 +235,7 @@ void rope_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
 // gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I]; silu's result is rounded before the product, as
 // torch's two ops round.
 torch::Tensor silu_mul(torch::Tensor gu) {
+  on_cpu({gu});
   TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0);
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   auto out = torch::empty({T, I}, gu.options());
@@ -272,7 +285,7 @@ STALE_LOCK_S = 600
 
 
 def _build():
-    if os.environ.get("LORASERVE_CPU_KERNELS", "1") == "0":
+    if "0" in (os.environ.get("LORASERVE_CPU_KERNELS"), os.environ.get("LORASERVE_CPU_ATTENTION")):  # the old name too
         return None
     path = os.environ.get("PATH")
     try:

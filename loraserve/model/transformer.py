@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.gpu.segments import group_ends
-from loraserve.kernels import segmented_mm
+from loraserve.kernels import combine_rows, segmented_mm
 from loraserve.model.attention import AttnMetadata, paged_attention
 from loraserve.model.linear import Linear
 from loraserve.model.lora import LoraBackend, Routing
@@ -150,7 +150,7 @@ class Transformer:
         xs = h[routing.token]  # [T*K, H]
         gate_up, _ = self._experts(lora, i, Target.EXPERTS_GATE_UP, xs, moe.gate_up, offs, routing)  # [T*K, 2I]
         y, combined = self._experts(lora, i, Target.EXPERTS_DOWN, silu_mul(gate_up), moe.down, offs, routing)
-        out = torch.zeros_like(h).index_add_(0, routing.token, y * routing.weight[:, None])  # y: [T*K, H]
+        out = combine_rows(y, routing.token, routing.weight, num_tokens)  # y: [T*K, H]
         if combined is not None:  # the LoRA deltas, combined over each token's experts by the backend
             token, delta = combined
             out.index_add_(0, token, delta.to(out.dtype))

@@ -154,7 +154,8 @@ class RemoteLoraBackend(ServerRows):
     `submit` sends a projection's adapter rows (`ServerRows.rows`) before the
     base matmul, or, without overlap, `wait` sends them after it; `wait` takes
     the delta (pushed into the buffer registered for it, or pulled) and adds
-    it in place.
+    it in place; an expert down delta comes back combined per token, and
+    `wait` returns it for the model to add after its combine.
     """
 
     def __init__(self, spec: ModelSpec, client: LoraServerClient, adapters: dict[str, LoraAdapter]) -> None:
@@ -250,7 +251,15 @@ class RemoteLoraBackend(ServerRows):
             waited = time.perf_counter() - start
             self.wait_s += waited
             self._step_wait = (self._step_wait or 0.0) + waited
-        combined = self.add(out, msg.tensors[0], picked)
+        delta = msg.tensors[0]
+        if tuple(delta.shape) != (result_rows(header), out_dim(self.spec, target)):
+            if self.nixl is not None:
+                self.nixl.release(header["id"])
+            raise LoraServerError(500, f"a {target.value} result of shape {tuple(delta.shape)} for "
+                                       f"{result_rows(header)} rows")
+        if self.nixl is not None and picked.tokens is not None:
+            delta = delta.clone()  # the model adds it after this returns: not a view of a region released below
+        combined = self.add(out, delta, picked)
         if self.nixl is not None:
             self.nixl.release(header["id"])
         return combined

@@ -16,8 +16,10 @@
 - `slora-vllm`: S-LoRA as vLLM integrates it, with vLLM's defaults: blocking
   loads, and a CPU LoRA cache of `max_cpu_loras` = `max_loras` adapters,
   so an adapter that is in neither is read from disk (`Hardware.disk_bw`)
-  on its miss. The paper's baseline is "S-LoRA integrated in vLLM"; its
-  settings are not given, so this is the reading by vLLM's defaults.
+  on its miss. (The host tier is sized for those adapters; S-LoRA keeps no
+  history KV, so only a preempted request's KV would have used the rest.)
+  The paper's baseline is "S-LoRA integrated in vLLM"; its settings are
+  not given, so this is the reading by vLLM's defaults.
 - `elora`: coupled with the ELORA cache (cost model, history KV, idle prefetch).
 - `disagg`: InfiniLoRA: `server_gpus` for the LoRA server (EP4-PP2 on 8),
   instances on the rest, every optimisation on. The ablation ladder's rungs

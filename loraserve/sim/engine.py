@@ -50,8 +50,10 @@ class SimConfig:
     blocking_loads: bool = False
     """Adapter loads stall the whole instance: vLLM's LoRA manager loads a step's adapters
     inside the step, before its forward pass, so every running request waits for a miss, not
-    only its own (S-LoRA as integrated in vLLM, InfiniLoRA's baseline). False: loads run beside
-    the steps and only the request that needs one waits (S-LoRA's and our design)."""
+    only its own (S-LoRA as integrated in vLLM, InfiniLoRA's baseline). Modelled as: a step
+    starts once every adapter load submitted so far has landed (the same thing where loads
+    are only ever made for admitted requests, as under `slora`: no prefetch). False: loads run
+    beside the steps and only the request that needs one waits (S-LoRA's and our design)."""
 
 
 def device_tier_bytes(spec: ModelSpec, hw: Hardware, cfg: SimConfig) -> int:

@@ -25,7 +25,8 @@ import torch
 
 from loraserve.engine.plan import StepPlan
 from loraserve.lora.adapter import LoraAdapter
-from loraserve.lora_server.compute import combine_rows, store_delta
+from loraserve.kernels import combine_rows
+from loraserve.lora_server.compute import store_delta
 from loraserve.model.lora import Routing
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, layer_targets
