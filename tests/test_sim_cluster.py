@@ -457,6 +457,7 @@ def test_simulate_cluster_command(capsys):
 def test_a_blocking_load_stalls_every_running_request(blocking):
     """vLLM loads a step's adapters inside the step (`slora-sync`, `slora-vllm`): a decoding
     request waits out another request's adapter read; with loads beside the steps it does not."""
+    from loraserve.cache.mover import CopyJob
     from loraserve.sampling import SamplingParams
     from loraserve.sim.engine import SimEngine
 
@@ -478,7 +479,7 @@ def test_a_blocking_load_stalls_every_running_request(blocking):
         step()
         stamps.append(clock.now())
     gaps = [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
-    load = H20.pcie_latency + size / 2 / H20.disk_bw  # each of the 2 GPUs reads its half
+    load = eng.cost.copy_time(CopyJob(0, "disk", "device", (), (), size, adapter="b"))  # the modelled read
     if blocking:
         assert max(gaps) >= load * 0.99
     else:

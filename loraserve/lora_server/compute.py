@@ -62,4 +62,3 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
     finally:
         for a in adapters[:len(slots)]:
             store.release(a)
-

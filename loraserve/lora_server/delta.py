@@ -75,15 +75,8 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     rows = field(h, "rows", int)
     if not 0 < rows <= MAX_ROWS:
         raise ProtocolError(f"rows {rows} is outside (0, {MAX_ROWS}]")
-    unique = h.get("unique")
-    if unique is not None and (not target.is_expert or not isinstance(unique, int) or isinstance(unique, bool)
-                               or not 0 < unique <= rows):
-        raise ProtocolError(f"'unique' must be a row count in (0, {rows}] of an expert target's delta, got {unique!r}")
-    combine = h.get("combine")
-    if combine is not None and (target is not Target.EXPERTS_DOWN or not isinstance(combine, int)
-                                or isinstance(combine, bool) or not 0 < combine <= rows):
-        raise ProtocolError(f"'combine' must be a token count in (0, {rows}] of an experts_down delta, "
-                            f"got {combine!r}")
+    unique = _count(h, "unique", rows, target.is_expert, "a row count", "an expert target's delta")
+    combine = _count(h, "combine", rows, target is Target.EXPERTS_DOWN, "a token count", "an experts_down delta")
     want = (2 if target.is_expert else 1) + (unique is not None) + 2 * (combine is not None)
     if len(msg.tensors) != 1 + want:
         raise ProtocolError(f"a {target} delta carries {1 + want} tensors, got {len(msg.tensors)}")
@@ -122,6 +115,15 @@ def parse_delta(peer: bytes, msg: Message, spec: ModelSpec, store: AdapterStore,
     return Delta(peer, msg_id, layer, target, x.dtype, bool(h.get("push", True)), x, adapters,
                  row_adapter.long(), expert, time.monotonic() if now is None else now, position(s, layer, target), at,
                  combine, weight, scatter)
+
+
+def _count(h: dict, name: str, rows: int, allowed: bool, what: str, where: str) -> int | None:
+    """An optional count field in (0, rows], only where `allowed` (the target takes it)."""
+    value = h.get(name)
+    if value is not None and (not allowed or not isinstance(value, int) or isinstance(value, bool)
+                              or not 0 < value <= rows):
+        raise ProtocolError(f"'{name}' must be {what} in (0, {rows}] of {where}, got {value!r}")
+    return value
 
 
 def check_index(t: torch.Tensor, rows: int, bound: int, what: str) -> None:
