@@ -245,27 +245,22 @@ def random_model(spec, dtype):
 
 
 def random_adapter(spec, dtype, i: int):
-    """Rank-16 LoRA on every projection, fused as PEFT adapters are (B block-diagonal)."""
+    """Rank-16 LoRA on every projection, in the engine's fused layout (`targets.out_edges`)."""
     from loraserve.lora.adapter import LoraAdapter
-    from loraserve.lora.gpu_batch import slice_bounds
     from loraserve.model.targets import in_dim, layer_targets, out_dim
 
     weights = {}
     for layer in range(spec.num_layers):
         for t in layer_targets(spec, layer):
-            edges = [0, *slice_bounds(spec, t), out_dim(spec, t)]
             a = torch.randn(in_dim(spec, t), t.width * RANK, dtype=dtype, device=DEVICE) * 0.01
-            b = torch.zeros(t.width * RANK, out_dim(spec, t), dtype=dtype, device=DEVICE)
-            for j in range(t.width):
-                b[j * RANK:(j + 1) * RANK, edges[j]:edges[j + 1]] = 0.01 * torch.randn(
-                    RANK, edges[j + 1] - edges[j], dtype=dtype, device=DEVICE)
+            b = torch.randn(RANK, out_dim(spec, t), dtype=dtype, device=DEVICE) * 0.01
             weights[(layer, t)] = (a, b)
     return LoraAdapter(f"adapter{i}", f"a{i}", "", RANK, 2.0 * RANK, False, (), weights)
 
 
 def lora_cost(adapter) -> tuple[int, int]:
-    """(bytes read, FLOPs per row) of one adapter's deltas: A whole, B only its rank rows per slice."""
-    elems = sum(a.numel() + b.shape[-1] * RANK for a, b in adapter.weights.values())
+    """(bytes read, FLOPs per row) of one adapter's deltas: A and B whole (the layout holds no zeros)."""
+    elems = sum(a.numel() + b.numel() for a, b in adapter.weights.values())
     return elems * adapter.weights[next(iter(adapter.weights))][0].element_size(), 2 * elems
 
 

@@ -2,10 +2,15 @@
 
 Tokens of one step arrive sorted by LoRA slot, so each adapter's tokens form a
 contiguous segment; every projection then needs two segmented matmuls (shrink
-to the rank, expand back), whatever the number of adapters in the batch.
+to the rank, expand back, the expand once per output slice of a fused
+projection), whatever the number of adapters in the batch. These are torch's
+matmuls; on a CPU, steps of few rows per adapter take the compiled kernel
+instead (`model/cpu_lora.py`, chosen by `lora/batch.py`).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -46,52 +51,73 @@ def _segments(offs: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """torch._grouped_mm wants every non-unit stride to be a multiple of 16 bytes."""
-    return all(st == 1 or (st * t.element_size()) % 16 == 0 for st in t.stride())
+    """torch._grouped_mm wants its data and every non-unit stride on 16 bytes (a slice's view may not be)."""
+    return t.data_ptr() % 16 == 0 and all(st == 1 or (st * t.element_size()) % 16 == 0 for st in t.stride())
+
+
+def _slices(b: torch.Tensor, edges: Sequence[int] | None) -> list[tuple[int, int, int]]:
+    """(j, first column, end column) of each output slice (`targets.out_edges`; None: one slice)."""
+    edges = (0, b.shape[-1]) if edges is None else edges
+    return [(j, edges[j], edges[j + 1]) for j in range(len(edges) - 1)]
+
+
+def fused_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, edges: Sequence[int] | None = None) -> torch.Tensor:
+    """One adapter's LoRA update in the fused layout of `targets.out_edges`: x [.., T, K];
+    a [.., K, W r]; b [.., r, N]. Returns [.., T, N]: slice j is x @ a[.., j r:(j+1) r] @ b[.., slice j]."""
+    shrunk, r = x @ a, b.shape[-2]
+    return torch.cat([shrunk[..., j * r:(j + 1) * r] @ b[..., lo:hi] for j, lo, hi in _slices(b, edges)], dim=-1)
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """LoRA update for segmented tokens: x: [T, K]; a: [G, K, R]; b: [G, R, N]
-    (the adapter's scaling already folded into b). Returns [T, N].
+               out: torch.Tensor | None = None, edges: Sequence[int] | None = None) -> torch.Tensor:
+    """LoRA update for segmented tokens: x: [T, K]; a: [G, K, W R]; b: [G, R, N]
+    in the fused layout of `targets.out_edges` (edges: its W + 1 slice edges;
+    None: one slice), the adapter's scaling already folded into b. Returns [T, N].
 
     With `out` ([T, N]) the update is added into it in place and `out` is
     returned: when `out` has b's dtype the expand writes no [T, N] temporary and
     makes no second pass to add it, which in prefill (N up to twice the MLP
     width, a rank-sized K) is most of the LoRA cost."""
-    shrunk = segmented_mm(x, a, offs)
-    if out is None or out.dtype != b.dtype:
-        y = segmented_mm(shrunk, b, offs)
+    shrunk, r = segmented_mm(x, a, offs), b.shape[-2]
+    slices = _slices(b, edges)
+    if out is None or out.dtype != b.dtype or triton_active(x.device):  # (a GPU's segments stay on it)
+        y = torch.cat([segmented_mm(shrunk[:, j * r:(j + 1) * r], b[..., lo:hi], offs) for j, lo, hi in slices], 1)
         return y if out is None else out.add_(y.to(out.dtype))
     for g, start, end in _segments(offs):
-        out[start:end].addmm_(shrunk[start:end], b[g])
+        for j, lo, hi in slices:
+            out[start:end, lo:hi].addmm_(shrunk[start:end, j * r:(j + 1) * r], b[g, :, lo:hi])
     return out
 
 
 def padded_lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad: int,
-                      pad_index: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      pad_index: torch.Tensor | None, out: torch.Tensor | None = None,
+                      edges: Sequence[int] | None = None) -> torch.Tensor:
     """The same update as `lora_delta`, computed on a padded layout.
 
-    x: [T, K] rows sorted by slot; a: [S, K, R]; b: [S, R, N]; slot s owns
+    x: [T, K] rows sorted by slot; a: [S, K, W R]; b: [S, R, N]; slot s owns
     padded rows [s * pad, (s + 1) * pad); pad_index: [T] padded row of each x
     row (None when every slot has exactly `pad` rows). Returns [T, N]; with
     `out`, adds into it in place as `lora_delta` does.
 
-    Semantics:
+    Semantics (one slice):
         xp = zeros(S * pad, K); xp[pad_index] = x
         yp = bmm(bmm(xp.view(S, pad, K), a), b).view(S * pad, N)
         return yp[pad_index]
     """
-    num_slots = a.shape[0]
+    num_slots, r = a.shape[0], b.shape[-2]
     if pad_index is None:
         xp = x.view(num_slots, pad, -1)
     else:
         xp = x.new_zeros(num_slots * pad, x.shape[1]).index_copy_(0, pad_index, x).view(num_slots, pad, -1)
     shrunk = torch.bmm(xp, a)
+    slices = _slices(b, edges)
     if out is not None and pad_index is None and out.dtype == b.dtype:
-        out.view(num_slots, pad, -1).baddbmm_(shrunk, b)
+        view = out.view(num_slots, pad, -1)
+        for j, lo, hi in slices:
+            view[..., lo:hi].baddbmm_(shrunk[..., j * r:(j + 1) * r], b[..., lo:hi])
         return out
-    y = torch.bmm(shrunk, b).view(num_slots * pad, -1)
+    y = torch.cat([torch.bmm(shrunk[..., j * r:(j + 1) * r], b[..., lo:hi]) for j, lo, hi in slices], -1)
+    y = y.view(num_slots * pad, -1)
     y = y if pad_index is None else y[pad_index]
     return y if out is None else out.add_(y.to(out.dtype))
 

@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraserve import LLM, SamplingParams
+from loraserve.kernels import fused_delta
 from loraserve.lora.adapter import AdapterError, content_hash, load_adapter
 from loraserve.model.loader import load_model
 from loraserve.model.spec import ModelError, ModelSpec
+from loraserve.model.targets import Target, out_edges
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -43,7 +45,7 @@ def test_good_adapter_loads_with_its_rank(adapter_copy):
     adapter = load_adapter(path, spec, max_rank=64)
     assert adapter.rank == 8
     a, b = adapter.weights[(0, "qkv")]
-    assert a.shape == (64, 24) and b.shape == (24, 64 + 32 + 32)  # q|k|v stacked, B block-diagonal
+    assert a.shape == (64, 24) and b.shape == (8, 64 + 32 + 32)  # q|k|v: A side by side, B in their columns
 
 
 def test_wrong_base_shapes(adapter_copy):
@@ -192,7 +194,8 @@ def test_per_expert_adapter_equals_fused_form(tiny, tmp_path):
     for layer in range(spec.num_layers):
         (af, bf), (as_, bs) = fused.weights[(layer, "experts_gate_up")], split.weights[(layer, "experts_gate_up")]
         for e in range(num_experts):  # same delta, though split stores gate and up with separate A
-            assert torch.allclose(x @ af[e] @ bf[e], x @ as_[e] @ bs[e], atol=1e-5)
+            edges = out_edges(spec, Target.EXPERTS_GATE_UP)
+            assert torch.allclose(fused_delta(x, af[e], bf[e], edges), fused_delta(x, as_[e], bs[e], edges), atol=1e-5)
 
 
 # -- models ------------------------------------------------------------------

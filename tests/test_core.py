@@ -16,12 +16,13 @@ from loraserve.clock import ManualClock
 from loraserve.config import CacheConfig, SchedulerConfig
 from loraserve.engine.core import EngineCore
 from loraserve.engine.plan import SampledToken, StepPlan, StepResult
+from loraserve.kernels import fused_delta
 from loraserve.lora.adapter import load_adapter
 from loraserve.lora.backend import LocalLoraBackend
 from loraserve.model.attention import build_metadata
 from loraserve.model.loader import load_model
 from loraserve.model.lora import Routing
-from loraserve.model.targets import Target
+from loraserve.model.targets import Target, out_edges
 from loraserve.request import Request
 from loraserve.sampling import SamplingParams
 
@@ -98,8 +99,8 @@ def test_the_core_runs_on_protocols_alone():
 class NaiveLora:
     """Only the model's LoraBackend protocol, computed the plain way for one adapter on every row."""
 
-    def __init__(self, weights) -> None:
-        self.weights = weights
+    def __init__(self, spec, weights) -> None:
+        self.spec, self.weights = spec, weights
         self.calls: set[Target] = set()
 
     def submit(self, layer: int, target: Target, x: torch.Tensor, routing: Routing | None = None):
@@ -107,9 +108,10 @@ class NaiveLora:
             return None
         self.calls.add(target)
         a, b = self.weights[(layer, target)]
+        edges = out_edges(self.spec, target)
         if routing is None:
-            return x @ a @ b
-        return torch.einsum("ti,tir->tr", x, a[routing.expert]).unsqueeze(1).bmm(b[routing.expert]).squeeze(1)
+            return fused_delta(x, a, b, edges)
+        return fused_delta(x[:, None, :], a[routing.expert], b[routing.expert], edges).squeeze(1)
 
     def wait(self, delta: torch.Tensor, out: torch.Tensor) -> None:
         out += delta
@@ -128,7 +130,7 @@ def test_the_model_runs_on_any_lora_backend(tiny):
             kv = torch.zeros(model.spec.num_layers, 2, 4, 4, model.spec.num_kv_heads, model.spec.head_dim)
             meta = build_metadata([([0, 1, 2], 0, len(ids))], 4, model.spec.sliding_window, model.device)
             if lora == "naive":
-                backend = naive = NaiveLora(adapter.weights)
+                backend = naive = NaiveLora(model.spec, adapter.weights)
             elif lora == "none":
                 backend = None
             else:

@@ -7,44 +7,95 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loraserve.kernels import lora_delta, padded_lora_delta
+from loraserve.kernels import fused_delta, lora_delta, padded_lora_delta
+from loraserve.lora import batch as lora_batch
 from loraserve.lora.batch import LoraBatch
+from loraserve.model import cpu_kernels
 from loraserve.model import linear as linear_module
 from loraserve.model.linear import PACK_BF16, SMALL_BATCH, Linear
+from loraserve.model.targets import Target
 
 
-def naive(x, a, b, counts):
+def naive(x, a, b, counts, edges=None):
     rows, start = [], 0
     for s, c in enumerate(counts):
-        rows.append(x[start:start + c] @ a[s] @ b[s])
+        rows.append(fused_delta(x[start:start + c], a[s], b[s], edges))
         start += c
     return torch.cat(rows)
 
 
+def test_the_fused_layout_is_the_block_diagonal_product():
+    """A fused projection's delta (`targets.out_edges`) equals x @ A @ B with B block-diagonal,
+    the form it replaces: slice j of the output from A's j-th rank columns only."""
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(5, 24, generator=g), torch.randn(24, 3 * 4, generator=g), torch.randn(4, 40, generator=g)
+    edges = (0, 16, 28, 40)
+    block = torch.zeros(12, 40)
+    for j in range(3):
+        block[4 * j:4 * (j + 1), edges[j]:edges[j + 1]] = b[:, edges[j]:edges[j + 1]]
+    assert torch.allclose(fused_delta(x, a, b, edges), x @ a @ block, atol=1e-5)
+
+
+@pytest.mark.parametrize("edges", [None, (0, 16, 28, 40)])
 @pytest.mark.parametrize("counts", [[4, 4, 4, 4], [0, 3, 1, 7], [5, 0, 0, 0], [1, 1, 0, 2]])
-def test_segmented_and_padded_match_the_loop(counts):
+def test_segmented_and_padded_match_the_loop(counts, edges):
     g = torch.Generator().manual_seed(sum(counts))
+    width = 1 if edges is None else len(edges) - 1
     x = torch.randn(sum(counts), 24, generator=g)
-    a = torch.randn(len(counts), 24, 6, generator=g)
+    a = torch.randn(len(counts), 24, width * 6, generator=g)
     b = torch.randn(len(counts), 6, 40, generator=g)
-    expected = naive(x, a, b, counts)
+    expected = naive(x, a, b, counts, edges)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    assert torch.allclose(lora_delta(x, a, b, offs), expected, atol=1e-5)
+    assert torch.allclose(lora_delta(x, a, b, offs, edges=edges), expected, atol=1e-5)
     pad = max(counts)
     index = None if all(c == pad for c in counts) else torch.tensor(
         [s * pad + i for s, c in enumerate(counts) for i in range(c)])
-    assert torch.allclose(padded_lora_delta(x, a, b, pad, index), expected, atol=1e-5)
+    assert torch.allclose(padded_lora_delta(x, a, b, pad, index, edges=edges), expected, atol=1e-5)
     # the in-place forms add into what is there, in its dtype
     for dtype in (torch.float32, torch.bfloat16):
         start = torch.randn(expected.shape, generator=g).to(dtype)
-        for fn in (lambda out: lora_delta(x, a, b, offs, out=out),
-                   lambda out: padded_lora_delta(x, a, b, pad, index, out=out)):
+        for fn in (lambda out: lora_delta(x, a, b, offs, out=out, edges=edges),
+                   lambda out: padded_lora_delta(x, a, b, pad, index, out=out, edges=edges)):
             out = start.clone()
             assert fn(out) is out and out.dtype == dtype
             tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 keeps ~3 significant digits
             assert torch.allclose(out.float(), start.float() + expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("edges", [(0, 40), (0, 64, 80, 96), (0, 130, 167)])
+def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges):
+    """The CPU kernel over segments of 0-9 rows, groups of ranks 8, 5, 0 and 3 in a bank of
+    rank 8, and slices of widths that take every tile size (64, 16, 4, one column): each group
+    gets x @ A[:, its rank columns per slice] @ B[:its rank rows], added in place. What lies
+    past a group's rank (here not zeros) is never read."""
+    kernels = cpu_kernels.kernels()
+    assert kernels is not None, "the CPU kernels build on every machine CI runs on"
+    g = torch.Generator().manual_seed(len(edges))
+    width, rank, counts, ranks = len(edges) - 1, 8, [4, 9, 3, 0, 1], [8, 5, 0, 3, 8]
+    x = torch.randn(sum(counts) + 2, 24, generator=g)  # two rows past the last segment: left alone
+    a = torch.randn(len(counts), 24, width * rank, generator=g)
+    b = torch.randn(len(counts), rank, edges[-1], generator=g)
+    masked_a, masked_b = a.clone(), b.clone()
+    for s, r in enumerate(ranks):
+        masked_b[s, r:] = 0
+        for j in range(width):
+            masked_a[s, :, j * rank + r:(j + 1) * rank] = 0
+    expected = naive(x[:sum(counts)], masked_a, masked_b, counts, edges)
+    out = torch.randn(x.shape[0], edges[-1], generator=g)
+    start = out.clone()
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    kernels.lora_segments(x, a, b, offs, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
+    assert torch.allclose(out[:sum(counts)], start[:sum(counts)] + expected, atol=1e-4)
+    assert torch.equal(out[sum(counts):], start[sum(counts):])
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.lora_segments(x, a, b, offs + 3, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.lora_segments(x, a, b, offs, torch.tensor([9, 0, 0, 0, 0], dtype=torch.int32), list(edges), out)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernels.lora_segments(x, a, b, offs, torch.tensor(ranks, dtype=torch.int32), [0, edges[-1] - 1], out)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("counts, padded", [
     ([0, 0, 1, 1, 1, 0, 0, 0], True),     # a decode step on slots 2-4 of 8: only those take part
     ([0, 1, 0, 0, 0, 0, 0, 1], False),    # two rows seven slots apart: segmented
@@ -55,26 +106,31 @@ def test_segmented_and_padded_match_the_loop(counts):
     ([128, 128, 0, 0, 0, 0, 0, 0], True),  # even segments: padded, in place
     ([200, 200, 0, 0, 0, 0, 0, 0], False),  # even but long: segmented
 ])
-def test_lora_batch_uses_only_the_slots_with_rows(counts, padded):
-    """Base rows first, then adapter rows by slot: every row gets its own slot's delta, base rows none."""
+def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, compiled):
+    """Base rows first, then adapter rows by slot: every row gets its own slot's delta, base rows
+    none; through the compiled CPU kernel (segments of up to 16 rows) or torch's matmuls."""
+    if not compiled:
+        monkeypatch.setattr(lora_batch, "COMPILED_MAX_ROWS", 0)
     g = torch.Generator().manual_seed(len(counts) + sum(counts))
-    num_base, slots = 2, len(counts)
-    a = {(0, "o"): torch.randn(slots, 16, 4, generator=g)}
-    b = {(0, "o"): torch.randn(slots, 4, 12, generator=g)}
-    adapter = SimpleNamespace(weights={(0, "o"): None})  # only the keys matter here
-    bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots)
+    num_base, slots, key, qkv = 2, len(counts), (0, Target.O), (0, Target.QKV)
+    a = {key: torch.randn(slots, 16, 4, generator=g)}
+    b = {key: torch.randn(slots, 4, 12, generator=g)}
+    ranks = {key: torch.full((slots,), 4, dtype=torch.int32)}
+    adapter = SimpleNamespace(weights={key: None})  # only the keys matter here
+    bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots, ranks=ranks, device=torch.device("cpu"),
+                           dtype=torch.float32, spec=SimpleNamespace(hidden_size=12), group_ranks=ranks.get)
     token_group = torch.tensor([0] * num_base + [s + 1 for s, c in enumerate(counts) for _ in range(c)])
     batch = LoraBatch(bank, counts, num_base, token_group)
     live = [s for s, c in enumerate(counts) if c]
     assert batch.slots == slice(live[0], live[-1] + 1) and batch.padded == padded
     x = torch.randn(num_base + sum(counts), 16, generator=g)
     out = torch.zeros(x.shape[0], 12)
-    batch.add(0, "o", x, out)
-    expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[(0, "o")], b[(0, "o")], counts)])
+    batch.add(*key, x, out)
+    expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[key], b[key], counts)])
     assert torch.allclose(out, expected, atol=1e-5)
     # a target no adapter of the step has is skipped (its bank rows are zeros; here they are not, to tell)
-    a[(0, "qkv")], b[(0, "qkv")] = a[(0, "o")], b[(0, "o")]
-    batch.add(0, "qkv", x, out)
+    a[qkv], b[qkv], ranks[qkv] = a[key], b[key], ranks[key]
+    batch.add(*qkv, x, out)
     assert torch.allclose(out, expected, atol=1e-5)
 
 

@@ -30,12 +30,13 @@ import zmq
 from loraserve.cache.config import CacheConfig
 from loraserve.config import EngineConfig
 from loraserve.engine.llm_engine import LLMEngine
+from loraserve.kernels import fused_delta
 from loraserve.lora.adapter import LoraAdapter, load_adapter
 from loraserve.lora.bank import LoraBank
 from loraserve.lora_server.server import LoraServer
 from loraserve.lora_server.shard import Layout, Shard
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target, in_dim, layer_targets
+from loraserve.model.targets import Target, in_dim, layer_targets, out_edges
 from loraserve.remote.client import LoraServerClient
 from loraserve.remote.config import LoraServerConfig, RemoteLoraConfig
 from loraserve.remote.protocol import encode
@@ -223,15 +224,16 @@ def check_shards(client: Client, root: Path, ep: int, pp: int) -> None:
     assert max(r["bank_bytes"] for r in ranks) < whole.num_bytes
 
 
-def expected_delta(adapter: LoraAdapter, layer: int, target: Target, x: torch.Tensor,
+def expected_delta(spec: ModelSpec, adapter: LoraAdapter, layer: int, target: Target, x: torch.Tensor,
                    expert: torch.Tensor | None) -> torch.Tensor | None:
     """x @ A @ B row by row, straight from the adapter's weights (zero where it has none)."""
     if (layer, target) not in adapter.weights:
         return None
     a, b = adapter.weights[(layer, target)]
+    edges = out_edges(spec, target)
     if expert is None:
-        return x @ a @ b
-    return torch.stack([x[i] @ a[e] @ b[e] for i, e in enumerate(expert.tolist())])
+        return fused_delta(x, a, b, edges)
+    return torch.cat([fused_delta(x[i:i + 1], a[e], b[e], edges) for i, e in enumerate(expert.tolist())])
 
 
 def test_a_rank_not_ready_is_asked_again_and_the_rows_come_back_in_order(servers):
@@ -274,7 +276,7 @@ def check_deltas(client: Client, root: Path) -> None:
         want = torch.zeros_like(got)
         for k, name in enumerate(ADAPTERS):
             rows = (row_adapter == k).nonzero().flatten()
-            y = expected_delta(adapters[name], layer, target, x[rows], None if expert is None else expert[rows])
+            y = expected_delta(spec, adapters[name], layer, target, x[rows], None if expert is None else expert[rows])
             if y is not None:
                 want[rows] = y
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -508,7 +508,8 @@ def test_a_cold_adapter_does_not_hold_back_another_instances_delta(tiny):
     from loraserve.config import CacheConfig
     from loraserve.lora_server.delta import Delta
     from loraserve.lora_server.server import LoraServer
-    from loraserve.model.targets import Target
+    from loraserve.kernels import fused_delta
+    from loraserve.model.targets import Target, out_edges
     from loraserve.remote.config import LoraServerConfig
     from loraserve.remote.protocol import decode
     from loraserve.sim.paced import PacedMover
@@ -546,7 +547,7 @@ def test_a_cold_adapter_does_not_hold_back_another_instances_delta(tiny):
         assert store.fill.counters["slot_hits"] - before["slot_hits"] == 1
         assert store.fill.counters["layer_waits"] - before["layer_waits"] == 1
         assert [(peer, m.kind) for peer, m in sent] == [(b"warm-instance", "result")]
-        assert torch.allclose(sent[0][1].tensors[0], x @ a @ b, atol=1e-5)
+        assert torch.allclose(sent[0][1].tensors[0], fused_delta(x, a, b, out_edges(spec, Target.QKV)), atol=1e-5)
         assert [d.peer for d in server.pending] == [b"cold-instance"]
         clock.advance(1.0)
         server._compute()

@@ -114,26 +114,27 @@ def test_segment_mm_multiplies_each_group_by_its_own_matrix(device, kind, split_
 
 
 def test_expand_uses_each_slices_own_rank_rows(device):
-    """A fused q|k|v expand: each output slice gets only its rank rows; the
-    zero blocks of B are never read (poisoned with NaN here to prove it)."""
+    """A fused q|k|v expand in the layout of `targets.out_edges`: each output slice gets its
+    own shrink columns (slice j's from j * slice_cols) times B's rows of the group's rank; what
+    lies past a group's rank, in B or in the shrink, is never read (NaN here to prove it)."""
     g = torch.Generator().manual_seed(3)
-    shrunk = torch.randn(30, 12, generator=g)
-    b = torch.randn(5, 12, 50, generator=g)
-    units = [[(0, 4), (4, 8), (8, 12)], [(0, 0), (0, 3), (3, 6)], [(0, 2), (2, 4), (4, 6)], [(0, 0)] * 3,
-             [(0, 4), (4, 8), (8, 12)]]
+    c = 4
+    shrunk = torch.randn(30, 3 * c, generator=g)
+    b = torch.randn(5, c, 50, generator=g)
+    units = [[(0, 4)] * 3, [(0, 3)] * 3, [(0, 2)] * 3, [(0, 0)] * 3, [(0, 4)] * 3]
     bounds = [20, 35]
-    edges = [0, *bounds, 50]
-    for i, unit in enumerate(units):  # NaN wherever a rank row does not feed the slice
+    for i, unit in enumerate(units):
+        b[i, unit[0][1]:] = float("nan")
+    for start, end, i in zip(STARTS, ENDS, INDEX):
         for j in range(3):
-            keep = torch.zeros(12, dtype=torch.bool)
-            keep[unit[j][0]:unit[j][1]] = True
-            b[i, ~keep, edges[j]:edges[j + 1]] = float("nan")
-    table = i32([[v for u in unit for v in u] + [max(h for _, h in unit)] for unit in units], device)
+            shrunk[start:end, j * c + units[i][j][1]:(j + 1) * c] = float("nan")
+    table = i32([[v for u in unit for v in u] + [2 * c + unit[0][1]] for unit in units], device)
     out = torch.randn(30, 50, generator=g)
-    expected = ref.expand_add(shrunk, b.nan_to_num(0.0), out, STARTS, ENDS, INDEX, [units[i] for i in INDEX], bounds)
+    expected = ref.expand_add(shrunk.nan_to_num(0.0), b.nan_to_num(0.0), out, STARTS, ENDS, INDEX,
+                              [units[i] for i in INDEX], bounds, c)
     got = out.to(device)
     expand_add(shrunk.to(device), b.to(device), got, tiles_of("device", device), i32(INDEX, device), table, 100,
-               tuple(bounds))
+               tuple(bounds), c)
     assert torch.allclose(got.cpu(), expected, atol=1e-4)
 
 

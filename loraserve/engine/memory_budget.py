@@ -29,7 +29,7 @@ def bank_bytes(spec: ModelSpec, num_slots: int, rank: int, itemsize: int) -> int
     for layer in range(spec.num_layers):
         for t in layer_targets(spec, layer):
             lead = spec.num_experts * (num_slots + 1) if t.is_expert else num_slots
-            total += lead * t.width * rank * (in_dim(spec, t) + out_dim(spec, t))
+            total += lead * rank * (t.width * in_dim(spec, t) + out_dim(spec, t))  # A [in, W r], B [r, out]
     return total * itemsize
 
 

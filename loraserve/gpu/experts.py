@@ -19,7 +19,8 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if w.dtype != x.dtype or torch.cuda.get_device_capability(x.device) < (9, 0):
         return False
-    return all(st == 1 or (st * t.element_size()) % 16 == 0 for t in (x, w) for st in t.stride())
+    return all(t.data_ptr() % 16 == 0 and all(st == 1 or (st * t.element_size()) % 16 == 0 for st in t.stride())
+               for t in (x, w))
 
 
 def experts_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ row), sized by a host-known bound, built on the host when the segments are
 known there and on the device when they come from routing: no host sync to
 learn the sizes, and no program per (group, possible tile) pair.
 
-Each group reads only its adapter's own rank: the shrink computes columns
-[0, rank) of the bank's padded rank axis, and the expand of a fused
-projection (q|k|v, gate|up), whose B is block-diagonal, multiplies each output
-slice by only the rank rows that feed it (`units`), never by the zero blocks.
+Each group reads only its adapter's own rank: the shrink computes the columns
+a group's table entry names, and the expand of a fused projection (q|k|v,
+gate|up) multiplies each output slice by its own shrink columns (slice j's
+start at j * slice_cols) and only the rank rows of B that feed it (`units`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _segment_mm_kernel(x_ptr, w_ptr, y_ptr, group_ptr, first_ptr, ends_ptr, inde
 
 @triton.jit
 def _expand_kernel(s_ptr, b_ptr, out_ptr, group_ptr, first_ptr, ends_ptr, index_ptr, units_ptr, unit_mod, N, c1, c2,
-                   stride_st, stride_bg, stride_br, stride_bn, stride_ot, stride_on,
+                   slice_cols, stride_st, stride_bg, stride_br, stride_bn, stride_ot, stride_on,
                    WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
     g = tl.load(group_ptr + tl.program_id(0))
@@ -88,7 +88,7 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, group_ptr, first_ptr, ends_ptr, index_
             for r0 in range(lo, hi, BLOCK_R):
                 rs = r0 + tl.arange(0, BLOCK_R)
                 rk = rs < hi
-                st = tl.load(s_ptr + rows[:, None] * stride_st + rs[None, :],
+                st = tl.load(s_ptr + rows[:, None] * stride_st + (j * slice_cols + rs)[None, :],
                              mask=rmask[:, None] & rk[None, :], other=0.0)
                 bt = tl.load(b_ptr + w * stride_bg + rs[:, None] * stride_br + cols[None, :] * stride_bn,
                              mask=rk[:, None] & cmask[None, :], other=0.0)
@@ -139,12 +139,13 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, tiles: Tiles, index: torch.Tens
 
 
 def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, tiles: Tiles, index: torch.Tensor,
-               units: torch.Tensor, unit_mod: int, bounds: tuple[int, ...]) -> None:
-    """out[rows of g] += shrunk[rows, lo:hi] @ b[index[g], lo:hi, slice] for each output
-    slice of the fused projection, (lo, hi) its rank rows in `units`.
+               units: torch.Tensor, unit_mod: int, bounds: tuple[int, ...], slice_cols: int) -> None:
+    """out[rows of g] += shrunk[rows, j c + lo : j c + hi] @ b[index[g], lo:hi, slice j] for
+    each output slice j of the fused projection (c = slice_cols), (lo, hi) its rank rows in
+    `units` (the layout of `targets.out_edges`, c the bank's rank).
 
-    shrunk: [T, R]; b: [G', R, N]; out: [T, N]; units: [U, 2 * width + 1] int32
-    ((lo, hi) per slice, then the rank), row index[g] % unit_mod; bounds: the
+    shrunk: [T, width * c]; b: [G', R, N]; out: [T, N]; units: [U, 2 * width + 1] int32
+    ((lo, hi) per slice, then the shrink's columns), row index[g] % unit_mod; bounds: the
     slices' inner column boundaries (width - 1 of them)."""
     width = len(bounds) + 1
     n = out.shape[1]
@@ -154,5 +155,6 @@ def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, tiles: 
     block_n = 64 if n >= 64 else 16
     grid = (tiles.size, triton.cdiv(n, block_n))
     _expand_kernel[grid](shrunk, b, out, tiles.group, tiles.first, tiles.ends, index, units, unit_mod, n, c1, c2,
+                         slice_cols,
                          shrunk.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
                          WIDTH=width, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=16, PRECISION=precision(shrunk.dtype))

@@ -41,13 +41,14 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, starts: list[int], ends: list[i
 
 
 def expand_add(shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, starts: list[int], ends: list[int],
-               index: list[int], units: list[list[tuple[int, int]]], bounds: list[int]) -> torch.Tensor:
-    """out + for each group g and output slice j: shrunk[rows, lo:hi] @ b[index[g], lo:hi, slice j],
-    (lo, hi) = units[g][j]."""
+               index: list[int], units: list[list[tuple[int, int]]], bounds: list[int], slice_cols: int
+               ) -> torch.Tensor:
+    """out + for each group g and output slice j:
+    shrunk[rows, j c + lo : j c + hi] @ b[index[g], lo:hi, slice j], (lo, hi) = units[g][j], c = slice_cols."""
     y = out.double().clone()
     edges = [0, *bounds, out.shape[1]]
     for s, e, i, unit in zip(starts, ends, index, units):
         for j, (lo, hi) in enumerate(unit):
-            c0, c1 = edges[j], edges[j + 1]
-            y[s:e, c0:c1] += shrunk[s:e, lo:hi].double() @ b[i, lo:hi, c0:c1].double()
+            c0, c1, at = edges[j], edges[j + 1], j * slice_cols
+            y[s:e, c0:c1] += shrunk[s:e, at + lo:at + hi].double() @ b[i, lo:hi, c0:c1].double()
     return y.to(out.dtype)

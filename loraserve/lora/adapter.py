@@ -6,10 +6,14 @@ with new weights is a new one (so KV computed under the old one can never be
 reused for it).
 
 Layout. The engine fuses projections that share an input (q|k|v, gate|up), so
-an adapter's per-module A and B are fused the same way: A matrices are stacked
-along the rank axis and B becomes block-diagonal, so one shrink and one expand
-serve the fused projection. The scaling (alpha / r, or alpha / sqrt(r) for
-rsLoRA) is folded into B. Untargeted sub-projections stay zero.
+an adapter's per-module A and B are fused the same way (`targets.out_edges`):
+at the target's rank r (the largest of its modules), A [in, width * r] holds
+each slice's A side by side, and B [r, out] each slice's B in that slice's
+output columns. One shrink then serves the fused projection, and each slice's
+expand reads only its own B: none of the zeros a block-diagonal B would hold
+(two thirds of a q|k|v B). The scaling (alpha / r, or alpha / sqrt(r) for
+rsLoRA) is folded into B. Untargeted sub-projections and a module's rank rows
+below r stay zero.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from loraserve.lora.files import AdapterError, read_adapter_files
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim
+from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim, out_edges
 
 
 MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -46,10 +50,11 @@ class LoraAdapter:
     use_rslora: bool
     target_modules: tuple[str, ...]
     weights: dict[tuple[int, Target], tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
-    """(layer, target) → (A, B), fused as the engine's projections are. Dense
-    targets (qkv, o, gate_up, down, shared_gate_up, shared_down): A [in, R],
-    B [R, out]. Expert targets (experts_gate_up, experts_down): A [E, in, R],
-    B [E, R, out]. R sums the fused sub-projections' ranks; scaling is in B."""
+    """(layer, target) → (A, B), fused as the engine's projections are (`targets.out_edges`).
+    Dense targets (qkv, o, gate_up, down, shared_gate_up, shared_down): A [in, W * r],
+    B [r, out]. Expert targets (experts_gate_up, experts_down): A [E, in, W * r],
+    B [E, r, out]. W is the target's width, r the largest rank of its modules;
+    scaling is in B."""
 
     layout: tuple[tuple[tuple[int, str], tuple[int, ...], tuple[int, ...]], ...] = ()
     """((layer, target), A shape, B shape) per projection: enough to rebuild the
@@ -102,7 +107,7 @@ def load_adapter(path: str | Path, spec: ModelSpec, max_rank: int, name: str | N
             mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, u.module, alpha)
             u.b = u.b * (mod_alpha / (math.sqrt(r) if rslora else r))
             adapter.rank = max(adapter.rank, r)
-        adapter.weights[(layer, target)] = _fuse(us, out_dim(spec, target), dtype)
+        adapter.weights[(layer, target)] = _fuse(path, layer, us, out_edges(spec, target), dtype)
     if not adapter.weights:
         raise AdapterError(f"adapter {path}: no LoRA weights found")
     adapter.layout = tuple((key, tuple(a.shape), tuple(b.shape)) for key, (a, b) in adapter.weights.items())
@@ -266,17 +271,28 @@ def _fused_param_unit(path, spec, layer, module, a, b) -> tuple[str, _Unit]:
                        f"lora_B {tuple(b.shape)}, matching neither expert gate_up_proj nor down_proj")
 
 
-def _fuse(units: list[_Unit], out_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the units' A along the rank axis and place each B^T in its output rows."""
+def _fuse(path: Path, layer: int, units: list[_Unit], edges: tuple[int, ...], dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay the units out as `targets.out_edges` says: each output slice a unit covers gets the
+    unit's A in its rank columns and its B in its output columns. A plain module covers one
+    slice; a LoRA over a fused expert weight (`target_parameters`) covers them all, its A
+    repeated for each."""
     lead = units[0].a.shape[:-2]
-    total_r = sum(u.a.shape[-2] for u in units)
-    a = torch.cat([u.a for u in units], dim=-2).transpose(-1, -2).contiguous()  # [.., in, R]
-    b = torch.zeros(*lead, total_r, out_dim)
-    r0 = 0
+    width, r = len(edges) - 1, max(u.a.shape[-2] for u in units)
+    a = torch.zeros(*lead, units[0].a.shape[-1], width * r)
+    b = torch.zeros(*lead, r, edges[-1])
+    taken: set[int] = set()
     for u in units:
-        r = u.a.shape[-2]
-        b[..., r0:r0 + r, u.offset:u.offset + u.b.shape[-2]] = u.b.transpose(-1, -2)
-        r0 += r
+        ru, lo, hi = u.a.shape[-2], u.offset, u.offset + u.b.shape[-2]
+        covered = [j for j in range(width) if lo <= edges[j] and edges[j + 1] <= hi]
+        if taken & set(covered):
+            raise AdapterError(f"adapter {path}: layer {layer} {u.module} adapts an output another module "
+                               f"of the adapter adapts too")
+        taken.update(covered)
+        bt = u.b.transpose(-1, -2)  # [.., ru, hi - lo]
+        for j in covered:
+            a[..., j * r:j * r + ru] = u.a.transpose(-1, -2)
+            b[..., :ru, edges[j]:edges[j + 1]] = bt[..., edges[j] - lo:edges[j + 1] - lo]
     return a.to(dtype), b.to(dtype)
 
 

@@ -1,9 +1,12 @@
 """Device-side LoRA slots: every resident adapter's weights, stacked.
 
-For each (layer, target) the bank holds A [S, in, W] and B [S, W, out], where
-S is the number of slots and W = width × rank (width 3 for q|k|v, 2 for
-gate|up, else 1). Stacking lets one segmented matmul serve every adapter of a
-step. Expert targets add an expert axis and one always-zero group for
+For each (layer, target) the bank holds A [S, in, width × R] and B [S, R, out],
+where S is the number of slots and R the bank's rank, in the layout of
+`targets.out_edges` (width 3 for q|k|v, 2 for gate|up, else 1): slice j's rank
+columns of A are [j R, j R + r) for an adapter of rank r, and B's rows [0, r).
+`ranks` says each slot's r per target (0: the slot's adapter has none), so a
+kernel reads only an adapter's own rank rows. Stacking lets one segmented
+matmul serve every adapter of a step. Expert targets add an expert axis and one always-zero group for
 base-model tokens, first in each expert: A [E * (S + 1), in, W], group index =
 expert * (S + 1) + (0 for the base model, else slot + 1). Base rows come first
 in a step, so rows sorted by expert alone are sorted by group too.
@@ -56,6 +59,8 @@ class LoraBank:
         self.slots: list[LoraAdapter | None] = [None] * num_slots
         self.a: dict[Key, torch.Tensor] = {}
         self.b: dict[Key, torch.Tensor] = {}
+        self.ranks: dict[Key, torch.Tensor] = {}
+        """Per key, int32 [S] on the host: each slot's adapter rank for it (0: none)."""
 
     def _allocate(self, rank: int, experts: bool) -> None:
         """Swap in zeroed tensors of a larger rank (or with the expert targets),
@@ -65,12 +70,19 @@ class LoraBank:
         for layer, target in self.keys:
             if target.is_expert and not experts:
                 continue
-            w = target.width * rank
             lead = (e * (self.num_slots + 1),) if target.is_expert else (self.num_slots,)
             kw = dict(dtype=self.dtype, device=self.device)
-            a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), w, **kw)
-            b[(layer, target)] = torch.zeros(*lead, w, out_dim(s, target), **kw)
+            a[(layer, target)] = torch.zeros(*lead, in_dim(s, target), target.width * rank, **kw)
+            b[(layer, target)] = torch.zeros(*lead, rank, out_dim(s, target), **kw)
         self.a, self.b, self.rank, self.experts = a, b, rank, experts
+        self.ranks = {key: torch.zeros(self.num_slots, dtype=torch.int32) for key in a}
+
+    def group_ranks(self, key: Key) -> torch.Tensor:
+        """int32 on the host: each bank group's rank for `key`, as `a[key]` lays groups out
+        (a slot each; for an expert key, expert * (S + 1) + slot + 1, 0 for the base model's)."""
+        if not key[1].is_expert:
+            return self.ranks[key]
+        return torch.cat([self.ranks[key].new_zeros(1), self.ranks[key]]).repeat(self.num_experts)
 
     @property
     def num_bytes(self) -> int:
@@ -89,21 +101,23 @@ class LoraBank:
         self._write(slot, adapter, layers)
 
     def _write(self, slot: int, adapter: LoraAdapter, layers: range | None = None) -> None:
-        stride = self.num_slots + 1
+        stride, rank = self.num_slots + 1, self.rank
         for key, a_bank in self.a.items():
             if layers is not None and key[0] not in layers:
                 continue
-            # views of the slot: [in, W] / [W, out], or [E, in, W] / [E, W, out] for experts
+            # views of the slot: [in, W R] / [R, out], or [E, in, W R] / [E, R, out] for experts
             rows = slice(slot + 1, None, stride) if key[1].is_expert else slot
             a_slot, b_slot = a_bank[rows], self.b[key][rows]
             a_slot.zero_()
             b_slot.zero_()
+            r = 0
             if key in adapter.weights:
                 a, b = adapter.weights[key]
-                r = a.shape[-1]
-                a_slot[..., :r].copy_(a)
+                r = b.shape[-2]
+                for j in range(key[1].width):  # slice j's rank columns: [j r, (j+1) r) there, [j R, j R + r) here
+                    a_slot[..., j * rank:j * rank + r].copy_(a[..., j * r:(j + 1) * r])
                 b_slot[..., :r, :].copy_(b)
+            self.ranks[key][slot] = r
         self.slots[slot] = adapter
-
     def clear(self, slot: int) -> None:
         self.slots[slot] = None

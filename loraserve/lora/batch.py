@@ -15,6 +15,10 @@ picked once per step:
   prefill beside a prefix-cache hit) pay for the padded copies in and out:
   3-9x slower than the segmented path at 16 + 512-row segments.
 
+On a CPU in float32, steps of few rows per adapter (decode) take neither: the
+compiled kernel (`model/cpu_lora.py`) does a projection's whole update in one
+call, reading each adapter's weights once and only its own rank.
+
 Either way only the slots from the first to the last one with rows take part
 (a view of the bank, no copy), and only the projections one of their adapters
 targets: decode is bound by reading adapter weights, and a step whose four
@@ -26,9 +30,10 @@ from __future__ import annotations
 import torch
 
 from loraserve.kernels import lora_delta, padded_lora_delta
-from loraserve.lora.bank import LoraBank
+from loraserve.lora.bank import Key, LoraBank
+from loraserve.model import cpu_kernels
 from loraserve.model.lora import Routing
-from loraserve.model.targets import Target
+from loraserve.model.targets import Target, out_edges
 
 MAX_PADDING = 2.0
 """Ragged segments take the padded path while slots x longest segment <= this x adapter rows ..."""
@@ -39,6 +44,35 @@ MAX_RAGGED_PAD = 8
 MAX_EVEN_PAD = 128
 """Segments all of one length take the padded path up to this length."""
 
+COMPILED_MAX_ROWS = 128
+"""Segments of at most this many rows take the compiled kernel (CPU, float32): it reads an
+adapter's weights once per 4 rows, so a prefill's long segments are MKL's. On SmolLM2's shapes
+it is the fastest path from 1 to 128 rows per adapter, 1.5x slower at 512
+(`benchmarks/lora_paths.py`)."""
+
+
+def compiled(bank: LoraBank, max_rows: int) -> bool:
+    """Whether a delta over segments of at most `max_rows` rows takes the compiled CPU kernel."""
+    return (max_rows <= COMPILED_MAX_ROWS and bank.device.type == "cpu" and bank.dtype == torch.float32
+            and cpu_kernels.kernels() is not None)
+
+
+def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
+                    max_rows: int, slots: slice = slice(None)) -> None:
+    """out += each row's LoRA update, in place: rows sorted by bank group (slot, or expert *
+    (S + 1) + slot + 1 for an expert key), `offs` their cumulative ends, over the bank's
+    groups (or its `slots` only). The compiled kernel where `compiled` says, else torch's
+    segmented matmuls."""
+    a, b = bank.a[key][slots], bank.b[key][slots]
+    edges, x = out_edges(bank.spec, key[1]), x.to(a.dtype)
+    if not compiled(bank, max_rows):
+        lora_delta(x, a, b, offs, out=out, edges=edges)
+        return
+    target = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
+    cpu_kernels.kernels().lora_segments(x, a, b, offs, bank.group_ranks(key)[slots], list(edges), target)
+    if target is not out:
+        out.add_(target.to(out.dtype))
+
 
 class LoraBatch:
     def __init__(self, bank: LoraBank, slot_counts: list[int], num_base: int, token_group: torch.Tensor) -> None:
@@ -48,8 +82,8 @@ class LoraBatch:
         """Leading rows that use no adapter."""
         self.token_group = token_group
         """[T] each row's group in an expert's bank rows: 0 for the base model, slot + 1 else."""
-        self._routed: tuple[Routing, torch.Tensor] | None = None
-        """The last routing seen and its group offsets (see _group_offsets)."""
+        self._routed: tuple[Routing, torch.Tensor, int] | None = None
+        """The last routing seen, its group offsets and its largest group (see _group_offsets)."""
         num_rows = sum(slot_counts)
         device = token_group.device
         live = [s for s, c in enumerate(slot_counts) if c]
@@ -75,29 +109,32 @@ class LoraBatch:
 
     def add(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter row t."""
-        if (layer, target) not in self.targets:
+        key = (layer, target)
+        if key not in self.targets:
             return
         n = self.num_base
-        a, b = self.bank.a[(layer, target)][self.slots], self.bank.b[(layer, target)][self.slots]
-        x = x[n:].to(a.dtype)
-        if self.padded:
-            padded_lora_delta(x, a, b, self.pad, self.pad_index, out=out[n:])
+        if self.padded and not compiled(self.bank, self.pad):
+            a, b = self.bank.a[key][self.slots], self.bank.b[key][self.slots]
+            padded_lora_delta(x[n:].to(a.dtype), a, b, self.pad, self.pad_index, out=out[n:],
+                              edges=out_edges(self.bank.spec, target))
         else:
-            lora_delta(x, a, b, self.offs, out=out[n:])
+            segmented_delta(self.bank, key, x[n:], out[n:], self.offs, self.pad, self.slots)
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
         """Same for expert projections: rows sorted by expert, so by group
         (expert * (S + 1) + token group) too, since a step's rows come base
         model first, then by slot."""
         if (layer, target) in self.targets:
-            a, b = self.bank.a[(layer, target)], self.bank.b[(layer, target)]
-            lora_delta(x.to(a.dtype), a, b, self._group_offsets(routing), out=out)
+            offs, max_rows = self._group_offsets(routing)
+            segmented_delta(self.bank, (layer, target), x, out, offs, max_rows)
 
-    def _group_offsets(self, routing: Routing) -> torch.Tensor:
-        """Cumulative row ends of every (expert, group): computed once per layer's
-        routing, which its gate|up and down projections share."""
+    def _group_offsets(self, routing: Routing) -> tuple[torch.Tensor, int]:
+        """Cumulative row ends of every (expert, group), and the most rows in one: computed
+        once per layer's routing, which its gate|up and down projections share."""
         if self._routed is None or self._routed[0] is not routing:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             keys = routing.expert * (self.num_slots + 1) + self.token_group[routing.token]
-            self._routed = routing, torch.bincount(keys, minlength=groups).cumsum(0, dtype=torch.int32)
-        return self._routed[1]
+            counts = torch.bincount(keys, minlength=groups)
+            most = int(counts.max()) if counts.device.type == "cpu" else len(keys)  # (a bound, without a sync)
+            self._routed = routing, counts.cumsum(0, dtype=torch.int32), most
+        return self._routed[1], self._routed[2]

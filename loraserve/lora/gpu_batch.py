@@ -4,14 +4,9 @@ Triton segmented kernels (`gpu/lora_kernels.py`).
 Differences from the CPU path, for a device: the step's segment bounds go up
 in one asynchronous copy, routed (expert) rows find their groups with
 `searchsorted` on the device, so no LoRA call waits for the host; and each
-adapter is multiplied at its own rank, each fused output slice (q, k, v;
-gate, up) by only the rank rows that feed it, never by the zeros the bank
-pads to the largest rank or the block-diagonal B of a fused projection.
-
-Which rank rows feed which slice is read once per adapter load from the
-nonzero rows of its B (`UnitTables`): PEFT stacks the sub-projections' ranks
-in order, so each slice's rows are one run (a LoRA over a fused weight feeds
-every slice from the same run); an all-zero row adds nothing either way.
+adapter is multiplied at its own rank (`LoraBank.ranks`), not by the zeros
+the bank pads to the largest rank: the shrink stops after the last slice's r
+columns, and each slice's expand reads only B's first r rows (`UnitTables`).
 """
 
 from __future__ import annotations
@@ -22,28 +17,20 @@ from loraserve.gpu.lora_kernels import expand_add, segment_mm
 from loraserve.gpu.segments import Tiles, device_tiles, group_bounds, host_tiles, upload
 from loraserve.lora.bank import Key, LoraBank
 from loraserve.model.lora import Routing
-from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target, out_dim
-
-
-def slice_bounds(spec: ModelSpec, target: Target) -> tuple[int, ...]:
-    """Inner column boundaries of a fused projection's output slices."""
-    if target is Target.QKV:
-        return spec.q_size, spec.q_size + spec.kv_size
-    if target.width == 2:
-        return (out_dim(spec, target) // 2,)
-    return ()
+from loraserve.model.targets import Target, out_edges
 
 
 class UnitTables:
-    """Per bank key, an int32 table [rows, 2 * width + 1]: each slot's (lo, hi)
-    rank rows per output slice, then its rank (the shrink's columns). Dense
-    keys: row = slot; expert keys: row = slot + 1, row 0 (the base model's
-    group) all zeros. Rows change only when a slot's adapter does."""
+    """Per bank key, an int32 table [rows, 2 * width + 1] on the device: each slot's
+    (lo, hi) rank rows of B per output slice, (0, r) at its adapter's rank r, then the
+    shrink's columns ((width - 1) * R + r: the last slice's r columns start at its
+    (width - 1) * R). Dense keys: row = slot; expert keys: row = slot + 1, row 0 (the base
+    model's group) all zeros. Rebuilt when a slot's adapter or the bank's rank changes."""
 
     def __init__(self, bank: LoraBank) -> None:
         self.bank = bank
         self.seen: list[object | None] = [None] * bank.num_slots
+        self.rank = bank.rank
         self.tables: dict[Key, torch.Tensor] = {}
         """Made for a key when a first adapter has it (the bank too allocates some keys lazily)."""
         self.group_index = torch.arange(bank.num_experts * (bank.num_slots + 1), dtype=torch.int32,
@@ -51,32 +38,19 @@ class UnitTables:
         """Expert groups index the bank's rows one to one."""
 
     def refresh(self) -> None:
+        if self.bank.rank != self.rank:
+            self.seen, self.rank = [None] * self.bank.num_slots, self.bank.rank
         for slot, adapter in enumerate(self.bank.slots):
             if adapter is not self.seen[slot]:
                 for key in set(self.tables) | set(adapter.weights if adapter is not None else ()):
                     if key not in self.tables:
                         self.tables[key] = torch.zeros(self.bank.num_slots + key[1].is_expert, 2 * key[1].width + 1,
                                                        dtype=torch.int32, device=self.bank.device)
-                    self.tables[key][slot + key[1].is_expert] = self._units(adapter, key)
+                    r = int(self.bank.ranks[key][slot]) if adapter is not None and key in adapter.weights else 0
+                    width = key[1].width
+                    row = [0, r] * width + [(width - 1) * self.bank.rank + r if r else 0]
+                    self.tables[key][slot + key[1].is_expert] = torch.tensor(row, dtype=torch.int32)
                 self.seen[slot] = adapter
-
-    def _units(self, adapter, key: Key) -> torch.Tensor:
-        width = key[1].width
-        if adapter is None or key not in adapter.weights:
-            return torch.zeros(2 * width + 1, dtype=torch.int32, device=self.bank.device)
-        b = adapter.weights[key][1].to(self.bank.device)  # [R, out] or [E, R, out]
-        rank = b.shape[-2]
-        edges = [0, *slice_bounds(self.bank.spec, key[1]), b.shape[-1]]
-        idx = torch.arange(rank, device=b.device)
-        units = []
-        for j in range(width):
-            nz = (b[..., edges[j]:edges[j + 1]] != 0).any(-1)
-            if nz.dim() == 2:
-                nz = nz.any(0)
-            hi = torch.where(nz, idx + 1, 0).max()
-            lo = torch.minimum(torch.where(nz, idx, rank).min(), hi)
-            units += [lo, hi]
-        return torch.stack(units + [torch.stack(units[1::2]).max()]).to(torch.int32)
 
 
 class GpuLoraBatch:
@@ -106,7 +80,8 @@ class GpuLoraBatch:
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         s = self.bank.num_slots
         segment_mm(x, a, self.tiles, self.index, (table[:, -1], s), out=shrunk)
-        expand_add(shrunk, b, out[n:], self.tiles, self.index, table, s, slice_bounds(self.bank.spec, target))
+        expand_add(shrunk, b, out[n:], self.tiles, self.index, table, s, out_edges(self.bank.spec, target)[1:-1],
+                   self.bank.rank)
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
         """Expert rows, sorted by expert and so by group (expert * (S + 1) + token group)."""
@@ -120,7 +95,7 @@ class GpuLoraBatch:
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         index = self.units.group_index
         segment_mm(x, a, tiles, index, (table[:, -1], groups), out=shrunk)
-        expand_add(shrunk, b, out, tiles, index, table, groups, slice_bounds(self.bank.spec, target))
+        expand_add(shrunk, b, out, tiles, index, table, groups, out_edges(self.bank.spec, target)[1:-1], self.bank.rank)
 
     def _group_tiles(self, routing: Routing, num_rows: int) -> Tiles:
         """Each (expert, group)'s row tiles: once per layer's routing, shared by gate|up and down."""

@@ -3,8 +3,8 @@
 Rows arrive in whatever order their messages had; each carries its adapter's
 slot (and, for expert projections, its expert). Sorting by group (slot, or
 expert × (slots + 1) + slot + 1, the bank's expert layout) makes every group
-one segment, so one shrink and one expand (`kernels.lora_delta`) serve every
-adapter and expert of the batch, as in the coupled engine.
+one segment, so one segmented delta (`lora.batch.segmented_delta`) serves
+every adapter and expert of the batch, as in the coupled engine.
 
 `store_delta` is the same kernel behind the store's slots: what a server
 (or one rank of a parallel server) runs for a batch of rows.
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.kernels import lora_delta
+from loraserve.kernels import fused_delta
 from loraserve.lora.bank import LoraBank
+from loraserve.lora.batch import segmented_delta
 from loraserve.lora_server.store import AdapterStore
-from loraserve.model.targets import Target, out_dim
+from loraserve.model.targets import Target, out_dim, out_edges
 
 
 def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, slot: torch.Tensor,
@@ -26,14 +27,15 @@ def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, s
     targets). Returns the [N, out] deltas in x's row order, in the bank's dtype."""
     if (layer, target) not in bank.a:  # expert targets before any adapter has them (see LoraBank)
         return x.new_zeros(x.shape[0], out_dim(bank.spec, target), dtype=bank.dtype)
-    a, b = bank.a[(layer, target)], bank.b[(layer, target)]
     if expert is None:
-        key, groups = slot, bank.num_slots
+        group, groups = slot, bank.num_slots
     else:
-        key, groups = expert * (bank.num_slots + 1) + slot + 1, a.shape[0]
-    order = torch.argsort(key, stable=True)
-    offs = torch.bincount(key, minlength=groups).cumsum(0, dtype=torch.int32)
-    y = lora_delta(x[order].to(a.dtype), a, b, offs)
+        group, groups = expert * (bank.num_slots + 1) + slot + 1, bank.a[(layer, target)].shape[0]
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=groups)
+    y = x.new_zeros(x.shape[0], out_dim(bank.spec, target), dtype=bank.dtype)
+    most = int(counts.max()) if counts.device.type == "cpu" else x.shape[0]  # (a bound, without a sync)
+    segmented_delta(bank, (layer, target), x[order], y, counts.cumsum(0, dtype=torch.int32), most)
     out = torch.empty_like(y)
     out[order] = y
     return out
@@ -55,7 +57,7 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
         dev, bank = store.bank.device, store.bank
         if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): two plain matmuls
             a, b = bank.a[(layer, target)][slots[0]], bank.b[(layer, target)][slots[0]]
-            return x.to(dev, bank.dtype) @ a @ b
+            return fused_delta(x.to(dev, bank.dtype), a, b, out_edges(bank.spec, target))
         slot = torch.tensor(slots)[row_adapter]
         return batched_delta(store.bank, layer, target, x.to(dev, store.bank.dtype), slot.to(dev),
                              None if expert is None else expert.to(dev))

@@ -8,6 +8,7 @@
   key and value once, in place: per (sequence, KV head) it scores the head's
   query group against the keys, takes a softmax, and sums the values.
   `write_kv` puts a step's new keys and values into their slots.
+- LoRA for steps of few rows per adapter (`cpu_lora.py`).
 - The glue between a layer's matmuls, each one pass over its rows
   (`model/ops.py` calls them): the residual add with the RMSNorm after it,
   RoPE in place, and SiLU(gate) * up. As torch ops they are 2-7 small ops
@@ -18,7 +19,7 @@
 
 All are a few lines of C++ built with the compiler the machine has
 (`torch.utils.cpp_extension.load_inline`, cached under torch's extensions
-directory, per CPU: it is compiled for this one). Attention is float32; the
+directory, per CPU: it is compiled for this one). Attention and LoRA are float32; the
 glue takes float32 or bfloat16 (computed in float32, rounded where torch's
 bf16 ops round). Where they cannot be built, or with
 `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model runs torch's
@@ -37,6 +38,7 @@ import time
 import torch
 
 from loraserve.dtypes import cpu_flags
+from loraserve.model.cpu_lora import SOURCE as LORA_SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,9 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 }
 """
 
-FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul"]
+SOURCE += LORA_SOURCE
+
+FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul", "lora_segments"]
 
 _lock = threading.Lock()
 _built: list = []

@@ -3,7 +3,9 @@ for adapter parsing, the LoRA bank, the model, the simulator and (soon) the
 wire to a LoRA server, so a target is spelled one way everywhere.
 
 Targets follow the engine's fused projections: q|k|v is one matmul, so one
-target (its LoRA rank rows stacked, B block-diagonal); gate|up likewise. Plain
+target; gate|up likewise. An adapter's LoRA on a fused target is laid out
+compactly (`out_edges`): one shrink for all its slices, then each output slice
+expanded from its own rank columns, so no zero block is stored or read. Plain
 data: no torch, so the simulator and the policies can size LoRA work from it.
 """
 
@@ -79,3 +81,17 @@ def out_dim(spec: ModelSpec, target: Target) -> int:
     if target is Target.QKV:
         return spec.q_size + 2 * spec.kv_size
     return 2 * _intermediate(spec, target) if target.group == "gate_up" else spec.hidden_size
+
+
+def out_edges(spec: ModelSpec, target: Target) -> tuple[int, ...]:
+    """Column edges of the fused output's slices (q, k, v; gate, up; or the one slice):
+    `width` + 1 of them, from 0 to `out_dim`.
+
+    The LoRA layout every part of the engine shares: at rank r, A is [in, width * r] and
+    B is [r, out_dim]; slice j of the output is x @ A[:, j*r:(j+1)*r] @ B[:, edges[j]:edges[j+1]].
+    (A block-diagonal B of [width * r, out_dim] would be the same delta with (width - 1) / width
+    of it zeros.) Per-expert targets add a leading expert axis to both."""
+    out = out_dim(spec, target)
+    if target is Target.QKV:
+        return 0, spec.q_size, spec.q_size + spec.kv_size, out
+    return (0, out // 2, out) if target.width == 2 else (0, out)

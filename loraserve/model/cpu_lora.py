@@ -1,0 +1,134 @@
+"""The CPU's LoRA kernel for steps of few rows per adapter (decode), part of `cpu_kernels`' build.
+
+A decode step of 32 sequences over 8 adapters has 4 rows per adapter: its
+LoRA is two small matmuls per adapter and projection, bound by reading the
+adapter's weights (for SmolLM2 at rank 16, 156 MB a step against 538 MB of
+base weights). As torch's batched matmuls each projection cost two to four
+calls, each waking the other core's worker; and a fused projection's slices
+(q, k, v; gate, up) would be one more call each. `lora_segments` does a
+projection's whole update in one call: per adapter (one per thread task), the
+shrink of its rows into registers, then each output slice's expand from the
+slice's own rank columns, adding into the output in place, reading each of
+A and B once and only the adapter's own rank (`LoraBank.ranks`).
+
+Float32 only: where the LoRA math is bf16 (a CPU with native bf16), torch's
+batched matmuls run it. The vector types are GCC's, so the same source builds
+for AVX-512, AVX2 or NEON (a 16-float vector is then two or four registers).
+"""
+
+SOURCE = r"""
+template <int L> struct Vec { typedef float type __attribute__((vector_size(L * 4), aligned(4))); };
+template <int L> static inline typename Vec<L>::type vload(const float* p) {
+  return *reinterpret_cast<const typename Vec<L>::type*>(p);
+}
+template <int L> static inline void vstore(float* p, typename Vec<L>::type v) {
+  *reinterpret_cast<typename Vec<L>::type*>(p) = v;
+}
+
+// s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
+template <int M, int C, int L>
+static void shrink_tile(const float* x, int64_t xs, const float* A, int64_t K, int64_t WR, int64_t c0, float* s) {
+  typedef typename Vec<L>::type V;
+  V acc[M][C];
+  for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V av[C];
+    for (int c = 0; c < C; ++c) av[c] = vload<L>(A + k * WR + c0 + c * L);
+    for (int p = 0; p < M; ++p) {
+      const V xv = V{} + x[p * xs + k];
+      for (int c = 0; c < C; ++c) acc[p][c] += xv * av[c];
+    }
+  }
+  for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(s + p * WR + c0 + c * L, acc[p][c]);
+}
+
+// out[p, n0 : n0 + C L] += s[p, so : so + r] @ B[0 : r, n0 : n0 + C L] for M rows (B [R, N] row-major)
+template <int M, int C, int L>
+static void expand_tile(const float* s, int64_t WR, int64_t so, const float* B, int64_t N, int64_t r, int64_t n0,
+                        float* out, int64_t os) {
+  typedef typename Vec<L>::type V;
+  V acc[M][C];
+  for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = vload<L>(out + p * os + n0 + c * L);
+  for (int64_t k = 0; k < r; ++k) {
+    V bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = vload<L>(B + k * N + n0 + c * L);
+    for (int p = 0; p < M; ++p) {
+      const V sv = V{} + s[p * WR + so + k];
+      for (int c = 0; c < C; ++c) acc[p][c] += sv * bv[c];
+    }
+  }
+  for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(out + p * os + n0 + c * L, acc[p][c]);
+}
+
+// One adapter's M (<= 4) rows: the shrink of every slice's columns [j R, j R + r4), r4 = r rounded up to 4
+// (the bank's rank is a multiple of 4 and its padding columns are zeros), then each slice's expand.
+template <int M>
+static void lora_rows(const float* x, int64_t xs, const float* A, int64_t K, int64_t WR, const float* B, int64_t R,
+                      int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
+  const int64_t W = edges.size() - 1, r4 = (r + 3) / 4 * 4;
+  for (int64_t j = 0; j < W; ++j) {
+    int64_t c = j * R;
+    const int64_t c1 = j * R + r4;
+    for (; c + 32 <= c1; c += 32) shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s);
+    for (; c + 16 <= c1; c += 16) shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s);
+    for (; c + 8 <= c1; c += 8) shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s);
+    for (; c < c1; c += 4) shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s);
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    int64_t n = edges[j];
+    const int64_t n1 = edges[j + 1];
+    for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os);
+    for (; n + 16 <= n1; n += 16) expand_tile<M, 1, 16>(s, WR, j * R, B, N, r, n, out, os);
+    for (; n + 4 <= n1; n += 4) expand_tile<M, 1, 4>(s, WR, j * R, B, N, r, n, out, os);
+    for (; n < n1; ++n)
+      for (int p = 0; p < M; ++p) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < r; ++k) acc += s[p * WR + j * R + k] * B[k * N + n];
+        out[p * os + n] += acc;
+      }
+  }
+}
+
+// out[rows of g, slice j] += x[rows of g] @ a[g][:, j R : j R + r_g] @ b[g][:r_g, slice j], in place, for each
+// group g (rows [offs[g-1], offs[g]) of x and out), r_g = ranks[g]. a [G, K, W R], b [G, R, N] (the bank's
+// layout, targets.out_edges); edges: the W + 1 slice edges of N. float32.
+void lora_segments(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor offs, torch::Tensor ranks,
+                   std::vector<int64_t> edges, torch::Tensor out) {
+  on_cpu({x, a, b, offs, ranks, out});
+  for (const auto& t : {x, a, b, out}) TORCH_CHECK(t.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(offs.scalar_type() == at::kInt && ranks.scalar_type() == at::kInt && offs.dim() == 1 && ranks.dim() == 1);
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && x.dim() == 2 && out.dim() == 2 && edges.size() >= 2);
+  a = a.contiguous(); b = b.contiguous(); offs = offs.contiguous(); ranks = ranks.contiguous();
+  const int64_t G = a.size(0), K = a.size(1), WR = a.size(2), R = b.size(1), N = b.size(2), W = edges.size() - 1;
+  TORCH_CHECK(b.size(0) == G && offs.size(0) == G && ranks.size(0) == G && x.size(1) == K && WR == W * R
+              && R % 4 == 0 && out.size(1) == N && edges.front() == 0 && edges.back() == N, "shapes do not match");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "rows must be contiguous");
+  for (int64_t j = 0; j < W; ++j) TORCH_CHECK(edges[j] <= edges[j + 1], "slice edges must not decrease");
+  const int* op = offs.data_ptr<int>();
+  const int* rp = ranks.data_ptr<int>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(op[g] >= (g ? op[g - 1] : 0) && op[g] <= std::min(x.size(0), out.size(0)) && rp[g] >= 0
+                && rp[g] <= R, "segment ends or ranks out of range");
+  const float* xp = x.data_ptr<float>(); const float* ap = a.data_ptr<float>(); const float* bp = b.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> s(4 * WR);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t start = g ? op[g - 1] : 0, end = op[g], r = rp[g];
+      if (end <= start || r == 0) continue;
+      const float* A = ap + g * K * WR; const float* B = bp + g * R * N;
+      for (int64_t r0 = start; r0 < end; r0 += 4) {
+        const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
+        switch (std::min<int64_t>(4, end - r0)) {
+          case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data());
+        }
+      }
+    }
+  });
+}
+"""
