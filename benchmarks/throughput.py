@@ -4,7 +4,9 @@ Workload (issue #2): 32 requests over 8 rank-16 adapters (round robin), 128-toke
 prompts, 64 greedy output tokens each, on the SmolLM2 demo model and the tiny
 dense and MoE models, in fp32 and bf16. Also: loraserve with no adapters on the
 same batch (LoRA overhead), single-request decode against the memory-bandwidth
-roofline, and this machine's measured bandwidth and matmul FLOP/s.
+roofline, and this machine's measured bandwidth and matmul FLOP/s. Each system
+is timed warm: it first runs the whole batch for a few tokens on other prompts
+(`WARMUP_TOKENS`).
 
     python benchmarks/throughput.py                     # everything, 2 alternating repeats
     python benchmarks/throughput.py --models smollm2 --dtypes float32 --repeats 3
@@ -92,9 +94,16 @@ def prepare(model: str) -> tuple[Path, dict[str, str]]:
     return model_dir, adapters
 
 
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def prompts(seed: int = 0) -> list[list[int]]:
+    """The workload's prompts; another seed gives the warm-up's (same lengths, no shared prefix)."""
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(100, 20_000, (NUM_REQUESTS, PROMPT_LEN), generator=g).tolist()
+
+
+WARMUP_TOKENS = 4
+"""Every system first runs the whole batch untimed for this many tokens, on other prompts: the
+timed run then meets no first-time cost (oneDNN's kernels built for the step's shapes, the
+allocator's first pages, the adapters' first loads), as a server that has served for a while."""
 
 
 def run_loraserve(model_dir: Path, adapters: dict, dtype: str, use_adapters: bool) -> float:
@@ -104,7 +113,8 @@ def run_loraserve(model_dir: Path, adapters: dict, dtype: str, use_adapters: boo
               scheduler=SchedulerConfig(max_num_seqs=NUM_REQUESTS, max_num_batched_tokens=4096, max_loras=8))
     names = [f"a{i % NUM_ADAPTERS}" if use_adapters else None for i in range(NUM_REQUESTS)]
     sp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts()[:4], SamplingParams(max_tokens=4, temperature=0.0), adapter=names[:4], use_tqdm=False)
+    llm.generate(prompts(1), SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
+                 adapter=names, use_tqdm=False)
     t = time.perf_counter()
     outs = llm.generate(prompts(), sp, adapter=names, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -127,7 +137,8 @@ def run_hf_peft(model_dir: Path, adapters: dict, dtype: str) -> float:
     per_request = [names[i % NUM_ADAPTERS] for i in range(NUM_REQUESTS)]
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        model.generate(input_ids=ids[:4, :8], adapter_names=per_request[:4], max_new_tokens=2, **kw)
+        model.generate(input_ids=torch.tensor(prompts(1)), adapter_names=per_request, max_new_tokens=WARMUP_TOKENS,
+                       min_new_tokens=WARMUP_TOKENS, **kw)
         t = time.perf_counter()
         out = model.generate(input_ids=ids, adapter_names=per_request, max_new_tokens=OUTPUT_LEN,
                              min_new_tokens=OUTPUT_LEN, **kw)
@@ -139,7 +150,7 @@ def run_hf_peft(model_dir: Path, adapters: dict, dtype: str) -> float:
 def run_vllm(model_dir: Path, adapters: dict, dtype: str) -> dict:
     """Output tokens/s of the vLLM CPU build on the same workload: {"mixed": ..., "base": ...}."""
     spec = {"model": str(model_dir), "adapters": adapters, "dtype": dtype, "rank": RANK,
-            "prompts": prompts(), "output_len": OUTPUT_LEN}
+            "prompts": prompts(), "output_len": OUTPUT_LEN, "warmup_prompts": prompts(1), "warmup_tokens": WARMUP_TOKENS}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(spec, f)
         f.flush()

@@ -2,9 +2,10 @@
 inside vLLM's own virtualenv (`VLLM_PYTHON=VENV/bin/python`, see PEERS.md).
 
 Reads one JSON argument file (model dir, adapters, dtype, token-id prompts,
-output length) and prints one JSON line: output tokens/s with the request's
-adapters (round robin, as loraserve's run) and with none. Imports only vLLM:
-loraserve is not installed in that virtualenv.
+output length, the warm-up's prompts and length) and prints one JSON line:
+output tokens/s with the request's adapters (round robin, as loraserve's run)
+and with none. Imports only vLLM: loraserve is not installed in that
+virtualenv.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def main() -> None:
     sp = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
     out = {}
     for label, lora in (("mixed", [loras[i % len(loras)] for i in range(len(prompts))]), ("base", None)):
-        llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0.0),
-                     lora_request=None if lora is None else lora[:4], use_tqdm=False)
+        warm = [{"prompt_token_ids": ids} for ids in spec["warmup_prompts"]]  # as every system's warm-up
+        llm.generate(warm, SamplingParams(max_tokens=spec["warmup_tokens"], temperature=0.0, ignore_eos=True),
+                     lora_request=lora, use_tqdm=False)
         t = time.perf_counter()
         res = llm.generate(prompts, sp, lora_request=lora, use_tqdm=False)
         elapsed = time.perf_counter() - t
