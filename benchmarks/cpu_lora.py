@@ -1,42 +1,59 @@
-"""Decode steps with LoRA through the compiled kernel against torch's matmuls, alternating in one process.
+"""Decode steps with LoRA through the compiled kernel, through torch's matmuls, and skipped, alternating.
 
 `model/cpu_lora.py` does a projection's LoRA in one C++ call for steps of up
 to `COMPILED_MAX_ROWS` rows per adapter; torch's path (padded or segmented
 batched matmuls, one expand per output slice of a fused projection) is what
 `lora/batch.py` takes otherwise. Here the engine steps the throughput
 workload's decodes (SmolLM2-135M fp32, 128-token prompts; 32 requests over 8
-rank-16 adapters, and one request with an adapter), switching between the two
-every few steps; the same batches without adapters give the base step the
-LoRA is paid on top of (the two conditions are the same there).
+rank-16 adapters, and one request with an adapter), switching every few steps
+between the two paths and a third condition that skips the LoRA products
+(`LoraBatch.add` does nothing: wrong tokens, but every other cost of the step
+is the same), so "LoRA's share" of a step is measured in the same minutes as
+the step, on this machine whose speed moves within minutes.
 
     python benchmarks/cpu_lora.py     # appends to benchmarks/results/cpu_lora-<machine class>.txt
 """
 
 from __future__ import annotations
 
-import contextlib
+import statistics
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_ab  # noqa: E402
+from loraserve.dtypes import cpu_class, cpu_line  # noqa: E402
 from loraserve.lora import batch as lora_batch  # noqa: E402
 from loraserve.model import cpu_kernels  # noqa: E402
 
 STEPS_PER_SWITCH, SWITCHES = 3, 12
-
-
-def torch_matmuls():
-    """LoRA through torch's batched matmuls, as where the kernel is not built."""
-    return mock.patch.object(lora_batch, "COMPILED_MAX_ROWS", 0)
+MODES = {
+    "torch matmuls": lambda: mock.patch.object(lora_batch, "COMPILED_MAX_ROWS", 0),
+    "compiled": nullcontext,
+    "LoRA skipped": lambda: mock.patch.object(lora_batch.LoraBatch, "add", lambda *args: None),
+}
 
 
 def main() -> None:
     assert cpu_kernels.kernels() is not None, "the kernels could not be built here"
-    decode_ab.run("cpu_lora", {"torch matmuls": torch_matmuls, "compiled": contextlib.nullcontext},
-                  [(32, True), (32, False), (1, True), (1, False)], STEPS_PER_SWITCH, SWITCHES, append=True)
+    llm = decode_ab.engine()
+    lines = [f"# {cpu_line()}; SmolLM2-135M float32, decode steps after 128-token prompts, 8 rank-16 adapters "
+             f"round robin, {STEPS_PER_SWITCH} steps per switch x {SWITCHES} switches each; median ms",
+             "| batch | torch matmuls | compiled | LoRA skipped | compiled / torch | skipped / compiled |",
+             "|---|---|---|---|---|---|"]
+    for batch in (32, 1):
+        times = decode_ab.decode_steps(llm, batch, True, MODES, STEPS_PER_SWITCH, SWITCHES)
+        t, c, s = (statistics.median(times[m]) * 1e3 for m in MODES)
+        lines.append(f"| {batch} | {t:.1f} | {c:.1f} | {s:.1f} | {c / t:.2f} | {s / c:.0%} |")
+        print(lines[-1], flush=True)
+    out = decode_ab.ROOT / "benchmarks" / "results" / f"cpu_lora-{cpu_class()}.txt"
+    with out.open("a") as f:
+        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')}\n" + "\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

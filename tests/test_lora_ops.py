@@ -118,7 +118,7 @@ def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, c
     ranks = {key: torch.full((slots,), 4, dtype=torch.int32)}
     adapter = SimpleNamespace(weights={key: None})  # only the keys matter here
     bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots, ranks=ranks, device=torch.device("cpu"),
-                           dtype=torch.float32, spec=SimpleNamespace(hidden_size=12), group_ranks=ranks.get)
+                           dtype=torch.float32, edges={key: [0, 12], qkv: [0, 12]}, group_ranks=ranks.get)
     token_group = torch.tensor([0] * num_base + [s + 1 for s, c in enumerate(counts) for _ in range(c)])
     batch = LoraBatch(bank, counts, num_base, token_group)
     live = [s for s, c in enumerate(counts) if c]

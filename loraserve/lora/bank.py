@@ -29,7 +29,7 @@ import torch
 from loraserve.dtypes import native_bf16_cpu
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import Target, in_dim, layer_targets, out_dim
+from loraserve.model.targets import Target, in_dim, layer_targets, out_dim, out_edges
 
 Key = tuple[int, Target]
 
@@ -49,6 +49,8 @@ class LoraBank:
         self.spec = spec
         self.keys = keys if keys is not None else [(layer, t) for layer in range(spec.num_layers)
                                                     for t in layer_targets(spec, layer)]
+        self.edges = {key: list(out_edges(spec, key[1])) for key in self.keys}
+        """Each key's output slice edges (`targets.out_edges`), looked up once."""
         self.num_experts = spec.num_experts if num_experts is None else num_experts
         self.num_slots = num_slots
         self.dtype = dtype

@@ -33,7 +33,7 @@ from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.bank import Key, LoraBank
 from loraserve.model import cpu_kernels
 from loraserve.model.lora import Routing
-from loraserve.model.targets import Target, out_edges
+from loraserve.model.targets import Target
 
 MAX_PADDING = 2.0
 """Ragged segments take the padded path while slots x longest segment <= this x adapter rows ..."""
@@ -58,20 +58,20 @@ def compiled(bank: LoraBank, max_rows: int) -> bool:
 
 
 def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
-                    max_rows: int, slots: slice = slice(None)) -> None:
+                    use_compiled: bool, slots: slice = slice(None)) -> None:
     """out += each row's LoRA update, in place: rows sorted by bank group (slot, or expert *
     (S + 1) + slot + 1 for an expert key), `offs` their cumulative ends, over the bank's
-    groups (or its `slots` only). The compiled kernel where `compiled` says, else torch's
-    segmented matmuls."""
+    groups (or its `slots` only). The compiled kernel if `use_compiled` (see `compiled`),
+    else torch's segmented matmuls."""
     a, b = bank.a[key][slots], bank.b[key][slots]
-    edges, x = out_edges(bank.spec, key[1]), x.to(a.dtype)
-    if not compiled(bank, max_rows):
-        lora_delta(x, a, b, offs, out=out, edges=edges)
-        return
-    target = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
-    cpu_kernels.kernels().lora_segments(x, a, b, offs, bank.group_ranks(key)[slots], list(edges), target)
-    if target is not out:
-        out.add_(target.to(out.dtype))
+    if not use_compiled:
+        lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=bank.edges[key])
+    elif out.dtype == torch.float32 and x.dtype == torch.float32:  # a decode's path: nothing but the call
+        cpu_kernels.kernels().lora_segments(x, a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], out)
+    else:  # a bf16 model whose LoRA is fp32 here (no native bf16)
+        y = torch.zeros(out.shape, dtype=torch.float32)
+        cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], y)
+        out.add_(y.to(out.dtype))
 
 
 class LoraBatch:
@@ -101,6 +101,8 @@ class LoraBatch:
         ragged = any(c != self.pad for c in counts)
         self.padded = num_rows > 0 and (self.pad <= MAX_RAGGED_PAD and len(counts) * self.pad <= MAX_PADDING * num_rows
                                         if ragged else self.pad <= MAX_EVEN_PAD)
+        self.compiled = compiled(bank, self.pad)
+        """Whether the step's deltas take the compiled CPU kernel (few rows per adapter)."""
         self.pad_index: torch.Tensor | None = None
         """Where each adapter row sits in the [S' * pad] padded layout (None: rows already fill it)."""
         if self.padded and ragged:
@@ -113,12 +115,11 @@ class LoraBatch:
         if key not in self.targets:
             return
         n = self.num_base
-        if self.padded and not compiled(self.bank, self.pad):
+        if self.padded and not self.compiled:
             a, b = self.bank.a[key][self.slots], self.bank.b[key][self.slots]
-            padded_lora_delta(x[n:].to(a.dtype), a, b, self.pad, self.pad_index, out=out[n:],
-                              edges=out_edges(self.bank.spec, target))
+            padded_lora_delta(x[n:].to(a.dtype), a, b, self.pad, self.pad_index, out=out[n:], edges=self.bank.edges[key])
         else:
-            segmented_delta(self.bank, key, x[n:], out[n:], self.offs, self.pad, self.slots)
+            segmented_delta(self.bank, key, x[n:], out[n:], self.offs, self.compiled, self.slots)
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
         """Same for expert projections: rows sorted by expert, so by group
@@ -126,7 +127,7 @@ class LoraBatch:
         model first, then by slot."""
         if (layer, target) in self.targets:
             offs, max_rows = self._group_offsets(routing)
-            segmented_delta(self.bank, (layer, target), x, out, offs, max_rows)
+            segmented_delta(self.bank, (layer, target), x, out, offs, compiled(self.bank, max_rows))
 
     def _group_offsets(self, routing: Routing) -> tuple[torch.Tensor, int]:
         """Cumulative row ends of every (expert, group), and the most rows in one: computed

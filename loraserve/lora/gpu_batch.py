@@ -17,7 +17,7 @@ from loraserve.gpu.lora_kernels import expand_add, segment_mm
 from loraserve.gpu.segments import Tiles, device_tiles, group_bounds, host_tiles, upload
 from loraserve.lora.bank import Key, LoraBank
 from loraserve.model.lora import Routing
-from loraserve.model.targets import Target, out_edges
+from loraserve.model.targets import Target
 
 
 class UnitTables:
@@ -80,7 +80,7 @@ class GpuLoraBatch:
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         s = self.bank.num_slots
         segment_mm(x, a, self.tiles, self.index, (table[:, -1], s), out=shrunk)
-        expand_add(shrunk, b, out[n:], self.tiles, self.index, table, s, out_edges(self.bank.spec, target)[1:-1],
+        expand_add(shrunk, b, out[n:], self.tiles, self.index, table, s, self.bank.edges[key][1:-1],
                    self.bank.rank)
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
@@ -95,7 +95,7 @@ class GpuLoraBatch:
         shrunk = x.new_empty(x.shape[0], a.shape[-1])
         index = self.units.group_index
         segment_mm(x, a, tiles, index, (table[:, -1], groups), out=shrunk)
-        expand_add(shrunk, b, out, tiles, index, table, groups, out_edges(self.bank.spec, target)[1:-1], self.bank.rank)
+        expand_add(shrunk, b, out, tiles, index, table, groups, self.bank.edges[key][1:-1], self.bank.rank)
 
     def _group_tiles(self, routing: Routing, num_rows: int) -> Tiles:
         """Each (expert, group)'s row tiles: once per layer's routing, shared by gate|up and down."""

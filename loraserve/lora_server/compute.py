@@ -16,9 +16,9 @@ import torch
 
 from loraserve.kernels import fused_delta
 from loraserve.lora.bank import LoraBank
-from loraserve.lora.batch import segmented_delta
+from loraserve.lora.batch import compiled, segmented_delta
 from loraserve.lora_server.store import AdapterStore
-from loraserve.model.targets import Target, out_dim, out_edges
+from loraserve.model.targets import Target, out_dim
 
 
 def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, slot: torch.Tensor,
@@ -35,7 +35,7 @@ def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, s
     counts = torch.bincount(group, minlength=groups)
     y = x.new_zeros(x.shape[0], out_dim(bank.spec, target), dtype=bank.dtype)
     most = int(counts.max()) if counts.device.type == "cpu" else x.shape[0]  # (a bound, without a sync)
-    segmented_delta(bank, (layer, target), x[order], y, counts.cumsum(0, dtype=torch.int32), most)
+    segmented_delta(bank, (layer, target), x[order], y, counts.cumsum(0, dtype=torch.int32), compiled(bank, most))
     out = torch.empty_like(y)
     out[order] = y
     return out
@@ -57,7 +57,7 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
         dev, bank = store.bank.device, store.bank
         if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): two plain matmuls
             a, b = bank.a[(layer, target)][slots[0]], bank.b[(layer, target)][slots[0]]
-            return fused_delta(x.to(dev, bank.dtype), a, b, out_edges(bank.spec, target))
+            return fused_delta(x.to(dev, bank.dtype), a, b, bank.edges[(layer, target)])
         slot = torch.tensor(slots)[row_adapter]
         return batched_delta(store.bank, layer, target, x.to(dev, store.bank.dtype), slot.to(dev),
                              None if expert is None else expert.to(dev))

@@ -60,19 +60,28 @@ static void expand_tile(const float* s, int64_t WR, int64_t so, const float* B, 
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(out + p * os + n0 + c * L, acc[p][c]);
 }
 
-// One adapter's M (<= 4) rows: the shrink of every slice's columns [j R, j R + r4), r4 = r rounded up to 4
-// (the bank's rank is a multiple of 4 and its padding columns are zeros), then each slice's expand.
+#ifdef __AVX512F__
+constexpr int SHRINK_C = 4;  // 4 x 16 columns: M x 4 accumulators of 32 registers
+#else
+constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
+#endif
+
+// One adapter's M (<= 4) rows: the shrink of columns [0, (W - 1) R + r4) of A in passes of up to
+// 16 SHRINK_C columns, each streaming A's rows once (r4 = r rounded up to 4: the bank's rank is a
+// multiple of 4 and its padding columns are zeros; slice j's columns are [j R, j R + r)), then
+// each slice's expand from its own shrink columns and B's first r rows.
 template <int M>
 static void lora_rows(const float* x, int64_t xs, const float* A, int64_t K, int64_t WR, const float* B, int64_t R,
                       int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
-  const int64_t W = edges.size() - 1, r4 = (r + 3) / 4 * 4;
-  for (int64_t j = 0; j < W; ++j) {
-    int64_t c = j * R;
-    const int64_t c1 = j * R + r4;
-    for (; c + 32 <= c1; c += 32) shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s);
-    for (; c + 16 <= c1; c += 16) shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s);
-    for (; c + 8 <= c1; c += 8) shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s);
-    for (; c < c1; c += 4) shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s);
+  const int64_t W = edges.size() - 1, span = (W - 1) * R + (r + 3) / 4 * 4;
+  for (int64_t c = 0; c < span;) {
+    const int64_t left = span - c;
+    if (SHRINK_C >= 4 && left >= 64) { shrink_tile<M, SHRINK_C >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s); c += 64; }
+    else if (SHRINK_C >= 3 && left >= 48) { shrink_tile<M, SHRINK_C >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s); c += 48; }
+    else if (left >= 32) { shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s); c += 32; }
+    else if (left >= 16) { shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s); c += 16; }
+    else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s); c += 8; }
+    else { shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s); c += 4; }
   }
   for (int64_t j = 0; j < W; ++j) {
     int64_t n = edges[j];
