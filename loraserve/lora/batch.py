@@ -44,10 +44,10 @@ MAX_RAGGED_PAD = 8
 MAX_EVEN_PAD = 128
 """Segments all of one length take the padded path up to this length."""
 
-COMPILED_MAX_ROWS = 128
+COMPILED_MAX_ROWS = 256
 """Segments of at most this many rows take the compiled kernel (CPU, float32): it reads an
 adapter's weights once per 4 rows, so a prefill's long segments are MKL's. On SmolLM2's shapes
-it is the fastest path from 1 to 128 rows per adapter, 1.5x slower at 512
+it is the fastest path from 1 to 256 rows per adapter, 1.2-1.5x slower at 512
 (`benchmarks/lora_paths.py`)."""
 
 
