@@ -6,8 +6,9 @@ where S is the number of slots and R the bank's rank, in the layout of
 columns of A are [j R, j R + r) for an adapter of rank r, and B's rows [0, r).
 `ranks` says each slot's r per target (0: the slot's adapter has none), so a
 kernel reads only an adapter's own rank rows. Stacking lets one segmented
-matmul serve every adapter of a step. Expert targets add an expert axis and one always-zero group for
-base-model tokens, first in each expert: A [E * (S + 1), in, W], group index =
+matmul serve every adapter of a step. Expert targets add an expert axis and
+one always-zero group for base-model tokens, first in each expert:
+A [E * (S + 1), in, width × R], group index =
 expert * (S + 1) + (0 for the base model, else slot + 1). Base rows come first
 in a step, so rows sorted by expert alone are sorted by group too.
 
@@ -121,5 +122,6 @@ class LoraBank:
                 b_slot[..., :r, :].copy_(b)
             self.ranks[key][slot] = r
         self.slots[slot] = adapter
+
     def clear(self, slot: int) -> None:
         self.slots[slot] = None

@@ -19,9 +19,9 @@
 
 All are a few lines of C++ built with the compiler the machine has
 (`torch.utils.cpp_extension.load_inline`, cached under torch's extensions
-directory, per CPU: it is compiled for this one). Attention and LoRA are float32; the
-glue takes float32 or bfloat16 (computed in float32, rounded where torch's
-bf16 ops round). Where they cannot be built, or with
+directory, per CPU: it is compiled for this one). Attention and LoRA are
+float32; the glue takes float32 or bfloat16 (computed in float32, rounded
+where torch's bf16 ops round). Where they cannot be built, or with
 `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model runs torch's
 ops as before.
 """
