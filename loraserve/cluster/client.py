@@ -181,19 +181,29 @@ class ReplicaSetClient:
         return self._stats
 
     async def refresh_stats(self, timeout: float = 2.0) -> EngineStats:
-        """Every live replica's stats, summed (rates recomputed from the summed counts)."""
-        replicas = await self._replicas()
-        try:
-            parts = await asyncio.wait_for(asyncio.gather(
-                *(self._pinned(r, "stats") for r in replicas), return_exceptions=True), timeout)
-        except asyncio.TimeoutError:
-            return self._stats
-        self._replica_stats = {r: p for r, p in zip(replicas, parts) if isinstance(p, EngineStats)}
-        for r in self._replica_stats.keys() - self._pids.keys():  # a new replica: ask who it is (again next time)
-            try:  # within the scrape's bound: a replica still starting must not hold /metrics for a control call's minute
-                self._pids[r] = (await asyncio.wait_for(self._pinned(r, "describe"), timeout))["pid"]
-            except Exception:
-                pass
+        """Every live replica's stats, summed (rates recomputed from the summed counts).
+
+        Each replica is asked (a pinned Serve call) for stats as of now. A call not back within
+        `timeout` is left behind, not awaited (`asyncio.wait`, not `wait_for`, which waits for a
+        cancelled call to finish): after a replica was killed, Serve's pinned calls stalled for
+        minutes and every scrape with them. That replica's numbers are then those of its last
+        routing report (at most a report period old), and so are the pids of the replicas."""
+        router = await self._router()
+        reports = {r.replica_id.unique_id: r.routing_stats for r in router.curr_replicas.values()
+                   if (r.routing_stats or {}).get("stats") is not None}
+        calls = {r: asyncio.ensure_future(self._pinned(r, "stats")) for r in router.replica_ids()}
+        if calls:
+            await asyncio.wait(calls.values(), timeout=timeout)
+        fresh = {}
+        for r, call in calls.items():
+            if not call.done():
+                call.cancel()
+                call.add_done_callback(lambda c: c.cancelled() or c.exception())  # (retrieved: no log noise)
+            elif not call.cancelled() and call.exception() is None and isinstance(call.result(), EngineStats):
+                fresh[r] = call.result()
+        self._replica_stats = {r: fresh.get(r, report["stats"]) for r, report in reports.items()}
+        self._replica_stats.update(fresh)
+        self._pids.update({r: report["pid"] for r, report in reports.items()})
         if self._replica_stats:
             self._stats = merge_stats(list(self._replica_stats.values()))
         return self._stats

@@ -11,6 +11,7 @@ is what the router decides on, with its own count of requests in flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -56,28 +57,33 @@ class EngineReplica:
         self.client = AsyncEngine(self.engine, max_waiting=max_waiting)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.sessions: OrderedDict[str, None] = OrderedDict()
+        self._adapter_lock = asyncio.Lock()
         # on the loop that runs this replica's methods (Serve builds replicas inside it)
         self.channel = ReplicaChannel(self.client, ray.util.get_node_ip_address(), self._served)
         ray.get(self.adapter_set.describe.remote(self.describe(None)))
 
     async def load_adapter(self, name: str, path: str, within: list[str], route: RouteKey) -> AdapterInfo | Refusal:
-        """Idempotent: the broadcast of a load and a replica catching up on the set may meet."""
-        same = next((a for a in self.client.adapters() if a.name == name), None)
-        if same is not None and same.path == str(Path(path)):
-            return same
-        try:
-            return await self.client.load_adapter(name, path, [Path(d) for d in within])
-        except Exception as e:
-            return answer(e)
+        """Idempotent: the broadcast of a load and a replica catching up on the set may meet. One load
+        or unload at a time: a broadcast arriving while the catch-up's load of the same adapter was
+        still running found it not yet listed, loaded it again and was refused ("already loaded")."""
+        async with self._adapter_lock:
+            same = next((a for a in self.client.adapters() if a.name == name), None)
+            if same is not None and same.path == str(Path(path)):
+                return same
+            try:
+                return await self.client.load_adapter(name, path, [Path(d) for d in within])
+            except Exception as e:
+                return answer(e)
 
     async def unload_adapter(self, name: str, route: RouteKey) -> Refusal | None:
-        try:
-            await self.client.unload_adapter(name)
-        except UnknownModel:
-            return None  # already gone here: what the caller wanted
-        except Exception as e:
-            return answer(e)
-        return None
+        async with self._adapter_lock:
+            try:
+                await self.client.unload_adapter(name)
+            except UnknownModel:
+                return None  # already gone here: what the caller wanted
+            except Exception as e:
+                return answer(e)
+            return None
 
     async def stats(self, route: RouteKey) -> EngineStats:
         return await self.client.refresh_stats()
@@ -90,10 +96,13 @@ class EngineReplica:
                 "id": self.id, "pid": os.getpid()}
 
     async def record_routing_stats(self) -> dict:
-        """Serve's periodic report to the routers; also when the replica catches up with the adapter set."""
+        """Serve's periodic report to the routers; also when the replica catches up with the adapter set.
+        Its pid and stats ride along: the endpoint's /metrics falls back to them when a stats call does
+        not come back in time (after a replica died, Serve's calls stalled for minutes)."""
         await self._catch_up()
         adapters = await self.client.call(self._resident) if self.client.dead is None else []
-        return {"data": self.channel.address, "adapters": adapters, "sessions": list(self.sessions)}
+        return {"data": self.channel.address, "adapters": adapters, "sessions": list(self.sessions),
+                "pid": os.getpid(), "stats": await self.client.refresh_stats()}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine loop has died."""
