@@ -28,7 +28,7 @@ import torch
 
 from loraserve.lora.files import AdapterError, read_adapter_files
 from loraserve.model.spec import ModelSpec
-from loraserve.model.targets import SUB_TO_TARGET, Target, in_dim, out_dim, out_edges
+from loraserve.model.targets import SUB_TO_TARGET, SUBMODULES, Target, in_dim, out_dim, out_edges
 
 
 MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -203,19 +203,10 @@ def _target(dense: Target, prefix: str) -> Target:
 
 
 def _sub_slice(spec: ModelSpec, target: Target, sub: str) -> tuple[int, int]:
-    """(offset, size) of a sub-projection inside its fused output."""
-    if sub == "q_proj":
-        return 0, spec.q_size
-    if sub == "k_proj":
-        return spec.q_size, spec.kv_size
-    if sub == "v_proj":
-        return spec.q_size + spec.kv_size, spec.kv_size
-    half = out_dim(spec, target) // 2
-    if sub == "gate_proj":
-        return 0, half
-    if sub == "up_proj":
-        return half, half
-    return 0, out_dim(spec, target)
+    """(offset, size) of a sub-projection inside its fused output: its slice of `out_edges`."""
+    edges = out_edges(spec, target)
+    j = SUBMODULES[Target(target.group)].index(sub)
+    return edges[j], edges[j + 1] - edges[j]
 
 
 def _check(path, where, a, b, in_dim, out_dim) -> None:

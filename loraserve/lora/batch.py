@@ -51,10 +51,12 @@ it is the fastest path from 1 to 256 rows per adapter, 1.2-1.5x slower at 512
 (`benchmarks/lora_paths.py`)."""
 
 
-def compiled(bank: LoraBank, max_rows: int) -> bool:
-    """Whether a delta over segments of at most `max_rows` rows takes the compiled CPU kernel."""
-    return (max_rows <= COMPILED_MAX_ROWS and bank.device.type == "cpu" and bank.dtype == torch.float32
-            and cpu_kernels.kernels() is not None)
+def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:
+    """Whether a delta over segments of at most `rows` rows (or of `rows[g]` rows each, a
+    tensor read only on the CPU: no sync on a device) takes the compiled CPU kernel."""
+    if bank.device.type != "cpu" or bank.dtype != torch.float32 or cpu_kernels.kernels() is None:
+        return False
+    return int(rows.max()) <= COMPILED_MAX_ROWS if isinstance(rows, torch.Tensor) else rows <= COMPILED_MAX_ROWS
 
 
 def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
@@ -66,11 +68,11 @@ def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor
     a, b = bank.a[key][slots], bank.b[key][slots]
     if not use_compiled:
         lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=bank.edges[key])
-    elif out.dtype == torch.float32 and x.dtype == torch.float32:  # a decode's path: nothing but the call
-        cpu_kernels.kernels().lora_segments(x, a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], out)
-    else:  # a bf16 model whose LoRA is fp32 here (no native bf16)
-        y = torch.zeros(out.shape, dtype=torch.float32)
-        cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], y)
+        return
+    # a bf16 model whose LoRA is fp32 here (no native bf16) adds through an fp32 temporary
+    y = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
+    cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], y)
+    if y is not out:
         out.add_(y.to(out.dtype))
 
 
@@ -82,8 +84,8 @@ class LoraBatch:
         """Leading rows that use no adapter."""
         self.token_group = token_group
         """[T] each row's group in an expert's bank rows: 0 for the base model, slot + 1 else."""
-        self._routed: tuple[Routing, torch.Tensor, int] | None = None
-        """The last routing seen, its group offsets and its largest group (see _group_offsets)."""
+        self._routed: tuple[Routing, torch.Tensor, bool] | None = None
+        """The last routing seen, its group offsets and whether they take the compiled kernel (see _group_offsets)."""
         num_rows = sum(slot_counts)
         device = token_group.device
         live = [s for s, c in enumerate(slot_counts) if c]
@@ -126,16 +128,15 @@ class LoraBatch:
         (expert * (S + 1) + token group) too, since a step's rows come base
         model first, then by slot."""
         if (layer, target) in self.targets:
-            offs, max_rows = self._group_offsets(routing)
-            segmented_delta(self.bank, (layer, target), x, out, offs, compiled(self.bank, max_rows))
+            offs, use_compiled = self._group_offsets(routing)
+            segmented_delta(self.bank, (layer, target), x, out, offs, use_compiled)
 
-    def _group_offsets(self, routing: Routing) -> tuple[torch.Tensor, int]:
-        """Cumulative row ends of every (expert, group), and the most rows in one: computed
-        once per layer's routing, which its gate|up and down projections share."""
+    def _group_offsets(self, routing: Routing) -> tuple[torch.Tensor, bool]:
+        """Cumulative row ends of every (expert, group), and whether they take the compiled
+        kernel: once per layer's routing, which its gate|up and down projections share."""
         if self._routed is None or self._routed[0] is not routing:
             groups = self.bank.spec.num_experts * (self.num_slots + 1)
             keys = routing.expert * (self.num_slots + 1) + self.token_group[routing.token]
             counts = torch.bincount(keys, minlength=groups)
-            most = int(counts.max()) if counts.device.type == "cpu" else len(keys)  # (a bound, without a sync)
-            self._routed = routing, counts.cumsum(0, dtype=torch.int32), most
+            self._routed = routing, counts.cumsum(0, dtype=torch.int32), compiled(self.bank, counts)
         return self._routed[1], self._routed[2]

@@ -34,8 +34,7 @@ def batched_delta(bank: LoraBank, layer: int, target: Target, x: torch.Tensor, s
     order = torch.argsort(group, stable=True)
     counts = torch.bincount(group, minlength=groups)
     y = x.new_zeros(x.shape[0], out_dim(bank.spec, target), dtype=bank.dtype)
-    most = int(counts.max()) if counts.device.type == "cpu" else x.shape[0]  # (a bound, without a sync)
-    segmented_delta(bank, (layer, target), x[order], y, counts.cumsum(0, dtype=torch.int32), compiled(bank, most))
+    segmented_delta(bank, (layer, target), x[order], y, counts.cumsum(0, dtype=torch.int32), compiled(bank, counts))
     out = torch.empty_like(y)
     out[order] = y
     return out
