@@ -54,7 +54,7 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
                 return None
             slots.append(slot)
         dev, bank = store.bank.device, store.bank
-        if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): two plain matmuls
+        if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): its plain products
             a, b = bank.a[(layer, target)][slots[0]], bank.b[(layer, target)][slots[0]]
             return fused_delta(x.to(dev, bank.dtype), a, b, bank.edges[(layer, target)])
         slot = torch.tensor(slots)[row_adapter]
