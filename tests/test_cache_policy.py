@@ -252,3 +252,27 @@ def test_remote_adapter_keys_kv_under_it_with_no_local_blocks():
     h.cache.remove_adapter("r0")
     assert "r0" not in h.cache.tree.adapters
     h.check()
+
+
+def test_block_pool_hands_out_never_used_ids_first_then_freed_ones_in_order():
+    """The pool keeps its never-used ids as a range and its used ones as a byte each (a
+    simulated host tier is millions of blocks); the order and the checks are a free list's."""
+    from loraserve.cache.block_pool import BlockPool
+
+    pool = BlockPool(6, first=10)
+    a = pool.allocate(4)
+    assert a == [10, 11, 12, 13] and (pool.num_used, pool.num_free) == (4, 2)
+    pool.free([12, 10])
+    assert pool.allocate(3) == [14, 15, 12] and pool.allocate(1) == [10]
+    assert (pool.num_used, pool.num_free) == (6, 0)
+    with pytest.raises(MemoryError):
+        pool.allocate(1)
+    pool.free([11])
+    for bad in ([11], [9], [16], [13, 13]):
+        with pytest.raises(ValueError, match="freed but not in use"):
+            pool.free(bad)
+    with pytest.raises(ValueError):
+        pool.allocate(-1)
+    assert pool.num_used + pool.num_free == pool.num_blocks and pool.allocate(0) == []
+    big = BlockPool(50_000_000)  # a simulated host tier: no list of 50M ids
+    assert big.allocate(2) == [0, 1] and big.num_free == 49_999_998

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 
@@ -158,9 +159,10 @@ def test_gpu_counts_on_a_hand_computed_case(tmp_path):
     path = tmp_path / "toy.json"
     hw.save(path)
     n, rate = 20, 10.0
-    plan = provision(PlanInput("mixtral-8x7b", adapters=n, zipf=0.0, rate=rate, hardware=str(path), mean_input=300,
-                               mean_output=100, rank=8, layerwise=False, load_s=10.0, load_links=1,
-                               link_bw=1e9, max_util=0.5, mem_util=1.0, slo_ttft=0.25, slo_tpot=0.1))
+    inp = PlanInput("mixtral-8x7b", adapters=n, zipf=0.0, rate=rate, hardware=str(path), mean_input=300,
+                    mean_output=100, rank=8, layerwise=False, load_s=10.0, load_links=1, link_bw=1e9, max_util=0.5,
+                    mem_util=1.0, slo_ttft=0.25, slo_tpot=0.1)
+    plan = provision(inp)
     h, inter, q, kv, r, k, layers = 4096, 14336, 4096, 1024, 8, 2, 32
     applied = layers * r * ((3 * h + q + 2 * kv) + (q + h) + k * ((2 * h + 2 * inter) + (inter + h)))
     tokens = rate * 400
@@ -175,6 +177,11 @@ def test_gpu_counts_on_a_hand_computed_case(tmp_path):
     assert plan.resident_adapters + plan.working_adapters == 20
     assert plan.gpus_for_cache == math.ceil(20 * size / (10 * GiB))
     assert plan.server_gpus == max(plan.gpus_for_cache, plan.gpus_for_compute, plan.gpus_for_bandwidth)
+    # adapters kept in fp32 beside the bf16 model: twice the bytes to cache, the same FLOPs and activations
+    fp32 = provision(replace(inp, lora_dtype_bytes=4))
+    assert fp32.flops_per_s == pytest.approx(plan.flops_per_s)
+    assert fp32.link_bytes_per_s == pytest.approx(plan.link_bytes_per_s)
+    assert fp32.gpus_for_cache == math.ceil(20 * 2 * size / (10 * GiB))
 
 
 def test_popularity_from_a_workload_file(tmp_path):
@@ -237,7 +244,8 @@ def test_bad_plan_inputs_name_the_flag(tmp_path):
                             (dict(adapters=5, zipf=1.0, cache_model="fifo"), "unknown cache model"),
                             (dict(workload=str(tmp_path / "w.jsonl")), "no such workload or trace file"),
                             (dict(adapters=5, zipf=1.0, rate=None), "give --rate"),
-                            (dict(adapters=5, zipf=1.0, quantile=1.5), "quantile must be in")]:
+                            (dict(adapters=5, zipf=1.0, quantile=1.5), "quantile must be in"),
+                            (dict(adapters=5, zipf=1.0, lora_dtype_bytes=0), "--lora-dtype-bytes must be positive")]:
         with pytest.raises(ValueError, match=message):
             provision(PlanInput("mixtral-8x7b", **{"rate": 1.0, **kwargs}))
 

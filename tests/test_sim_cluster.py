@@ -484,3 +484,67 @@ def test_a_blocking_load_stalls_every_running_request(blocking):
         assert max(gaps) >= load * 0.99
     else:
         assert max(gaps) < load / 10
+
+
+# -- steady-state searches and adapter precision ---------------------------------------
+
+def test_a_search_run_stops_once_its_p95_ttft_must_miss():
+    """An overloaded run ends as soon as its verdict is sure, with the verdict the whole run
+    gives; a run within the SLO is the same watched or not."""
+    from loraserve.bench.metrics import SLO
+
+    slo = SLO(0.25, 0.1)
+    cfg = ClusterConfig("coupled", 4, 2, 64, router="least-loaded", sim=SimConfig(cache=CacheConfig(policy="slora")))
+    heavy = small_workload(300, 400.0)
+    sizes = {a: 10**8 for a in heavy.adapters}  # a miss read from disk takes 25 ms
+    full = simulate_cluster(heavy, MIXTRAL, H20, cfg, sizes, slo, warmup=0.25)
+    early = simulate_cluster(heavy, MIXTRAL, H20, cfg, sizes, slo, warmup=0.25, stop_on_miss=True)
+    assert full.summary["meets_slo"] is False and full.stopped_at is None
+    assert len(full.records) == 225  # the 300 requests less the first quarter's warm-up
+    assert early.summary["meets_slo"] is False and early.stopped_at is not None
+    assert len(early.records) < 225 and early.stopped_at < max(r.finish for r in full.records)
+    light = small_workload(60, 2.0)
+    watched, plain = (simulate_cluster(light, MIXTRAL, H20, cfg, sizes, slo, 0.25, stop_on_miss=s)
+                      for s in (True, False))
+    assert plain.summary["meets_slo"] and watched.stopped_at is None and watched.summary == plain.summary
+    with pytest.raises(ValueError, match="single-turn"):
+        simulate_cluster(small_workload(10, 2.0, turns=3), MIXTRAL, H20, cfg, sizes, slo, stop_on_miss=True)
+
+
+@pytest.mark.parametrize("n", [1, 2, 19, 20, 21, 99, 100, 101, 397])
+def test_the_miss_watch_stops_exactly_when_the_p95_must_miss(n):
+    """With the misses it allows, some run still meets the P95 (misses just over the bound, the
+    rest at 0); one more, and every run misses it (`summarize`'s interpolated percentile)."""
+    from loraserve.bench.metrics import SLO, percentile
+    from loraserve.sim.cluster import MissWatch
+
+    watch = MissWatch(small_workload(n, 1.0), SLO(0.5, 1.0), 0.0, lambda tokens: 0.0)
+    allowed = watch.allowed
+    assert percentile([0.0] * (n - allowed) + [0.5 + 1e-9] * allowed, 95) <= 0.5
+    if allowed < n:
+        assert percentile([0.0] * (n - allowed - 1) + [0.5 + 1e-9] * (allowed + 1), 95) > 0.5
+
+
+def test_adapters_kept_in_fp32_cost_twice_the_bytes_and_the_same_flops():
+    """InfiniLoRA states one adapter size, Qwen3-30B-A3B's 6.18 GB: its rank-32 expert LoRA at
+    4 bytes a weight. The cost model, the server's kernels and the deployments carry it."""
+    from loraserve.engine.plan import ScheduledSeq, StepPlan
+    from loraserve.sim.cost import StepCost
+    from loraserve.sim.deployments import deployment
+    from loraserve.sim.models import PAPER_LORA_DTYPE_BYTES, lora_params
+
+    experts = frozenset(t for t in Target if t.is_expert)
+    gib = lora_params(model_spec("qwen3-30b-a3b"), 32, experts) * PAPER_LORA_DTYPE_BYTES / 2**30
+    assert gib == pytest.approx(6.18, abs=0.01)
+    params = lora_params(MIXTRAL, 64)
+    plan = StepPlan([ScheduledSeq("r", [0] * 8, 0, [], "a", None)])
+    base, bf16, fp32 = (StepCost(MIXTRAL, H20, 2, 2, lora, lora_dtype_bytes=b).work(plan) for lora, b in
+                        ((None, None), (lambda a: 2 * params, None), (lambda a: 4 * params, 4)))
+    assert fp32.flops == pytest.approx(bf16.flops) and bf16.flops > base.flops
+    assert fp32.bytes - base.bytes == pytest.approx(2 * (bf16.bytes - base.bytes))
+    trip = next(t for t in model().trips() if t.expert)
+    assert model(lora_dtype_bytes=4).compute_time(trip, 1, 32) > model().compute_time(trip, 1, 32)  # weight-bound
+    coupled = {b: deployment("slora", MIXTRAL, H20, 64, 2, b * params, lora_dtype_bytes=b) for b in (2, 4)}
+    assert coupled[4].sim.lora_dtype_bytes == 4 and coupled[2].sim.lora_dtype_bytes == 2
+    assert coupled[4].sim.scheduler.max_loras == coupled[2].sim.scheduler.max_loras // 2 == 11
+    assert deployment("disagg", MIXTRAL, H20, 64, 2, 4 * params, lora_dtype_bytes=4).sim.lora_dtype_bytes == 4

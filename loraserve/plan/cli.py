@@ -24,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_flag(p, "--hardware", PlanInput, "hardware", help="GPU profile name or a profile JSON")
     add_flag(p, "--rank", PlanInput, "rank")
     add_flag(p, "--dtype-bytes", PlanInput, "dtype_bytes")
+    add_flag(p, "--lora-dtype-bytes", PlanInput, "lora_dtype_bytes", type=int)
     add_flag(p, "--mean-input", PlanInput, "mean_input", type=float)
     add_flag(p, "--mean-output", PlanInput, "mean_output", type=float)
     add_flag(p, "--cache-model", PlanInput, "cache_model", choices=CACHE_MODELS)
@@ -48,7 +49,8 @@ def plan_input(args: argparse.Namespace) -> PlanInput:
     return PlanInput(
         model=args.model, adapters=args.adapters, zipf=args.zipf, workload=args.workload, fit_zipf=args.fit_zipf,
         rate=args.rate, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, quantile=args.quantile,
-        hardware=args.hardware, rank=args.rank, dtype_bytes=args.dtype_bytes, mean_input=args.mean_input,
+        hardware=args.hardware, rank=args.rank, dtype_bytes=args.dtype_bytes,
+        lora_dtype_bytes=args.lora_dtype_bytes, mean_input=args.mean_input,
         mean_output=args.mean_output, cache_model=args.cache_model, layerwise=args.layerwise,
         load_bw=args.load_bw, load_latency_s=args.load_latency, load_s=args.load_s, load_links=args.load_links,
         instances=args.instances, instance_gpus=args.instance_gpus,

@@ -71,7 +71,10 @@ class PlanInput:
     """Rank of every adapter (LoRA on every projection, each expert's included)."""
 
     dtype_bytes: int = 2
-    """Bytes per adapter weight and activation element (2: bf16)."""
+    """Bytes per model weight and activation element (2: bf16)."""
+
+    lora_dtype_bytes: int | None = None
+    """Bytes per adapter weight (None: dtype_bytes; 4: adapters kept in fp32, as InfiniLoRA's stated sizes imply)."""
 
     adapter_bytes: tuple[int, ...] | None = None
     """Per-adapter sizes in bytes, most popular first (overrides `rank`: mixed sizes)."""
@@ -200,7 +203,8 @@ def provision(inp: PlanInput) -> Plan:
         raise ValueError("give --rate (requests/s) or a --workload to read it from")
     if rate <= 0:
         raise ValueError(f"the rate must be positive, got {rate}")
-    sizes = list(inp.adapter_bytes) if inp.adapter_bytes else [lora_params(spec, inp.rank) * inp.dtype_bytes] * n
+    lora_bytes = inp.lora_dtype_bytes or inp.dtype_bytes
+    sizes = list(inp.adapter_bytes) if inp.adapter_bytes else [lora_params(spec, inp.rank) * lora_bytes] * n
     if len(sizes) != n:
         raise ValueError(f"{len(sizes)} adapter sizes for {n} adapters")
     defaults = WorkloadConfig()
@@ -219,7 +223,8 @@ def provision(inp: PlanInput) -> Plan:
     latency = 0.0 if inp.load_s else (inp.load_latency_s if inp.load_latency_s is not None else hw.pcie_latency)
     bw = max(sizes) / inp.load_s if inp.load_s else (inp.load_bw or hw.pcie_bw)
     traffic = Traffic(rate, mean_in, mean_out, inp.slo_tpot)
-    server = server_need(spec, hw, inp.dtype_bytes, demand.probs, sizes, traffic, inp.link_bw, inp.max_util)
+    server = server_need(spec, hw, inp.dtype_bytes, lora_bytes, demand.probs, sizes, traffic, inp.link_bw,
+                         inp.max_util)
     knapsack = Knapsack.build(demand.probs, sizes) if inp.cache_model == "static" else None
     in_flight = rate * (inp.slo_ttft + mean_out * inp.slo_tpot)
     usable = hw.mem_bytes * inp.mem_util
@@ -288,7 +293,8 @@ def check(inp: PlanInput) -> None:
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
-    for flag, value in {"--load-bw": inp.load_bw, "--load-s": inp.load_s}.items():
+    optional = {"--load-bw": inp.load_bw, "--load-s": inp.load_s, "--lora-dtype-bytes": inp.lora_dtype_bytes}
+    for flag, value in optional.items():
         if value is not None and not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     if inp.adapters is not None and inp.adapters < 1:

@@ -106,13 +106,13 @@ class ServerNeed:
     gpus_for_bandwidth: int
 
 
-def server_need(spec: ModelSpec, hw: Hardware, dtype_bytes: int, probs: list[float], sizes: list[float],
-                traffic: Traffic, link_bw: float, max_util: float) -> ServerNeed:
+def server_need(spec: ModelSpec, hw: Hardware, dtype_bytes: int, lora_dtype_bytes: int, probs: list[float],
+                sizes: list[float], traffic: Traffic, link_bw: float, max_util: float) -> ServerNeed:
     """GPUs the deltas need at this traffic: compute (roofline of FLOPs and
     weight reads) and link (activations over each GPU's `link_bw`). A token's
     adapter is adapter i with probability p_i, so its weights are the
     popularity-weighted mean size."""
-    params = sum(p * s for p, s in zip(probs, sizes)) / dtype_bytes
+    params = sum(p * s for p, s in zip(probs, sizes)) / lora_dtype_bytes
     flops = 2.0 * applied_params_per_token(spec, params) * traffic.tokens_per_s  # shrink + expand
     weights = weight_bytes_per_s(spec, probs, sizes, traffic)
     link = link_bytes_per_token(spec, dtype_bytes) * traffic.tokens_per_s

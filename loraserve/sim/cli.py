@@ -12,6 +12,7 @@ from loraserve.dtypes import CHOICES
 from loraserve.flags import add_flag
 from loraserve.sim.engine import SimConfig
 from loraserve.sim.hardware import PROFILES
+from loraserve.sim.models import PAPER_LORA_DTYPE_BYTES
 from loraserve.units import format_bytes, parse_bytes
 
 
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--server-gpus", type=int, default=8, help="of them, the LoRA server's (disagg)")
     k.add_argument("--server-cache", type=parse_bytes,
                    help="the LoRA server's adapter cache (default: its GPUs' memory)")
+    k.add_argument("--lora-dtype-bytes", type=int, default=PAPER_LORA_DTYPE_BYTES, choices=(2, 4),
+                   help="bytes per adapter weight: 4 (fp32, the size InfiniLoRA states for its adapters) or 2 "
+                        "(bf16) (default: %(default)s)")
     k.add_argument("--slo-ttft", type=float, default=0.25, help="P95 TTFT SLO, prefill excluded (s)")
     k.add_argument("--slo-tpot", type=float, default=0.1, help="mean TPOT SLO (s)")
     k.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -147,13 +151,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise ValueError(f"--model must be one of {', '.join(INFINILORA_MODELS)}")
     d, spec, hw = INFINILORA_MODELS[args.model], model_spec(args.model), hardware(args.hardware)
     wl = generate(burstgpt_config(args.requests, args.adapters, args.rate, args.zipf))
-    sizes = adapter_sizes(wl.adapters, spec, d.rank)
+    sizes = adapter_sizes(wl.adapters, spec, d.rank, args.lora_dtype_bytes)
     slo = SLO(args.slo_ttft, args.slo_tpot)
     out = {}
     for name in args.deployment:
         extra = {"server_cache_bytes": args.server_cache} if name.startswith("disagg") else {}
         cfg = deployment(name, spec, hw, d.rank, d.gpus, sizes[wl.adapters[0]], len(sizes), args.gpus,
-                         args.server_gpus, **extra)
+                         args.server_gpus, args.lora_dtype_bytes, **extra)
         res = simulate_cluster(wl, spec, hw, cfg, sizes, slo, warmup=0.25, lead_in=20.0)
         s, f = res.summary, res.summary_with_prefill
         out[name] = {"meets_slo": s["meets_slo"], "p95_ttft_s": s["ttft_s"]["p95"],

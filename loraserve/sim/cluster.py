@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,44 @@ class ClusterResult:
     summary_with_prefill: dict
     stats: dict
     wall_s: float = 0.0
+    stopped_at: float | None = None
+    """Set when the run ended early (`simulate_cluster(stop_on_miss=True)`): the virtual time at which
+    enough judged requests had missed the TTFT bound that the P95 could no longer meet it. The
+    summaries then cover only the requests done by then, and `meets_slo` is False."""
+
+
+class MissWatch:
+    """Knows, as first tokens come in, when a run's TTFT percentile is sure to miss the SLO.
+
+    A serviceable-rate search spends most of its time on rates that fail: an
+    overloaded cluster's queue grows for the rest of the run. Once more of the
+    judged requests have a TTFT (prefill excluded, as `ClusterResult.summary`
+    judges it) over the bound than the percentile tolerates, the verdict cannot
+    change, so the run may stop. Exact, not a heuristic: with n judged requests
+    and linear interpolation between ranks, the percentile sits at or above
+    rank floor((n - 1) q / 100), so n - that many misses decide it.
+    Single-turn workloads only (every arrival, and so the judged set, is known
+    up front)."""
+
+    def __init__(self, workload: Workload, slo: SLO, warmup: float, prefill_s) -> None:
+        turns = sorted(workload.turns, key=lambda t: t.time)
+        judged = turns[int(len(turns) * warmup):]
+        self.judged = {t.id for t in judged}
+        self.bound = slo.ttft
+        self.prefill_s = prefill_s
+        """Input tokens → the prefill time a request's TTFT excludes."""
+
+        n = len(judged)
+        self.allowed = n - math.floor((n - 1) * slo.ttft_percentile / 100) - 1
+        self.late = 0
+
+    def first_token(self, req: Request) -> bool:
+        """Count a request's first token; True once the percentile must miss."""
+        if req.request_id in self.judged:
+            ttft = req.first_token_time - req.arrival_time - self.prefill_s(req.num_prompt_tokens)
+            if ttft > self.bound:
+                self.late += 1
+        return self.late > self.allowed
 
 
 class Cluster:
@@ -104,7 +143,8 @@ class Cluster:
         if remote:
             d = cfg.disagg
             self.exchange = ExchangeModel(spec, cfg.rank, LINKS[d.link], hw, cfg.instance_gpus, d.ep, d.pp, d.push,
-                                          d.overlap, d.kernel_eff, self.sim_cfg.dtype_bytes)
+                                          d.overlap, d.kernel_eff, self.sim_cfg.dtype_bytes,
+                                          self.sim_cfg.lora_dtype_bytes)
             self.server = SimLoraServer(spec, hw, d, adapters, self.clock, self.exchange, self._wake_server, store)
         self.done: list[Request] = []
         self.router = Router(cfg.router)
@@ -115,6 +155,8 @@ class Cluster:
         """Per instance, the sessions whose last turn it served."""
 
         self.reasons = dict.fromkeys(REASONS, 0)
+        self.watch: MissWatch | None = None
+        self.stopped_at: float | None = None
         self.loads: list[InstanceLoad | None] = [None] * len(self.instances)
         """Each instance's last report, None once its state changed (it stepped, planned, or got
         or lost a request): summing every held request's tokens of every instance on every
@@ -147,7 +189,7 @@ class Cluster:
             for k in range(int(lead_in / step) + 1):
                 self._wake_server(k * step)
         for _ in range(max_events):
-            if not self.events:
+            if not self.events or self.stopped_at is not None:
                 return self.done
             t, _, fn, args = heapq.heappop(self.events)
             # a cache that must wait for a copy (LinkMover.wait) moves the shared clock itself: what fell due
@@ -238,6 +280,8 @@ class Cluster:
             result = eng.executor.inner.finish(result)
         self.loads[i] = None
         for req in eng.scheduler.update(plan, result):
+            if self.watch is not None and req.num_output_tokens == 1 and self.watch.first_token(req):
+                self.stopped_at = self.clock.now()
             if req.is_finished:
                 self._finished(i, req)
         self.busy[i] = False
@@ -250,9 +294,7 @@ class Cluster:
         of arrivals (caches start cold; a short run would otherwise measure mostly that)."""
         records = sorted(to_records(self.done), key=lambda r: r.arrival)
         records = records[int(len(records) * warmup):]
-        cost = self.instances[0].cost
-        chunk = self.sim_cfg.scheduler.max_num_batched_tokens
-        queue = [replace(r, arrival=r.arrival + prefill_time(cost, r.input_len, chunk)) for r in records]
+        queue = [replace(r, arrival=r.arrival + self.prefill_s(r.input_len)) for r in records]
         stats = {"instances": len(self.instances),
                  "preemptions": sum(e.scheduler.num_preemptions for e in self.instances),
                  "routed": dict(self.reasons)}
@@ -262,7 +304,14 @@ class Cluster:
             stats[key] = sum(values) / len(values) if values else None
         if self.server is not None:
             stats["server"] = {k: v for k, v in self.server.stats().items() if isinstance(v, (int, float))}
-        return ClusterResult(records, queue, summarize(queue, slo), summarize(records, slo), stats, wall_s)
+        summary = summarize(queue, slo)
+        if self.stopped_at is not None:
+            summary["meets_slo"] = False
+        return ClusterResult(records, queue, summary, summarize(records, slo), stats, wall_s, self.stopped_at)
+
+    def prefill_s(self, tokens: int) -> float:
+        """What a request's TTFT excludes: its prompt's prefill alone on an idle instance."""
+        return prefill_time(self.instances[0].cost, tokens, self.sim_cfg.scheduler.max_num_batched_tokens)
 
 
 def _load(eng: SimEngine, sessions: set[int]) -> InstanceLoad:
@@ -288,8 +337,14 @@ def prefill_time(cost: StepCost, tokens: int, chunk: int) -> float:
 
 def simulate_cluster(workload: Workload, spec: ModelSpec, hw: Hardware, cfg: ClusterConfig,
                      adapters: dict[str, int], slo: SLO | None = None, warmup: float = 0.0,
-                     lead_in: float = 0.0) -> ClusterResult:
+                     lead_in: float = 0.0, stop_on_miss: bool = False) -> ClusterResult:
+    """stop_on_miss: end the run once the SLO's TTFT percentile is sure to miss (`MissWatch`;
+    single-turn workloads), for searches that only need the verdict."""
     start = time.perf_counter()
     cluster = Cluster(spec, hw, cfg, adapters)
+    if stop_on_miss:
+        if slo is None or any(t.turn for t in workload.turns):
+            raise ValueError("stop_on_miss needs an SLO and a single-turn workload")
+        cluster.watch = MissWatch(workload, slo, warmup, cluster.prefill_s)
     cluster.run(workload, lead_in)
     return cluster.result(slo, time.perf_counter() - start, warmup)

@@ -37,13 +37,15 @@ class StepWork:
 
 class StepCost:
     def __init__(self, spec: ModelSpec, hw: Hardware, dtype_bytes: int = 2, tp: int = 1,
-                 lora_bytes: Callable[[str], int] | None = None, lora_eff: float = 1.0) -> None:
+                 lora_bytes: Callable[[str], int] | None = None, lora_eff: float = 1.0,
+                 lora_dtype_bytes: int | None = None) -> None:
         self.spec = spec
         self.hw = hw
         self.dtype_bytes = dtype_bytes
         self.tp = tp
         self.lora_bytes = lora_bytes or (lambda adapter: 0)
-        """An adapter's size in bytes, by id (its params are bytes / dtype_bytes)."""
+        """An adapter's size in bytes, by id (its params are bytes / lora_dtype_bytes)."""
+        self.lora_dtype_bytes = lora_dtype_bytes or dtype_bytes
         self.lora_eff = lora_eff
         """Efficiency of the LoRA kernels relative to the base GEMMs' (their FLOPs and bytes count 1/lora_eff)."""
         self.dense, self.expert, self.num_experts = linear_params(spec)
@@ -79,7 +81,8 @@ class StepCost:
                 read = 1 - share + share * (1 - (1 - k / e) ** n)
                 used = 1 - share + share * k / e
             nbytes += size * read / self.lora_eff
-            flops += 2.0 * n * used * size / d / self.lora_eff  # shrink and expand: 2 FLOPs per weight per token
+            # shrink and expand: 2 FLOPs per weight per token
+            flops += 2.0 * n * used * size / self.lora_dtype_bytes / self.lora_eff
         for adapter, _ in plan.lora_loads:  # filling a LoRA slot: a device-to-device copy
             nbytes += 2 * self.lora_bytes(adapter)
         comm = 2 * s.num_layers * tokens * s.hidden_size * d * 2 * (self.tp - 1) / self.tp

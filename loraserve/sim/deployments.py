@@ -71,11 +71,14 @@ def host_bytes(adapters: int, adapter_bytes: int) -> int:
 
 
 def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpus: int, adapter_bytes: int,
-               num_adapters: int = 512, total_gpus: int = 16, server_gpus: int = 8, **disagg) -> ClusterConfig:
+               num_adapters: int = 512, total_gpus: int = 16, server_gpus: int = 8, lora_dtype_bytes: int = 2,
+               **disagg) -> ClusterConfig:
     """The ClusterConfig of a named deployment (disagg: DisaggConfig overrides). In
     both kinds every adapter waits in host memory (as S-LoRA keeps them), so a
     miss is a host-to-device copy, not a disk read; except in `slora-vllm`,
-    whose host cache holds only `max_loras` adapters (vLLM's default)."""
+    whose host cache holds only `max_loras` adapters (vLLM's default).
+    lora_dtype_bytes: bytes per adapter weight, which `adapter_bytes` must have been sized with
+    (4: adapters kept in fp32 beside the bf16 model, what the paper's stated adapter size implies)."""
     base = ClusterConfig("coupled", total_gpus, instance_gpus, rank, router=ROUTER)
     if name in COUPLED:
         share = LESS_LORA_SHARE if name == "slora-less" else SLORA_LORA_SHARE
@@ -86,7 +89,8 @@ def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpu
         sched = replace(SCHEDULER, max_loras=slots, order="sjf" if name == "slora-sjf" else "fcfs")
         # the coupled baselines run generic segmented LoRA kernels, as the ladder's rungs before "+kernel"
         return replace(base, sim=SimConfig(cache=cache, scheduler=sched, lora_eff=GENERIC_KERNEL_EFF,
-                                           blocking_loads=name in ("slora-sync", "slora-vllm")))
+                                           blocking_loads=name in ("slora-sync", "slora-vllm"),
+                                           lora_dtype_bytes=lora_dtype_bytes))
     if name not in DISAGG:
         raise ValueError(f"unknown deployment {name!r}; choose from {', '.join(COUPLED + DISAGG)}")
     ep = 4 if server_gpus % 4 == 0 else server_gpus
@@ -102,4 +106,5 @@ def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpu
         d = replace(d, cache_policy="elora-wos")
     d = replace(d, **disagg)
     cache = CacheConfig(policy="slora", host_bytes=0)  # KV only: no adapters, no history KV to keep
-    return replace(base, deployment="disagg", sim=SimConfig(cache=cache, scheduler=SCHEDULER), disagg=d)
+    return replace(base, deployment="disagg", sim=SimConfig(cache=cache, scheduler=SCHEDULER,
+                                                            lora_dtype_bytes=lora_dtype_bytes), disagg=d)

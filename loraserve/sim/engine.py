@@ -32,6 +32,10 @@ class SimConfig:
     """Tensor-parallel degree: weights, KV and FLOPs split over tp accelerators."""
 
     dtype_bytes: int = 2
+    lora_dtype_bytes: int | None = None
+    """Bytes per adapter weight, where adapters are kept at another precision than the model
+    (fp32 adapters beside a bf16 model: 4); None: dtype_bytes."""
+
     mem_util: float = 0.9
     """Share of device memory the engine may use (weights + the device tier), as vLLM's
     gpu_memory_utilization; the device tier gets what the weights leave."""
@@ -88,7 +92,7 @@ class SimEngine(EngineCore):
         self.adapter_bytes = dict(adapters)
         self.remote = remote
         lora_bytes = (lambda a: 0) if remote else self.adapter_bytes.__getitem__
-        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, lora_bytes, cfg.lora_eff)
+        self.cost = StepCost(spec, hw, cfg.dtype_bytes, cfg.tp, lora_bytes, cfg.lora_eff, cfg.lora_dtype_bytes)
         super().__init__(cfg.cache, cfg.scheduler, num_blocks, cfg.cache.host_bytes // block_bytes, block_bytes,
                          cfg.max_model_len, clock, LinkMover(clock, duration=self.cost.copy_time),
                          PacedExecutor(NullExecutor(), self, clock),

@@ -91,6 +91,11 @@ class ExchangeModel:
     overlap: bool = True
     kernel_eff: float = 1.0
     dtype_bytes: int = 2
+    """Bytes per activation element on the wire."""
+
+    lora_dtype_bytes: int | None = None
+    """Bytes per adapter weight the server's kernels read; None: dtype_bytes."""
+
     kernel_overhead: float = 5e-6
     """Launch and synchronisation per batched kernel (and per EP all-gather)."""
 
@@ -137,7 +142,7 @@ class ExchangeModel:
             gpus, rows, per = 1, tokens, trip.params
             touched = adapters * per
         flops = 2.0 * rows * per
-        nbytes = touched * self.dtype_bytes + tokens * (trip.in_bytes + trip.out_bytes)
+        nbytes = touched * (self.lora_dtype_bytes or self.dtype_bytes) + tokens * (trip.in_bytes + trip.out_bytes)
         eff = self.kernel_eff
         roof = max(flops / (gpus * hw.flops * hw.flops_eff * eff), nbytes / (gpus * hw.mem_bw * hw.bw_eff * eff))
         return roof + self.kernel_overhead * (2 if gpus > 1 else 1)

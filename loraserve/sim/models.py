@@ -73,6 +73,14 @@ INFINILORA_MODELS: dict[str, Deployment] = {d.model: d for d in (
     Deployment("dbrx", 64, 4), Deployment("scaled-moe", 64, 4))}
 """The five MoE models of InfiniLoRA's evaluation (papers.md 2.7); adapters cover attention and every expert."""
 
+PAPER_LORA_DTYPE_BYTES = 4
+"""Bytes per adapter weight that InfiniLoRA's one stated adapter size implies: "Qwen3-30B-A3B
+reaches 6.18 GB" is, to the digit, its rank-32 LoRA on every expert's three projections
+(1.661e9 weights) at 4 bytes a weight, 6.1875 GiB; at bf16's 2 bytes it would be 3.09. (Rank 64
+in bf16 gives the same bytes, but the evaluation's Qwen3 rank is 32.) Adapters trained in mixed
+precision are saved in fp32, and the paper's sizes say they are served so. Its reproduction
+(benchmarks/infinilora_sim.py) runs at this size and, as a second reading, at 2 bytes."""
+
 
 def model_spec(name_or_dir: str) -> ModelSpec:
     """A preset by name, or a model directory's config.json."""
