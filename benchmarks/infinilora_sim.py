@@ -200,15 +200,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=MIN_REQUESTS, help="at least this many requests per simulation")
     ap.add_argument("--models", nargs="+", default=list(INFINILORA_MODELS))
     ap.add_argument("--jobs", type=int, default=2, help="simulations run in this many processes")
+    ap.add_argument("--seed", type=int, default=1, help="the workloads' seed (arrivals, adapters, lengths)")
     ap.add_argument("--quick", action="store_true", help="Mixtral only, 20 s runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinilora_sim.json"))
     args = ap.parse_args()
     if args.quick:
         args.models, args.seconds = ["mixtral-8x7b"], 20.0
     start = time.perf_counter()
-    paper = Bench(args.requests, seconds=args.seconds)
-    bf16 = Bench(args.requests, seconds=args.seconds, lora_bytes=BF16)
-    slow = Bench(args.requests, replace(HW, name=f"{HW.name}-pageable", pcie_bw=PAGEABLE_BW), seconds=args.seconds)
+    paper = Bench(args.requests, seed=args.seed, seconds=args.seconds)
+    bf16 = Bench(args.requests, seed=args.seed, seconds=args.seconds, lora_bytes=BF16)
+    slow = Bench(args.requests, replace(HW, name=f"{HW.name}-pageable", pcie_bw=PAGEABLE_BW), args.seed, args.seconds)
     models = args.models
     mix = "mixtral-8x7b" if "mixtral-8x7b" in models else models[0]
 
@@ -247,7 +248,7 @@ def main() -> None:
 
     result: dict = {"machine": machine(), "commit": git_commit(), "hardware": HW.name,
                     "slo": {"p95_ttft_s": SLO_.ttft, "mean_tpot_s": SLO_.tpot, "ttft": "excluding prefill"},
-                    "lora_dtype_bytes": paper.lora_bytes, "seconds_per_sim": args.seconds,
+                    "lora_dtype_bytes": paper.lora_bytes, "seed": args.seed, "seconds_per_sim": args.seconds,
                     "min_requests_per_sim": args.requests, "warmup_share": WARMUP, "lead_in_s": LEAD_IN,
                     "jobs": args.jobs, "models": {}}
     for m in models:
@@ -368,7 +369,8 @@ def planner_lines(r: dict) -> list[str]:
 def table(r: dict) -> str:
     b16 = r["bf16_adapters"]["models"]
     lines = [f"InfiniLoRA in the simulator ({r['hardware']}, 16 GPUs), commit {r['commit']}, "
-             f"{r['seconds_per_sim']:g} s of arrivals a run (at least {r['min_requests_per_sim']} requests), "
+             f"seed {r['seed']}, {r['seconds_per_sim']:g} s of arrivals a run (at least {r['min_requests_per_sim']} "
+             "requests), "
              f"{r['sims']} sims, wall {r['wall_s']} s ({r['sim_s']} s of simulation over {r['jobs']} processes), "
              f"loadavg {r['machine']['loadavg']} -> "
              f"{r.get('loadavg_end')}", "",
