@@ -196,17 +196,20 @@ LADDER = ("slora", "disagg-naive", "disagg+overlap", "disagg+loading", "disagg")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=SECONDS, help="seconds of arrivals per simulation")
+    ap.add_argument("--seconds", type=float, help=f"seconds of arrivals per simulation (default {SECONDS:g}; "
+                                                  "--quick: 20)")
     ap.add_argument("--requests", type=int, default=MIN_REQUESTS, help="at least this many requests per simulation")
     ap.add_argument("--models", nargs="+", default=list(INFINILORA_MODELS))
     ap.add_argument("--jobs", type=int, default=2, help="simulations run in this many processes")
     ap.add_argument("--seed", type=int, default=1, help="the workloads' seed (arrivals, adapters, lengths)")
-    ap.add_argument("--quick", action="store_true", help="Mixtral only, 20 s runs")
+    ap.add_argument("--quick", action="store_true", help="Mixtral only, 20 s runs unless --seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinilora_sim.json"))
     args = ap.parse_args()
     if args.quick:
-        args.models, args.seconds = ["mixtral-8x7b"], 20.0
+        args.models = ["mixtral-8x7b"]
+    args.seconds = args.seconds or (20.0 if args.quick else SECONDS)
     start = time.perf_counter()
+    started = {"machine": machine(), "commit": git_commit()}  # the load before the runs
     paper = Bench(args.requests, seed=args.seed, seconds=args.seconds)
     bf16 = Bench(args.requests, seed=args.seed, seconds=args.seconds, lora_bytes=BF16)
     slow = Bench(args.requests, replace(HW, name=f"{HW.name}-pageable", pcie_bw=PAGEABLE_BW), args.seed, args.seconds)
@@ -246,7 +249,7 @@ def main() -> None:
     got = dict(zip(runs, out))
     separating = {f"seed{s}": r for s, r in zip((1, 2, 3), out[len(runs):])}
 
-    result: dict = {"machine": machine(), "commit": git_commit(), "hardware": HW.name,
+    result: dict = {**started, "hardware": HW.name,
                     "slo": {"p95_ttft_s": SLO_.ttft, "mean_tpot_s": SLO_.tpot, "ttft": "excluding prefill"},
                     "lora_dtype_bytes": paper.lora_bytes, "seed": args.seed, "seconds_per_sim": args.seconds,
                     "min_requests_per_sim": args.requests, "warmup_share": WARMUP, "lead_in_s": LEAD_IN,
@@ -380,7 +383,8 @@ def table(r: dict) -> str:
              *(ratio_summary(r["models"], n) for n in MAIN[1:] + VLLM), attainment_summary(r["models"]), "",
              f"adapters at {r['bf16_adapters']['lora_dtype_bytes']} bytes a weight (bf16)", *rate_rows(b16, PAIR),
              ratio_summary(b16, "slora"), attainment_summary(b16), "",
-             "adapter copies at pageable speed (10 GB/s per GPU): serviceable rate disagg / slora",
+             f"adapter copies at pageable speed (10 GB/s per GPU; adapters at {r['lora_dtype_bytes']} bytes a "
+             "weight): serviceable rate disagg / slora",
              *(f"{m:>14}: {x['disagg']:.2f} / {x['slora']:.2f}"
                for m, x in r["pageable_loads"]["serviceable_rate"].items())]
     if r["pageable_loads"]["capped"]:

@@ -181,6 +181,7 @@ def test_gpu_counts_on_a_hand_computed_case(tmp_path):
     fp32 = provision(replace(inp, lora_dtype_bytes=4))
     assert fp32.flops_per_s == pytest.approx(plan.flops_per_s)
     assert fp32.link_bytes_per_s == pytest.approx(plan.link_bytes_per_s)
+    assert fp32.weight_bytes_per_s == pytest.approx(2 * plan.weight_bytes_per_s)
     assert fp32.gpus_for_cache == math.ceil(20 * 2 * size / (10 * GiB))
 
 

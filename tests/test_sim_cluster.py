@@ -15,7 +15,7 @@ from loraserve.lora_server.fill import SlotFill
 from loraserve.lora_server.window import BatchWindow, form_batches
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target
-from loraserve.sim.cluster import Cluster, ClusterConfig, simulate_cluster
+from loraserve.sim.cluster import Cluster, ClusterConfig, MissWatch, simulate_cluster
 from loraserve.sim.engine import SimConfig
 from loraserve.sim.exchange import LINKS, ExchangeModel
 from loraserve.sim.hardware import PROFILES
@@ -503,6 +503,11 @@ def test_a_search_run_stops_once_its_p95_ttft_must_miss():
     assert len(full.records) == 225  # the 300 requests less the first quarter's warm-up
     assert early.summary["meets_slo"] is False and early.stopped_at is not None
     assert len(early.records) < 225 and early.stopped_at < max(r.finish for r in full.records)
+    # it stops at the first token that makes one late request more than the P95 allows: the same
+    # requests judged, and their lateness computed, as the full run's summary does
+    allowed = MissWatch(heavy, slo, 0.25, lambda tokens: 0.0).allowed
+    late = sorted(r.first_token for r in full.queue_records if r.ttft > slo.ttft)
+    assert len(late) > allowed and early.stopped_at == late[allowed]
     light = small_workload(60, 2.0)
     watched, plain = (simulate_cluster(light, MIXTRAL, H20, cfg, sizes, slo, 0.25, stop_on_miss=s)
                       for s in (True, False))
@@ -516,7 +521,6 @@ def test_the_miss_watch_stops_exactly_when_the_p95_must_miss(n):
     """With the misses it allows, some run still meets the P95 (misses just over the bound, the
     rest at 0); one more, and every run misses it (`summarize`'s interpolated percentile)."""
     from loraserve.bench.metrics import SLO, percentile
-    from loraserve.sim.cluster import MissWatch
 
     watch = MissWatch(small_workload(n, 1.0), SLO(0.5, 1.0), 0.0, lambda tokens: 0.0)
     allowed = watch.allowed

@@ -87,7 +87,7 @@ class ClusterResult:
     stopped_at: float | None = None
     """Set when the run ended early (`simulate_cluster(stop_on_miss=True)`): the virtual time at which
     enough judged requests had missed the TTFT bound that the P95 could no longer meet it. The
-    summaries then cover only the requests done by then, and `meets_slo` is False."""
+    summaries then cover only the requests done by then, and both say `meets_slo` False."""
 
 
 class MissWatch:
@@ -104,7 +104,7 @@ class MissWatch:
     up front)."""
 
     def __init__(self, workload: Workload, slo: SLO, warmup: float, prefill_s) -> None:
-        turns = sorted(workload.turns, key=lambda t: t.time)
+        turns = sorted(workload.turns, key=lambda t: (t.time, t.session))  # `Cluster.result`'s order
         judged = turns[int(len(turns) * warmup):]
         self.judged = {t.id for t in judged}
         self.bound = slo.ttft
@@ -118,7 +118,7 @@ class MissWatch:
     def first_token(self, req: Request) -> bool:
         """Count a request's first token; True once the percentile must miss."""
         if req.request_id in self.judged:
-            ttft = req.first_token_time - req.arrival_time - self.prefill_s(req.num_prompt_tokens)
+            ttft = req.first_token_time - (req.arrival_time + self.prefill_s(req.num_prompt_tokens))  # as result()
             if ttft > self.bound:
                 self.late += 1
         return self.late > self.allowed
@@ -292,7 +292,8 @@ class Cluster:
     def result(self, slo: SLO | None = None, wall_s: float = 0.0, warmup: float = 0.0) -> ClusterResult:
         """Summaries over the requests that arrived after the first `warmup` share
         of arrivals (caches start cold; a short run would otherwise measure mostly that)."""
-        records = sorted(to_records(self.done), key=lambda r: r.arrival)
+        # ties (arrivals due while a copy moved the clock land at one time) go by session: its start order
+        records = sorted(to_records(self.done), key=lambda r: (r.arrival, r.session, r.turn))
         records = records[int(len(records) * warmup):]
         queue = [replace(r, arrival=r.arrival + self.prefill_s(r.input_len)) for r in records]
         stats = {"instances": len(self.instances),
@@ -304,10 +305,10 @@ class Cluster:
             stats[key] = sum(values) / len(values) if values else None
         if self.server is not None:
             stats["server"] = {k: v for k, v in self.server.stats().items() if isinstance(v, (int, float))}
-        summary = summarize(queue, slo)
+        summary, with_prefill = summarize(queue, slo), summarize(records, slo)
         if self.stopped_at is not None:
-            summary["meets_slo"] = False
-        return ClusterResult(records, queue, summary, summarize(records, slo), stats, wall_s, self.stopped_at)
+            summary["meets_slo"] = with_prefill["meets_slo"] = False
+        return ClusterResult(records, queue, summary, with_prefill, stats, wall_s, self.stopped_at)
 
     def prefill_s(self, tokens: int) -> float:
         """What a request's TTFT excludes: its prompt's prefill alone on an idle instance."""
