@@ -201,8 +201,7 @@ class ReplicaSetClient:
                 call.add_done_callback(lambda c: c.cancelled() or c.exception())  # (retrieved: no log noise)
             elif not call.cancelled() and call.exception() is None and isinstance(call.result(), EngineStats):
                 fresh[r] = call.result()
-        self._replica_stats = {r: fresh.get(r, report["stats"]) for r, report in reports.items()}
-        self._replica_stats.update(fresh)
+        self._replica_stats = {**{r: report["stats"] for r, report in reports.items()}, **fresh}
         self._pids.update({r: report["pid"] for r, report in reports.items()})
         if self._replica_stats:
             self._stats = merge_stats(list(self._replica_stats.values()))

@@ -71,14 +71,15 @@ def host_bytes(adapters: int, adapter_bytes: int) -> int:
 
 
 def deployment(name: str, spec: ModelSpec, hw: Hardware, rank: int, instance_gpus: int, adapter_bytes: int,
-               num_adapters: int = 512, total_gpus: int = 16, server_gpus: int = 8, lora_dtype_bytes: int = 2,
+               num_adapters: int = 512, total_gpus: int = 16, server_gpus: int = 8, lora_dtype_bytes: int | None = None,
                **disagg) -> ClusterConfig:
     """The ClusterConfig of a named deployment (disagg: DisaggConfig overrides). In
     both kinds every adapter waits in host memory (as S-LoRA keeps them), so a
     miss is a host-to-device copy, not a disk read; except in `slora-vllm`,
     whose host cache holds only `max_loras` adapters (vLLM's default).
     lora_dtype_bytes: bytes per adapter weight, which `adapter_bytes` must have been sized with
-    (4: adapters kept in fp32 beside the bf16 model, what the paper's stated adapter size implies)."""
+    (None: the model's; 4: adapters kept in fp32 beside the bf16 model, what the paper's stated
+    adapter size implies)."""
     base = ClusterConfig("coupled", total_gpus, instance_gpus, rank, router=ROUTER)
     if name in COUPLED:
         share = LESS_LORA_SHARE if name == "slora-less" else SLORA_LORA_SHARE
