@@ -53,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lora = args.lora
     if lora is None and len(args.adapter or []) == 1:
         lora = args.adapter[0][0]
-    llm = LLM(model, adapters=adapters, dtype=args.dtype)
+    llm = LLM(model, adapters=adapters, dtype=args.dtype, lora_dtype=args.lora_dtype)
     if lora is not None and lora not in adapters:
         raise KeyError(f"no adapter named {lora!r}; loaded: {sorted(adapters)}")
     prompts = args.prompt or ["What is the capital of France?"]
@@ -103,8 +103,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
                                   timeout_s=args.lora_server_timeout, transport=args.lora_transport)
     return EngineConfig(
         lora_server=remote,
-        model=model, dtype=args.dtype, device=args.device, max_lora_rank=args.max_lora_rank,
-        max_model_len=args.max_model_len,
+        model=model, dtype=args.dtype, lora_dtype=args.lora_dtype, device=args.device,
+        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, policy=args.cache_policy,
                           device_bytes=_cache_bytes(args.device_cache, "device", args.device, after_load=True),
                           device_fraction=_device_fraction(args.device_cache, args.device),
@@ -171,7 +171,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_request_bytes=args.max_request_bytes)
     app = build_app(async_engine, served_name or Path(model).name, api_key=args.api_key,
                     lora_dirs=args.lora_dir, public_metrics=args.public_metrics, limits=limits)
-    print(f"loraserve: serving {model} ({dtype}{' by --dtype auto' if args.dtype == 'auto' else ''}) "
+    lora_dtype = async_engine.info["lora_dtype"]
+    lora_note = f", adapters in {lora_dtype}" if lora_dtype not in (dtype, "remote") else ""
+    print(f"loraserve: serving {model} ({dtype}{' by --dtype auto' if args.dtype == 'auto' else ''}{lora_note}) "
           f"with {len(adapters)} adapters in {where} on http://{args.host}:{args.port}", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=10),
@@ -250,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--top-k", SamplingParams, "top_k", help="keep the k most likely tokens; 0 keeps all")
     add_flag(g, "--seed", SamplingParams, "seed", help="seed of the request (default: the engine's generator)")
     add_flag(g, "--dtype", EngineConfig, "dtype", choices=CHOICES)
+    add_flag(g, "--lora-dtype", EngineConfig, "lora_dtype", choices=CHOICES)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve the OpenAI-compatible API")
@@ -268,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(v, "--max-request-bytes", ServerLimits, "max_request_bytes", type=parse_bytes, show=format_bytes)
     add_flag(v, "--max-lora-rank", EngineConfig, "max_lora_rank")
     add_flag(v, "--dtype", EngineConfig, "dtype", choices=CHOICES)
+    add_flag(v, "--lora-dtype", EngineConfig, "lora_dtype", choices=CHOICES)
     add_flag(v, "--max-model-len", EngineConfig, "max_model_len",
              help="prompt + output limit (default: the model's max_position_embeddings)")
     add_flag(v, "--block-size", CacheConfig, "block_size")

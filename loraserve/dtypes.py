@@ -24,10 +24,10 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def check_dtype(name: str) -> None:
+def check_dtype(name: str, what: str = "dtype") -> None:
     """Raise on a name --dtype does not accept (configs validate with this)."""
     if name not in CHOICES:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+        raise ValueError(f"{what} must be auto, float32, bfloat16 or float16, got {name!r}")
 
 
 def resolve_dtype(name: str, device: str) -> str:

@@ -23,6 +23,24 @@ def test_generate_prints_the_engines_text(tiny):
     assert out.stdout == expected + "\n"
 
 
+def test_lora_dtype_is_a_flag_and_fp16_on_a_cpu_exits_2_with_one_line(tiny):
+    """--lora-dtype bfloat16 under an fp32 model generates what the library does with it; fp16
+    adapters on a CPU are refused before the model loads."""
+    root = tiny("llama")
+    r8 = str(root / "adapters" / "r8")
+    args = ["generate", "--model", str(root / "model"), "--dtype", "float32", "--adapter", f"r8={r8}",
+            "--prompt", "Hello there", "--max-tokens", "12"]
+    out = cli(*args, "--lora-dtype", "bfloat16")
+    assert out.returncode == 0, out.stderr
+    expected = LLM(str(root / "model"), dtype="float32", lora_dtype="bfloat16", adapters={"r8": r8}).generate(
+        "Hello there", SamplingParams(max_tokens=12, temperature=0.0), adapter="r8")[0].text
+    assert out.stdout == expected + "\n"
+    out = cli(*args, "--lora-dtype", "float16")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "loraserve: error: lora_dtype float16 is not supported on CPU: use float32 or bfloat16"]
+
+
 def test_bad_adapter_exits_2_with_one_line(tiny, tmp_path):
     root = tiny("llama")
     out = cli("generate", "--model", str(root / "model"), "--adapter", f"x={tmp_path}", "--prompt", "hi")

@@ -131,17 +131,37 @@ def test_dtype_auto_picks_what_the_cpu_computes_natively(monkeypatch, flags, exp
     import torch
 
     from loraserve import dtypes
-    from loraserve.lora.bank import lora_dtype
+    from loraserve.lora.bank import compute_dtype, lora_dtype
 
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset(flags))
     assert dtypes.resolve_dtype("auto", "cpu") == expected
     for explicit in dtypes.DTYPES:  # an explicit dtype wins
         assert dtypes.resolve_dtype(explicit, "cpu") == explicit
-    # LoRA math in bf16 only where the CPU has bf16 dot products; fp16 is never native on CPU here
+    # adapters stored in the model's dtype (fp16 never on a CPU), bf16 math only where the CPU has bf16 dot products
     cpu = torch.device("cpu")
-    assert lora_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+    assert lora_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    assert compute_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
     assert lora_dtype(torch.float16, cpu) == torch.float32
-    assert lora_dtype(torch.float32, cpu) == torch.float32
+    assert lora_dtype(torch.float32, cpu) == torch.float32 == compute_dtype(torch.float32, cpu)
+    # --lora-dtype wins on a CPU: bf16 copies of an fp32 model's adapters
+    assert lora_dtype(torch.float32, cpu, "bfloat16") == torch.bfloat16
+    assert lora_dtype(torch.bfloat16, cpu, "float32") == torch.float32
+
+
+def test_lora_dtype_refusals_say_why():
+    import torch
+
+    from loraserve.lora.bank import lora_dtype
+
+    with pytest.raises(ValueError, match="lora_dtype float16 is not supported on CPU"):
+        lora_dtype(torch.float32, torch.device("cpu"), "float16")
+    with pytest.raises(ValueError, match="on cuda LoRA is stored in the model's dtype"):
+        lora_dtype(torch.float16, torch.device("cuda"), "bfloat16")
+    assert lora_dtype(torch.float16, torch.device("cuda")) == torch.float16  # auto: the model's
+    with pytest.raises(ValueError, match="lora_dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
+        EngineConfig(model="m", lora_dtype="int8")
+    assert build_parser().parse_args(["serve"]).lora_dtype == "auto"
+    assert build_parser().parse_args(["generate", "--lora-dtype", "bfloat16"]).lora_dtype == "bfloat16"
 
 
 def test_dtype_auto_is_the_default_and_bad_names_are_refused():

@@ -93,8 +93,20 @@ def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges):
         kernels.lora_segments(x, a, b, offs, torch.tensor([9, 0, 0, 0, 0], dtype=torch.int32), list(edges), out)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         kernels.lora_segments(x, a, b, offs, torch.tensor(ranks, dtype=torch.int32), [0, edges[-1] - 1], out)
+    # bf16 weights (--lora-dtype bfloat16) widen exactly: the sums of their fp32 values (to the last bits the
+    # compiler's reordering of a sum may change), not those of the weights before rounding
+    wide, narrow = torch.zeros_like(out), torch.zeros_like(out)
+    kernels.lora_segments(x, a.bfloat16(), b.bfloat16(), offs, torch.tensor(ranks, dtype=torch.int32), list(edges),
+                          narrow)
+    kernels.lora_segments(x, a.bfloat16().float(), b.bfloat16().float(), offs, torch.tensor(ranks, dtype=torch.int32),
+                          list(edges), wide)
+    assert torch.allclose(narrow, wide, rtol=1e-6, atol=1e-5)
+    assert (narrow - (out - start)).abs().max() > 100 * (narrow - wide).abs().max()
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        kernels.lora_segments(x, a, b.bfloat16(), offs, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("counts, padded", [
     ([0, 0, 1, 1, 1, 0, 0, 0], True),     # a decode step on slots 2-4 of 8: only those take part
@@ -106,19 +118,21 @@ def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges):
     ([128, 128, 0, 0, 0, 0, 0, 0], True),  # even segments: padded, in place
     ([200, 200, 0, 0, 0, 0, 0, 0], False),  # even but long: segmented
 ])
-def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, compiled):
+def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, compiled, weights):
     """Base rows first, then adapter rows by slot: every row gets its own slot's delta, base rows
-    none; through the compiled CPU kernel (segments of up to 16 rows) or torch's matmuls."""
+    none; through the compiled CPU kernel (segments of up to 16 rows) or torch's matmuls, from
+    fp32 weights or bf16 ones (fp32 math: where bf16 is emulated, `bank.compute_dtype`)."""
     if not compiled:
         monkeypatch.setattr(lora_batch, "COMPILED_MAX_ROWS", 0)
     g = torch.Generator().manual_seed(len(counts) + sum(counts))
     num_base, slots, key, qkv = 2, len(counts), (0, Target.O), (0, Target.QKV)
-    a = {key: torch.randn(slots, 16, 4, generator=g)}
-    b = {key: torch.randn(slots, 4, 12, generator=g)}
+    a = {key: torch.randn(slots, 16, 4, generator=g).to(weights)}
+    b = {key: torch.randn(slots, 4, 12, generator=g).to(weights)}
     ranks = {key: torch.full((slots,), 4, dtype=torch.int32)}
     adapter = SimpleNamespace(weights={key: None})  # only the keys matter here
     bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots, ranks=ranks, device=torch.device("cpu"),
-                           dtype=torch.float32, edges={key: [0, 12], qkv: [0, 12]}, group_ranks=ranks.get)
+                           dtype=weights, compute_dtype=torch.float32, edges={key: [0, 12], qkv: [0, 12]},
+                           group_ranks=ranks.get)
     token_group = torch.tensor([0] * num_base + [s + 1 for s, c in enumerate(counts) for _ in range(c)])
     batch = LoraBatch(bank, counts, num_base, token_group)
     live = [s for s, c in enumerate(counts) if c]
@@ -126,7 +140,7 @@ def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, c
     x = torch.randn(num_base + sum(counts), 16, generator=g)
     out = torch.zeros(x.shape[0], 12)
     batch.add(*key, x, out)
-    expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[key], b[key], counts)])
+    expected = torch.cat([torch.zeros(num_base, 12), naive(x[num_base:], a[key].float(), b[key].float(), counts)])
     assert torch.allclose(out, expected, atol=1e-5)
     # a target no adapter of the step has is skipped (its bank rows are zeros; here they are not, to tell)
     a[qkv], b[qkv], ranks[qkv] = a[key], b[key], ranks[key]

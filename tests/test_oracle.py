@@ -74,3 +74,34 @@ def test_bfloat16_stays_close_to_the_fp32_oracle(tiny, family, device):
         _, ref = greedy(model_dir, None if adapter is None else str(root / "adapters" / adapter), PROMPTS[1], 1)
         top = out.top_logprobs[0]
         assert torch.allclose(torch.tensor(list(top.values())), ref[list(top)], atol=BF16_LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_bf16_adapter_copies_match_the_oracle_with_rounded_weights(tiny, family, tmp_path):
+    """`lora_dtype="bfloat16"` under an fp32 model (a CPU feature): the adapters are stored at
+    half the bytes and the math stays fp32, so the output is PEFT's with each adapter weight
+    rounded to bf16, token for token. (The tiny adapters' scalings are powers of two, so
+    rounding B before or after scaling is the same.)"""
+    from safetensors.torch import load_file, save_file
+
+    root = tiny(family)
+    model_dir = str(root / "model")
+    adapters, rounded = {}, {}
+    for name in ADAPTERS:
+        src, dst = root / "adapters" / name, tmp_path / name
+        dst.mkdir()
+        (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        tensors = load_file(src / "adapter_model.safetensors")
+        save_file({k: t.bfloat16().float() for k, t in tensors.items()}, dst / "adapter_model.safetensors")
+        adapters[name], rounded[name] = str(src), str(dst)
+    llm = LLM(model_dir, dtype="float32", lora_dtype="bfloat16", adapters=adapters)
+    full = LLM(model_dir, dtype="float32", adapters={"r8": adapters["r8"]}).engine.adapters.by_name["r8"]
+    half = llm.engine.adapters.by_name["r8"]
+    assert half.num_bytes * 2 == full.num_bytes and llm.engine.lora.bank.dtype == torch.bfloat16
+    cases = [(p, a) for p in PROMPTS for a in [None, *ADAPTERS]]
+    sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
+    outs = llm.generate([p for p, _ in cases], sp, adapter=[a for _, a in cases])
+    for (prompt, adapter), out in zip(cases, outs):
+        ref_tokens, ref_logprobs = greedy(model_dir, rounded.get(adapter), prompt, NUM_TOKENS)
+        assert out.token_ids == ref_tokens, f"{family} adapter={adapter} prompt len {len(prompt)}"
+        assert out.logprobs[0] == pytest.approx(ref_logprobs[ref_tokens[0]].item(), abs=LOGPROB_ATOL)

@@ -242,7 +242,7 @@ def test_disconnect_frees_blocks_and_metrics_count(server, client):
     assert metric(server, "loraserve_time_to_first_token_seconds_count") > 0
     assert metric(server, "loraserve_lora_slot_hits_total") + metric(server, "loraserve_lora_slot_loads_total") > 0
     assert metric(server, "loraserve_swap_in_bytes_total") > 0
-    info = 'loraserve_engine_info{device="cpu",dtype="float32",requested_dtype="float32"}'
+    info = 'loraserve_engine_info{device="cpu",dtype="float32",lora_dtype="float32",requested_dtype="float32"}'
     assert metric(server, info) == 1
 
 

@@ -131,9 +131,11 @@ class AsyncEngine:
 
     @property
     def info(self) -> dict[str, str]:
-        """What the engine computes in: its dtype (`auto` resolved) and device."""
+        """What the engine computes in: its dtype (`auto` resolved), device, and what adapter
+        weights are stored in here (`remote`: on the LoRA server)."""
+        lora = "remote" if self.engine.remote is not None else str(self.engine.lora_dtype).removeprefix("torch.")
         return {"dtype": self.engine.dtype, "device": self.engine.config.device,
-                "requested_dtype": self.engine.config.dtype}
+                "requested_dtype": self.engine.config.dtype, "lora_dtype": lora}
 
     def adapters(self) -> tuple[AdapterInfo, ...]:
         return self.engine.adapters.listing

@@ -56,6 +56,8 @@ class LLMEngine(EngineCore):
         if config.dtype == "auto":
             log.info("dtype auto: %s on %s", self.dtype, config.device)
         dtype = torch_dtype(self.dtype)
+        self.lora_dtype = lora_dtype(dtype, torch.device(config.device), config.lora_dtype)
+        """What adapter weights are stored in here (`--lora-dtype`, auto resolved), checked before the weights load."""
         self.model = load_model(config.model, dtype, config.device)
         self.spec = self.model.spec
         max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
@@ -76,14 +78,14 @@ class LLMEngine(EngineCore):
             log.warning("the device pool holds %d tokens of KV, less than max_model_len %d",
                         self.num_blocks * block_size, max_model_len)
         device = self.model.device
-        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, lora_dtype(dtype, device))
+        self.adapters = AdapterRegistry(self.spec, config.max_lora_rank, self.lora_dtype)
         self.memory = TierMemory(self.spec, self.num_blocks, block_size, dtype, device, self.num_host_blocks)
         assert self.memory.block_bytes == block_bytes
         self.remote: LoraServerClient | None = None
         """The LoRA server, when adapters live there (`serve --lora-server`)."""
         catalogue: list[dict] = []
         if config.lora_server is None:
-            self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, lora_dtype(dtype, device),
+            self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, self.lora_dtype,
                                          device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
         else:
             self.remote = LoraServerClient(config.lora_server)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.dtypes import native_bf16_cpu
+from loraserve.dtypes import native_bf16_cpu, torch_dtype
 from loraserve.lora.adapter import LoraAdapter
 from loraserve.model.spec import ModelSpec
 from loraserve.model.targets import Target, in_dim, layer_targets, out_dim, out_edges
@@ -35,13 +35,30 @@ from loraserve.model.targets import Target, in_dim, layer_targets, out_dim, out_
 Key = tuple[int, Target]
 
 
-def lora_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Adapter weights and LoRA math in the model's dtype, except on CPUs
-    without native bf16 (no fast kernel for small bf16/fp16 matmuls there:
-    fp32 then, the adapters are small) and for fp16 on any CPU."""
-    if device.type != "cpu" or model_dtype == torch.float32:
-        return model_dtype
-    return model_dtype if model_dtype == torch.bfloat16 and native_bf16_cpu() else torch.float32
+def lora_dtype(model_dtype: torch.dtype, device: torch.device, requested: str = "auto") -> torch.dtype:
+    """What adapter weights are stored in (in the bank, in the cache's blocks, in transit):
+    `requested` (`--lora-dtype`), or with `auto` the model's, as PEFT holds them. fp16 on
+    a CPU is stored as fp32 (no CPU path computes from fp16). Another dtype than the model's
+    is for CPUs: a bf16 copy halves the bytes a decode step reads and doubles the adapters a
+    cache holds, at the cost of rounding the adapter's weights; on a GPU the LoRA kernels
+    take the model's dtype."""
+    if requested != "auto":
+        chosen = torch_dtype(requested)
+        if chosen != model_dtype and device.type != "cpu":
+            raise ValueError(f"lora_dtype {requested} differs from the model's {str(model_dtype).removeprefix('torch.')}:"
+                             f" on {device.type} LoRA is stored in the model's dtype (use auto)")
+        if chosen == torch.float16 and device.type == "cpu":
+            raise ValueError("lora_dtype float16 is not supported on CPU: use float32 or bfloat16")
+        return chosen
+    return torch.float32 if device.type == "cpu" and model_dtype == torch.float16 else model_dtype
+
+
+def compute_dtype(storage: torch.dtype, device: torch.device) -> torch.dtype:
+    """What LoRA math runs in for weights stored in `storage`: that dtype, except bf16 on a
+    CPU without native bf16 (no fast kernel for small bf16 matmuls there), which widens to fp32."""
+    if device.type == "cpu" and storage == torch.bfloat16 and not native_bf16_cpu():
+        return torch.float32
+    return storage
 
 
 class LoraBank:
@@ -55,6 +72,9 @@ class LoraBank:
         self.num_experts = spec.num_experts if num_experts is None else num_experts
         self.num_slots = num_slots
         self.dtype = dtype
+        """What the weights are stored in (`lora_dtype`)."""
+        self.compute_dtype = compute_dtype(dtype, device)
+        """What the deltas are computed in."""
         self.device = device
         self.rank = 0
         self.experts = False

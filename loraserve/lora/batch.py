@@ -15,9 +15,12 @@ picked once per step:
   prefill beside a prefix-cache hit) pay for the padded copies in and out:
   3-9x slower than the segmented path at 16 + 512-row segments.
 
-On a CPU in float32, steps of few rows per adapter (decode) take neither: the
+Where the LoRA math is float32 on a CPU (weights stored in fp32, or in bf16
+without native bf16), steps of few rows per adapter (decode) take neither: the
 compiled kernel (`model/cpu_lora.py`) does a projection's whole update in one
-call, reading each adapter's weights once and only its own rank.
+call, reading each adapter's weights once (bf16 ones widened as they are read)
+and only its own rank. The torch paths widen bf16 weights to the compute dtype
+first (a copy of the step's slots: small beside a prefill's matmuls).
 
 Either way only the slots from the first to the last one with rows take part
 (a view of the bank, no copy), and only the projections one of their adapters
@@ -45,7 +48,7 @@ MAX_EVEN_PAD = 128
 """Segments all of one length take the padded path up to this length."""
 
 COMPILED_MAX_ROWS = 256
-"""Segments of at most this many rows take the compiled kernel (CPU, float32): it reads an
+"""Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
 adapter's weights once per 4 rows, so a prefill's long segments are MKL's. On SmolLM2's shapes
 it is the fastest path from 1 to 256 rows per adapter, 1.2-1.5x slower at 512
 (`benchmarks/lora_paths.py`)."""
@@ -54,7 +57,7 @@ it is the fastest path from 1 to 256 rows per adapter, 1.2-1.5x slower at 512
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:
     """Whether a delta over segments of at most `rows` rows (or of `rows[g]` rows each, a
     tensor read only on the CPU: no sync on a device) takes the compiled CPU kernel."""
-    if bank.device.type != "cpu" or bank.dtype != torch.float32 or cpu_kernels.kernels() is None:
+    if bank.device.type != "cpu" or bank.compute_dtype != torch.float32 or cpu_kernels.kernels() is None:
         return False
     return int(rows.max()) <= COMPILED_MAX_ROWS if isinstance(rows, torch.Tensor) else rows <= COMPILED_MAX_ROWS
 
@@ -67,9 +70,10 @@ def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor
     else torch's segmented matmuls."""
     a, b = bank.a[key][slots], bank.b[key][slots]
     if not use_compiled:
+        a, b = a.to(bank.compute_dtype), b.to(bank.compute_dtype)  # bf16 weights widen where bf16 is emulated
         lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=bank.edges[key])
         return
-    # a bf16 model whose LoRA is fp32 here (no native bf16) adds through an fp32 temporary
+    # the kernel computes in fp32 (from fp32 or bf16 weights): a bf16 model adds through an fp32 temporary
     y = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
     cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], y)
     if y is not out:
@@ -119,6 +123,7 @@ class LoraBatch:
         n = self.num_base
         if self.padded and not self.compiled:
             a, b = self.bank.a[key][self.slots], self.bank.b[key][self.slots]
+            a, b = a.to(self.bank.compute_dtype), b.to(self.bank.compute_dtype)
             padded_lora_delta(x[n:].to(a.dtype), a, b, self.pad, self.pad_index, out=out[n:], edges=self.bank.edges[key])
         else:
             segmented_delta(self.bank, key, x[n:], out[n:], self.offs, self.compiled, self.slots)

@@ -48,6 +48,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 

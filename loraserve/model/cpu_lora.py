@@ -12,8 +12,10 @@ slice's own rank columns, adding into the output in place, reading each of
 A and B once per 4 rows and only the adapter's own rank (`LoraBank.ranks`).
 Up to 256 rows per adapter this beats torch's products (`lora/batch.py`).
 
-Float32 only: where the LoRA math is bf16 (a CPU with native bf16), torch's
-batched matmuls run it. The vector types are GCC's, so the same source builds
+The math is float32. The weights are float32 or bf16 (`--lora-dtype`, or a bf16
+model on a CPU without native bf16): bf16 ones widen exactly as they are read,
+so a bf16 copy halves the bytes that bound a decode step's LoRA. Where the LoRA
+math is bf16 (a CPU with native bf16), torch's batched matmuls run it. The vector types are GCC's, so the same source builds
 for AVX-512, AVX2 or NEON (a 16-float vector is then two or four registers).
 """
 
@@ -25,10 +27,22 @@ template <int L> static inline typename Vec<L>::type vload(const float* p) {
 template <int L> static inline void vstore(float* p, typename Vec<L>::type v) {
   *reinterpret_cast<typename Vec<L>::type*>(p) = v;
 }
+// bf16 weights (their bits, as uint16) widen exactly to float: the bits shifted into the high half
+template <int L> struct Bits {
+  typedef uint16_t half __attribute__((vector_size(L * 2)));
+  typedef uint32_t word __attribute__((vector_size(L * 4)));
+};
+template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
+  typename Bits<L>::half h;
+  std::memcpy(&h, p, sizeof h);  // an unaligned load
+  return (typename Vec<L>::type)(__builtin_convertvector(h, typename Bits<L>::word) << 16);
+}
+static inline float wval(float v) { return v; }
+static inline float wval(uint16_t v) { const uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
 // s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
-template <int M, int C, int L>
-static void shrink_tile(const float* x, int64_t xs, const float* A, int64_t K, int64_t WR, int64_t c0, float* s) {
+template <int M, int C, int L, typename T>
+static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, int64_t c0, float* s) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = V{};
@@ -44,8 +58,8 @@ static void shrink_tile(const float* x, int64_t xs, const float* A, int64_t K, i
 }
 
 // out[p, n0 : n0 + C L] += s[p, so : so + r] @ B[0 : r, n0 : n0 + C L] for M rows (B [R, N] row-major)
-template <int M, int C, int L>
-static void expand_tile(const float* s, int64_t WR, int64_t so, const float* B, int64_t N, int64_t r, int64_t n0,
+template <int M, int C, int L, typename T>
+static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int64_t N, int64_t r, int64_t n0,
                         float* out, int64_t os) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
@@ -71,8 +85,8 @@ constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
 // 16 SHRINK_C columns, each streaming A's rows once (r4 = r rounded up to 4: the bank's rank is a
 // multiple of 4 and its padding columns are zeros; slice j's columns are [j R, j R + r)), then
 // each slice's expand from its own shrink columns and B's first r rows.
-template <int M>
-static void lora_rows(const float* x, int64_t xs, const float* A, int64_t K, int64_t WR, const float* B, int64_t R,
+template <int M, typename T>
+static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
                       int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
   const int64_t W = edges.size() - 1, span = (W - 1) * R + (r + 3) / 4 * 4;
   for (int64_t c = 0; c < span;) {
@@ -93,19 +107,46 @@ static void lora_rows(const float* x, int64_t xs, const float* A, int64_t K, int
     for (; n < n1; ++n)
       for (int p = 0; p < M; ++p) {
         float acc = 0.f;
-        for (int64_t k = 0; k < r; ++k) acc += s[p * WR + j * R + k] * B[k * N + n];
+        for (int64_t k = 0; k < r; ++k) acc += s[p * WR + j * R + k] * wval(B[k * N + n]);
         out[p * os + n] += acc;
       }
   }
 }
 
+// The groups' rows, over threads (one task per group): A and B of type T (float, or bf16 bits).
+template <typename T>
+static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, const int* op, const int* rp,
+                        int64_t G, int64_t K, int64_t WR, int64_t R, int64_t N, const std::vector<int64_t>& edges,
+                        float* outp, int64_t os) {
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> s(4 * WR);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t start = g ? op[g - 1] : 0, end = op[g], r = rp[g];
+      if (end <= start || r == 0) continue;
+      const T* A = ap + g * K * WR; const T* B = bp + g * R * N;
+      for (int64_t r0 = start; r0 < end; r0 += 4) {
+        const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
+        switch (std::min<int64_t>(4, end - r0)) {
+          case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
+          default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data());
+        }
+      }
+    }
+  });
+}
+
 // out[rows of g, slice j] += x[rows of g] @ a[g][:, j R : j R + r_g] @ b[g][:r_g, slice j], in place, for each
 // group g (rows [offs[g-1], offs[g]) of x and out), r_g = ranks[g]. a [G, K, W R], b [G, R, N] (the bank's
-// layout, targets.out_edges); edges: the W + 1 slice edges of N. float32.
+// layout, targets.out_edges); edges: the W + 1 slice edges of N. x and out float32; a and b both float32 or
+// both bfloat16 (widened to float32 as they are read: the math is float32 either way).
 void lora_segments(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor offs, torch::Tensor ranks,
                    std::vector<int64_t> edges, torch::Tensor out) {
   on_cpu({x, a, b, offs, ranks, out});
-  for (const auto& t : {x, a, b, out}) TORCH_CHECK(t.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "x and out must be float32");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+              "a and b must be both float32 or both bfloat16");
   TORCH_CHECK(offs.scalar_type() == at::kInt && ranks.scalar_type() == at::kInt && offs.dim() == 1 && ranks.dim() == 1);
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && x.dim() == 2 && out.dim() == 2 && edges.size() >= 2);
   a = a.contiguous(); b = b.contiguous(); offs = offs.contiguous(); ranks = ranks.contiguous();
@@ -119,26 +160,14 @@ void lora_segments(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Ten
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(op[g] >= (g ? op[g - 1] : 0) && op[g] <= std::min(x.size(0), out.size(0)) && rp[g] >= 0
                 && rp[g] <= R, "segment ends or ranks out of range");
-  const float* xp = x.data_ptr<float>(); const float* ap = a.data_ptr<float>(); const float* bp = b.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   float* outp = out.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
   pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> s(4 * WR);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t start = g ? op[g - 1] : 0, end = op[g], r = rp[g];
-      if (end <= start || r == 0) continue;
-      const float* A = ap + g * K * WR; const float* B = bp + g * R * N;
-      for (int64_t r0 = start; r0 < end; r0 += 4) {
-        const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
-        switch (std::min<int64_t>(4, end - r0)) {
-          case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data());
-        }
-      }
-    }
-  });
+  if (a.scalar_type() == at::kFloat)
+    lora_groups(xp, xs, a.data_ptr<float>(), b.data_ptr<float>(), op, rp, G, K, WR, R, N, edges, outp, os);
+  else
+    lora_groups(xp, xs, reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()),
+                reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>()), op, rp, G, K, WR, R, N, edges, outp, os);
 }
 """
