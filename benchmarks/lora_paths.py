@@ -8,7 +8,8 @@ alternating, and reports each one's best time and what `LoraBatch` picks:
 
 - padded (`kernels.padded_lora_delta`): segments padded to the longest, batched matmuls;
 - segmented (`kernels.lora_delta`): a grouped shrink and in-place expands per segment;
-- compiled (`model/cpu_lora.py`): one C++ call per projection, each adapter's weights read once per 4 rows.
+- compiled (`model/cpu_lora.py`): one C++ call per projection, each adapter's weights read once per 4 rows;
+  also from bf16 copies of the weights (`--lora-dtype bfloat16`), which it widens as it reads them.
 
     python benchmarks/lora_paths.py     # writes benchmarks/results/lora_paths-<machine class>.txt
 """
@@ -45,8 +46,10 @@ STEPS = {  # rows per adapter slot
     "256 rows each": [256] * 8,
     "40-64 rows": [40] + [64] * 7,
     "prefill beside prefix hits": [16] * 4 + [512] * 4,
+    "512 rows each (a 4096-token prefill)": [512] * 8,
+    "1024 rows each": [1024] * 8,
 }
-PATHS = ("padded", "segmented", "compiled")
+PATHS = ("padded", "segmented", "compiled", "compiled, bf16 weights")
 
 
 def time_paths(counts: list[int], repeats: int = 7) -> dict[str, float]:
@@ -64,7 +67,10 @@ def time_paths(counts: list[int], repeats: int = 7) -> dict[str, float]:
     kernels = cpu_kernels.kernels()
     run = {"padded": lambda x, a, b, out, e: padded_lora_delta(x, a, b, pad, index, out=out, edges=e),
            "segmented": lambda x, a, b, out, e: lora_delta(x, a, b, offs, out=out, edges=e),
-           "compiled": lambda x, a, b, out, e: kernels.lora_segments(x, a, b, offs, ranks, list(e), out)}
+           "compiled": lambda x, a, b, out, e: kernels.lora_segments(x, a, b, offs, ranks, list(e), out),
+           "compiled, bf16 weights": lambda x, a, b, out, e: kernels.lora_segments(x, narrow[id(a)], narrow[id(b)],
+                                                                                 offs, ranks, list(e), out)}
+    narrow = {id(t): t.bfloat16() for x, a, b, out, edges in work for t in (a, b)}  # --lora-dtype bfloat16
     best = dict.fromkeys(PATHS, float("inf"))
     for _ in range(repeats + 1):
         for path in PATHS:
@@ -77,7 +83,7 @@ def time_paths(counts: list[int], repeats: int = 7) -> dict[str, float]:
 
 def picks(counts: list[int]) -> str:
     bank = SimpleNamespace(num_slots=len(counts), slots=[None] * len(counts), device=torch.device("cpu"),
-                           dtype=torch.float32)
+                           dtype=torch.float32, compute_dtype=torch.float32)
     batch = LoraBatch(bank, counts, 0, torch.zeros(sum(counts), dtype=torch.long))
     return "compiled" if compiled(bank, batch.pad) else "padded" if batch.padded else "segmented"
 
@@ -86,12 +92,14 @@ def main() -> None:
     assert cpu_kernels.kernels() is not None, "the CPU kernels could not be built here"
     lines = [f"# {cpu_line()}, fp32; one step's LoRA over {LAYERS} layers, 8 rank-{RANK} adapters; "
              f"best of 7 alternating",
-             "| step | rows per slot | padded ms | segmented ms | compiled ms | fastest | LoraBatch picks |",
-             "|---|---|---|---|---|---|---|"]
+             "| step | rows per slot | padded ms | segmented ms | compiled ms | compiled, bf16 weights ms | fastest (fp32) "
+             "| LoraBatch picks |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, counts in STEPS.items():
         best = time_paths(counts)
         times = " | ".join(f"{best[p] * 1e3:.1f}" for p in PATHS)
-        lines.append(f"| {name} | {counts} | {times} | {min(best, key=best.get)} | {picks(counts)} |")
+        fastest = min(PATHS[:3], key=best.get)  # of the paths over the same (fp32) weights
+        lines.append(f"| {name} | {counts} | {times} | {fastest} | {picks(counts)} |")
         print(lines[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / f"lora_paths-{cpu_class()}.txt"
     out.write_text("\n".join(lines) + "\n")

@@ -106,10 +106,10 @@ timed run then meets no first-time cost (oneDNN's kernels built for the step's s
 allocator's first pages, the adapters' first loads), as a server that has served for a while."""
 
 
-def run_loraserve(model_dir: Path, adapters: dict, dtype: str, use_adapters: bool) -> float:
+def run_loraserve(model_dir: Path, adapters: dict, dtype: str, use_adapters: bool, lora_dtype: str = "auto") -> float:
     from loraserve.config import SchedulerConfig
 
-    llm = LLM(str(model_dir), adapters=adapters, dtype=dtype,
+    llm = LLM(str(model_dir), adapters=adapters, dtype=dtype, lora_dtype=lora_dtype,
               scheduler=SchedulerConfig(max_num_seqs=NUM_REQUESTS, max_num_batched_tokens=4096, max_loras=8))
     names = [f"a{i % NUM_ADAPTERS}" if use_adapters else None for i in range(NUM_REQUESTS)]
     sp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)

@@ -21,6 +21,10 @@ def test_copy_blocks_between_tiers_round_trips(tiny):
     ex.copy_blocks("host", "device", [(0, 5)])
     assert torch.equal(device[:, :, 5], expected)
     assert device[:, :, :5].abs().sum() == 0  # nothing else was touched
+    # runs of consecutive blocks are copied as one slice: 2, 3 -> 0, 1 is a run, 5 -> 2 is not
+    device.copy_(torch.randn_like(device))
+    ex.copy_blocks("device", "host", [(2, 0), (3, 1), (5, 2)])
+    assert torch.equal(host, device[:, :, [2, 3, 5]])
 
 
 def test_unloaded_adapter_goes_when_its_last_request_is_aborted(tiny):

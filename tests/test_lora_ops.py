@@ -62,16 +62,18 @@ def test_segmented_and_padded_match_the_loop(counts, edges):
             assert torch.allclose(out.float(), start.float() + expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("counts", [[4, 9, 3, 0, 1], [1, 203, 2, 0, 66]])
 @pytest.mark.parametrize("edges", [(0, 40), (0, 64, 80, 96), (0, 130, 167)])
-def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges):
-    """The CPU kernel over segments of 0-9 rows, groups of ranks 8, 5, 0 and 3 in a bank of
+def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges, counts):
+    """The CPU kernel over segments of 0-9 rows (a decode) or up to 203 (a prefill's, cut into
+    tasks of 64 rows shared between threads), groups of ranks 8, 5, 0 and 3 in a bank of
     rank 8, and slices of widths that take every tile size (64, 16, 4, one column): each group
     gets x @ A[:, its rank columns per slice] @ B[:its rank rows], added in place. What lies
     past a group's rank (here not zeros) is never read."""
     kernels = cpu_kernels.kernels()
     assert kernels is not None, "the CPU kernels build on every machine CI runs on"
     g = torch.Generator().manual_seed(len(edges))
-    width, rank, counts, ranks = len(edges) - 1, 8, [4, 9, 3, 0, 1], [8, 5, 0, 3, 8]
+    width, rank, ranks = len(edges) - 1, 8, [8, 5, 0, 3, 8]
     x = torch.randn(sum(counts) + 2, 24, generator=g)  # two rows past the last segment: left alone
     a = torch.randn(len(counts), 24, width * rank, generator=g)
     b = torch.randn(len(counts), rank, edges[-1], generator=g)
@@ -130,9 +132,10 @@ def test_lora_batch_uses_only_the_slots_with_rows(monkeypatch, counts, padded, c
     b = {key: torch.randn(slots, 4, 12, generator=g).to(weights)}
     ranks = {key: torch.full((slots,), 4, dtype=torch.int32)}
     adapter = SimpleNamespace(weights={key: None})  # only the keys matter here
+    edges = {key: [0, 12], qkv: [0, 12]}
     bank = SimpleNamespace(num_slots=slots, a=a, b=b, slots=[adapter] * slots, ranks=ranks, device=torch.device("cpu"),
-                           dtype=weights, compute_dtype=torch.float32, edges={key: [0, 12], qkv: [0, 12]},
-                           group_ranks=ranks.get)
+                           dtype=weights, compute_dtype=torch.float32, edges=edges,
+                           view=lambda k, s: (a[k][s], b[k][s], ranks[k][s], edges[k]))
     token_group = torch.tensor([0] * num_base + [s + 1 for s, c in enumerate(counts) for _ in range(c)])
     batch = LoraBatch(bank, counts, num_base, token_group)
     live = [s for s, c in enumerate(counts) if c]

@@ -84,6 +84,8 @@ class LoraBank:
         self.b: dict[Key, torch.Tensor] = {}
         self.ranks: dict[Key, torch.Tensor] = {}
         """Per key, int32 [S] on the host: each slot's adapter rank for it (0: none)."""
+        self._views: dict[tuple[Key, int | None, int | None], tuple] = {}
+        """`view`'s answers, until the next write: a decode step asks for the last step's."""
 
     def _allocate(self, rank: int, experts: bool) -> None:
         """Swap in zeroed tensors of a larger rank (or with the expert targets),
@@ -99,6 +101,7 @@ class LoraBank:
             b[(layer, target)] = torch.zeros(*lead, rank, out_dim(s, target), **kw)
         self.a, self.b, self.rank, self.experts = a, b, rank, experts
         self.ranks = {key: torch.zeros(self.num_slots, dtype=torch.int32) for key in a}
+        self._views.clear()
 
     def group_ranks(self, key: Key) -> torch.Tensor:
         """int32 on the host: each bank group's rank for `key`, as `a[key]` lays groups out
@@ -106,6 +109,17 @@ class LoraBank:
         if not key[1].is_expert:
             return self.ranks[key]
         return torch.cat([self.ranks[key].new_zeros(1), self.ranks[key]]).repeat(self.num_experts)
+
+    def view(self, key: Key, groups: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """(A, B, group ranks, slice edges) of `key` over a range of its groups. Kept until the
+        bank is next written: a projection's LoRA runs after a large matmul has pushed the
+        interpreter's own data out of the CPU's caches, so each Python step there costs several
+        times its usual time, and a decode step asks for the same views as the step before."""
+        cached = self._views.get((key, groups.start, groups.stop))
+        if cached is None:
+            cached = (self.a[key][groups], self.b[key][groups], self.group_ranks(key)[groups], self.edges[key])
+            self._views[(key, groups.start, groups.stop)] = cached
+        return cached
 
     @property
     def num_bytes(self) -> int:
@@ -125,6 +139,7 @@ class LoraBank:
 
     def _write(self, slot: int, adapter: LoraAdapter, layers: range | None = None) -> None:
         stride, rank = self.num_slots + 1, self.rank
+        self._views.clear()  # an expert key's group ranks are a copy
         for key, a_bank in self.a.items():
             if layers is not None and key[0] not in layers:
                 continue

@@ -47,11 +47,11 @@ MAX_RAGGED_PAD = 8
 MAX_EVEN_PAD = 128
 """Segments all of one length take the padded path up to this length."""
 
-COMPILED_MAX_ROWS = 256
+COMPILED_MAX_ROWS = 512
 """Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
-adapter's weights once per 4 rows, so a prefill's long segments are MKL's. On SmolLM2's shapes
-it is the fastest path from 1 to 256 rows per adapter, 1.2-1.5x slower at 512
-(`benchmarks/lora_paths.py`)."""
+adapter's weights once per 4 rows, so the longest segments are MKL's. On SmolLM2's shapes it is
+the fastest path from 1 to 512 rows per adapter (a 4096-token prefill over 8 adapters: 214 ms
+against 251 segmented), and level with torch's at 1024 (`benchmarks/lora_paths.py`)."""
 
 
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:
@@ -68,14 +68,14 @@ def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor
     (S + 1) + slot + 1 for an expert key), `offs` their cumulative ends, over the bank's
     groups (or its `slots` only). The compiled kernel if `use_compiled` (see `compiled`),
     else torch's segmented matmuls."""
-    a, b = bank.a[key][slots], bank.b[key][slots]
+    a, b, ranks, edges = bank.view(key, slots)
     if not use_compiled:
         a, b = a.to(bank.compute_dtype), b.to(bank.compute_dtype)  # bf16 weights widen where bf16 is emulated
-        lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=bank.edges[key])
+        lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=edges)
         return
     # the kernel computes in fp32 (from fp32 or bf16 weights): a bf16 model adds through an fp32 temporary
     y = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
-    cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, bank.group_ranks(key)[slots], bank.edges[key], y)
+    cpu_kernels.kernels().lora_segments(x if x.dtype == torch.float32 else x.float(), a, b, offs, ranks, edges, y)
     if y is not out:
         out.add_(y.to(out.dtype))
 
@@ -120,13 +120,14 @@ class LoraBatch:
         key = (layer, target)
         if key not in self.targets:
             return
-        n = self.num_base
+        if n := self.num_base:
+            x, out = x[n:], out[n:]
         if self.padded and not self.compiled:
-            a, b = self.bank.a[key][self.slots], self.bank.b[key][self.slots]
+            a, b, _, edges = self.bank.view(key, self.slots)
             a, b = a.to(self.bank.compute_dtype), b.to(self.bank.compute_dtype)
-            padded_lora_delta(x[n:].to(a.dtype), a, b, self.pad, self.pad_index, out=out[n:], edges=self.bank.edges[key])
+            padded_lora_delta(x.to(a.dtype), a, b, self.pad, self.pad_index, out=out, edges=edges)
         else:
-            segmented_delta(self.bank, key, x[n:], out[n:], self.offs, self.compiled, self.slots)
+            segmented_delta(self.bank, key, x, out, self.offs, self.compiled, self.slots)
 
     def add_experts(self, layer: int, target: Target, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
         """Same for expert projections: rows sorted by expert, so by group

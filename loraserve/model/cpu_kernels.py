@@ -50,6 +50,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 // Rows per task: a task gets at least ~16K elements, so a decode's few rows run on the calling thread

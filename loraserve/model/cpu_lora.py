@@ -113,26 +113,69 @@ static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t
   }
 }
 
-// The groups' rows, over threads (one task per group): A and B of type T (float, or bf16 bits).
+// The groups' rows in tasks of up to TASK_ROWS rows of one group, the tasks cut into one contiguous run per
+// thread of about equal cost (rows, plus TASK_COST for reading the group's weights): a prefill's long segments
+// beside a decode's short ones would otherwise leave one thread all the work. A and B of type T (float, or
+// bf16 bits: a task of more than WIDEN_ROWS rows reads its group's weights from a float copy, widened once per
+// thread).
+constexpr int64_t TASK_ROWS = 64, TASK_COST = 16, WIDEN_ROWS = 8;
+
+template <typename T>
+static void task_rows(const float* xp, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R, int64_t N,
+                      int64_t r, const std::vector<int64_t>& edges, float* outp, int64_t os, int64_t r0, int64_t end,
+                      float* s) {
+  for (; r0 < end; r0 += 4) {
+    const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
+    switch (std::min<int64_t>(4, end - r0)) {
+      case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
+      case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
+      case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
+      default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s);
+    }
+  }
+}
+
 template <typename T>
 static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, const int* op, const int* rp,
                         int64_t G, int64_t K, int64_t WR, int64_t R, int64_t N, const std::vector<int64_t>& edges,
                         float* outp, int64_t os) {
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> s(4 * WR);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t start = g ? op[g - 1] : 0, end = op[g], r = rp[g];
-      if (end <= start || r == 0) continue;
+  struct Task { int64_t g, r0, r1; };
+  std::vector<Task> tasks;
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t start = g ? op[g - 1] : 0, end = op[g];
+    if (end <= start || rp[g] == 0) continue;
+    for (int64_t r0 = start; r0 < end; r0 += TASK_ROWS) {
+      tasks.push_back({g, r0, std::min(end, r0 + TASK_ROWS)});
+      total += tasks.back().r1 - r0 + TASK_COST;
+    }
+  }
+  const int64_t n = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  std::vector<size_t> cut(n + 1, tasks.size());
+  cut[0] = 0;
+  int64_t done = 0;
+  for (size_t i = 0, t = 1; i < tasks.size() && t < (size_t)n; ++i) {
+    done += tasks[i].r1 - tasks[i].r0 + TASK_COST;
+    if (done * n >= total * (int64_t)t) cut[t++] = i + 1;  // thread t starts past the t/n-th share of the cost
+  }
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(4 * WR), wide;
+    int64_t widened = -1;  // the group whose weights `wide` holds: a thread's tasks of one group come in a row
+    for (size_t i = cut[t0]; i < cut[t1]; ++i) {
+      const int64_t g = tasks[i].g, r = rp[g];
       const T* A = ap + g * K * WR; const T* B = bp + g * R * N;
-      for (int64_t r0 = start; r0 < end; r0 += 4) {
-        const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
-        switch (std::min<int64_t>(4, end - r0)) {
-          case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data()); break;
-          default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s.data());
-        }
+      if (std::is_same<T, float>::value || tasks[i].r1 - tasks[i].r0 <= WIDEN_ROWS) {
+        task_rows(xp, xs, A, K, WR, B, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1, s.data());
+        continue;
       }
+      if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per 4 rows
+        wide.resize(K * WR + R * N);
+        for (int64_t j = 0; j < K * WR; ++j) wide[j] = wval(A[j]);
+        for (int64_t j = 0; j < R * N; ++j) wide[K * WR + j] = wval(B[j]);
+        widened = g;
+      }
+      task_rows(xp, xs, wide.data(), K, WR, wide.data() + K * WR, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1,
+                s.data());
     }
   });
 }
