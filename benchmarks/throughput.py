@@ -4,7 +4,9 @@ Workload (issue #2): 32 requests over 8 rank-16 adapters (round robin), 128-toke
 prompts, 64 greedy output tokens each, on the SmolLM2 demo model and the tiny
 dense and MoE models, in fp32 and bf16. Also: loraserve with no adapters on the
 same batch (LoRA overhead), single-request decode against the memory-bandwidth
-roofline, and this machine's measured bandwidth and matmul FLOP/s. Each system
+roofline, and this machine's measured bandwidth and matmul FLOP/s. In float32,
+loraserve also runs the mixed batch with its adapters stored in bf16
+(`--lora-dtype bfloat16`: half the adapter bytes, fp32 math). Each system
 is timed warm: it first runs the whole batch for a few tokens on other prompts
 (`WARMUP_TOKENS`).
 
@@ -220,15 +222,20 @@ def main() -> None:
             # shared machine a neighbour's burst then slows one repeat, not one system
             reps = []
             for _ in range(args.repeats):
+                rep = {"loraserve_mixed": run_loraserve(model_dir, adapters, dtype, True)}
+                if dtype == "float32":  # the same with the adapters' weights stored in bf16 (--lora-dtype)
+                    rep["loraserve_mixed_bf16_lora"] = run_loraserve(model_dir, adapters, dtype, True, "bfloat16")
                 reps.append({
-                    "loraserve_mixed": run_loraserve(model_dir, adapters, dtype, True),
+                    **rep,
                     "loraserve_base": run_loraserve(model_dir, adapters, dtype, False),
                     "hf_peft_mixed": run_hf_peft(model_dir, adapters, dtype),
                     "single_decode": single_decode(model_dir, dtype),
                 })
             row = {"model": model, "dtype": dtype, "repeats": reps}
-            for key in ("loraserve_mixed", "loraserve_base", "hf_peft_mixed"):
-                row[key] = max(r[key] for r in reps)
+            for key in ("loraserve_mixed", "loraserve_mixed_bf16_lora", "loraserve_base", "hf_peft_mixed"):
+                if key in reps[0]:
+                    row[key] = max(r[key] for r in reps)
+            row["mixed_over_base_per_repeat"] = [r["loraserve_mixed"] / r["loraserve_base"] for r in reps]
             row["ours_over_hf_per_repeat"] = [r["loraserve_mixed"] / r["hf_peft_mixed"] for r in reps]
             row["single_decode"] = max((r["single_decode"] for r in reps), key=lambda d: d["roofline_share"])
             if os.environ.get("VLLM_PYTHON"):
@@ -268,6 +275,13 @@ def print_table(results: dict) -> None:
               f"| {r['hf_peft_mixed']:.0f} | {r['loraserve_mixed'] / r['hf_peft_mixed']:.2f}x "
               f"| {r['loraserve_mixed'] / r['loraserve_base']:.0%} | {r['single_decode']['tok_s']:.0f} "
               f"| {roof:.0f} | {d['roofline_share']:.0%} |")
+    for r in results["runs"]:
+        per = ", ".join(f"{x:.0%}" for x in r.get("mixed_over_base_per_repeat", []))
+        line = f"{r['model']} {r['dtype']}: mixed/base per repeat {per}"
+        if "loraserve_mixed_bf16_lora" in r:
+            line += (f"; with --lora-dtype bfloat16 mixed {r['loraserve_mixed_bf16_lora']:.0f} tok/s, "
+                     f"{r['loraserve_mixed_bf16_lora'] / r['loraserve_base']:.0%} of base")
+        print(line)
     for r in results["runs"]:
         if "vllm_cpu" in r:
             v = r["vllm_cpu"]

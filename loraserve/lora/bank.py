@@ -45,8 +45,9 @@ def lora_dtype(model_dtype: torch.dtype, device: torch.device, requested: str = 
     if requested != "auto":
         chosen = torch_dtype(requested)
         if chosen != model_dtype and device.type != "cpu":
-            raise ValueError(f"lora_dtype {requested} differs from the model's {str(model_dtype).removeprefix('torch.')}:"
-                             f" on {device.type} LoRA is stored in the model's dtype (use auto)")
+            model = str(model_dtype).removeprefix("torch.")
+            raise ValueError(f"lora_dtype {requested} differs from the model's {model}: on {device.type} LoRA is "
+                             f"stored in the model's dtype (use auto)")
         if chosen == torch.float16 and device.type == "cpu":
             raise ValueError("lora_dtype float16 is not supported on CPU: use float32 or bfloat16")
         return chosen

@@ -10,13 +10,18 @@ projection's whole update in one call: per adapter (one per thread task), the
 shrink of its rows into registers, then each output slice's expand from the
 slice's own rank columns, adding into the output in place, reading each of
 A and B once per 4 rows and only the adapter's own rank (`LoraBank.ranks`).
-Up to 256 rows per adapter this beats torch's products (`lora/batch.py`).
+Rows are cut into tasks of up to 64 rows of one adapter, and the tasks into
+one run per thread of about equal cost, so a prefill's long segments are
+shared by both cores. Up to 512 rows per adapter this beats torch's products
+(`lora/batch.py`).
 
 The math is float32. The weights are float32 or bf16 (`--lora-dtype`, or a bf16
-model on a CPU without native bf16): bf16 ones widen exactly as they are read,
-so a bf16 copy halves the bytes that bound a decode step's LoRA. Where the LoRA
-math is bf16 (a CPU with native bf16), torch's batched matmuls run it. The vector types are GCC's, so the same source builds
-for AVX-512, AVX2 or NEON (a 16-float vector is then two or four registers).
+model on a CPU without native bf16): bf16 ones widen exactly as they are read
+(a long segment's once, into a float copy), so a bf16 copy halves the bytes
+that bound a decode step's LoRA. Where the LoRA math is bf16 (a CPU with
+native bf16), torch's batched matmuls run it. The vector types are GCC's, so
+the same source builds for AVX-512, AVX2 or NEON (a 16-float vector is then
+two or four registers).
 """
 
 SOURCE = r"""
@@ -38,7 +43,12 @@ template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
   return (typename Vec<L>::type)(__builtin_convertvector(h, typename Bits<L>::word) << 16);
 }
 static inline float wval(float v) { return v; }
-static inline float wval(uint16_t v) { const uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float wval(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
 template <int M, int C, int L, typename T>
