@@ -53,11 +53,11 @@ class EngineConfig:
     """Torch device of the model and of the device tier: cpu, cuda."""
 
     lora_dtype: str = "auto"
-    """What adapter weights are stored in: auto (the model's dtype; fp32 for an fp16
-    model on CPU), or float32 or bfloat16 on a CPU. A bf16 copy of fp32 adapters
-    halves the bytes a decode step reads for them and the cache blocks they take, and
-    rounds their weights to bf16; the math stays fp32 where bf16 is emulated
-    (`lora/bank.py`)."""
+    """What adapter weights are stored in: auto (the model's dtype, as vLLM does; fp32
+    for an fp16 model on CPU), or float32 or bfloat16 on a CPU. A bf16 copy of fp32
+    adapters halves the bytes a decode step reads for them and the cache blocks they
+    take, and rounds their weights to bf16; an fp32 model's LoRA math stays fp32, as
+    does any where bf16 is emulated (`lora/bank.py`)."""
 
     max_lora_rank: int = 64
     """Adapters above this rank are rejected at load."""
@@ -78,5 +78,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
         check_dtype(self.lora_dtype, "lora_dtype")
+        if self.lora_server is not None and self.lora_dtype != "auto":
+            raise ValueError("lora_dtype is for adapters held here: with a LoRA server, its --dtype decides theirs")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")

@@ -140,12 +140,14 @@ def test_dtype_auto_picks_what_the_cpu_computes_natively(monkeypatch, flags, exp
     # adapters stored in the model's dtype (fp16 never on a CPU), bf16 math only where the CPU has bf16 dot products
     cpu = torch.device("cpu")
     assert lora_dtype(torch.bfloat16, cpu) == torch.bfloat16
-    assert compute_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+    bf16 = torch.bfloat16
+    assert compute_dtype(bf16, cpu, bf16) == (bf16 if expected == "bfloat16" else torch.float32)
     assert lora_dtype(torch.float16, cpu) == torch.float32
-    assert lora_dtype(torch.float32, cpu) == torch.float32 == compute_dtype(torch.float32, cpu)
-    # --lora-dtype wins on a CPU: bf16 copies of an fp32 model's adapters
-    assert lora_dtype(torch.float32, cpu, "bfloat16") == torch.bfloat16
-    assert lora_dtype(torch.bfloat16, cpu, "float32") == torch.float32
+    assert lora_dtype(torch.float32, cpu) == torch.float32 == compute_dtype(torch.float32, cpu, torch.float32)
+    # --lora-dtype wins on a CPU: bf16 copies of an fp32 model's adapters, computed in fp32 whatever the CPU
+    assert lora_dtype(torch.float32, cpu, "bfloat16") == bf16
+    assert compute_dtype(bf16, cpu, torch.float32) == torch.float32
+    assert lora_dtype(bf16, cpu, "float32") == torch.float32 == compute_dtype(torch.float32, cpu, bf16)
 
 
 def test_lora_dtype_refusals_say_why():
@@ -160,6 +162,10 @@ def test_lora_dtype_refusals_say_why():
     assert lora_dtype(torch.float16, torch.device("cuda")) == torch.float16  # auto: the model's
     with pytest.raises(ValueError, match="lora_dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
         EngineConfig(model="m", lora_dtype="int8")
+    from loraserve.remote.config import RemoteLoraConfig
+
+    with pytest.raises(ValueError, match="with a LoRA server, its --dtype decides"):
+        EngineConfig(model="m", lora_dtype="bfloat16", lora_server=RemoteLoraConfig("tcp://127.0.0.1:1"))
     assert build_parser().parse_args(["serve"]).lora_dtype == "auto"
     assert build_parser().parse_args(["generate", "--lora-dtype", "bfloat16"]).lora_dtype == "bfloat16"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.engine.tier_memory import TierMemory
+from loraserve.engine.tier_memory import TierMemory, _runs
 from loraserve.model.spec import ModelSpec
 
 
@@ -22,6 +22,8 @@ def test_copy_blocks_between_tiers_round_trips(tiny):
     assert torch.equal(device[:, :, 5], expected)
     assert device[:, :, :5].abs().sum() == 0  # nothing else was touched
     # runs of consecutive blocks are copied as one slice: 2, 3 -> 0, 1 is a run, 5 -> 2 is not
+    assert _runs([(2, 0), (3, 1), (5, 2)]) == [(2, 0, 2), (5, 2, 1)]
+    assert _runs([(4, 0), (5, 2), (6, 3)]) == [(4, 0, 1), (5, 2, 2)]  # both sides must go on
     device.copy_(torch.randn_like(device))
     ex.copy_blocks("device", "host", [(2, 0), (3, 1), (5, 2)])
     assert torch.equal(host, device[:, :, [2, 3, 5]])

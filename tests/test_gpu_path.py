@@ -68,6 +68,27 @@ def test_attention_only_adapters_allocate_no_expert_bank(tiny):
     assert bank.a[(0, Target.EXPERTS_GATE_UP)][1::4].abs().sum() == 0  # slot 0's expert rows: zeros
 
 
+def test_a_banks_cached_views_follow_its_writes(tiny):
+    """`LoraBank.view` keeps each key's last views until the bank is written: a load into a
+    slot (an expert key's group ranks are a copy) and a load that grows the rank (new tensors)
+    both show in the next view."""
+    root = tiny("qwen3_moe")
+    spec = ModelSpec.from_dir(root / "model")
+    r8, r16 = (load_adapter(root / "adapters" / n, spec, 64) for n in ("r8", "r16"))
+    bank = LoraBank(spec, 3, torch.float32, torch.device("cpu"))
+    bank.load(0, r8)
+    key, experts = (0, Target.QKV), (0, Target.EXPERTS_GATE_UP)
+    a, _, ranks, _ = bank.view(experts, slice(0, None))
+    assert bank.view(experts, slice(0, None))[0] is a  # kept
+    assert ranks.tolist() == [0, 8, 0, 0] * spec.num_experts
+    bank.load(1, r8)  # same rank: same tensors, new group ranks
+    assert bank.view(experts, slice(0, None))[2].tolist() == [0, 8, 8, 0] * spec.num_experts
+    bank.load(2, r16)  # rank 16: the bank is reallocated
+    a16, b16, _, _ = bank.view(key, slice(0, 3))
+    assert a16.shape[-1] == 3 * 16 and b16.shape[1] == 16 and a16.data_ptr() == bank.a[key].data_ptr()
+    assert bank.view(key, slice(1, 3))[0].data_ptr() == bank.a[key][1].data_ptr()  # another range: its own view
+
+
 def test_the_device_tier_is_what_is_left_after_the_bank_and_a_step(tiny):
     spec = ModelSpec.from_dir(tiny("qwen3_moe") / "model")
     assert device_tier_bytes(10 << 30, 0.5, 1 << 30) == int((4 << 30) * 0.95)

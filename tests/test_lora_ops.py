@@ -62,16 +62,28 @@ def test_segmented_and_padded_match_the_loop(counts, edges):
             assert torch.allclose(out.float(), start.float() + expected, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("counts", [[4, 9, 3, 0, 1], [1, 203, 2, 0, 66]])
+@pytest.mark.parametrize("threads", [None, 1])
+@pytest.mark.parametrize("counts", [[4, 9, 3, 0, 1], [1, 203, 2, 0, 66], [1, 64, 0, 0, 0], [64, 64, 0, 1, 0]])
 @pytest.mark.parametrize("edges", [(0, 40), (0, 64, 80, 96), (0, 130, 167)])
-def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges, counts):
+def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges, counts, threads):
     """The CPU kernel over segments of 0-9 rows (a decode) or up to 203 (a prefill's, cut into
-    tasks of 64 rows shared between threads), groups of ranks 8, 5, 0 and 3 in a bank of
-    rank 8, and slices of widths that take every tile size (64, 16, 4, one column): each group
-    gets x @ A[:, its rank columns per slice] @ B[:its rank rows], added in place. What lies
-    past a group's rank (here not zeros) is never read."""
+    tasks of 64 rows shared between threads, also unevenly and on one thread), groups of ranks
+    8, 5, 0 and 3 in a bank of rank 8, and slices of widths that take every tile size (64, 16,
+    4, one column): each group gets x @ A[:, its rank columns per slice] @ B[:its rank rows],
+    added in place. What lies past a group's rank (here not zeros) is never read."""
     kernels = cpu_kernels.kernels()
     assert kernels is not None, "the CPU kernels build on every machine CI runs on"
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        _check_the_compiled_kernel(kernels, edges, counts)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+
+
+def _check_the_compiled_kernel(kernels, edges, counts):
     g = torch.Generator().manual_seed(len(edges))
     width, rank, ranks = len(edges) - 1, 8, [8, 5, 0, 3, 8]
     x = torch.randn(sum(counts) + 2, 24, generator=g)  # two rows past the last segment: left alone

@@ -85,8 +85,8 @@ class LLMEngine(EngineCore):
         """The LoRA server, when adapters live there (`serve --lora-server`)."""
         catalogue: list[dict] = []
         if config.lora_server is None:
-            self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, self.lora_dtype,
-                                         device, self.adapters.by_id, partial(self.memory.read_blocks, "device"))
+            self.lora = LocalLoraBackend(self.spec, config.scheduler.max_loras, self.lora_dtype, device,
+                                         self.adapters.by_id, partial(self.memory.read_blocks, "device"), dtype)
         else:
             self.remote = LoraServerClient(config.lora_server)
             catalogue = self.remote.connect()  # Unavailable if it is not there

@@ -29,10 +29,12 @@ from loraserve.model.targets import Target
 
 class LocalLoraBackend:
     def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 adapters: dict[str, LoraAdapter], read_blocks: Callable[[list[int]], torch.Tensor]) -> None:
-        """`adapters`: id → metadata (layout) of every known adapter;
+                 adapters: dict[str, LoraAdapter], read_blocks: Callable[[list[int]], torch.Tensor],
+                 model_dtype: torch.dtype | None = None) -> None:
+        """`dtype`: what adapter weights are stored in (`model_dtype`: what the model computes in;
+        None: the same); `adapters`: id → metadata (layout) of every known adapter;
         `read_blocks`: the packed bytes of device blocks."""
-        self.bank = LoraBank(spec, num_slots, dtype, device)
+        self.bank = LoraBank(spec, num_slots, dtype, device, model_dtype=model_dtype)
         self.slots = LoraSlots(num_slots)
         """The adapter budget the scheduler works with."""
         self.adapters = adapters

@@ -37,11 +37,11 @@ Key = tuple[int, Target]
 
 def lora_dtype(model_dtype: torch.dtype, device: torch.device, requested: str = "auto") -> torch.dtype:
     """What adapter weights are stored in (in the bank, in the cache's blocks, in transit):
-    `requested` (`--lora-dtype`), or with `auto` the model's, as PEFT holds them. fp16 on
-    a CPU is stored as fp32 (no CPU path computes from fp16). Another dtype than the model's
-    is for CPUs: a bf16 copy halves the bytes a decode step reads and doubles the adapters a
-    cache holds, at the cost of rounding the adapter's weights; on a GPU the LoRA kernels
-    take the model's dtype."""
+    `requested` (`--lora-dtype`), or with `auto` the model's, as vLLM stores them (PEFT
+    upcasts bf16 adapters to fp32 by default); fp16 on a CPU is stored as fp32 (no CPU path
+    computes from fp16). Another dtype than the model's is for CPUs: a bf16 copy of an fp32
+    model's adapters halves the bytes a decode step reads and doubles the adapters a cache
+    holds, at the cost of rounding their weights; on a GPU the LoRA kernels take the model's dtype."""
     if requested != "auto":
         chosen = torch_dtype(requested)
         if chosen != model_dtype and device.type != "cpu":
@@ -54,17 +54,23 @@ def lora_dtype(model_dtype: torch.dtype, device: torch.device, requested: str = 
     return torch.float32 if device.type == "cpu" and model_dtype == torch.float16 else model_dtype
 
 
-def compute_dtype(storage: torch.dtype, device: torch.device) -> torch.dtype:
-    """What LoRA math runs in for weights stored in `storage`: that dtype, except bf16 on a
-    CPU without native bf16 (no fast kernel for small bf16 matmuls there), which widens to fp32."""
-    if device.type == "cpu" and storage == torch.bfloat16 and not native_bf16_cpu():
-        return torch.float32
-    return storage
+def compute_dtype(storage: torch.dtype, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """What LoRA math runs in for weights stored in `storage` under a model computing in
+    `model_dtype`: on a CPU fp32 unless both are bf16 and the CPU has bf16 dot products (an
+    fp32 model's activations are not rounded for its adapters' sake, and small bf16 matmuls
+    are slow where bf16 is emulated); on a GPU the storage dtype (the model's)."""
+    if device.type != "cpu":
+        return storage
+    native = storage == model_dtype == torch.bfloat16 and native_bf16_cpu()
+    return torch.bfloat16 if native else torch.float32
 
 
 class LoraBank:
     def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 keys: list[Key] | None = None, num_experts: int | None = None) -> None:
+                 keys: list[Key] | None = None, num_experts: int | None = None,
+                 model_dtype: torch.dtype | None = None) -> None:
+        """`dtype`: what the weights are stored in; `model_dtype`: what the model computes in
+        (None: the same), which with it decides the LoRA math's dtype (`compute_dtype`)."""
         self.spec = spec
         self.keys = keys if keys is not None else [(layer, t) for layer in range(spec.num_layers)
                                                     for t in layer_targets(spec, layer)]
@@ -74,7 +80,7 @@ class LoraBank:
         self.num_slots = num_slots
         self.dtype = dtype
         """What the weights are stored in (`lora_dtype`)."""
-        self.compute_dtype = compute_dtype(dtype, device)
+        self.compute_dtype = compute_dtype(dtype, device, dtype if model_dtype is None else model_dtype)
         """What the deltas are computed in."""
         self.device = device
         self.rank = 0
@@ -85,8 +91,8 @@ class LoraBank:
         self.b: dict[Key, torch.Tensor] = {}
         self.ranks: dict[Key, torch.Tensor] = {}
         """Per key, int32 [S] on the host: each slot's adapter rank for it (0: none)."""
-        self._views: dict[tuple[Key, int | None, int | None], tuple] = {}
-        """`view`'s answers, until the next write: a decode step asks for the last step's."""
+        self._views: dict[Key, tuple[tuple, tuple]] = {}
+        """Per key, `view`'s last answer and the range it was for, until the next write."""
 
     def _allocate(self, rank: int, experts: bool) -> None:
         """Swap in zeroed tensors of a larger rank (or with the expert targets),
@@ -112,15 +118,17 @@ class LoraBank:
         return torch.cat([self.ranks[key].new_zeros(1), self.ranks[key]]).repeat(self.num_experts)
 
     def view(self, key: Key, groups: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """(A, B, group ranks, slice edges) of `key` over a range of its groups. Kept until the
-        bank is next written: a projection's LoRA runs after a large matmul has pushed the
-        interpreter's own data out of the CPU's caches, so each Python step there costs several
-        times its usual time, and a decode step asks for the same views as the step before."""
-        cached = self._views.get((key, groups.start, groups.stop))
-        if cached is None:
-            cached = (self.a[key][groups], self.b[key][groups], self.group_ranks(key)[groups], self.edges[key])
-            self._views[(key, groups.start, groups.stop)] = cached
-        return cached
+        """(A, B, group ranks, slice edges) of `key` over a range of its groups. The last one of
+        each key is kept until the bank is next written: a projection's LoRA runs after a large
+        matmul has pushed the interpreter's own data out of the CPU's caches, so each Python
+        step there costs several times its usual time, and a decode step asks for the same
+        views as the step before."""
+        span = (groups.start, groups.stop, groups.step)
+        cached = self._views.get(key)
+        if cached is None or cached[0] != span:
+            cached = self._views[key] = (span, (self.a[key][groups], self.b[key][groups],
+                                                self.group_ranks(key)[groups], self.edges[key]))
+        return cached[1]
 
     @property
     def num_bytes(self) -> int:

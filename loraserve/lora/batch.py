@@ -50,8 +50,10 @@ MAX_EVEN_PAD = 128
 COMPILED_MAX_ROWS = 512
 """Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
 adapter's weights once per 4 rows, so the longest segments are MKL's. On SmolLM2's shapes it is
-the fastest path from 1 to 512 rows per adapter (a 4096-token prefill over 8 adapters: 214 ms
-against 251 segmented), and level with torch's at 1024 (`benchmarks/lora_paths.py`)."""
+the fastest path from 1 to 256 rows per adapter; at 512 (a 4096-token prefill over 8 adapters)
+it is level with the padded path (211 against 208 ms) and faster than the segmented one (244),
+and beside shorter segments (16 x 4 + 512 x 4) it is the fastest (112 against 142); at 1024
+torch's are a little faster (`benchmarks/lora_paths.py`)."""
 
 
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:

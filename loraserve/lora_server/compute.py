@@ -56,7 +56,8 @@ def store_delta(store: AdapterStore, layer: int, target: Target, x: torch.Tensor
         dev, bank = store.bank.device, store.bank
         if expert is None and len(slots) == 1:  # one adapter (a lone instance's decode): its plain products
             a, b = bank.a[(layer, target)][slots[0]], bank.b[(layer, target)][slots[0]]
-            return fused_delta(x.to(dev, bank.dtype), a, b, bank.edges[(layer, target)])
+            cd = bank.compute_dtype  # bf16 weights widen where bf16 is emulated
+            return fused_delta(x.to(dev, cd), a.to(cd), b.to(cd), bank.edges[(layer, target)]).to(bank.dtype)
         slot = torch.tensor(slots)[row_adapter]
         return batched_delta(store.bank, layer, target, x.to(dev, store.bank.dtype), slot.to(dev),
                              None if expert is None else expert.to(dev))

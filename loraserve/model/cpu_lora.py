@@ -6,14 +6,14 @@ adapter's weights (for SmolLM2 at rank 16, 156 MB a step against 538 MB of
 base weights). As torch's batched matmuls each projection cost two to four
 calls, each waking the other core's worker; and a fused projection's slices
 (q, k, v; gate, up) would be one more call each. `lora_segments` does a
-projection's whole update in one call: per adapter (one per thread task), the
+projection's whole update in one call: per adapter, the
 shrink of its rows into registers, then each output slice's expand from the
 slice's own rank columns, adding into the output in place, reading each of
 A and B once per 4 rows and only the adapter's own rank (`LoraBank.ranks`).
 Rows are cut into tasks of up to 64 rows of one adapter, and the tasks into
 one run per thread of about equal cost, so a prefill's long segments are
-shared by both cores. Up to 512 rows per adapter this beats torch's products
-(`lora/batch.py`).
+shared by the threads. Up to 256 rows per adapter this beats torch's products,
+and at 512 it is level with the best of them (`lora/batch.py`).
 
 The math is float32. The weights are float32 or bf16 (`--lora-dtype`, or a bf16
 model on a CPU without native bf16): bf16 ones widen exactly as they are read
@@ -164,9 +164,11 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
   std::vector<size_t> cut(n + 1, tasks.size());
   cut[0] = 0;
   int64_t done = 0;
-  for (size_t i = 0, t = 1; i < tasks.size() && t < (size_t)n; ++i) {
-    done += tasks[i].r1 - tasks[i].r0 + TASK_COST;
-    if (done * n >= total * (int64_t)t) cut[t++] = i + 1;  // thread t starts past the t/n-th share of the cost
+  for (size_t i = 0, t = 1; i < tasks.size(); ++i) {
+    const int64_t cost = tasks[i].r1 - tasks[i].r0 + TASK_COST;
+    done += cost;
+    // thread t starts with the first task whose middle lies past the t/n-th share of the cost
+    for (; t < (size_t)n && (2 * done - cost) * n >= 2 * total * (int64_t)t; ++t) cut[t] = i;
   }
   at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(4 * WR), wide;
@@ -174,14 +176,17 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
     for (size_t i = cut[t0]; i < cut[t1]; ++i) {
       const int64_t g = tasks[i].g, r = rp[g];
       const T* A = ap + g * K * WR; const T* B = bp + g * R * N;
-      if (std::is_same<T, float>::value || tasks[i].r1 - tasks[i].r0 <= WIDEN_ROWS) {
+      if (std::is_same<T, float>::value || (widened != g && tasks[i].r1 - tasks[i].r0 <= WIDEN_ROWS)) {
         task_rows(xp, xs, A, K, WR, B, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1, s.data());
         continue;
       }
       if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per 4 rows
+        // only what lora_rows reads: A's columns up to the last slice's rank (rounded up to 4), B's first r rows
+        const int64_t span = (edges.size() - 2) * R + (r + 3) / 4 * 4;
         wide.resize(K * WR + R * N);
-        for (int64_t j = 0; j < K * WR; ++j) wide[j] = wval(A[j]);
-        for (int64_t j = 0; j < R * N; ++j) wide[K * WR + j] = wval(B[j]);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < span; ++c) wide[k * WR + c] = wval(A[k * WR + c]);
+        for (int64_t j = 0; j < r * N; ++j) wide[K * WR + j] = wval(B[j]);
         widened = g;
       }
       task_rows(xp, xs, wide.data(), K, WR, wide.data() + K * WR, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1,
