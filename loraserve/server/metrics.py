@@ -20,7 +20,7 @@ class Metrics:
         `replicas`: a scaled-out endpoint's view of its replicas (`stats` is then their sum)."""
         self.registry = r = CollectorRegistry()
         if info:
-            Gauge("loraserve_engine_info", "What the engine computes in (dtype after --dtype auto, device)",
+            Gauge("loraserve_engine_info", "What the engine computes in (dtype after --dtype auto, device, lora_dtype)",
                   sorted(info), registry=r).labels(**info).set(1)
         self.requests = Counter("loraserve_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
         self.errors = Counter("loraserve_request_errors", "Requests refused or failed", ["status"], registry=r)
