@@ -91,6 +91,10 @@ constexpr int SHRINK_C = 4;  // 4 x 16 columns: M x 4 accumulators of 32 registe
 constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
 #endif
 
+// The shrink's columns of A for an adapter of rank r in a bank of rank R over W slices: up to the last
+// slice's rank columns, rounded up to 4 (the bank's padding columns are zeros).
+static inline int64_t shrink_span(int64_t W, int64_t R, int64_t r) { return (W - 1) * R + (r + 3) / 4 * 4; }
+
 // One adapter's M (<= 4) rows: the shrink of columns [0, (W - 1) R + r4) of A in passes of up to
 // 16 SHRINK_C columns, each streaming A's rows once (r4 = r rounded up to 4: the bank's rank is a
 // multiple of 4 and its padding columns are zeros; slice j's columns are [j R, j R + r)), then
@@ -98,7 +102,7 @@ constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
 template <int M, typename T>
 static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
                       int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
-  const int64_t W = edges.size() - 1, span = (W - 1) * R + (r + 3) / 4 * 4;
+  const int64_t W = edges.size() - 1, span = shrink_span(W, R, r);
   for (int64_t c = 0; c < span;) {
     const int64_t left = span - c;
     if (SHRINK_C >= 4 && left >= 64) { shrink_tile<M, SHRINK_C >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s); c += 64; }
@@ -181,8 +185,8 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
         continue;
       }
       if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per 4 rows
-        // only what lora_rows reads: A's columns up to the last slice's rank (rounded up to 4), B's first r rows
-        const int64_t span = (edges.size() - 2) * R + (r + 3) / 4 * 4;
+        // only what lora_rows reads: A's shrink columns, B's first r rows
+        const int64_t span = shrink_span(edges.size() - 1, R, r);
         wide.resize(K * WR + R * N);
         for (int64_t k = 0; k < K; ++k)
           for (int64_t c = 0; c < span; ++c) wide[k * WR + c] = wval(A[k * WR + c]);
