@@ -136,7 +136,9 @@ class Bench:
                 "instances": res.stats["instances"],
                 "adapter_hit_rate": (res.stats.get("server") or {}).get("adapter_hit_rate",
                                                                          res.stats["adapter_hit_rate"]),
-                "kv_hit_rate": res.stats["kv_hit_rate"], "wall_s": round(res.wall_s, 2)}
+                "kv_hit_rate": res.stats["kv_hit_rate"],
+                "cold_median_ttft": None if early else (res.stats.get("cold") or {}).get("median_ttft_s"),
+                "wall_s": round(res.wall_s, 2)}
 
     def serviceable(self, model: str, name: str, start: float = 4.0, steps: int = 8, iters: int = 2,
                     **kw) -> dict:

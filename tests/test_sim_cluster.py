@@ -220,6 +220,29 @@ def test_disaggregated_cluster_serves_every_request_and_routes_by_load():
     assert simulate_cluster(wl, MIXTRAL, H20, naive, sizes).summary["tpot_s"]["mean"] > res.summary["tpot_s"]["mean"]
 
 
+def test_cold_requests_are_each_adapters_first_and_layerwise_loading_shortens_their_first_token():
+    """With on-demand loads (no idle prefetch) a request is cold when its adapter was never
+    asked for before; layer-wise loading lets its first layers compute while the rest arrive."""
+    wl = small_workload(60, 20.0)
+    sizes = {a: 10**9 for a in wl.adapters}
+    first: dict[str, str] = {}
+    for t in sorted(wl.turns, key=lambda t: t.time):
+        first.setdefault(t.adapter, t.id)
+    cold_ttft = {}
+    for layerwise in (True, False):
+        d = DisaggConfig(server_gpus=2, ep=2, pp=1, layerwise=layerwise, layer_arrival=layerwise, cache_policy="slora")
+        cfg = ClusterConfig("disagg", 10, 2, 64, sim=SimConfig(cache=CacheConfig(policy="slora", host_bytes=0)),
+                            disagg=d)
+        cluster = Cluster(MIXTRAL, H20, cfg, sizes)
+        cluster.run(wl)
+        res = cluster.result()
+        assert cluster.cold == set(first.values()) and res.stats["cold"]["requests"] == len(first) == 8
+        warm = sorted(r.ttft for r in res.queue_records if r.id not in cluster.cold)
+        cold_ttft[layerwise] = res.stats["cold"]["median_ttft_s"]
+        assert cold_ttft[layerwise] > warm[len(warm) // 2]  # a copy (1 GB over 2 links: 10 ms) is in its wait
+    assert cold_ttft[True] < cold_ttft[False] / 2
+
+
 def test_cluster_spreads_sessions_over_instances():
     wl = small_workload(40, 50.0)
     cfg = ClusterConfig("coupled", 8, 2, 64, sim=SimConfig(cache=CacheConfig(policy="slora")))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import statistics
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -155,6 +156,9 @@ class Cluster:
         """Per instance, the sessions whose last turn it served."""
 
         self.reasons = dict.fromkeys(REASONS, 0)
+        self.cold: set[str] = set()
+        """Requests whose adapter was not on the LoRA server's device tier when they arrived."""
+
         self.watch: MissWatch | None = None
         self.stopped_at: float | None = None
         self.loads: list[InstanceLoad | None] = [None] * len(self.instances)
@@ -218,6 +222,8 @@ class Cluster:
         req = self.instances[i].add_request(prompt, sp, adapter=turn.adapter, request_id=turn.id)
         req.arrival_time = self.clock.now()
         if self.server is not None and turn.adapter is not None:
+            if turn.adapter not in self.server.cache.tree.resident:
+                self.cold.add(turn.id)
             self.server.hint(turn.adapter)
         self._kick(i)
 
@@ -305,6 +311,9 @@ class Cluster:
             stats[key] = sum(values) / len(values) if values else None
         if self.server is not None:
             stats["server"] = {k: v for k, v in self.server.stats().items() if isinstance(v, (int, float))}
+            cold = [r.ttft for r in queue if r.id in self.cold and r.ttft is not None]
+            # what layer-wise loading can shorten: the first token of a request whose adapter had to be copied
+            stats["cold"] = {"requests": len(cold), "median_ttft_s": statistics.median(cold) if cold else None}
         summary, with_prefill = summarize(queue, slo), summarize(records, slo)
         if self.stopped_at is not None:
             summary["meets_slo"] = with_prefill["meets_slo"] = False
