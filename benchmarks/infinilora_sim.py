@@ -34,11 +34,13 @@ to `--jobs` processes (default 2: the machine's cores).
 
     python benchmarks/infinilora_sim.py            # the whole reproduction
     python benchmarks/infinilora_sim.py --quick    # Mixtral only, shorter runs
+    python benchmarks/infinilora_sim.py --replot   # the plots again, from the recorded results
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import sys
@@ -206,7 +208,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="the workloads' seed (arrivals, adapters, lengths)")
     ap.add_argument("--quick", action="store_true", help="Mixtral only, 20 s runs unless --seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinilora_sim.json"))
+    ap.add_argument("--replot", action="store_true", help="only draw the plots again from the results at --out")
     args = ap.parse_args()
+    if args.replot:
+        draw(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(""))
+        return
     if args.quick:
         args.models = ["mixtral-8x7b"]
     args.seconds = args.seconds or (20.0 if args.quick else SECONDS)
@@ -293,15 +299,44 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - start, 1)
     path = Path(args.out)
     write_results(result, path, table)
-    folder = path.with_suffix("")
+    draw(result, path.with_suffix(""))
+
+
+def draw(result: dict, folder: Path) -> None:
+    """The plots, from a result (`--replot` draws them again from the recorded JSON)."""
     plots.grouped_bars({m: e["serviceable_rate"] for m, e in result["models"].items()},
                        folder / "serviceable_rate.png", "serviceable rate (req/s)",
                        "Serviceable rate, P95 TTFT ≤ 0.25 s and mean TPOT ≤ 0.1 s")
     plots.grouped_bars({m: {n: r["adapter_attainment"] for n, r in e["attainment"].items()}
                         for m, e in result["models"].items()}, folder / "adapter_attainment.png",
                        "share of adapters within SLO", "Per-adapter SLO attainment at 1.5 × S-LoRA's rate")
-    plots.grouped_bars({n: {"P95 TTFT (s)": r["p95_ttft"]} for n, r in ladder.items()}, folder / "ablation.png",
-                       "P95 TTFT (s), log scale", f"Ablation on {mix} at {fmix:.2f} req/s", log=True)
+    ladders = (result["ablation_at_disagg_rate"], result["ablation"])
+    plots.grouped_bars({n: {f"{a['rate']:g} req/s": a["rungs"][n]["p95_ttft"] for a in ladders}
+                        for n in ladders[1]["rungs"]}, folder / "ablation.png", "P95 TTFT (s), log scale",
+                       f"Ablation on {result['ablation']['model']} (one seed; benchmarks/ladder_seeds.py: sixteen)",
+                       log=True)
+    t = result["transport"]
+    variants = {"push, InfiniBand": t["push_ib"], "pull, InfiniBand": t["pull_ib"], "push, NVLink": t["push_nvlink"]}
+    plots.grouped_bars({metric: {v: r[key] for v, r in variants.items()}
+                        for metric, key in (("P95 TTFT (s)", "p95_ttft"), ("mean TPOT (s)", "mean_tpot"))},
+                       folder / "transport.png", "seconds, log scale",
+                       f"The LoRA server's link, {t['model']} at {t['rate']:g} req/s", log=True)
+    p = result["planner"]
+    cases = {f"{k} (2 req/s)": r["runs"] for k, r in p["separating"].items()}
+    lw = p["layerwise_pcie"]
+    cases[f"paper's setting ({lw['rate']:g} req/s)"] = {"1": lw["planned"], "0.8": lw["planned_minus_20pct"]}
+    plots.grouped_bars({c: {"planned cache": r["1"]["p95_ttft"], "20% smaller": r["0.8"]["p95_ttft"]}
+                        for c, r in cases.items()}, folder / "planner.png", "P95 TTFT (s), log scale",
+                       "The planner's cache in the simulator (SLO: 0.25 s)", log=True)
+    b = result["beyond"]
+    plots.grouped_bars({f"server cache of {b['server_cache']['cache_bytes'] / 2**30:.0f} GiB":
+                        {"ELORA": b["server_cache"]["elora"]["p95_ttft"],
+                         "LRU / no history KV": b["server_cache"]["lru"]["p95_ttft"]},
+                        f"multi-turn, {b['multi_turn']['rate']:g} req/s":
+                        {"ELORA": b["multi_turn"]["elora_history_kv"]["p95_ttft"],
+                         "LRU / no history KV": b["multi_turn"]["no_history_kv"]["p95_ttft"]}},
+                       folder / "beyond.png", "P95 TTFT (s, prefill excluded)",
+                       "Beyond the paper: cache policy; history KV")
 
 
 def planned_cache(bench: Bench, model: str, rate: float) -> dict:
