@@ -8,7 +8,8 @@ roofline, and this machine's measured bandwidth and matmul FLOP/s. In float32,
 loraserve also runs the mixed batch with its adapters stored in bf16
 (`--lora-dtype bfloat16`: half the adapter bytes, fp32 math). Each system
 is timed warm: it first runs the whole batch for a few tokens on other prompts
-(`WARMUP_TOKENS`).
+(`WARMUP_TOKENS`). Systems alternate within each repeat, and each repeat starts
+one system later.
 
     python benchmarks/throughput.py                     # everything, 2 alternating repeats
     python benchmarks/throughput.py --models smollm2 --dtypes float32 --repeats 3
@@ -219,18 +220,19 @@ def main() -> None:
         model_dir, adapters = prepare(model)
         for dtype in args.dtypes:
             # systems alternate within each repeat and the best of the repeats counts: on a
-            # shared machine a neighbour's burst then slows one repeat, not one system
+            # shared machine a neighbour's burst then slows one repeat, not one system; each
+            # repeat starts one system later, so no system always runs first (`order` says how)
+            runs = {"loraserve_mixed": lambda: run_loraserve(model_dir, adapters, dtype, True)}
+            if dtype == "float32":  # the same with the adapters' weights stored in bf16 (--lora-dtype)
+                runs["loraserve_mixed_bf16_lora"] = lambda: run_loraserve(model_dir, adapters, dtype, True, "bfloat16")
+            runs.update({"loraserve_base": lambda: run_loraserve(model_dir, adapters, dtype, False),
+                         "hf_peft_mixed": lambda: run_hf_peft(model_dir, adapters, dtype),
+                         "single_decode": lambda: single_decode(model_dir, dtype)})
             reps = []
-            for _ in range(args.repeats):
-                rep = {"loraserve_mixed": run_loraserve(model_dir, adapters, dtype, True)}
-                if dtype == "float32":  # the same with the adapters' weights stored in bf16 (--lora-dtype)
-                    rep["loraserve_mixed_bf16_lora"] = run_loraserve(model_dir, adapters, dtype, True, "bfloat16")
-                reps.append({
-                    **rep,
-                    "loraserve_base": run_loraserve(model_dir, adapters, dtype, False),
-                    "hf_peft_mixed": run_hf_peft(model_dir, adapters, dtype),
-                    "single_decode": single_decode(model_dir, dtype),
-                })
+            for i in range(args.repeats):
+                order = list(runs)[i % len(runs):] + list(runs)[:i % len(runs)]
+                got = {key: runs[key]() for key in order}
+                reps.append({**{key: got[key] for key in runs}, "order": order})
             row = {"model": model, "dtype": dtype, "repeats": reps}
             for key in ("loraserve_mixed", "loraserve_mixed_bf16_lora", "loraserve_base", "hf_peft_mixed"):
                 if key in reps[0]:
