@@ -221,8 +221,9 @@ def test_disaggregated_cluster_serves_every_request_and_routes_by_load():
 
 
 def test_cold_requests_are_each_adapters_first_and_layerwise_loading_shortens_their_first_token():
-    """With on-demand loads (no idle prefetch) a request is cold when its adapter was never
-    asked for before; layer-wise loading lets its first layers compute while the rest arrive."""
+    """With on-demand loads (no idle prefetch) and requests far apart, a request is cold when its
+    adapter was never asked for before; layer-wise loading lets its first layers compute while
+    the rest arrive (8 ms to 1 here: the copy, 1 GB over 2 links, is 10 ms)."""
     wl = small_workload(60, 20.0)
     sizes = {a: 10**9 for a in wl.adapters}
     first: dict[str, str] = {}
@@ -240,7 +241,7 @@ def test_cold_requests_are_each_adapters_first_and_layerwise_loading_shortens_th
         warm = sorted(r.ttft for r in res.queue_records if r.id not in cluster.cold)
         cold_ttft[layerwise] = res.stats["cold"]["median_ttft_s"]
         assert cold_ttft[layerwise] > warm[len(warm) // 2]  # a copy (1 GB over 2 links: 10 ms) is in its wait
-    assert cold_ttft[True] < cold_ttft[False] / 2
+    assert cold_ttft[True] < cold_ttft[False] / 4
 
 
 def test_cluster_spreads_sessions_over_instances():

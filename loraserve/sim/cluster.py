@@ -157,7 +157,8 @@ class Cluster:
 
         self.reasons = dict.fromkeys(REASONS, 0)
         self.cold: set[str] = set()
-        """Requests whose adapter was not on the LoRA server's device tier when they arrived."""
+        """Requests whose adapter was not on the LoRA server's device tier when they arrived, or was
+        still being copied there: the first tokens that wait for a copy (what layer-wise loading shortens)."""
 
         self.watch: MissWatch | None = None
         self.stopped_at: float | None = None
@@ -222,7 +223,8 @@ class Cluster:
         req = self.instances[i].add_request(prompt, sp, adapter=turn.adapter, request_id=turn.id)
         req.arrival_time = self.clock.now()
         if self.server is not None and turn.adapter is not None:
-            if turn.adapter not in self.server.cache.tree.resident:
+            tree = self.server.cache.tree
+            if turn.adapter not in tree.resident or tree.adapters[turn.adapter].in_transfer:
                 self.cold.add(turn.id)
             self.server.hint(turn.adapter)
         self._kick(i)
