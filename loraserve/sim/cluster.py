@@ -314,7 +314,7 @@ class Cluster:
         if self.server is not None:
             stats["server"] = {k: v for k, v in self.server.stats().items() if isinstance(v, (int, float))}
             cold = [r.ttft for r in queue if r.id in self.cold and r.ttft is not None]
-            # what layer-wise loading can shorten: the first token of a request whose adapter had to be copied
+            # what layer-wise loading can shorten: the first token of a request that waited for its adapter's copy
             stats["cold"] = {"requests": len(cold), "median_ttft_s": statistics.median(cold) if cold else None}
         summary, with_prefill = summarize(queue, slo), summarize(records, slo)
         if self.stopped_at is not None:
