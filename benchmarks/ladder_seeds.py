@@ -33,11 +33,11 @@ from infinilora_sim import ROOT, Bench, in_parallel  # noqa: E402
 RUNGS = ("disagg-naive", "disagg+overlap", "disagg+loading", "disagg")
 
 
-def paired(before: list[float], after: list[float], ms: bool = False) -> str:
-    """after − before over seeds (seconds, shown in s or ms): mean ± standard error, and on how many
-    seeds `after` is higher."""
+def paired(before: list[float | None], after: list[float | None], ms: bool = False) -> str:
+    """after − before over the seeds that have both (seconds, shown in s or ms): mean ± standard
+    error, and on how many seeds `after` is higher."""
     scale, digits, unit = (1e3, 1, "ms") if ms else (1.0, 3, "s")
-    diff = [scale * (b - a) for a, b in zip(before, after)]
+    diff = [scale * (b - a) for a, b in zip(before, after) if a is not None and b is not None]
     se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
     higher = sum(d > 0 for d in diff)
     return f"{statistics.mean(diff):+.{digits}f} ± {se:.{digits}f} {unit} (higher on {higher} of {len(diff)} seeds)"
@@ -80,8 +80,7 @@ def main() -> None:
                   + "; ".join(f"{rung} {1e3 * statistics.mean(v for v in cold[rung] if v is not None):.1f} ms"
                               for rung in RUNGS)
                   + "; +layer-wise loading against +overlap: "
-                  + paired(*zip(*[(a, b) for a, b in zip(cold["disagg+overlap"], cold["disagg+loading"])
-                                  if a is not None and b is not None]), ms=True),
+                  + paired(cold["disagg+overlap"], cold["disagg+loading"], ms=True),
                   ""]
     print("\n".join(lines))
     out = ROOT / "benchmarks" / "results" / "ladder_seeds.txt"
