@@ -186,9 +186,58 @@ def test_packed_bf16_linear_matches_f_linear(rows):
     x = torch.randn(rows, 64, generator=g).bfloat16()
     w, bias = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
     lin = Linear(w, bias)
-    assert lin.packed == PACK_BF16 and lin.num_bytes == (96 * 64 + 96) * 2
+    assert lin.form == ("packed" if PACK_BF16 else "plain") and lin.num_bytes == (96 * 64 + 96) * 2
     y = lin(x)
     ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
     assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.02)  # bf16 output rounding
-    assert not Linear(w, bias, pack=False).packed
+    assert Linear(w, bias, form="plain").form == "plain"
+
+
+def _runs_here(form: str, w: torch.Tensor) -> bool:
+    return {"panels": linear_module._can_panel, "packed": linear_module._can_pack, "plain": lambda w: True}[form](w)
+
+
+@pytest.mark.parametrize("form", linear_module.FORMS)
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 13, 32, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_linear_form_computes_x_w_t(form, rows, with_bias):
+    """Each fp32 form computes x @ w.T + bias where this machine can run it (out = 83: a last
+    panel of 3 columns; in = 50), and is refused with a clear error where it cannot."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 50, generator=g), torch.randn(83, 50, generator=g)
+    bias = torch.randn(83, generator=g) if with_bias else None
+    if not _runs_here(form, w):
+        with pytest.raises(ValueError, match=form):
+            Linear(w, bias, form=form)
+        return
+    y = Linear(w, bias, form=form)(x)
+    assert y.shape == (rows, 83) and y.is_contiguous()
+    assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), atol=1e-4)
+
+
+def test_fp32_takes_the_panels_on_avx512_with_the_kernels():
+    """Which form `Linear` picks by itself: panels for fp32 where the CPU has AVX-512 and the
+    kernels build, oneDNN's packed weight else on AVX-512, plain on AVX2 (its w @ x.T form)."""
+    w = torch.randn(40, 24)
+    avx512 = not linear_module.TRANSPOSED_FORM
+    expected = ("panels" if cpu_kernels.kernels() is not None else "packed" if linear_module._can_pack(w)
+                else "plain") if avx512 else "plain"
+    assert Linear(w).form == expected
+    assert Linear(w.bfloat16()).form == ("packed" if PACK_BF16 else "plain")
+
+
+def test_panel_rows_do_not_depend_on_the_batch():
+    """The panel kernel sums each output over k in order, whatever tile or row block its row
+    falls in (in = 1536: row blocks of 40 rows), so a row's result is the same bits alone or
+    in a batch; non-contiguous rows (a slice of a wider tensor) read the same."""
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(200, 1536, generator=g), torch.randn(200, generator=g)
+    lin = Linear(w, bias, form="panels")
+    wide = torch.randn(100, 1600, generator=g)
+    x = wide[:, :1536]
+    batch = lin(x)
+    assert torch.equal(batch, lin(x.contiguous()))
+    for i in (0, 7, 8, 39, 40, 41, 99):
+        assert torch.equal(batch[i:i + 1], lin(x[i:i + 1])), i
+    assert torch.allclose(batch, torch.nn.functional.linear(x, w, bias), atol=1e-3)

@@ -49,7 +49,7 @@ MAX_EVEN_PAD = 128
 
 COMPILED_MAX_ROWS = 512
 """Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
-adapter's weights once per 4 rows, so the longest segments are MKL's. On SmolLM2's shapes it is
+adapter's weights once per 4 or 8 rows, so the longest segments are MKL's. On SmolLM2's shapes it is
 the fastest path from 1 to 256 rows per adapter; at 512 (a 4096-token prefill over 8 adapters)
 it is level with the padded path (211 against 208 ms) and faster than the segmented one (244),
 and beside shorter segments (16 x 4 + 512 x 4) it is the fastest (112 against 142); at 1024

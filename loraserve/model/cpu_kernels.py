@@ -38,6 +38,7 @@ import time
 import torch
 
 from loraserve.dtypes import cpu_flags
+from loraserve.model.cpu_linear import SOURCE as LINEAR_SOURCE
 from loraserve.model.cpu_lora import SOURCE as LORA_SOURCE
 
 log = logging.getLogger(__name__)
@@ -261,9 +262,9 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 }
 """
 
-SOURCE += LORA_SOURCE
+SOURCE += LORA_SOURCE + LINEAR_SOURCE
 
-FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul", "lora_segments"]
+FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul", "lora_segments", "panel_linear"]
 
 _lock = threading.Lock()
 _built: list = []

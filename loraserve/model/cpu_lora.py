@@ -9,7 +9,8 @@ calls, each waking the other core's worker; and a fused projection's slices
 projection's whole update in one call: per adapter, the
 shrink of its rows into registers, then each output slice's expand from the
 slice's own rank columns, adding into the output in place, reading each of
-A and B once per 4 rows and only the adapter's own rank (`LoraBank.ranks`).
+A and B once per 4 rows (per 8 of a long segment on AVX-512, whose 32 registers hold
+8 rows' accumulators) and only the adapter's own rank (`LoraBank.ranks`).
 Rows are cut into tasks of up to 64 rows of one adapter, and the tasks into
 one run per thread of about equal cost, so a prefill's long segments are
 shared by the threads. Up to 256 rows per adapter this beats torch's products,
@@ -87,26 +88,29 @@ static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int6
 
 #ifdef __AVX512F__
 constexpr int SHRINK_C = 4;  // 4 x 16 columns: M x 4 accumulators of 32 registers
+constexpr int MAX_ROWS = 8;  // a long segment's rows 8 at a time: half the weight reads from L2 of 4 at a time
 #else
 constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
+constexpr int MAX_ROWS = 4;
 #endif
 
 // The shrink's columns of A for an adapter of rank r in a bank of rank R over W slices: up to the last
 // slice's rank columns, rounded up to 4 (the bank's padding columns are zeros).
 static inline int64_t shrink_span(int64_t W, int64_t R, int64_t r) { return (W - 1) * R + (r + 3) / 4 * 4; }
 
-// One adapter's M (<= 4) rows: the shrink of columns [0, (W - 1) R + r4) of A in passes of up to
-// 16 SHRINK_C columns, each streaming A's rows once (r4 = r rounded up to 4: the bank's rank is a
+// One adapter's M (<= MAX_ROWS) rows: the shrink of columns [0, (W - 1) R + r4) of A in passes of up to
+// 16 SC columns (3 at 8 rows: 24 accumulators), each streaming A's rows once (r4 = r rounded up to 4: the bank's rank is a
 // multiple of 4 and its padding columns are zeros; slice j's columns are [j R, j R + r)), then
 // each slice's expand from its own shrink columns and B's first r rows.
 template <int M, typename T>
 static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
                       int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
   const int64_t W = edges.size() - 1, span = shrink_span(W, R, r);
+  constexpr int SC = M > 4 ? 3 : SHRINK_C;
   for (int64_t c = 0; c < span;) {
     const int64_t left = span - c;
-    if (SHRINK_C >= 4 && left >= 64) { shrink_tile<M, SHRINK_C >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s); c += 64; }
-    else if (SHRINK_C >= 3 && left >= 48) { shrink_tile<M, SHRINK_C >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s); c += 48; }
+    if (SC >= 4 && left >= 64) { shrink_tile<M, SC >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s); c += 64; }
+    else if (SC >= 3 && left >= 48) { shrink_tile<M, SC >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s); c += 48; }
     else if (left >= 32) { shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s); c += 32; }
     else if (left >= 16) { shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s); c += 16; }
     else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s); c += 8; }
@@ -115,7 +119,8 @@ static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t
   for (int64_t j = 0; j < W; ++j) {
     int64_t n = edges[j];
     const int64_t n1 = edges[j + 1];
-    for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os);
+    if (M > 4) for (; n + 48 <= n1; n += 48) expand_tile<M, (M > 4 ? 3 : 1), 16>(s, WR, j * R, B, N, r, n, out, os);
+    else for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os);
     for (; n + 16 <= n1; n += 16) expand_tile<M, 1, 16>(s, WR, j * R, B, N, r, n, out, os);
     for (; n + 4 <= n1; n += 4) expand_tile<M, 1, 4>(s, WR, j * R, B, N, r, n, out, os);
     for (; n < n1; ++n)
@@ -138,9 +143,16 @@ template <typename T>
 static void task_rows(const float* xp, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R, int64_t N,
                       int64_t r, const std::vector<int64_t>& edges, float* outp, int64_t os, int64_t r0, int64_t end,
                       float* s) {
-  for (; r0 < end; r0 += 4) {
+  for (; r0 < end;) {
     const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
-    switch (std::min<int64_t>(4, end - r0)) {
+    if (MAX_ROWS > 4 && end - r0 >= 8) {
+      lora_rows<(MAX_ROWS > 4 ? 8 : 4)>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s);
+      r0 += 8;
+      continue;
+    }
+    const int64_t m = std::min<int64_t>(4, end - r0);
+    r0 += m;
+    switch (m) {
       case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
       case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
       case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
@@ -175,7 +187,7 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
     for (; t < (size_t)n && (2 * done - cost) * n >= 2 * total * (int64_t)t; ++t) cut[t] = i;
   }
   at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(4 * WR), wide;
+    std::vector<float> s(MAX_ROWS * WR), wide;
     int64_t widened = -1;  // the group whose weights `wide` holds: a thread's tasks of one group come in a row
     for (size_t i = cut[t0]; i < cut[t1]; ++i) {
       const int64_t g = tasks[i].g, r = rp[g];
@@ -184,7 +196,7 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
         task_rows(xp, xs, A, K, WR, B, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1, s.data());
         continue;
       }
-      if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per 4 rows
+      if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per few rows
         // only what lora_rows reads: A's shrink columns, B's first r rows
         const int64_t span = shrink_span(edges.size() - 1, R, r);
         wide.resize(K * WR + R * N);

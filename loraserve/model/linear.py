@@ -2,20 +2,28 @@
 
 The checkpoint gives [out, in] weights (nn.Linear's order). How fast y = x W^T
 runs depends on the device, the dtype and the number of rows, and on CPUs by
-a wide margin (benchmarks/results/linear_forms-*.txt, by machine class):
+a wide margin (benchmarks/results/linear_forms-*.txt, by machine class). The
+forms (`Linear.form`):
 
-- bf16 on CPU: oneDNN's matmul reorders a plain weight into its blocked
-  layout on every call; reordered once at load (`mkldnn._reorder_linear_weight`,
-  the prepacking inductor's freezing does) the product runs 1.2-1.75x faster
-  up to 128 rows and no slower above (linear_forms-avx512.txt). The packed
-  copy replaces the plain one: no extra memory.
-- fp32 on an AVX-512 CPU: packed too: 1.2-1.6x faster than F.linear at 4-32
-  rows (a batch of decodes), equal above, 15% slower at one row.
-- fp32 on an AVX2 CPU: MKL ran w @ x.T 1.3-4x faster than x @ w.T (F.linear's
-  form) at decode-sized batches, and one row faster as two than as a GEMV;
-  above ~64 rows F.linear won (benchmarks/results/linear_forms-avx2.txt, an
-  older run without the packed form). On AVX-512 that form is up to 2x slower.
-- elsewhere (GPUs) F.linear: the library picks well.
+- "panels", fp32 on an AVX-512 CPU where the CPU kernels build: the weight as
+  panels of 16 output columns, multiplied by our kernel, which fetches the
+  next panels while it multiplies these (`cpu_linear.py`): 1.3-1.4x oneDNN's
+  packed product at the 4-32 rows of a batch of decodes, 1.2x at one row,
+  level at 512 and 3-8% slower at 4096 (a long prefill).
+- "packed", bf16 on CPU (and fp32 on AVX-512 without the kernels): oneDNN's
+  matmul reorders a plain weight into its blocked layout on every call;
+  reordered once at load (`mkldnn._reorder_linear_weight`, the prepacking
+  inductor's freezing does) the product runs 1.2-1.75x faster up to 128 rows
+  and no slower above (linear_forms-avx512.txt); fp32 packed was 1.2-1.6x
+  faster than F.linear at 4-32 rows, equal above, 15% slower at one row.
+- "plain" elsewhere: fp32 on an AVX2 CPU, where MKL ran w @ x.T 1.3-4x faster
+  than x @ w.T (F.linear's form) at decode-sized batches, and one row faster
+  as two than as a GEMV; above ~64 rows F.linear won
+  (benchmarks/results/linear_forms-avx2.txt, an older run without the packed
+  form; on AVX-512 that form is up to 2x slower). On GPUs F.linear: the
+  library picks well.
+
+Each form replaces the plain weight: no extra copy.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.dtypes import cpu_flags
+from loraserve.model import cpu_kernels
+from loraserve.model.cpu_linear import to_panels
 
 SMALL_BATCH = 64
 """Most rows for which fp32 on an AVX2 CPU streams the weight as MKL's left operand."""
@@ -41,23 +51,49 @@ def _can_pack(w: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def _can_panel(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32 and cpu_kernels.kernels() is not None
+
+
+FORMS = ("panels", "packed", "plain")
+
+
+def fastest_form(w: torch.Tensor) -> str:
+    """The form this machine multiplies `w` fastest in (see the module docstring)."""
+    if w.dtype == torch.float32 and not TRANSPOSED_FORM and _can_panel(w):
+        return "panels"
+    if _can_pack(w) and (w.dtype == torch.bfloat16 or not TRANSPOSED_FORM):
+        return "packed"
+    return "plain"
+
+
 class Linear:
     """y = x @ weight.T (+ bias), by the fastest form for the weight's device and dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | str = True) -> None:
-        """weight: [out, in]. `pack`: reorder the weight for oneDNN where that is
-        the fast form (bf16 on CPU, fp32 on AVX-512 CPUs), "always" wherever it
-        can (to measure it), False never."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, form: str | None = None) -> None:
+        """weight: [out, in]. `form`: one of FORMS (where this machine can run it: to
+        measure one against another), or None for `fastest_form`."""
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        fast = weight.dtype == torch.bfloat16 or not TRANSPOSED_FORM
-        self.packed = _can_pack(weight) and (pack == "always" or (pack and fast))
-        # the batch-size hint only tunes the blocking; 32 serves 1 to 4096 rows within noise
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if self.packed else weight
+        if form is None:
+            form = fastest_form(weight)
+        if form not in FORMS or (form == "panels" and not _can_panel(weight)) or (form == "packed"
+                                                                                   and not _can_pack(weight)):
+            raise ValueError(f"a {weight.dtype} weight on {weight.device} cannot take the {form!r} form here")
+        self.form = form
+        if form == "panels":
+            self.weight = to_panels(weight)
+        elif form == "packed":
+            # the batch-size hint only tunes the blocking; 32 serves 1 to 4096 rows within noise
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        else:
+            self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in]. Returns [T, out]."""
-        if self.packed:
+        if self.form == "panels":
+            return cpu_kernels.kernels().panel_linear(x, self.weight, self.bias, self.out_features)
+        if self.form == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
 

@@ -1,0 +1,131 @@
+"""The CPU's float32 projection y = x W^T (+ bias), from weights kept as column panels; part of `cpu_kernels`' build.
+
+A decode step's matmuls have few rows (32 at most at batch 32) and stream
+their weights from DRAM: at 32 rows each weight float feeds 32 FMAs, so the
+product is bound by compute and by memory about equally, and runs near the
+sum of the two unless the weight's next lines arrive while the current ones
+are multiplied. oneDNN's packed fp32 product ran SmolLM2's decode matmuls at
+that sum (10.7 GB/s and ~170 GFLOP/s at 32 rows, against ~22 GB/s and ~340
+GFLOP/s this machine class has), and 35% faster once the weights sat in the
+cache. `panel_linear` prefetches instead: each task's weights are 3 panels
+(48 output columns: one 8-row x 48-column register tile, 24 of AVX-512's 32
+registers), and while it multiplies one task's panels it asks for the next
+task's, one cache line per step over k (`benchmarks/linear_forms.py`: 1.3-1.4x
+oneDNN's packed product at 4-32 rows, 1.2x at one row, level at 512).
+
+The weight is stored once, as panels of 16 output columns, [ceil(N / 16), K, 16]
+(`to_panels`; zeros past N): a panel's row k is one vector, so the tile is
+broadcast-and-FMA with no horizontal sums. Each output is one sum over k in
+order, so a row's result does not depend on the batch it came in. Long prefills
+take row blocks whose x stays in L2 while the panels stream past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PANEL = 16
+"""Output columns per panel: one AVX-512 vector of floats."""
+
+SOURCE = r"""
+typedef float Panel __attribute__((vector_size(64), aligned(4)));  // 16 floats: one panel row
+static inline Panel pload(const float* p) { return *reinterpret_cast<const Panel*>(p); }
+
+// y[p, 16 (q0 + c) + i] (+)= sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
+// only columns < N. Asks for `lines` cache lines from pf per step over k (the next task's panels).
+template <int M, int C>
+static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y,
+                       int64_t ys, int64_t q0, int64_t N, const char*& pf, const char* pf_end, int64_t lines) {
+  Panel acc[M][C];
+  for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = Panel{};
+  const float* wq = w + q0 * K * 16;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t l = 0; l < lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2);
+    Panel wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = pload(wq + (c * K + k) * 16);
+    for (int p = 0; p < M; ++p) {
+      const Panel xv = Panel{} + x[p * xs + k];
+      for (int c = 0; c < C; ++c) acc[p][c] += xv * wv[c];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const int64_t n0 = (q0 + c) * 16, width = std::min<int64_t>(16, N - n0);
+    for (int p = 0; p < M; ++p) {
+      float* out = y + p * ys + n0;
+      if (width == 16) {
+        *reinterpret_cast<Panel*>(out) = bias ? acc[p][c] + pload(bias + n0) : acc[p][c];
+      } else {
+        for (int64_t i = 0; i < width; ++i) out[i] = acc[p][c][i] + (bias ? bias[n0 + i] : 0.f);
+      }
+    }
+  }
+}
+
+template <int M>
+static void panel_rows(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y, int64_t ys,
+                       int64_t q0, int64_t q1, int64_t N, const char*& pf, const char* pf_end, int64_t lines) {
+  switch (q1 - q0) {
+    case 3: panel_tile<M, 3>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines); break;
+    case 2: panel_tile<M, 2>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines); break;
+    default: panel_tile<M, 1>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines);
+  }
+}
+
+constexpr int64_t TASK_PANELS = 3, X_BLOCK_FLOATS = 65536;  // a row block's x: 256 KB, kept in L2
+
+// x [M, K] float32 (rows contiguous); w [Q, K, 16] (to_panels); bias [N] or None. Returns [M, N].
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t N) {
+  on_cpu({x, w, bias.has_value() ? *bias : torch::Tensor()});
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == 16 && w.is_contiguous(), "w must be [Q, K, 16] panels");
+  const int64_t M = x.size(0), K = x.size(1), Q = w.size(0);
+  TORCH_CHECK(w.size(1) == K && N > 16 * (Q - 1) && N <= 16 * Q, "x, w and N do not match");
+  if (x.stride(1) != 1) x = x.contiguous();
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N, "bias must be [N]");
+    bias = bias->contiguous();
+    bp = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  const int64_t xs = x.stride(0), tasks = (Q + TASK_PANELS - 1) / TASK_PANELS;
+  const int64_t block = std::max<int64_t>(8, X_BLOCK_FLOATS / std::max<int64_t>(1, K) / 8 * 8);
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < M; r0 += block) {
+      const int64_t r1 = std::min(M, r0 + block), tiles = (r1 - r0 + 7) / 8;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t q0 = t * TASK_PANELS, q1 = std::min(Q, q0 + TASK_PANELS);
+        // the next task this thread runs: its panels are fetched during this one's steps over k
+        const int64_t next = t + 1 < t1 ? t + 1 : r1 < M ? t0 : -1;
+        const char* pf = next < 0 ? nullptr : reinterpret_cast<const char*>(wp + next * TASK_PANELS * K * 16);
+        const char* pf_end = next < 0 ? nullptr
+            : reinterpret_cast<const char*>(wp + std::min(Q, (next + 1) * TASK_PANELS) * K * 16);
+        const int64_t lines = (pf_end - pf) / 64 / std::max<int64_t>(1, tiles * K) + 1;
+        for (int64_t p = r0; p < r1;) {
+          const float* xr = xp + p * xs; float* yr = yp + p * N;
+          const int64_t m = r1 - p >= 8 ? 8 : r1 - p >= 4 ? 4 : r1 - p >= 2 ? 2 : 1;
+          switch (m) {
+            case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
+            case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
+            case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
+            default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines);
+          }
+          p += m;
+        }
+      }
+    }
+  });
+  return y;
+}
+"""
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] (nn.Linear's order) -> [ceil(N / 16), K, 16]: panel q holds output columns 16q.. of W^T, zeros past N."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype, device=weight.device)
+    padded[:n] = weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
