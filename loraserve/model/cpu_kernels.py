@@ -63,6 +63,20 @@ static void on_cpu(std::initializer_list<torch::Tensor> ts) {
   for (const auto& t : ts) TORCH_CHECK(!t.defined() || t.device().is_cpu(), "CPU tensors only");
 }
 
+// Weights fetched ahead of their use: `lines` cache lines per step of a kernel's inner loop, from `p` up to
+// `end` (the next task's weights). The hardware's prefetcher follows a stream only once its reads have begun,
+// and at a task's start waits out the memory's latency; fetched during the task before, one 2-core step
+// streams its weights at 27 GB/s where it read 20.
+struct Ahead {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t lines = 0;
+  Ahead() = default;
+  Ahead(const void* begin, int64_t bytes, int64_t steps)
+      : p(static_cast<const char*>(begin)), end(p + bytes), lines(bytes / 64 / std::max<int64_t>(1, steps) + 1) {}
+  inline void step() { for (int64_t l = 0; l < lines && p < end; ++l, p += 64) __builtin_prefetch(p, 0, 2); }
+};
+
 // q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache); tables [B, MB]; lens [B]: keys per sequence.
 // Query head j*G + g attends with KV head j (G = Hq / Hkv), as SDPA's enable_gqa.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tables, torch::Tensor lens,

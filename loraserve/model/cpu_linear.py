@@ -31,16 +31,16 @@ SOURCE = r"""
 typedef float Panel __attribute__((vector_size(64), aligned(4)));  // 16 floats: one panel row
 static inline Panel pload(const float* p) { return *reinterpret_cast<const Panel*>(p); }
 
-// y[p, 16 (q0 + c) + i] (+)= sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
-// only columns < N. Asks for `lines` cache lines from pf per step over k (the next task's panels).
+// y[p, 16 (q0 + c) + i] = sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
+// only columns < N; fetching the next task's panels as it steps over k.
 template <int M, int C>
 static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y,
-                       int64_t ys, int64_t q0, int64_t N, const char*& pf, const char* pf_end, int64_t lines) {
+                       int64_t ys, int64_t q0, int64_t N, Ahead& next) {
   Panel acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = Panel{};
   const float* wq = w + q0 * K * 16;
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t l = 0; l < lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2);
+    next.step();
     Panel wv[C];
     for (int c = 0; c < C; ++c) wv[c] = pload(wq + (c * K + k) * 16);
     for (int p = 0; p < M; ++p) {
@@ -63,11 +63,11 @@ static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, co
 
 template <int M>
 static void panel_rows(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y, int64_t ys,
-                       int64_t q0, int64_t q1, int64_t N, const char*& pf, const char* pf_end, int64_t lines) {
+                       int64_t q0, int64_t q1, int64_t N, Ahead& next) {
   switch (q1 - q0) {
-    case 3: panel_tile<M, 3>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines); break;
-    case 2: panel_tile<M, 2>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines); break;
-    default: panel_tile<M, 1>(x, xs, K, w, bias, y, ys, q0, N, pf, pf_end, lines);
+    case 3: panel_tile<M, 3>(x, xs, K, w, bias, y, ys, q0, N, next); break;
+    case 2: panel_tile<M, 2>(x, xs, K, w, bias, y, ys, q0, N, next); break;
+    default: panel_tile<M, 1>(x, xs, K, w, bias, y, ys, q0, N, next);
   }
 }
 
@@ -99,19 +99,17 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * TASK_PANELS, q1 = std::min(Q, q0 + TASK_PANELS);
         // the next task this thread runs: its panels are fetched during this one's steps over k
-        const int64_t next = t + 1 < t1 ? t + 1 : r1 < M ? t0 : -1;
-        const char* pf = next < 0 ? nullptr : reinterpret_cast<const char*>(wp + next * TASK_PANELS * K * 16);
-        const char* pf_end = next < 0 ? nullptr
-            : reinterpret_cast<const char*>(wp + std::min(Q, (next + 1) * TASK_PANELS) * K * 16);
-        const int64_t lines = (pf_end - pf) / 64 / std::max<int64_t>(1, tiles * K) + 1;
+        const int64_t n = t + 1 < t1 ? t + 1 : r1 < M ? t0 : -1, nq0 = n * TASK_PANELS;
+        Ahead next = n < 0 ? Ahead() : Ahead(wp + nq0 * K * 16, (std::min(Q, nq0 + TASK_PANELS) - nq0) * K * 64,
+                                             tiles * K);
         for (int64_t p = r0; p < r1;) {
           const float* xr = xp + p * xs; float* yr = yp + p * N;
           const int64_t m = r1 - p >= 8 ? 8 : r1 - p >= 4 ? 4 : r1 - p >= 2 ? 2 : 1;
           switch (m) {
-            case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
-            case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
-            case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines); break;
-            default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, pf, pf_end, lines);
+            case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+            case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+            case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+            default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next);
           }
           p += m;
         }

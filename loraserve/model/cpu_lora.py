@@ -53,11 +53,13 @@ static inline float wval(uint16_t v) {
 
 // s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
 template <int M, int C, int L, typename T>
-static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, int64_t c0, float* s) {
+static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, int64_t c0, float* s,
+                        Ahead& next) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = V{};
   for (int64_t k = 0; k < K; ++k) {
+    next.step();
     V av[C];
     for (int c = 0; c < C; ++c) av[c] = vload<L>(A + k * WR + c0 + c * L);
     for (int p = 0; p < M; ++p) {
@@ -71,11 +73,12 @@ static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64
 // out[p, n0 : n0 + C L] += s[p, so : so + r] @ B[0 : r, n0 : n0 + C L] for M rows (B [R, N] row-major)
 template <int M, int C, int L, typename T>
 static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int64_t N, int64_t r, int64_t n0,
-                        float* out, int64_t os) {
+                        float* out, int64_t os, Ahead& next) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = vload<L>(out + p * os + n0 + c * L);
   for (int64_t k = 0; k < r; ++k) {
+    next.step();
     V bv[C];
     for (int c = 0; c < C; ++c) bv[c] = vload<L>(B + k * N + n0 + c * L);
     for (int p = 0; p < M; ++p) {
@@ -104,25 +107,26 @@ static inline int64_t shrink_span(int64_t W, int64_t R, int64_t r) { return (W -
 // each slice's expand from its own shrink columns and B's first r rows.
 template <int M, typename T>
 static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
-                      int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s) {
+                      int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s,
+                      Ahead& na, Ahead& nb) {
   const int64_t W = edges.size() - 1, span = shrink_span(W, R, r);
   constexpr int SC = M > 4 ? 3 : SHRINK_C;
   for (int64_t c = 0; c < span;) {
     const int64_t left = span - c;
-    if (SC >= 4 && left >= 64) { shrink_tile<M, SC >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s); c += 64; }
-    else if (SC >= 3 && left >= 48) { shrink_tile<M, SC >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s); c += 48; }
-    else if (left >= 32) { shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s); c += 32; }
-    else if (left >= 16) { shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s); c += 16; }
-    else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s); c += 8; }
-    else { shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s); c += 4; }
+    if (SC >= 4 && left >= 64) { shrink_tile<M, SC >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s, na); c += 64; }
+    else if (SC >= 3 && left >= 48) { shrink_tile<M, SC >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s, na); c += 48; }
+    else if (left >= 32) { shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s, na); c += 32; }
+    else if (left >= 16) { shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s, na); c += 16; }
+    else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s, na); c += 8; }
+    else { shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s, na); c += 4; }
   }
   for (int64_t j = 0; j < W; ++j) {
     int64_t n = edges[j];
     const int64_t n1 = edges[j + 1];
-    if (M > 4) for (; n + 48 <= n1; n += 48) expand_tile<M, (M > 4 ? 3 : 1), 16>(s, WR, j * R, B, N, r, n, out, os);
-    else for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os);
-    for (; n + 16 <= n1; n += 16) expand_tile<M, 1, 16>(s, WR, j * R, B, N, r, n, out, os);
-    for (; n + 4 <= n1; n += 4) expand_tile<M, 1, 4>(s, WR, j * R, B, N, r, n, out, os);
+    if (M > 4) for (; n + 48 <= n1; n += 48) expand_tile<M, (M > 4 ? 3 : 1), 16>(s, WR, j * R, B, N, r, n, out, os, nb);
+    else for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os, nb);
+    for (; n + 16 <= n1; n += 16) expand_tile<M, 1, 16>(s, WR, j * R, B, N, r, n, out, os, nb);
+    for (; n + 4 <= n1; n += 4) expand_tile<M, 1, 4>(s, WR, j * R, B, N, r, n, out, os, nb);
     for (; n < n1; ++n)
       for (int p = 0; p < M; ++p) {
         float acc = 0.f;
@@ -142,21 +146,21 @@ constexpr int64_t TASK_ROWS = 64, TASK_COST = 16, WIDEN_ROWS = 8;
 template <typename T>
 static void task_rows(const float* xp, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R, int64_t N,
                       int64_t r, const std::vector<int64_t>& edges, float* outp, int64_t os, int64_t r0, int64_t end,
-                      float* s) {
+                      float* s, Ahead& na, Ahead& nb) {
   for (; r0 < end;) {
     const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
     if (MAX_ROWS > 4 && end - r0 >= 8) {
-      lora_rows<(MAX_ROWS > 4 ? 8 : 4)>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s);
+      lora_rows<(MAX_ROWS > 4 ? 8 : 4)>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb);
       r0 += 8;
       continue;
     }
     const int64_t m = std::min<int64_t>(4, end - r0);
     r0 += m;
     switch (m) {
-      case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
-      case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
-      case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s); break;
-      default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s);
+      case 4: lora_rows<4>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb); break;
+      case 3: lora_rows<3>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb); break;
+      case 2: lora_rows<2>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb); break;
+      default: lora_rows<1>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb);
     }
   }
 }
@@ -192,8 +196,15 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
     for (size_t i = cut[t0]; i < cut[t1]; ++i) {
       const int64_t g = tasks[i].g, r = rp[g];
       const T* A = ap + g * K * WR; const T* B = bp + g * R * N;
+      // the next task's adapter, if another: its A fetched during this one's shrink, its B during the expand
+      Ahead na, nb;
+      if (i + 1 < cut[t1] && tasks[i + 1].g != g) {
+        const int64_t h = tasks[i + 1].g;
+        na = Ahead(ap + h * K * WR, K * WR * sizeof(T), K);
+        nb = Ahead(bp + h * R * N, rp[h] * N * sizeof(T), r * std::max<int64_t>(1, N / 64));
+      }
       if (std::is_same<T, float>::value || (widened != g && tasks[i].r1 - tasks[i].r0 <= WIDEN_ROWS)) {
-        task_rows(xp, xs, A, K, WR, B, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1, s.data());
+        task_rows(xp, xs, A, K, WR, B, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1, s.data(), na, nb);
         continue;
       }
       if (widened != g) {  // a long segment's bf16 weights, widened once rather than once per few rows
@@ -206,7 +217,7 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
         widened = g;
       }
       task_rows(xp, xs, wide.data(), K, WR, wide.data() + K * WR, R, N, r, edges, outp, os, tasks[i].r0, tasks[i].r1,
-                s.data());
+                s.data(), na, nb);
     }
   });
 }
