@@ -5,13 +5,14 @@ their weights from DRAM: at 32 rows each weight float feeds 32 FMAs, so the
 product is bound by compute and by memory about equally, and runs near the
 sum of the two unless the weight's next lines arrive while the current ones
 are multiplied. oneDNN's packed fp32 product ran SmolLM2's decode matmuls at
-that sum (10.7 GB/s and ~170 GFLOP/s at 32 rows, against ~22 GB/s and ~340
-GFLOP/s this machine class has), and 35% faster once the weights sat in the
-cache. `panel_linear` prefetches instead: each task's weights are 3 panels
-(48 output columns: one 8-row x 48-column register tile, 24 of AVX-512's 32
-registers), and while it multiplies one task's panels it asks for the next
-task's, one cache line per step over k (`benchmarks/linear_forms.py`: 1.3-1.4x
-oneDNN's packed product at 4-32 rows, 1.2x at one row, level at 512).
+about that sum (gate|up at 32 rows: 10.7 GB/s and ~170 GFLOP/s, against the
+~22 GB/s and ~340 GFLOP/s this machine class has; 1.6x as fast with the
+weight in the cache). `panel_linear` fetches ahead instead: each task's
+weights are 3 panels (48 output columns: one 8-row x 48-column register
+tile, 24 of AVX-512's 32 registers), and while it multiplies one task's
+panels it asks for the next task's, a few cache lines per step over k
+(`benchmarks/linear_forms.py` over SmolLM2's layers: 1.3-1.5x oneDNN's packed
+product at 1-32 rows, 1.15x at 128, level at 512, 3% slower at 4096).
 
 The weight is stored once, as panels of 16 output columns, [ceil(N / 16), K, 16]
 (`to_panels`; zeros past N): a panel's row k is one vector, so the tile is

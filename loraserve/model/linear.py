@@ -7,21 +7,24 @@ forms (`Linear.form`):
 
 - "panels", fp32 on an AVX-512 CPU where the CPU kernels build: the weight as
   panels of 16 output columns, multiplied by our kernel, which fetches the
-  next panels while it multiplies these (`cpu_linear.py`): 1.3-1.4x oneDNN's
-  packed product at the 4-32 rows of a batch of decodes, 1.2x at one row,
-  level at 512 and 3-8% slower at 4096 (a long prefill).
+  next panels while it multiplies these (`cpu_linear.py`). Over SmolLM2's
+  layers it ran 1.3-1.5x oneDNN's packed product at 1-32 rows (a batch of
+  decodes), 1.15x at 128, level at 512 and 3% slower at 4096 (a long
+  prefill; linear_forms-avx512.txt). At one row MKL's GEMV (F.linear) is 5%
+  faster, but a second copy of every weight would cost more than that.
 - "packed", bf16 on CPU (and fp32 on AVX-512 without the kernels): oneDNN's
   matmul reorders a plain weight into its blocked layout on every call;
   reordered once at load (`mkldnn._reorder_linear_weight`, the prepacking
   inductor's freezing does) the product runs 1.2-1.75x faster up to 128 rows
-  and no slower above (linear_forms-avx512.txt); fp32 packed was 1.2-1.6x
-  faster than F.linear at 4-32 rows, equal above, 15% slower at one row.
+  and no slower above (linear_forms-avx512-native-bf16.txt); fp32 packed was
+  1.2-1.6x faster than F.linear at 4-32 rows there, equal above, 15% slower
+  at one row.
 - "plain" elsewhere: fp32 on an AVX2 CPU, where MKL ran w @ x.T 1.3-4x faster
   than x @ w.T (F.linear's form) at decode-sized batches, and one row faster
   as two than as a GEMV; above ~64 rows F.linear won
   (benchmarks/results/linear_forms-avx2.txt, an older run without the packed
-  form; on AVX-512 that form is up to 2x slower). On GPUs F.linear: the
-  library picks well.
+  or panel forms; on AVX-512 that form is up to 2x slower). On GPUs F.linear:
+  the library picks well.
 
 Each form replaces the plain weight: no extra copy.
 """
