@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.dtypes import cpu_class
 from loraserve.kernels import lora_delta, padded_lora_delta
 from loraserve.lora.bank import Key, LoraBank
 from loraserve.model import cpu_kernels
@@ -47,13 +48,13 @@ MAX_RAGGED_PAD = 8
 MAX_EVEN_PAD = 128
 """Segments all of one length take the padded path up to this length."""
 
-COMPILED_MAX_ROWS = 512
+COMPILED_MAX_ROWS = 1024 if cpu_class() == "avx512" else 512
 """Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
-adapter's weights once per 4 or 8 rows, so the longest segments are MKL's. On SmolLM2's shapes it is
-the fastest path from 1 to 256 rows per adapter; at 512 (a 4096-token prefill over 8 adapters)
-it is level with the padded path (211 against 208 ms) and faster than the segmented one (244),
-and beside shorter segments (16 x 4 + 512 x 4) it is the fastest (112 against 142); at 1024
-torch's are a little faster (`benchmarks/lora_paths.py`)."""
+adapter's weights once per 4 rows, or 8 of a long segment on AVX-512. There, on SmolLM2's shapes, it
+is the fastest path at every size measured, 1 to 1024 rows per adapter: 196 against 219 ms (padded)
+and 253 (segmented) at 512 rows each (a 4096-token prefill over 8 adapters), 435 against 502 and
+509 at 1024; longer segments, unmeasured, take torch's (`benchmarks/lora_paths.py`). With 4-row
+tiles only (AVX2) it was level with torch's at 512 and 9% slower at 1024."""
 
 
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:
