@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loraserve.dtypes import cpu_class, cpu_line, native_bf16_cpu  # noqa: E402
-from loraserve.model.linear import Linear, transposed_form  # noqa: E402
+from loraserve.model.linear import Linear, can_take, transposed_form  # noqa: E402
 
 LAYERS = 30
 PROJECTIONS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # [out, in]
@@ -54,8 +54,8 @@ def time_forms(weights: Weights, rows: int, dtype: torch.dtype, repeats: int = 5
     best = dict.fromkeys(FORMS[dtype], float("inf"))
     for _ in range(repeats + 1):  # the first round warms up
         for name, form in FORMS[dtype].items():
-            if rows > 512 and name == "w @ x.T":
-                continue  # no contender there, and the slowest
+            if (rows > 512 and name == "w @ x.T") or (name in ("packed", "panels") and name not in weights[0][1]):
+                continue  # no contender at that size, and the slowest; or a form this machine cannot run
             t = time.perf_counter()
             for w, lin in weights:
                 form(xs[w.shape[1]], w, lin)
@@ -64,9 +64,9 @@ def time_forms(weights: Weights, rows: int, dtype: torch.dtype, repeats: int = 5
 
 
 def with_forms(w: torch.Tensor) -> tuple[torch.Tensor, dict[str, Linear]]:
-    """The plain weight beside a `Linear` of each of its dtype's forms."""
+    """The plain weight beside a `Linear` of each of its dtype's forms this machine can run."""
     return w, {form: Linear(w.clone(), form=form) for form in ("packed", "panels")
-               if form in FORMS[w.dtype]}
+               if form in FORMS[w.dtype] and can_take(form, w)}
 
 
 def main() -> None:
@@ -84,7 +84,8 @@ def main() -> None:
             for part, weights in (("layers", layer_w), ("lm_head", head_w)):
                 ms = time_forms(weights, rows, dtype)
                 cells = " | ".join(f"{v:.2f}" if v < float("inf") else "-" for v in ms.values())
-                lines.append(f"| {rows} | {part} | {cells} | {ms[num] / ms[den]:.2f}x |")
+                ratio = f"{ms[num] / ms[den]:.2f}x" if max(ms[num], ms[den]) < float("inf") else "-"
+                lines.append(f"| {rows} | {part} | {cells} | {ratio} |")
                 print(lines[-1], flush=True)
     suffix = "-native-bf16" if native_bf16_cpu() else ""
     out = ROOT / "benchmarks" / "results" / f"linear_forms-{cpu_class()}{suffix}.txt"

@@ -8,7 +8,8 @@ alternating, and reports each one's best time and what `LoraBatch` picks:
 
 - padded (`kernels.padded_lora_delta`): segments padded to the longest, batched matmuls;
 - segmented (`kernels.lora_delta`): a grouped shrink and in-place expands per segment;
-- compiled (`model/cpu_lora.py`): one C++ call per projection, each adapter's weights read once per 4 rows (8 on AVX-512);
+- compiled (`model/cpu_lora.py`): one C++ call per projection, each adapter's weights read once per 4 rows
+  (8 of a long segment on AVX-512);
   also from bf16 copies of the weights (`--lora-dtype bfloat16`), which it widens as it reads them.
 
     python benchmarks/lora_paths.py     # writes benchmarks/results/lora_paths-<machine class>.txt

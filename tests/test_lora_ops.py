@@ -120,6 +120,40 @@ def _check_the_compiled_kernel(kernels, edges, counts):
         kernels.lora_segments(x, a, b.bfloat16(), offs, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_kernel_gives_a_row_the_same_bits_in_any_tile(dtype):
+    """SmolLM2's shapes at rank 16 (q|k|v: a 48-column shrink; gate|up: 32): a long segment's rows go
+    8 at a time on AVX-512, the rest 4, 2 or 1 at a time. Each row gets its own x @ A @ B at its
+    group's rank, and the same bits as when it is a segment of its own."""
+    kernels = cpu_kernels.kernels()
+    assert kernels is not None, "the CPU kernels build on every machine CI runs on"
+    g = torch.Generator().manual_seed(16)
+    counts, ranks = [20, 9, 64, 11], [16, 13, 16, 7]
+    for edges in ((0, 64, 80, 96), (0, 96, 192)):
+        width = len(edges) - 1
+        x = torch.randn(sum(counts), 40, generator=g)
+        a = torch.randn(len(counts), 40, width * 16, generator=g).to(dtype)
+        b = torch.randn(len(counts), 16, edges[-1], generator=g).to(dtype)
+        masked_a, masked_b = a.float().clone(), b.float().clone()
+        for grp, r in enumerate(ranks):
+            masked_b[grp, r:] = 0
+            for j in range(width):
+                masked_a[grp, :, j * 16 + r:(j + 1) * 16] = 0
+        out = torch.zeros(sum(counts), edges[-1])
+        offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+        rk = torch.tensor(ranks, dtype=torch.int32)
+        kernels.lora_segments(x, a, b, offs, rk, list(edges), out)
+        assert torch.allclose(out, naive(x, masked_a, masked_b, counts, edges), atol=1e-3, rtol=1e-4)
+        starts = [0] + offs.tolist()[:-1]
+        for grp, start in enumerate(starts):
+            for row in (start, start + 7, start + 8, start + counts[grp] - 1):
+                alone = torch.zeros(1, edges[-1])
+                one = torch.zeros(len(counts), dtype=torch.int32)
+                one[grp:] = 1
+                kernels.lora_segments(x[row:row + 1], a, b, one, rk, list(edges), alone)
+                assert torch.equal(alone[0], out[row]), (edges, grp, row)
+
+
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("counts, padded", [
@@ -194,10 +228,6 @@ def test_packed_bf16_linear_matches_f_linear(rows):
     assert Linear(w, bias, form="plain").form == "plain"
 
 
-def _runs_here(form: str, w: torch.Tensor) -> bool:
-    return {"panels": linear_module._can_panel, "packed": linear_module._can_pack, "plain": lambda w: True}[form](w)
-
-
 @pytest.mark.parametrize("form", linear_module.FORMS)
 @pytest.mark.parametrize("rows", [0, 1, 3, 8, 13, 32, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -207,7 +237,7 @@ def test_every_linear_form_computes_x_w_t(form, rows, with_bias):
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 50, generator=g), torch.randn(83, 50, generator=g)
     bias = torch.randn(83, generator=g) if with_bias else None
-    if not _runs_here(form, w):
+    if not linear_module.can_take(form, w):
         with pytest.raises(ValueError, match=form):
             Linear(w, bias, form=form)
         return
@@ -221,7 +251,7 @@ def test_fp32_takes_the_panels_on_avx512_with_the_kernels():
     kernels build, oneDNN's packed weight else on AVX-512, plain on AVX2 (its w @ x.T form)."""
     w = torch.randn(40, 24)
     avx512 = not linear_module.TRANSPOSED_FORM
-    expected = ("panels" if cpu_kernels.kernels() is not None else "packed" if linear_module._can_pack(w)
+    expected = ("panels" if cpu_kernels.kernels() is not None else "packed" if linear_module.can_take("packed", w)
                 else "plain") if avx512 else "plain"
     assert Linear(w).form == expected
     assert Linear(w.bfloat16()).form == ("packed" if PACK_BF16 else "plain")
@@ -230,7 +260,9 @@ def test_fp32_takes_the_panels_on_avx512_with_the_kernels():
 def test_panel_rows_do_not_depend_on_the_batch():
     """The panel kernel sums each output over k in order, whatever tile or row block its row
     falls in (in = 1536: row blocks of 40 rows), so a row's result is the same bits alone or
-    in a batch; non-contiguous rows (a slice of a wider tensor) read the same."""
+    in a batch, and whichever thread computes it; non-contiguous rows (a slice of a wider
+    tensor) read the same."""
+    assert cpu_kernels.kernels() is not None  # built on this machine (it has a C++ compiler)
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(200, 1536, generator=g), torch.randn(200, generator=g)
     lin = Linear(w, bias, form="panels")
@@ -241,3 +273,9 @@ def test_panel_rows_do_not_depend_on_the_batch():
     for i in (0, 7, 8, 39, 40, 41, 99):
         assert torch.equal(batch[i:i + 1], lin(x[i:i + 1])), i
     assert torch.allclose(batch, torch.nn.functional.linear(x, w, bias), atol=1e-3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)  # more threads than 4 tasks each (5 tasks of 3 panels): the row blocks are shared too
+    try:
+        assert torch.equal(lin(x), batch)
+    finally:
+        torch.set_num_threads(before)

@@ -51,10 +51,11 @@ MAX_EVEN_PAD = 128
 COMPILED_MAX_ROWS = 1024 if cpu_class() == "avx512" else 512
 """Segments of at most this many rows take the compiled kernel (CPU, float32 math): it reads an
 adapter's weights once per 4 rows, or 8 of a long segment on AVX-512. There, on SmolLM2's shapes, it
-is the fastest path at every size measured, 1 to 1024 rows per adapter: 196 against 219 ms (padded)
-and 253 (segmented) at 512 rows each (a 4096-token prefill over 8 adapters), 435 against 502 and
-509 at 1024; longer segments, unmeasured, take torch's (`benchmarks/lora_paths.py`). With 4-row
-tiles only (AVX2) it was level with torch's at 512 and 9% slower at 1024."""
+is the fastest path at every size measured, 1 to 1024 rows per adapter: 202 against 232 ms (padded)
+and 280 (segmented) at 512 rows each (a 4096-token prefill over 8 adapters), 446 against 500 and
+526 at 1024; longer segments, unmeasured, take torch's (`benchmarks/lora_paths.py`). With 4-row
+tiles only (as AVX2 builds run; measured on AVX-512 before the 8-row ones) it was level with
+torch's at 512 and 9% slower at 1024."""
 
 
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:

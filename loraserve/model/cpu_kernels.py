@@ -25,7 +25,7 @@ directory, per CPU: it is compiled for this one). Attention, LoRA and the
 projections are float32; the glue takes float32 or bfloat16 (computed in float32, rounded
 where torch's bf16 ops round). Where they cannot be built, or with
 `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model runs torch's
-ops as before (fp32 projections on oneDNN's packed weights).
+ops as before (fp32 projections on AVX-512 on oneDNN's packed weights).
 """
 
 from __future__ import annotations
@@ -65,18 +65,29 @@ static void on_cpu(std::initializer_list<torch::Tensor> ts) {
   for (const auto& t : ts) TORCH_CHECK(!t.defined() || t.device().is_cpu(), "CPU tensors only");
 }
 
+// L floats as one vector of GCC's (the same source builds for AVX-512, AVX2 or NEON: a 16-float vector is then
+// two or four registers), loaded and stored unaligned.
+template <int L> struct Vec { typedef float type __attribute__((vector_size(L * 4), aligned(4))); };
+template <int L> static inline typename Vec<L>::type vload(const float* p) {
+  return *reinterpret_cast<const typename Vec<L>::type*>(p);
+}
+template <int L> static inline void vstore(float* p, typename Vec<L>::type v) {
+  *reinterpret_cast<typename Vec<L>::type*>(p) = v;
+}
+
 // Weights fetched ahead of their use: `lines` cache lines per step of a kernel's inner loop, from `p` up to
 // `end` (the next task's weights). The hardware's prefetcher follows a stream only once its reads have begun,
 // and at a task's start waits out the memory's latency; fetched during the task before, one 2-core step
 // streams its weights at 27 GB/s where it read 20.
 struct Ahead {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int64_t lines = 0;
+  const char* base = nullptr;
+  int64_t bytes = 0, done = 0, lines = 0;
   Ahead() = default;
-  Ahead(const void* begin, int64_t bytes, int64_t steps)
-      : p(static_cast<const char*>(begin)), end(p + bytes), lines(bytes / 64 / std::max<int64_t>(1, steps) + 1) {}
-  inline void step() { for (int64_t l = 0; l < lines && p < end; ++l, p += 64) __builtin_prefetch(p, 0, 2); }
+  Ahead(const void* begin, int64_t n, int64_t steps)
+      : base(static_cast<const char*>(begin)), bytes(n), lines(n / 64 / std::max<int64_t>(1, steps) + 1) {}
+  inline void step() {
+    for (int64_t l = 0; l < lines && done < bytes; ++l, done += 64) __builtin_prefetch(base + done, 0, 2);
+  }
 };
 
 // q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache); tables [B, MB]; lens [B]: keys per sequence.

@@ -29,8 +29,7 @@ PANEL = 16
 """Output columns per panel: one AVX-512 vector of floats."""
 
 SOURCE = r"""
-typedef float Panel __attribute__((vector_size(64), aligned(4)));  // 16 floats: one panel row
-static inline Panel pload(const float* p) { return *reinterpret_cast<const Panel*>(p); }
+typedef Vec<16>::type Panel;  // one panel row
 
 // y[p, 16 (q0 + c) + i] = sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
 // only columns < N; fetching the next task's panels as it steps over k.
@@ -43,7 +42,7 @@ static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, co
   for (int64_t k = 0; k < K; ++k) {
     next.step();
     Panel wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = pload(wq + (c * K + k) * 16);
+    for (int c = 0; c < C; ++c) wv[c] = vload<16>(wq + (c * K + k) * 16);
     for (int p = 0; p < M; ++p) {
       const Panel xv = Panel{} + x[p * xs + k];
       for (int c = 0; c < C; ++c) acc[p][c] += xv * wv[c];
@@ -54,7 +53,7 @@ static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, co
     for (int p = 0; p < M; ++p) {
       float* out = y + p * ys + n0;
       if (width == 16) {
-        *reinterpret_cast<Panel*>(out) = bias ? acc[p][c] + pload(bias + n0) : acc[p][c];
+        vstore<16>(out, bias ? acc[p][c] + vload<16>(bias + n0) : acc[p][c]);
       } else {
         for (int64_t i = 0; i < width; ++i) out[i] = acc[p][c][i] + (bias ? bias[n0 + i] : 0.f);
       }
@@ -93,26 +92,33 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
   const int64_t xs = x.stride(0), tasks = (Q + TASK_PANELS - 1) / TASK_PANELS;
   const int64_t block = std::max<int64_t>(8, X_BLOCK_FLOATS / std::max<int64_t>(1, K) / 8 * 8);
+  const int64_t blocks = (M + block - 1) / block;
+  // Threads share the tasks (each its own columns); where there are fewer than ~4 tasks a thread (many cores, a
+  // narrow projection, many rows), the row blocks too, in groups: item i is task i % tasks of group i / tasks.
+  const int64_t groups = std::min(blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + tasks - 1) / tasks));
   pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = 0; r0 < M; r0 += block) {
-      const int64_t r1 = std::min(M, r0 + block), tiles = (r1 - r0 + 7) / 8;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t q0 = t * TASK_PANELS, q1 = std::min(Q, q0 + TASK_PANELS);
-        // the next task this thread runs: its panels are fetched during this one's steps over k
-        const int64_t n = t + 1 < t1 ? t + 1 : r1 < M ? t0 : -1, nq0 = n * TASK_PANELS;
-        Ahead next = n < 0 ? Ahead() : Ahead(wp + nq0 * K * 16, (std::min(Q, nq0 + TASK_PANELS) - nq0) * K * 64,
-                                             tiles * K);
-        for (int64_t p = r0; p < r1;) {
-          const float* xr = xp + p * xs; float* yr = yp + p * N;
-          const int64_t m = r1 - p >= 8 ? 8 : r1 - p >= 4 ? 4 : r1 - p >= 2 ? 2 : 1;
-          switch (m) {
-            case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-            case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-            case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-            default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next);
+  at::parallel_for(0, groups * tasks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t g = i0 / tasks; g * tasks < i1; ++g) {
+      const int64_t t0 = std::max(i0, g * tasks) - g * tasks, t1 = std::min(i1, (g + 1) * tasks) - g * tasks;
+      for (int64_t b = blocks * g / groups; b < blocks * (g + 1) / groups; ++b) {
+        const int64_t r0 = b * block, r1 = std::min(M, r0 + block), tiles = (r1 - r0 + 7) / 8;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t q0 = t * TASK_PANELS, q1 = std::min(Q, q0 + TASK_PANELS);
+          // the next task this thread runs: its panels are fetched during this one's steps over k
+          const int64_t n = t + 1 < t1 ? t + 1 : b + 1 < blocks * (g + 1) / groups ? t0 : -1, nq0 = n * TASK_PANELS;
+          Ahead next = n < 0 ? Ahead() : Ahead(wp + nq0 * K * 16, (std::min(Q, nq0 + TASK_PANELS) - nq0) * K * 64,
+                                               tiles * K);
+          for (int64_t p = r0; p < r1;) {
+            const float* xr = xp + p * xs; float* yr = yp + p * N;
+            const int64_t m = r1 - p >= 8 ? 8 : r1 - p >= 4 ? 4 : r1 - p >= 2 ? 2 : 1;
+            switch (m) {
+              case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+              case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+              case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
+              default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next);
+            }
+            p += m;
           }
-          p += m;
         }
       }
     }

@@ -11,14 +11,15 @@ forms (`Linear.form`):
   layers it ran 1.3-1.5x oneDNN's packed product at 1-32 rows (a batch of
   decodes), 1.15x at 128, level at 512 and 3% slower at 4096 (a long
   prefill; linear_forms-avx512.txt). At one row MKL's GEMV (F.linear) is 5%
-  faster, but a second copy of every weight would cost more than that.
+  faster on the layers and 15% on the lm_head, but a second copy of every
+  weight would cost more than that.
 - "packed", bf16 on CPU (and fp32 on AVX-512 without the kernels): oneDNN's
   matmul reorders a plain weight into its blocked layout on every call;
   reordered once at load (`mkldnn._reorder_linear_weight`, the prepacking
-  inductor's freezing does) the product runs 1.2-1.75x faster up to 128 rows
-  and no slower above (linear_forms-avx512-native-bf16.txt); fp32 packed was
-  1.2-1.6x faster than F.linear at 4-32 rows there, equal above, 15% slower
-  at one row.
+  inductor's freezing does) the product ran 1.2-1.7x faster up to 32 rows,
+  1.04-1.09x above (linear_forms-avx512-native-bf16.txt); fp32 packed was
+  1.1-2.5x faster than F.linear at 4-128 rows there (the lm_head most), level
+  on the layers at 32, 12% slower on them at one row.
 - "plain" elsewhere: fp32 on an AVX2 CPU, where MKL ran w @ x.T 1.3-4x faster
   than x @ w.T (F.linear's form) at decode-sized batches, and one row faster
   as two than as a GEMV; above ~64 rows F.linear won
@@ -26,7 +27,8 @@ forms (`Linear.form`):
   or panel forms; on AVX-512 that form is up to 2x slower). On GPUs F.linear:
   the library picks well.
 
-Each form replaces the plain weight: no extra copy.
+Each form replaces the plain weight: no extra copy (but for a tied lm_head,
+whose embedding lookup keeps reading the plain one).
 """
 
 from __future__ import annotations
@@ -49,23 +51,24 @@ PACK_BF16 = {"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags() or "avx_ne_conve
 """Whether oneDNN can reorder a bf16 weight on this CPU (it refuses on AVX2-only ones)."""
 
 
-def _can_pack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and PACK_BF16))
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def _can_panel(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and cpu_kernels.kernels() is not None
-
-
 FORMS = ("panels", "packed", "plain")
+
+
+def can_take(form: str, w: torch.Tensor) -> bool:
+    """Whether this machine can multiply `w` in `form` (fast or not)."""
+    if form == "panels":
+        return w.device.type == "cpu" and w.dtype == torch.float32 and cpu_kernels.kernels() is not None
+    if form == "packed":
+        return (w.device.type == "cpu" and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and PACK_BF16))
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return form == "plain"
 
 
 def fastest_form(w: torch.Tensor) -> str:
     """The form this machine multiplies `w` fastest in (see the module docstring)."""
-    if w.dtype == torch.float32 and not TRANSPOSED_FORM and _can_panel(w):
+    if w.dtype == torch.float32 and not TRANSPOSED_FORM and can_take("panels", w):
         return "panels"
-    if _can_pack(w) and (w.dtype == torch.bfloat16 or not TRANSPOSED_FORM):
+    if can_take("packed", w) and (w.dtype == torch.bfloat16 or not TRANSPOSED_FORM):
         return "packed"
     return "plain"
 
@@ -80,8 +83,7 @@ class Linear:
         self.bias = bias
         if form is None:
             form = fastest_form(weight)
-        if form not in FORMS or (form == "panels" and not _can_panel(weight)) or (form == "packed"
-                                                                                   and not _can_pack(weight)):
+        if not can_take(form, weight):
             raise ValueError(f"a {weight.dtype} weight on {weight.device} cannot take the {form!r} form here")
         self.form = form
         if form == "panels":

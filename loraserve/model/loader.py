@@ -66,7 +66,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     layers = [_layer(ck, s, i) for i in range(s.num_layers)]
     norm = ck.get("model.norm.weight", (h,))
     if s.tie_word_embeddings and not ck.has("lm_head.weight"):
-        lm_head = Linear(embed)  # a packed layout is a second copy: the embedding lookup reads the plain one
+        lm_head = Linear(embed)  # panels or packed: a second copy, as the embedding lookup reads the plain one
     else:
         lm_head = Linear(ck.get("lm_head.weight", (s.vocab_size, h)))
     unused = sorted(k for k in set(ck.where) - ck.used if not k.endswith("rotary_emb.inv_freq"))
