@@ -83,17 +83,24 @@ def test_the_compiled_kernel_reads_each_group_at_its_own_rank(edges, counts, thr
             torch.set_num_threads(before)
 
 
+def _at_ranks(a, b, ranks, width):
+    """fp32 copies of a bank's A [G, K, width R] and B [G, R, N] with what lies past each group's rank zeroed."""
+    rank = b.shape[1]
+    masked_a, masked_b = a.float().clone(), b.float().clone()
+    for s, r in enumerate(ranks):
+        masked_b[s, r:] = 0
+        for j in range(width):
+            masked_a[s, :, j * rank + r:(j + 1) * rank] = 0
+    return masked_a, masked_b
+
+
 def _check_the_compiled_kernel(kernels, edges, counts):
     g = torch.Generator().manual_seed(len(edges))
     width, rank, ranks = len(edges) - 1, 8, [8, 5, 0, 3, 8]
     x = torch.randn(sum(counts) + 2, 24, generator=g)  # two rows past the last segment: left alone
     a = torch.randn(len(counts), 24, width * rank, generator=g)
     b = torch.randn(len(counts), rank, edges[-1], generator=g)
-    masked_a, masked_b = a.clone(), b.clone()
-    for s, r in enumerate(ranks):
-        masked_b[s, r:] = 0
-        for j in range(width):
-            masked_a[s, :, j * rank + r:(j + 1) * rank] = 0
+    masked_a, masked_b = _at_ranks(a, b, ranks, width)
     expected = naive(x[:sum(counts)], masked_a, masked_b, counts, edges)
     out = torch.randn(x.shape[0], edges[-1], generator=g)
     start = out.clone()
@@ -134,11 +141,7 @@ def test_the_compiled_kernel_gives_a_row_the_same_bits_in_any_tile(dtype):
         x = torch.randn(sum(counts), 40, generator=g)
         a = torch.randn(len(counts), 40, width * 16, generator=g).to(dtype)
         b = torch.randn(len(counts), 16, edges[-1], generator=g).to(dtype)
-        masked_a, masked_b = a.float().clone(), b.float().clone()
-        for grp, r in enumerate(ranks):
-            masked_b[grp, r:] = 0
-            for j in range(width):
-                masked_a[grp, :, j * 16 + r:(j + 1) * 16] = 0
+        masked_a, masked_b = _at_ranks(a, b, ranks, width)
         out = torch.zeros(sum(counts), edges[-1])
         offs = torch.tensor(counts).cumsum(0).to(torch.int32)
         rk = torch.tensor(ranks, dtype=torch.int32)

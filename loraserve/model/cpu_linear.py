@@ -32,10 +32,10 @@ SOURCE = r"""
 typedef Vec<16>::type Panel;  // one panel row
 
 // y[p, 16 (q0 + c) + i] = sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
-// only columns < N; fetching the next task's panels as it steps over k.
+// only columns < N (y's rows are N apart); fetching the next task's panels as it steps over k.
 template <int M, int C>
 static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y,
-                       int64_t ys, int64_t q0, int64_t N, Ahead& next) {
+                       int64_t q0, int64_t N, Ahead& next) {
   Panel acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = Panel{};
   const float* wq = w + q0 * K * 16;
@@ -51,7 +51,7 @@ static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, co
   for (int c = 0; c < C; ++c) {
     const int64_t n0 = (q0 + c) * 16, width = std::min<int64_t>(16, N - n0);
     for (int p = 0; p < M; ++p) {
-      float* out = y + p * ys + n0;
+      float* out = y + p * N + n0;
       if (width == 16) {
         vstore<16>(out, bias ? acc[p][c] + vload<16>(bias + n0) : acc[p][c]);
       } else {
@@ -62,12 +62,12 @@ static void panel_tile(const float* x, int64_t xs, int64_t K, const float* w, co
 }
 
 template <int M>
-static void panel_rows(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y, int64_t ys,
+static void panel_rows(const float* x, int64_t xs, int64_t K, const float* w, const float* bias, float* y,
                        int64_t q0, int64_t q1, int64_t N, Ahead& next) {
   switch (q1 - q0) {
-    case 3: panel_tile<M, 3>(x, xs, K, w, bias, y, ys, q0, N, next); break;
-    case 2: panel_tile<M, 2>(x, xs, K, w, bias, y, ys, q0, N, next); break;
-    default: panel_tile<M, 1>(x, xs, K, w, bias, y, ys, q0, N, next);
+    case 3: panel_tile<M, 3>(x, xs, K, w, bias, y, q0, N, next); break;
+    case 2: panel_tile<M, 2>(x, xs, K, w, bias, y, q0, N, next); break;
+    default: panel_tile<M, 1>(x, xs, K, w, bias, y, q0, N, next);
   }
 }
 
@@ -100,22 +100,23 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   at::parallel_for(0, groups * tasks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t g = i0 / tasks; g * tasks < i1; ++g) {
       const int64_t t0 = std::max(i0, g * tasks) - g * tasks, t1 = std::min(i1, (g + 1) * tasks) - g * tasks;
-      for (int64_t b = blocks * g / groups; b < blocks * (g + 1) / groups; ++b) {
+      const int64_t b1 = blocks * (g + 1) / groups;  // the group's row blocks end here
+      for (int64_t b = blocks * g / groups; b < b1; ++b) {
         const int64_t r0 = b * block, r1 = std::min(M, r0 + block), tiles = (r1 - r0 + 7) / 8;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t q0 = t * TASK_PANELS, q1 = std::min(Q, q0 + TASK_PANELS);
           // the next task this thread runs: its panels are fetched during this one's steps over k
-          const int64_t n = t + 1 < t1 ? t + 1 : b + 1 < blocks * (g + 1) / groups ? t0 : -1, nq0 = n * TASK_PANELS;
+          const int64_t n = t + 1 < t1 ? t + 1 : b + 1 < b1 ? t0 : -1, nq0 = n * TASK_PANELS;
           Ahead next = n < 0 ? Ahead() : Ahead(wp + nq0 * K * 16, (std::min(Q, nq0 + TASK_PANELS) - nq0) * K * 64,
                                                tiles * K);
           for (int64_t p = r0; p < r1;) {
             const float* xr = xp + p * xs; float* yr = yp + p * N;
             const int64_t m = r1 - p >= 8 ? 8 : r1 - p >= 4 ? 4 : r1 - p >= 2 ? 2 : 1;
             switch (m) {
-              case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-              case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-              case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next); break;
-              default: panel_rows<1>(xr, xs, K, wp, bp, yr, N, q0, q1, N, next);
+              case 8: panel_rows<8>(xr, xs, K, wp, bp, yr, q0, q1, N, next); break;
+              case 4: panel_rows<4>(xr, xs, K, wp, bp, yr, q0, q1, N, next); break;
+              case 2: panel_rows<2>(xr, xs, K, wp, bp, yr, q0, q1, N, next); break;
+              default: panel_rows<1>(xr, xs, K, wp, bp, yr, q0, q1, N, next);
             }
             p += m;
           }
