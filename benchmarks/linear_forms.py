@@ -10,7 +10,8 @@ of the repeats:
   rows on CPUs without AVX-512, `packed` (the weight reordered once for
   oneDNN) and `panels` (our kernel over column panels, fetching the next
   panels as it goes: what `Linear` takes on AVX-512 CPUs);
-- bf16: `F.linear` and `packed` (what `Linear` takes for bf16).
+- bf16: `F.linear`, `packed` and `panels` (the same kernel over pairs of k,
+  where the CPU has bf16 dot products: what `Linear` takes there).
 
     python benchmarks/linear_forms.py     # writes benchmarks/results/linear_forms-<machine class>.txt
 
@@ -40,9 +41,10 @@ ROWS = [1, 2, 4, 8, 16, 32, 128, 512, 4096]
 FORMS = {
     torch.float32: {"F.linear": lambda x, w, lin: F.linear(x, w), "w @ x.T": lambda x, w, lin: transposed_form(x, w),
                     "packed": lambda x, w, lin: lin["packed"](x), "panels": lambda x, w, lin: lin["panels"](x)},
-    torch.bfloat16: {"F.linear": lambda x, w, lin: F.linear(x, w), "packed": lambda x, w, lin: lin["packed"](x)},
+    torch.bfloat16: {"F.linear": lambda x, w, lin: F.linear(x, w), "packed": lambda x, w, lin: lin["packed"](x),
+                     "panels": lambda x, w, lin: lin["panels"](x)},
 }
-RATIO = {torch.float32: ("packed", "panels"), torch.bfloat16: ("F.linear", "packed")}
+RATIO = {torch.float32: ("packed", "panels"), torch.bfloat16: ("packed", "panels")}
 """Each dtype's last column: the first form's time over the second's."""
 
 Weights = list[tuple[torch.Tensor, dict[str, Linear]]]

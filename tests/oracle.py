@@ -30,3 +30,12 @@ def greedy(model_dir: str, adapter_dir: str | None, prompt: list[int], n: int) -
             tokens.append(int(logits.argmax()))
             out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens, first
+
+
+def logprobs_along(model_dir: str, adapter_dir: str | None, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The oracle's log-probabilities before each of `tokens`, fed the prompt and `tokens` (another
+    system's continuation): [len(tokens), vocab]."""
+    model = reference_model(model_dir, adapter_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float()
+    return torch.log_softmax(logits, -1)

@@ -21,7 +21,9 @@ from loraserve.model.attention import build_metadata, paged_attention
     (1, 3, 2, 2, [1, 1, 1, 1]),       # an all-decode step (the identity group), one token per block
     (16, None, 8, 1, [1, 1, 1, 1]),   # multi-query
 ])
-def test_decodes_read_blocks_in_place_as_the_reference(monkeypatch, page, window, hq, hkv, lens):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decodes_read_blocks_in_place_as_the_reference(monkeypatch, page, window, hq, hkv, lens, dtype):
+    """fp32 and bf16 caches (computed in fp32, the output rounded once to bf16)."""
     module = cpu_kernels.kernels()
     assert module is not None  # built on this machine (it has a C++ compiler)
     calls = []
@@ -34,28 +36,30 @@ def test_decodes_read_blocks_in_place_as_the_reference(monkeypatch, page, window
     tables = [torch.randperm(num_blocks, generator=g)[:width].tolist() for _ in lens]
     meta = build_metadata(list(zip(tables, ctx, lens)), page, window, torch.device("cpu"))
     rows = [sum(lens[:i]) for i in range(len(lens))]
-    q = torch.randn(sum(lens), hq, d, generator=g)
-    k, v = torch.randn(sum(lens), hkv, d, generator=g), torch.randn(sum(lens), hkv, d, generator=g)
-    kv = torch.randn(2, num_blocks, page, hkv, d, generator=g)
+    q = torch.randn(sum(lens), hq, d, generator=g).to(dtype)
+    k, v = torch.randn(sum(lens), hkv, d, generator=g).to(dtype), torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
+    kv = torch.randn(2, num_blocks, page, hkv, d, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # a bf16 output's rounding: values up to ~2, steps of 2^-7
 
     out = paged_attention(q, k, v, kv.clone(), meta)
     assert calls == [1]
     written = kv.clone()
     written.view(2, -1, hkv, d)[0][meta.slot_mapping] = k
     written.view(2, -1, hkv, d)[1][meta.slot_mapping] = v
-    expected = ref.paged_attention(q, written, rows, ctx, lens, tables, window)
-    assert torch.allclose(out, expected, atol=1e-5)
+    expected = ref.paged_attention(q.float(), written.float(), rows, ctx, lens, tables, window)
+    assert out.dtype == dtype and torch.allclose(out.float(), expected, atol=tol)
 
     monkeypatch.setattr(cpu_kernels, "attention_available", lambda q, kv: False)
     gathered = paged_attention(q, k, v, kv.clone(), meta)
-    assert torch.allclose(out, gathered, atol=1e-5) and calls == [1]
+    assert torch.allclose(out.float(), gathered.float(), atol=2 * tol) and calls == [1]
 
 
 def test_other_dtypes_gather():
-    """bf16 (and any non-float32 cache) takes the gather path."""
+    """fp32 and bf16 caches are read in place; fp16 (and a cache whose dtype is not q's) takes the gather path."""
     q, kv = torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(2, 4, 4, 2, 16, dtype=torch.bfloat16)
-    assert not cpu_kernels.attention_available(q, kv)
-    assert cpu_kernels.attention_available(q.float(), kv.float())
+    assert cpu_kernels.attention_available(q, kv) and cpu_kernels.attention_available(q.float(), kv.float())
+    assert not cpu_kernels.attention_available(q.half(), kv.half())
+    assert not cpu_kernels.attention_available(q.float(), kv)
 
 
 def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(monkeypatch, tmp_path):

@@ -125,6 +125,14 @@ def _check_the_compiled_kernel(kernels, edges, counts):
     assert (narrow - (out - start)).abs().max() > 100 * (narrow - wide).abs().max()
     with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
         kernels.lora_segments(x, a, b.bfloat16(), offs, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
+    # bf16 rows (a bf16 model's x and out) widen exactly too, and out is rounded once, after the fp32 update
+    xb, ob = x.bfloat16(), start.bfloat16()
+    wide = ob.float()
+    kernels.lora_segments(xb.float(), a, b, offs, torch.tensor(ranks, dtype=torch.int32), list(edges), wide)
+    kernels.lora_segments(xb, a, b, offs, torch.tensor(ranks, dtype=torch.int32), list(edges), ob)
+    assert torch.equal(ob, wide.bfloat16()) and not torch.equal(ob, start.bfloat16())
+    with pytest.raises(RuntimeError, match="x and out must be both float32 or both bfloat16"):
+        kernels.lora_segments(xb, a, b, offs, torch.tensor(ranks, dtype=torch.int32), list(edges), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -215,15 +223,21 @@ def test_linear_forms_match_f_linear(monkeypatch, rows, with_bias, transposed):
     assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), atol=1e-4)
 
 
+def bf16_form(w: torch.Tensor) -> str:
+    """The form a bf16 weight takes: our panels where the CPU has bf16 dot products (and the kernels
+    build), oneDNN's packed weight where it can reorder one (AVX-512, AVX-NE-CONVERT), else plain."""
+    return "panels" if linear_module.can_take("panels", w) else "packed" if PACK_BF16 else "plain"
+
+
 @pytest.mark.parametrize("rows", [0, 1, 5, 300])
-def test_packed_bf16_linear_matches_f_linear(rows):
-    """bf16 weights are reordered once for oneDNN (no extra copy) where the CPU lets it (AVX-512 or
-    AVX-NE-CONVERT; an AVX2-only one keeps them as they are); the product is F.linear's either way."""
+def test_bf16_linear_matches_f_linear(rows):
+    """bf16 weights take their fastest form (no extra copy); the product is F.linear's either way,
+    up to the output's rounding to bf16."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=g).bfloat16()
     w, bias = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
     lin = Linear(w, bias)
-    assert lin.form == ("packed" if PACK_BF16 else "plain") and lin.num_bytes == (96 * 64 + 96) * 2
+    assert lin.form == bf16_form(w) and lin.num_bytes == (96 * 64 + 96) * 2
     y = lin(x)
     ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
@@ -234,19 +248,45 @@ def test_packed_bf16_linear_matches_f_linear(rows):
 @pytest.mark.parametrize("form", linear_module.FORMS)
 @pytest.mark.parametrize("rows", [0, 1, 3, 8, 13, 32, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_every_linear_form_computes_x_w_t(form, rows, with_bias):
-    """Each fp32 form computes x @ w.T + bias where this machine can run it (out = 83: a last
-    panel of 3 columns; in = 50), and is refused with a clear error where it cannot."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_linear_form_computes_x_w_t(form, rows, with_bias, dtype):
+    """Each form computes x @ w.T + bias where this machine can run it (out = 83: a last panel
+    of 3 columns; in = 50), and is refused with a clear error where it cannot. bf16 products
+    are exact in fp32, so a bf16 form is the fp32 sum of the bf16 values, rounded once."""
     g = torch.Generator().manual_seed(rows)
-    x, w = torch.randn(rows, 50, generator=g), torch.randn(83, 50, generator=g)
-    bias = torch.randn(83, generator=g) if with_bias else None
+    x, w = torch.randn(rows, 50, generator=g).to(dtype), torch.randn(83, 50, generator=g).to(dtype)
+    bias = torch.randn(83, generator=g).to(dtype) if with_bias else None
     if not linear_module.can_take(form, w):
         with pytest.raises(ValueError, match=form):
             Linear(w, bias, form=form)
         return
     y = Linear(w, bias, form=form)(x)
-    assert y.shape == (rows, 83) and y.is_contiguous()
-    assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), atol=1e-4)
+    assert y.shape == (rows, 83) and y.is_contiguous() and y.dtype == dtype
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+    if dtype == torch.float32:
+        assert torch.allclose(y, ref, atol=1e-4)
+    else:  # within a bf16 rounding of the exact sum (oneDNN and MKL may round partial sums: a little more)
+        assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.01)
+
+
+def test_bf16_panels_round_the_fp32_sum_once():
+    """Where the CPU has bf16 dot products, a bf16 panel product is the fp32 sum of exact bf16
+    products (in k order), rounded once to bf16: against that reference at most one bf16 step
+    off (the sum's order differs), and mostly equal; an odd number of input features, which
+    its pairs of k cannot take, is refused."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(20, 576, generator=g).bfloat16(), torch.randn(100, 576, generator=g).bfloat16()
+    if not linear_module.can_take("panels", w):
+        assert cpu_kernels.kernels() is None or not cpu_kernels.kernels().bf16_panels()
+        return
+    y = Linear(w, form="panels")(x)
+    ref = (x.double() @ w.double().T).float().bfloat16()
+    steps = (y.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert steps.max() <= 1 and (steps == 0).float().mean() > 0.95
+    odd = torch.randn(8, 5).bfloat16()
+    assert not linear_module.can_take("panels", odd)
+    with pytest.raises(ValueError, match="panels"):
+        Linear(odd, form="panels")
 
 
 def test_fp32_takes_the_panels_on_avx512_with_the_kernels():
@@ -257,25 +297,30 @@ def test_fp32_takes_the_panels_on_avx512_with_the_kernels():
     expected = ("panels" if cpu_kernels.kernels() is not None else "packed" if linear_module.can_take("packed", w)
                 else "plain") if avx512 else "plain"
     assert Linear(w).form == expected
-    assert Linear(w.bfloat16()).form == ("packed" if PACK_BF16 else "plain")
+    assert Linear(w.bfloat16()).form == bf16_form(w.bfloat16())
 
 
-def test_panel_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panel_rows_do_not_depend_on_the_batch(dtype):
     """The panel kernel sums each output over k in order, whatever tile or row block its row
-    falls in (in = 1536: row blocks of 40 rows), so a row's result is the same bits alone or
-    in a batch, and whichever thread computes it; non-contiguous rows (a slice of a wider
-    tensor) read the same."""
+    falls in (in = 1536: row blocks of 40 rows in fp32, 80 in bf16), so a row's result is the
+    same bits alone or in a batch, and whichever thread computes it; non-contiguous rows (a
+    slice of a wider tensor) read the same. bf16 where the CPU has bf16 dot products."""
     assert cpu_kernels.kernels() is not None  # built on this machine (it has a C++ compiler)
     g = torch.Generator().manual_seed(0)
-    w, bias = torch.randn(200, 1536, generator=g), torch.randn(200, generator=g)
+    w, bias = torch.randn(200, 1536, generator=g).to(dtype), torch.randn(200, generator=g).to(dtype)
+    if not linear_module.can_take("panels", w):
+        assert dtype == torch.bfloat16 and not cpu_kernels.kernels().bf16_panels()
+        return
     lin = Linear(w, bias, form="panels")
-    wide = torch.randn(100, 1600, generator=g)
+    wide = torch.randn(200, 1600, generator=g).to(dtype)
     x = wide[:, :1536]
     batch = lin(x)
     assert torch.equal(batch, lin(x.contiguous()))
-    for i in (0, 7, 8, 39, 40, 41, 99):
+    for i in (0, 7, 8, 39, 40, 41, 79, 80, 81, 199):
         assert torch.equal(batch[i:i + 1], lin(x[i:i + 1])), i
-    assert torch.allclose(batch, torch.nn.functional.linear(x, w, bias), atol=1e-3)
+    ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    assert torch.allclose(batch.float(), ref, atol=1e-3 if dtype == torch.float32 else 0.3, rtol=0.01)
     before = torch.get_num_threads()
     torch.set_num_threads(8)  # more threads than 4 tasks each (5 tasks of 3 panels): the row blocks are shared too
     try:

@@ -61,7 +61,7 @@ torch's at 512 and 9% slower at 1024."""
 def compiled(bank: LoraBank, rows: int | torch.Tensor) -> bool:
     """Whether a delta over segments of at most `rows` rows (or of `rows[g]` rows each, a
     tensor read only on the CPU: no sync on a device) takes the compiled CPU kernel."""
-    if bank.device.type != "cpu" or bank.compute_dtype != torch.float32 or cpu_kernels.kernels() is None:
+    if bank.device.type != "cpu" or cpu_kernels.kernels() is None:
         return False
     return int(rows.max()) <= COMPILED_MAX_ROWS if isinstance(rows, torch.Tensor) else rows <= COMPILED_MAX_ROWS
 
@@ -77,11 +77,14 @@ def segmented_delta(bank: LoraBank, key: Key, x: torch.Tensor, out: torch.Tensor
         a, b = a.to(bank.compute_dtype), b.to(bank.compute_dtype)  # bf16 weights widen where bf16 is emulated
         lora_delta(x.to(a.dtype), a, b, offs, out=out, edges=edges)
         return
-    # the kernel computes in fp32 (from fp32 or bf16 weights): a bf16 model adds through an fp32 temporary
-    y = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
-    cpu_kernels.kernels().lora_segments(x if x.dtype == torch.float32 else x.float(), a, b, offs, ranks, edges, y)
-    if y is not out:
-        out.add_(y.to(out.dtype))
+    # the kernel computes in fp32 (from fp32 or bf16 weights) and takes fp32 or bf16 rows; fp16 ones (an fp16
+    # model on a CPU) add through an fp32 temporary
+    if x.dtype == out.dtype and out.dtype in (torch.float32, torch.bfloat16):
+        cpu_kernels.kernels().lora_segments(x, a, b, offs, ranks, edges, out)
+        return
+    y = torch.zeros(out.shape, dtype=torch.float32)
+    cpu_kernels.kernels().lora_segments(x.float(), a, b, offs, ranks, edges, y)
+    out.add_(y.to(out.dtype))
 
 
 class LoraBatch:

@@ -55,6 +55,9 @@ SOURCE = r"""
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Rows per task: a task gets at least ~16K elements, so a decode's few rows run on the calling thread
 // rather than wake the pool's workers for microseconds of work.
@@ -74,6 +77,28 @@ template <int L> static inline typename Vec<L>::type vload(const float* p) {
 template <int L> static inline void vstore(float* p, typename Vec<L>::type v) {
   *reinterpret_cast<typename Vec<L>::type*>(p) = v;
 }
+// acc + a b, fused in every lane. Written as `acc += a * b` the compiler fuses some tiles' products and not
+// others' (on an AMD Zen 4 a row's 4- and 8-float tiles were left unfused): a row's sums would then depend on the
+// tile it fell in, and so on its batch. x86's FMA instructions fuse every time; elsewhere (NEON) the compiler's
+// contraction stands.
+template <typename V> static inline V madd(V acc, V a, V b) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+  if constexpr (sizeof(V) == 64) {  // two registers
+    __m256 x[2], y[2], z[2];
+    std::memcpy(x, &a, 64); std::memcpy(y, &b, 64); std::memcpy(z, &acc, 64);
+    for (int h = 0; h < 2; ++h) z[h] = _mm256_fmadd_ps(x[h], y[h], z[h]);
+    std::memcpy(&acc, z, 64);
+    return acc;
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+  if constexpr (sizeof(V) == 16) return (V)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)acc);
+#endif
+  return acc + a * b;
+}
 
 // Weights fetched ahead of their use: `lines` cache lines per step of a kernel's inner loop, through the `bytes`
 // from `base` (the next task's weights). The hardware's prefetcher follows a stream only once its reads have
@@ -90,12 +115,23 @@ struct Ahead {
   }
 };
 
-// q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache); tables [B, MB]; lens [B]: keys per sequence.
+// The kernels below take float32 or bfloat16 tensors and compute in float32. The glue rounds where torch's bf16
+// ops round (each op's result), so bf16 gives what the torch path gives, up to the order of a sum.
+template <typename T> static inline float f32(T v) { return static_cast<float>(v); }
+template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
+
+#define GLUE_DISPATCH(dtype, ...)                                                          \
+  if ((dtype) == at::kFloat) { using scalar_t = float; __VA_ARGS__(); }                   \
+  else if ((dtype) == at::kBFloat16) { using scalar_t = c10::BFloat16; __VA_ARGS__(); }   \
+  else TORCH_CHECK(false, "float32 or bfloat16 only");
+
+// q [B, Hq, D]; kv [2, NB, BS, Hkv, D] (one layer's cache), both float32 or both bfloat16 (computed in float32,
+// the output rounded once); tables [B, MB]; lens [B]: keys per sequence.
 // Query head j*G + g attends with KV head j (G = Hq / Hkv), as SDPA's enable_gqa.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tables, torch::Tensor lens,
                            double scale, int64_t window) {
   on_cpu({q, kv, tables, lens});
-  TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must have one dtype");
   TORCH_CHECK(kv.is_contiguous() && tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 5 && tables.dim() == 2 && lens.dim() == 1 && kv.size(3) > 0);
   q = q.contiguous(); tables = tables.contiguous(); lens = lens.contiguous();
@@ -103,19 +139,19 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
   const int64_t NB = kv.size(1), BS = kv.size(2), Hkv = kv.size(3), MB = tables.size(1), G = Hq / Hkv;
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == D && Hq % Hkv == 0 && tables.size(0) == B && lens.size(0) == B);
   auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = kv.data_ptr<float>();
-  const float* vp = kp + NB * BS * Hkv * D;
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   std::atomic<bool> bad{false};
-  {
+  GLUE_DISPATCH(q.scalar_type(), [&] {
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = kv.data_ptr<scalar_t>();
+  const scalar_t* vp = kp + NB * BS * Hkv * D;
+  scalar_t* op = out.data_ptr<scalar_t>();
   pybind11::gil_scoped_release no_gil;  // the server's other threads run meanwhile, as during torch's own ops
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, acc(G * D);
-    std::vector<const float*> rows;
+    std::vector<float> s, acc(G * D), qf(G * D);
+    std::vector<const scalar_t*> rows;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, len = lp[b];
       // checked here, not by reductions over the tables first: those were 4 more ops per layer
@@ -130,14 +166,15 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
       }
       if (!ok) { bad = true; continue; }
       s.resize(G * n);
-      const float* qh = qp + (b * Hq + h * G) * D;
+      const scalar_t* qh = qp + (b * Hq + h * G) * D;
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = f32(qh[j]);
       for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qh + g * D;
+        const float* qg = qf.data() + g * D;
         float* sg = s.data() + g * n;
         for (int64_t t = 0; t < n; ++t) {
-          const float* k = rows[t];
+          const scalar_t* k = rows[t];
           float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * f32(k[d]);
           sg[t] = dot * sc;
         }
         float m = sg[0];
@@ -150,25 +187,27 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
       std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t shift = vp - kp;
       for (int64_t t = 0; t < n; ++t) {
-        const float* v = rows[t] + shift;
+        const scalar_t* v = rows[t] + shift;
         for (int64_t g = 0; g < G; ++g) {
           const float p = s[g * n + t];
           float* a = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+          for (int64_t d = 0; d < D; ++d) a[d] += p * f32(v[d]);
         }
       }
-      std::copy(acc.begin(), acc.end(), op + (b * Hq + h * G) * D);
+      scalar_t* o = op + (b * Hq + h * G) * D;
+      for (int64_t j = 0; j < G * D; ++j) o[j] = rnd<scalar_t>(acc[j]);
     }
   });
-  }
+  });
   TORCH_CHECK(!bad, "block table or length out of range");
   return out;
 }
 
-// kv [2, NB, BS, Hkv, D] (one layer's cache): row t of k and v ([T, Hkv, D], D contiguous) into slot slots[t].
+// kv [2, NB, BS, Hkv, D] (one layer's cache): row t of k and v ([T, Hkv, D], D contiguous; kv's dtype) into slot
+// slots[t].
 void write_kv(torch::Tensor kv, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
   on_cpu({kv, slots, k, v});
-  TORCH_CHECK(kv.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat);
+  TORCH_CHECK(k.scalar_type() == kv.scalar_type() && v.scalar_type() == kv.scalar_type(), "k, v and kv: one dtype");
   TORCH_CHECK(kv.is_contiguous() && kv.dim() == 5 && kv.size(0) == 2, "kv must be one layer's [2, NB, BS, H, D]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && k.dim() == 3 && v.dim() == 3);
   slots = slots.contiguous();
@@ -177,29 +216,21 @@ void write_kv(torch::Tensor kv, torch::Tensor slots, torch::Tensor k, torch::Ten
               && v.size(2) == D && k.stride(2) == 1 && v.stride(2) == 1, "k, v and slots do not match the cache");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot out of range");
-  float* kc = kv.data_ptr<float>();
-  float* vc = kc + capacity * H * D;
-  const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
   const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, T, grain(2 * H * D), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        std::copy(kp + t * k0 + h * k1, kp + t * k0 + h * k1 + D, kc + (sp[t] * H + h) * D);
-        std::copy(vp + t * v0 + h * v1, vp + t * v0 + h * v1 + D, vc + (sp[t] * H + h) * D);
-      }
+  GLUE_DISPATCH(kv.scalar_type(), [&] {
+    scalar_t* kc = kv.data_ptr<scalar_t>();
+    scalar_t* vc = kc + capacity * H * D;
+    const scalar_t* kp = k.data_ptr<scalar_t>(); const scalar_t* vp = v.data_ptr<scalar_t>();
+    pybind11::gil_scoped_release no_gil;
+    at::parallel_for(0, T, grain(2 * H * D), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          std::copy(kp + t * k0 + h * k1, kp + t * k0 + h * k1 + D, kc + (sp[t] * H + h) * D);
+          std::copy(vp + t * v0 + h * v1, vp + t * v0 + h * v1 + D, vc + (sp[t] * H + h) * D);
+        }
+    });
   });
 }
-
-// The glue kernels take float32 or bfloat16 rows and compute in float32, rounding where torch's bf16 ops
-// round (each op's result), so bf16 gives what the torch path gives, up to the order of a sum.
-template <typename T> static inline float f32(T v) { return static_cast<float>(v); }
-template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
-
-#define GLUE_DISPATCH(dtype, ...)                                                          \
-  if ((dtype) == at::kFloat) { using scalar_t = float; __VA_ARGS__(); }                   \
-  else if ((dtype) == at::kBFloat16) { using scalar_t = c10::BFloat16; __VA_ARGS__(); }   \
-  else TORCH_CHECK(false, "float32 or bfloat16 only");
 
 // x [T, H] (the residual stream) += d in place (d may be None); returns rms_norm(x) * w, as HF's RMSNorm
 // rounds it: the norm in float32 (the mean accumulated in double), rounded, then scaled by w.
@@ -291,7 +322,8 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 
 SOURCE += LORA_SOURCE + LINEAR_SOURCE
 
-FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul", "lora_segments", "panel_linear"]
+FUNCTIONS = ["paged_decode", "write_kv", "add_rms_norm", "rope_", "silu_mul", "lora_segments", "panel_linear",
+             "bf16_panels"]
 
 _lock = threading.Lock()
 _built: list = []
@@ -354,7 +386,7 @@ def _build():
 
 def attention_available(q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether this decode group can take `paged_decode` (and the step's K/V `write_kv`)."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and kv.dtype == torch.float32
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and kv.dtype == q.dtype
             and kv.is_contiguous() and kernels() is not None)
 
 

@@ -43,10 +43,25 @@ static inline float wval(uint16_t v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// x and out have the model's dtype, float or bf16 (bits): bf16 rows are read widened, and out's sums rounded to
+// nearest even once (the update is added to out in float32)
+template <int L> static inline void vstore(uint16_t* p, typename Vec<L>::type v) {
+  typename Bits<L>::word u;
+  std::memcpy(&u, &v, sizeof u);
+  const typename Bits<L>::half h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16,
+                                                           typename Bits<L>::half);
+  std::memcpy(p, &h, sizeof h);
+}
+static inline void put(float* p, float v) { *p = v; }
+static inline void put(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  *p = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 // s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
-template <int M, int C, int L, typename T>
-static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, int64_t c0, float* s,
+template <int M, int C, int L, typename T, typename X>
+static void shrink_tile(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR, int64_t c0, float* s,
                         Ahead& next) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
@@ -56,17 +71,17 @@ static void shrink_tile(const float* x, int64_t xs, const T* A, int64_t K, int64
     V av[C];
     for (int c = 0; c < C; ++c) av[c] = vload<L>(A + k * WR + c0 + c * L);
     for (int p = 0; p < M; ++p) {
-      const V xv = V{} + x[p * xs + k];
-      for (int c = 0; c < C; ++c) acc[p][c] += xv * av[c];
+      const V xv = V{} + wval(x[p * xs + k]);
+      for (int c = 0; c < C; ++c) acc[p][c] = madd(acc[p][c], xv, av[c]);
     }
   }
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(s + p * WR + c0 + c * L, acc[p][c]);
 }
 
 // out[p, n0 : n0 + C L] += s[p, so : so + r] @ B[0 : r, n0 : n0 + C L] for M rows (B [R, N] row-major)
-template <int M, int C, int L, typename T>
+template <int M, int C, int L, typename T, typename X>
 static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int64_t N, int64_t r, int64_t n0,
-                        float* out, int64_t os, Ahead& next) {
+                        X* out, int64_t os, Ahead& next) {
   typedef typename Vec<L>::type V;
   V acc[M][C];
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) acc[p][c] = vload<L>(out + p * os + n0 + c * L);
@@ -76,7 +91,7 @@ static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int6
     for (int c = 0; c < C; ++c) bv[c] = vload<L>(B + k * N + n0 + c * L);
     for (int p = 0; p < M; ++p) {
       const V sv = V{} + s[p * WR + so + k];
-      for (int c = 0; c < C; ++c) acc[p][c] += sv * bv[c];
+      for (int c = 0; c < C; ++c) acc[p][c] = madd(acc[p][c], sv, bv[c]);
     }
   }
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(out + p * os + n0 + c * L, acc[p][c]);
@@ -98,9 +113,9 @@ static inline int64_t shrink_span(int64_t W, int64_t R, int64_t r) { return (W -
 // 16 SC columns (3 at 8 rows: 24 accumulators), each streaming A's rows once (r4 = r rounded up to 4: the
 // bank's rank is a multiple of 4 and its padding columns are zeros; slice j's columns are [j R, j R + r)),
 // then each slice's expand from its own shrink columns and B's first r rows.
-template <int M, typename T>
-static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
-                      int64_t N, int64_t r, const std::vector<int64_t>& edges, float* out, int64_t os, float* s,
+template <int M, typename T, typename X>
+static void lora_rows(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R,
+                      int64_t N, int64_t r, const std::vector<int64_t>& edges, X* out, int64_t os, float* s,
                       Ahead& na, Ahead& nb) {
   const int64_t W = edges.size() - 1, span = shrink_span(W, R, r);
   constexpr int SC = M > 4 ? 3 : SHRINK_C;
@@ -123,8 +138,8 @@ static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t
     for (; n < n1; ++n)
       for (int p = 0; p < M; ++p) {
         float acc = 0.f;
-        for (int64_t k = 0; k < r; ++k) acc += s[p * WR + j * R + k] * wval(B[k * N + n]);
-        out[p * os + n] += acc;
+        for (int64_t k = 0; k < r; ++k) acc = __builtin_fmaf(s[p * WR + j * R + k], wval(B[k * N + n]), acc);
+        put(out + p * os + n, wval(out[p * os + n]) + acc);
       }
   }
 }
@@ -136,12 +151,12 @@ static void lora_rows(const float* x, int64_t xs, const T* A, int64_t K, int64_t
 // thread).
 constexpr int64_t TASK_ROWS = 64, TASK_COST = 16, WIDEN_ROWS = 8, AHEAD_ROWS = 4;
 
-template <typename T>
-static void task_rows(const float* xp, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R, int64_t N,
-                      int64_t r, const std::vector<int64_t>& edges, float* outp, int64_t os, int64_t r0, int64_t end,
+template <typename T, typename X>
+static void task_rows(const X* xp, int64_t xs, const T* A, int64_t K, int64_t WR, const T* B, int64_t R, int64_t N,
+                      int64_t r, const std::vector<int64_t>& edges, X* outp, int64_t os, int64_t r0, int64_t end,
                       float* s, Ahead& na, Ahead& nb) {
   for (; r0 < end;) {
-    const float* xr = xp + r0 * xs; float* orow = outp + r0 * os;
+    const X* xr = xp + r0 * xs; X* orow = outp + r0 * os;
     if (MAX_ROWS > 4 && end - r0 >= 8) {
       lora_rows<(MAX_ROWS > 4 ? 8 : 4)>(xr, xs, A, K, WR, B, R, N, r, edges, orow, os, s, na, nb);
       r0 += 8;
@@ -158,10 +173,10 @@ static void task_rows(const float* xp, int64_t xs, const T* A, int64_t K, int64_
   }
 }
 
-template <typename T>
-static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, const int* op, const int* rp,
+template <typename T, typename X>
+static void lora_groups(const X* xp, int64_t xs, const T* ap, const T* bp, const int* op, const int* rp,
                         int64_t G, int64_t K, int64_t WR, int64_t R, int64_t N, const std::vector<int64_t>& edges,
-                        float* outp, int64_t os) {
+                        X* outp, int64_t os) {
   struct Task { int64_t g, r0, r1; };
   std::vector<Task> tasks;
   int64_t total = 0;
@@ -219,12 +234,14 @@ static void lora_groups(const float* xp, int64_t xs, const T* ap, const T* bp, c
 
 // out[rows of g, slice j] += x[rows of g] @ a[g][:, j R : j R + r_g] @ b[g][:r_g, slice j], in place, for each
 // group g (rows [offs[g-1], offs[g]) of x and out), r_g = ranks[g]. a [G, K, W R], b [G, R, N] (the bank's
-// layout, targets.out_edges); edges: the W + 1 slice edges of N. x and out float32; a and b both float32 or
-// both bfloat16 (widened to float32 as they are read: the math is float32 either way).
+// layout, targets.out_edges); edges: the W + 1 slice edges of N. x and out both float32 or both bfloat16 (out
+// rounded once, after the update is added in float32); a and b both float32 or both bfloat16 (widened to float32
+// as they are read: the math is float32 either way).
 void lora_segments(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor offs, torch::Tensor ranks,
                    std::vector<int64_t> edges, torch::Tensor out) {
   on_cpu({x, a, b, offs, ranks, out});
-  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "x and out must be float32");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x and out must be both float32 or both bfloat16");
   TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
               "a and b must be both float32 or both bfloat16");
   TORCH_CHECK(offs.scalar_type() == at::kInt && ranks.scalar_type() == at::kInt && offs.dim() == 1 && ranks.dim() == 1);
@@ -240,14 +257,20 @@ void lora_segments(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Ten
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(op[g] >= (g ? op[g - 1] : 0) && op[g] <= std::min(x.size(0), out.size(0)) && rp[g] >= 0
                 && rp[g] <= R, "segment ends or ranks out of range");
-  const float* xp = x.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
   pybind11::gil_scoped_release no_gil;
-  if (a.scalar_type() == at::kFloat)
-    lora_groups(xp, xs, a.data_ptr<float>(), b.data_ptr<float>(), op, rp, G, K, WR, R, N, edges, outp, os);
+  auto run = [&](auto* xp, auto* outp) {
+    if (a.scalar_type() == at::kFloat)
+      lora_groups(xp, xs, a.data_ptr<float>(), b.data_ptr<float>(), op, rp, G, K, WR, R, N, edges, outp, os);
+    else
+      lora_groups(xp, xs, reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()),
+                  reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>()), op, rp, G, K, WR, R, N, edges, outp,
+                  os);
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(static_cast<const float*>(x.data_ptr<float>()), out.data_ptr<float>());
   else
-    lora_groups(xp, xs, reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>()), op, rp, G, K, WR, R, N, edges, outp, os);
+    run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
 }
 """

@@ -57,7 +57,10 @@ FORMS = ("panels", "packed", "plain")
 def can_take(form: str, w: torch.Tensor) -> bool:
     """Whether this machine can multiply `w` in `form` (fast or not)."""
     if form == "panels":
-        return w.device.type == "cpu" and w.dtype == torch.float32 and cpu_kernels.kernels() is not None
+        if w.device.type != "cpu" or cpu_kernels.kernels() is None:
+            return False
+        return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_kernels.kernels().bf16_panels()
+                                            and w.shape[1] % 2 == 0)
     if form == "packed":
         return (w.device.type == "cpu" and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and PACK_BF16))
                 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -66,7 +69,7 @@ def can_take(form: str, w: torch.Tensor) -> bool:
 
 def fastest_form(w: torch.Tensor) -> str:
     """The form this machine multiplies `w` fastest in (see the module docstring)."""
-    if w.dtype == torch.float32 and not TRANSPOSED_FORM and can_take("panels", w):
+    if (w.dtype == torch.bfloat16 or not TRANSPOSED_FORM) and can_take("panels", w):
         return "panels"
     if can_take("packed", w) and (w.dtype == torch.bfloat16 or not TRANSPOSED_FORM):
         return "packed"
