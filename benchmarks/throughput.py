@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.demo import build_demo, build_tiny, make_adapter  # noqa: E402
-from loraserve.dtypes import NATIVE_BF16_FLAGS, cpu_flags, resolve_dtype  # noqa: E402
+from loraserve.dtypes import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, resolve_dtype  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 NUM_REQUESTS, NUM_ADAPTERS, RANK, PROMPT_LEN, OUTPUT_LEN = 32, 8, 16, 128, 64
@@ -69,7 +69,7 @@ def machine_limits() -> dict:
         flops[str(dt).split(".")[1]] = 3 * 2 * 2048**3 / (time.perf_counter() - t)
     flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_fp16", *NATIVE_BF16_FLAGS))
     return {"memory_read_GBps": bandwidth / 1e9, "matmul_GFLOPs": {k: v / 1e9 for k, v in flops.items()},
-            "cpu_flags": flags, "dtype_auto": resolve_dtype("auto", "cpu"),
+            "cpu_flags": flags, "cpu_model": cpu_model(), "dtype_auto": resolve_dtype("auto", "cpu"),
             "machine_class": machine_class()}
 
 

@@ -44,16 +44,23 @@ def resolve_dtype(name: str, device: str) -> str:
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where it is not there)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def native_bf16_cpu() -> bool:
@@ -71,4 +78,11 @@ def cpu_line() -> str:
     import torch
 
     flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", *NATIVE_BF16_FLAGS))
-    return f"{cpu_class()} machine (flags: {', '.join(flags)}), {torch.get_num_threads()} threads"
+    return f"{cpu_class()} machine, {cpu_model()} (flags: {', '.join(flags)}), {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and family/model numbers ("unknown CPU" without /proc/cpuinfo): machines of
+    one class differ (an AMD Zen 4 and an Intel Xeon both have AVX-512 with bf16)."""
+    info = _cpuinfo()
+    return f"{info.get('model name', 'unknown CPU')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"

@@ -9,8 +9,9 @@
   query group against the keys, takes a softmax, and sums the values.
   `write_kv` puts a step's new keys and values into their slots.
 - LoRA for steps of few rows per adapter (`cpu_lora.py`).
-- fp32 projections from weights kept as column panels (`cpu_linear.py`),
-  fetching the next panels while multiplying these (`model/linear.py`).
+- Projections from weights kept as column panels (`cpu_linear.py`), fetching
+  the next panels while multiplying these (`model/linear.py`): fp32, and bf16
+  where the CPU has bf16 dot products.
 - The glue between a layer's matmuls, each one pass over its rows
   (`model/ops.py` calls them): the residual add with the RMSNorm after it,
   RoPE in place, and SiLU(gate) * up. As torch ops they are 2-7 small ops
@@ -21,11 +22,11 @@
 
 All are a few lines of C++ built with the compiler the machine has
 (`torch.utils.cpp_extension.load_inline`, cached under torch's extensions
-directory, per CPU: it is compiled for this one). Attention, LoRA and the
-projections are float32; the glue takes float32 or bfloat16 (computed in float32, rounded
-where torch's bf16 ops round). Where they cannot be built, or with
-`LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model runs torch's
-ops as before (fp32 projections on AVX-512 on oneDNN's packed weights).
+directory, per CPU: it is compiled for this one). Each takes float32 or
+bfloat16 tensors (the projections bf16 only with bf16 dot products) and sums
+in float32; the glue rounds where torch's bf16 ops round. Where they cannot be
+built, or with `LORASERVE_CPU_KERNELS=0`, `kernels()` is None and the model
+runs torch's ops (projections on oneDNN's packed weights on AVX-512).
 """
 
 from __future__ import annotations

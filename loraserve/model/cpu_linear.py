@@ -1,4 +1,4 @@
-"""The CPU's float32 projection y = x W^T (+ bias), from weights kept as column panels; part of `cpu_kernels`' build.
+"""The CPU's projection y = x W^T (+ bias) from weights kept as column panels, fp32 or bf16; part of `cpu_kernels`.
 
 A decode step's matmuls have few rows (32 at most at batch 32) and stream
 their weights from DRAM: at 32 rows each weight float feeds 32 FMAs, so the
@@ -11,14 +11,21 @@ weight in the cache). `panel_linear` fetches ahead instead: each task's
 weights are 3 panels (48 output columns: one 8-row x 48-column register
 tile, 24 of AVX-512's 32 registers), and while it multiplies one task's
 panels it asks for the next task's, a few cache lines per step over k
-(`benchmarks/linear_forms.py` over SmolLM2's layers: 1.3-1.5x oneDNN's packed
-product at 1-32 rows, 1.15x at 128, level at 512, 3% slower at 4096).
+(`benchmarks/linear_forms.py` over SmolLM2's layers, fp32: 1.3-1.5x oneDNN's
+packed product at 1-32 rows, 1.15x at 128, level at 512, 3% slower at 4096).
 
-The weight is stored once, as panels of 16 output columns, [ceil(N / 16), K, 16]
-(`to_panels`; zeros past N): a panel's row k is one vector, so the tile is
-broadcast-and-FMA with no horizontal sums. Each output is one sum over k in
-order, so a row's result does not depend on the batch it came in. Long prefills
-take row blocks whose x stays in L2 while the panels stream past it.
+The weight is stored once, as panels of 16 output columns (`to_panels`;
+zeros past N): a panel's step over k is one vector, so the tile is
+broadcast-and-FMA with no horizontal sums. fp32 steps one k at a time. bf16,
+on CPUs with bf16 dot products (`avx512_bf16`), steps two: a panel's step
+holds the 16 columns' weights for k and k + 1 interleaved, and vdpbf16ps
+adds both products (exact in fp32) to each column's fp32 sum; the output is
+rounded to bf16 once. Over SmolLM2's layers that ran 1.3-1.7x oneDNN's
+packed bf16 product at 1-32 rows, level at 128, 4-6% slower from 512 rows
+(linear_forms-avx512-native-bf16.txt, an AMD Zen 4). Either way each output
+is one sum over k in order, so a row's result does not depend on the batch
+it came in. Long prefills take row blocks whose x stays in L2 while the
+panels stream past it.
 """
 
 from __future__ import annotations

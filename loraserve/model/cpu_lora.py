@@ -16,13 +16,14 @@ one run per thread of about equal cost, so a prefill's long segments are
 shared by the threads. On AVX-512 this beats torch's products at every size
 measured, 1 to 1024 rows per adapter (`lora/batch.py`).
 
-The math is float32. The weights are float32 or bf16 (`--lora-dtype`, or a bf16
-model on a CPU without native bf16): bf16 ones widen exactly as they are read
-(a long segment's once, into a float copy), so a bf16 copy halves the bytes
-that bound a decode step's LoRA. Where the LoRA math is bf16 (a CPU with
-native bf16), torch's batched matmuls run it. The vector types are GCC's, so
-the same source builds for AVX-512, AVX2 or NEON (a 16-float vector is then
-two or four registers).
+The sums are float32. The weights are float32 or bf16 (`--lora-dtype`, or a
+bf16 model): bf16 ones widen exactly as they are read (a long segment's once,
+into a float copy), so a bf16 copy halves the bytes that bound a decode step's
+LoRA. The rows (x and out) have the model's dtype, float32 or bf16: a bf16
+model's rows widen as they are read, and out is rounded once, after the
+update is added to it in float32. The vector types are GCC's, so the same
+source builds for AVX-512, AVX2 or NEON (a 16-float vector is then two or four
+registers).
 """
 
 SOURCE = r"""

@@ -5,21 +5,25 @@ runs depends on the device, the dtype and the number of rows, and on CPUs by
 a wide margin (benchmarks/results/linear_forms-*.txt, by machine class). The
 forms (`Linear.form`):
 
-- "panels", fp32 on an AVX-512 CPU where the CPU kernels build: the weight as
-  panels of 16 output columns, multiplied by our kernel, which fetches the
-  next panels while it multiplies these (`cpu_linear.py`). Over SmolLM2's
-  layers it ran 1.3-1.5x oneDNN's packed product at 1-32 rows (a batch of
-  decodes), 1.15x at 128, level at 512 and 3% slower at 4096 (a long
-  prefill; linear_forms-avx512.txt). At one row MKL's GEMV (F.linear) is 5%
-  faster on the layers and 15% on the lm_head, but a second copy of every
-  weight would cost more than that.
-- "packed", bf16 on CPU (and fp32 on AVX-512 without the kernels): oneDNN's
-  matmul reorders a plain weight into its blocked layout on every call;
-  reordered once at load (`mkldnn._reorder_linear_weight`, the prepacking
-  inductor's freezing does) the product ran 1.2-1.7x faster up to 32 rows,
-  1.04-1.09x above (linear_forms-avx512-native-bf16.txt); fp32 packed was
-  1.1-2.5x faster than F.linear at 4-128 rows there (the lm_head most), level
-  on the layers at 32, 12% slower on them at one row.
+- "panels", fp32 on an AVX-512 CPU where the CPU kernels build, and bf16 on
+  a CPU with bf16 dot products (`avx512_bf16`; an even number of input
+  features): the weight as panels of 16 output columns, multiplied by our
+  kernel, which fetches the next panels while it multiplies these
+  (`cpu_linear.py`). Over SmolLM2's layers it ran fp32 1.3-1.5x oneDNN's
+  packed product at 1-32 rows (a batch of decodes), 1.15x at 128, level at
+  512 and 3% slower at 4096 (a long prefill; linear_forms-avx512.txt, an
+  Intel Xeon), and bf16 1.3-1.7x at 1-32 rows, level at 128, 4-6% slower
+  from 512 (linear_forms-avx512-native-bf16.txt, an AMD Zen 4). At one row
+  MKL's fp32 GEMV (F.linear) is 5% faster on the layers and 15% on the
+  lm_head, but a second copy of every weight would cost more than that.
+- "packed", bf16 on CPUs without bf16 dot products that can reorder it
+  (AVX-512), and fp32 on AVX-512 without the kernels: oneDNN's matmul
+  reorders a plain weight into its blocked layout on every call; reordered
+  once at load (`mkldnn._reorder_linear_weight`, the prepacking inductor's
+  freezing does) the bf16 product ran 1.2-1.7x faster up to 32 rows,
+  1.04-1.09x above (linear_forms-avx512-native-bf16-xeon.txt); fp32 packed
+  was 1.1-2.5x faster than F.linear at 4-128 rows there (the lm_head most),
+  level on the layers at 32, 12% slower on them at one row.
 - "plain" elsewhere: fp32 on an AVX2 CPU, where MKL ran w @ x.T 1.3-4x faster
   than x @ w.T (F.linear's form) at decode-sized batches, and one row faster
   as two than as a GEMV; above ~64 rows F.linear won
