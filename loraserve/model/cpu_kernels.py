@@ -78,6 +78,24 @@ template <int L> static inline typename Vec<L>::type vload(const float* p) {
 template <int L> static inline void vstore(float* p, typename Vec<L>::type v) {
   *reinterpret_cast<typename Vec<L>::type*>(p) = v;
 }
+// bf16 values (their bits, as uint16) widen exactly to float: the bits shifted into the high half
+template <int L> struct Bits {
+  typedef uint16_t half __attribute__((vector_size(L * 2)));
+  typedef uint32_t word __attribute__((vector_size(L * 4)));
+};
+template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
+  typename Bits<L>::half h;
+  std::memcpy(&h, p, sizeof h);  // an unaligned load
+  return (typename Vec<L>::type)(__builtin_convertvector(h, typename Bits<L>::word) << 16);
+}
+template <int L> static inline typename Vec<L>::type vload(const c10::BFloat16* p) {
+  return vload<L>(reinterpret_cast<const uint16_t*>(p));
+}
+template <int L> static inline float hsum(typename Vec<L>::type v) {
+  float s = 0.f;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+}
 // acc + a b, fused in every lane. Written as `acc += a * b` the compiler fuses some tiles' products and not
 // others' (on an AMD Zen 4 a row's 4- and 8-float tiles were left unfused): a row's sums would then depend on the
 // tile it fell in, and so on its batch. x86's FMA instructions fuse every time; elsewhere (NEON) the compiler's
@@ -169,30 +187,51 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
       s.resize(G * n);
       const scalar_t* qh = qp + (b * Hq + h * G) * D;
       for (int64_t j = 0; j < G * D; ++j) qf[j] = f32(qh[j]);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf.data() + g * D;
-        float* sg = s.data() + g * n;
-        for (int64_t t = 0; t < n; ++t) {
-          const scalar_t* k = rows[t];
+      // a key (and a value) read once for the group's G heads, 16 of its D at a time where D allows
+      const bool vec = D % 16 == 0;
+      constexpr int64_t AHEAD = 8;  // rows: each key and value row is asked for this many rows before its use
+      const int64_t row_bytes = D * sizeof(scalar_t), shift = vp - kp;
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t* k = rows[t];
+        if (t + AHEAD < n)
+          for (int64_t b0 = 0; b0 < row_bytes; b0 += 64) __builtin_prefetch((const char*)rows[t + AHEAD] + b0, 0, 3);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf.data() + g * D;
           float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * f32(k[d]);
-          sg[t] = dot * sc;
+          if (vec) {
+            Vec<16>::type part{};
+            for (int64_t d = 0; d < D; d += 16) part = madd(part, vload<16>(qg + d), vload<16>(k + d));
+            dot = hsum<16>(part);
+          } else {
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * f32(k[d]);
+          }
+          s[g * n + t] = dot * sc;
         }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s.data() + g * n;
         float m = sg[0];
         for (int64_t t = 1; t < n; ++t) m = std::max(m, sg[t]);
+        for (int64_t t = 0; t < n; ++t) sg[t] = expf(sg[t] - m);
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
+        for (int64_t t = 0; t < n; ++t) sum += sg[t];
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t shift = vp - kp;
       for (int64_t t = 0; t < n; ++t) {
         const scalar_t* v = rows[t] + shift;
+        if (t + AHEAD < n)
+          for (int64_t b0 = 0; b0 < row_bytes; b0 += 64) __builtin_prefetch((const char*)(rows[t + AHEAD] + shift) + b0, 0, 3);
         for (int64_t g = 0; g < G; ++g) {
           const float p = s[g * n + t];
           float* a = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += p * f32(v[d]);
+          if (vec) {
+            const Vec<16>::type pv = Vec<16>::type{} + p;
+            for (int64_t d = 0; d < D; d += 16) vstore<16>(a + d, madd(vload<16>(a + d), pv, vload<16>(v + d)));
+          } else {
+            for (int64_t d = 0; d < D; ++d) a[d] += p * f32(v[d]);
+          }
         }
       }
       scalar_t* o = op + (b * Hq + h * G) * D;

@@ -65,11 +65,7 @@ template <> inline Panel dot<bf16>(Panel acc, Panel x, Panel w) {
 #endif
 }
 static inline Panel widen(const float* p) { return vload<16>(p); }
-static inline Panel widen(const bf16* p) {
-  Panel v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
+static inline Panel widen(const bf16* p) { return vload<16>(p); }
 static inline void narrow(float* out, Panel v) { vstore<16>(out, v); }
 static inline void narrow(bf16* out, Panel v) {  // rounded to nearest even, as torch rounds
 #if defined(__AVX512BF16__)

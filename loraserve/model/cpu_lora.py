@@ -27,16 +27,6 @@ registers).
 """
 
 SOURCE = r"""
-// bf16 weights (their bits, as uint16) widen exactly to float: the bits shifted into the high half
-template <int L> struct Bits {
-  typedef uint16_t half __attribute__((vector_size(L * 2)));
-  typedef uint32_t word __attribute__((vector_size(L * 4)));
-};
-template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
-  typename Bits<L>::half h;
-  std::memcpy(&h, p, sizeof h);  // an unaligned load
-  return (typename Vec<L>::type)(__builtin_convertvector(h, typename Bits<L>::word) << 16);
-}
 static inline float wval(float v) { return v; }
 static inline float wval(uint16_t v) {
   const uint32_t u = uint32_t(v) << 16;
