@@ -55,10 +55,11 @@ def lora_dtype(model_dtype: torch.dtype, device: torch.device, requested: str = 
 
 
 def compute_dtype(storage: torch.dtype, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """What LoRA math runs in for weights stored in `storage` under a model computing in
+    """What torch's LoRA matmuls run in for weights stored in `storage` under a model computing in
     `model_dtype`: on a CPU fp32 unless both are bf16 and the CPU has bf16 dot products (an
     fp32 model's activations are not rounded for its adapters' sake, and small bf16 matmuls
-    are slow where bf16 is emulated); on a GPU the storage dtype (the model's)."""
+    are slow where bf16 is emulated); on a GPU the storage dtype (the model's). (On a CPU the
+    steps of few rows per adapter take the compiled kernel instead, which sums in fp32.)"""
     if device.type != "cpu":
         return storage
     native = storage == model_dtype == torch.bfloat16 and native_bf16_cpu()
