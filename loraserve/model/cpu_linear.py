@@ -50,10 +50,11 @@ typedef c10::BFloat16 bf16;
 template <typename T> constexpr int64_t KSTEP = sizeof(float) / sizeof(T);
 
 static inline Panel broadcast(const float* x) { return Panel{} + *x; }
-static inline Panel broadcast(const bf16* x) {  // the pair x[k], x[k+1] in every 32-bit lane
-  float pair;
+static inline Panel broadcast(const bf16* x) {  // the pair x[k], x[k+1] in every 32-bit lane, as bits: an fp32
+  int32_t pair;                                  // add could flush the pair (a denormal when x[k+1] is 0)
   std::memcpy(&pair, x, 4);
-  return Panel{} + pair;
+  typedef int32_t Pairs __attribute__((vector_size(64)));
+  return (Panel)(Pairs{} + pair);
 }
 template <typename T> static inline Panel dot(Panel acc, Panel x, Panel w);
 template <> inline Panel dot<float>(Panel acc, Panel x, Panel w) { return madd(acc, x, w); }
@@ -64,8 +65,6 @@ template <> inline Panel dot<bf16>(Panel acc, Panel x, Panel w) {
   return acc;  // never called: panel_linear refuses bf16 without the instruction
 #endif
 }
-static inline Panel widen(const float* p) { return vload<16>(p); }
-static inline Panel widen(const bf16* p) { return vload<16>(p); }
 static inline void narrow(float* out, Panel v) { vstore<16>(out, v); }
 static inline void narrow(bf16* out, Panel v) {  // rounded to nearest even, as torch rounds
 #if defined(__AVX512BF16__)
@@ -97,7 +96,7 @@ static void panel_tile(const T* x, int64_t xs, int64_t K, const T* w, const T* b
     for (int p = 0; p < M; ++p) {
       T* out = y + p * N + n0;
       if (width == 16) {
-        narrow(out, bias ? acc[p][c] + widen(bias + n0) : acc[p][c]);
+        narrow(out, bias ? acc[p][c] + vload<16>(bias + n0) : acc[p][c]);
       } else {
         for (int64_t i = 0; i < width; ++i) out[i] = static_cast<T>(acc[p][c][i] + (bias ? float(bias[n0 + i]) : 0.f));
       }
