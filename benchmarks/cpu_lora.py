@@ -4,18 +4,19 @@
 to `COMPILED_MAX_ROWS` rows per adapter; torch's path (padded or segmented
 batched matmuls, one expand per output slice of a fused projection) is what
 `lora/batch.py` takes otherwise. Here the engine steps the throughput
-workload's decodes (SmolLM2-135M fp32, 128-token prompts; 32 requests over 8
+workload's decodes (SmolLM2-135M, fp32 or bf16, 128-token prompts; 32 requests over 8
 rank-16 adapters, and one request with an adapter), switching every few steps
 between the two paths and a third condition that skips the LoRA products
 (`LoraBatch.add` does nothing: wrong tokens, but every other cost of the step
 is the same), so "LoRA's share" of a step is measured in the same minutes as
 the step, on this machine whose speed moves within minutes.
 
-    python benchmarks/cpu_lora.py     # appends to benchmarks/results/cpu_lora-<machine class>.txt
+    python benchmarks/cpu_lora.py [--dtype bfloat16]    # appends to benchmarks/results/cpu_lora-<machine class>.txt
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -39,9 +40,12 @@ MODES = {
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    dtype = ap.parse_args().dtype
     assert cpu_kernels.kernels() is not None, "the kernels could not be built here"
-    llm = decode_ab.engine()
-    lines = [f"# {cpu_line()}; SmolLM2-135M float32, decode steps after 128-token prompts, 8 rank-16 adapters "
+    llm = decode_ab.engine(dtype)
+    lines = [f"# {cpu_line()}; SmolLM2-135M {dtype}, decode steps after 128-token prompts, 8 rank-16 adapters "
              f"round robin, {STEPS_PER_SWITCH} steps per switch x {SWITCHES} switches each; median ms",
              "| batch | torch matmuls | compiled | LoRA skipped | compiled / torch | skipped / compiled |",
              "|---|---|---|---|---|---|"]

@@ -20,8 +20,8 @@ broadcast-and-FMA with no horizontal sums. fp32 steps one k at a time. bf16,
 on CPUs with bf16 dot products (`avx512_bf16`), steps two: a panel's step
 holds the 16 columns' weights for k and k + 1 interleaved, and vdpbf16ps
 adds both products (exact in fp32) to each column's fp32 sum; the output is
-rounded to bf16 once. Over SmolLM2's layers that ran 1.3-1.7x oneDNN's
-packed bf16 product at 1-32 rows, level at 128, 4-6% slower from 512 rows
+rounded to bf16 once. Over SmolLM2's layers that ran 1.25-1.96x oneDNN's
+packed bf16 product at 1-32 rows, 1.07x at 128, 4-9% slower from 512 rows
 (linear_forms-avx512-native-bf16.txt, an AMD Zen 4). Either way each output
 is one sum over k in order, so a row's result does not depend on the batch
 it came in. Long prefills take row blocks whose x stays in L2 while the

@@ -12,7 +12,7 @@ forms (`Linear.form`):
   (`cpu_linear.py`). Over SmolLM2's layers it ran fp32 1.3-1.5x oneDNN's
   packed product at 1-32 rows (a batch of decodes), 1.15x at 128, level at
   512 and 3% slower at 4096 (a long prefill; linear_forms-avx512.txt, an
-  Intel Xeon), and bf16 1.3-1.7x at 1-32 rows, level at 128, 4-6% slower
+  Intel Xeon), and bf16 1.25-1.96x at 1-32 rows, 1.07x at 128, 4-9% slower
   from 512 (linear_forms-avx512-native-bf16.txt, an AMD Zen 4). At one row
   MKL's fp32 GEMV (F.linear) is 5% faster on the layers and 15% on the
   lm_head, but a second copy of every weight would cost more than that.
