@@ -86,6 +86,24 @@ template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
 template <int L> static inline typename Vec<L>::type vload(const c10::BFloat16* p) {
   return vload<L>(reinterpret_cast<const uint16_t*>(p));
 }
+// ... and narrow to bf16 rounded to nearest even, NaN kept a NaN: what torch's float -> bf16 conversion does
+template <int L> static inline void vstore(uint16_t* p, typename Vec<L>::type v) {
+#if defined(__AVX512BF16__)  // one instruction (it reads denormal floats as zeros: a difference below 1e-38)
+  if constexpr (L == 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+    return;
+  }
+#endif
+  typename Bits<L>::word u;
+  std::memcpy(&u, &v, sizeof u);
+  const typename Bits<L>::word nan = (u & 0x7fffffffu) > 0x7f800000u;  // not v != v: -ffast-math assumes no NaN
+  const typename Bits<L>::word r = nan ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const typename Bits<L>::half h = __builtin_convertvector(r, typename Bits<L>::half);
+  std::memcpy(p, &h, sizeof h);
+}
+template <int L> static inline void vstore(c10::BFloat16* p, typename Vec<L>::type v) {
+  vstore<L>(reinterpret_cast<uint16_t*>(p), v);
+}
 template <int L> static inline float hsum(typename Vec<L>::type v) {
   float s = 0.f;
   for (int i = 0; i < L; ++i) s += v[i];

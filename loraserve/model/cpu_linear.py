@@ -65,14 +65,6 @@ template <> inline Panel dot<bf16>(Panel acc, Panel x, Panel w) {
   return acc;  // never called: panel_linear refuses bf16 without the instruction
 #endif
 }
-static inline void narrow(float* out, Panel v) { vstore<16>(out, v); }
-static inline void narrow(bf16* out, Panel v) {  // rounded to nearest even, as torch rounds
-#if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh((__m512)v));
-#else
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<bf16>(v[i]);
-#endif
-}
 
 // y[p, 16 (q0 + c) + i] = sum_k x[p, k] w[q0 + c][k][i] (+ bias) for M rows and C panels of q0.., storing
 // only columns < N (y's rows are N apart); fetching the next task's panels as it steps over k.
@@ -96,7 +88,7 @@ static void panel_tile(const T* x, int64_t xs, int64_t K, const T* w, const T* b
     for (int p = 0; p < M; ++p) {
       T* out = y + p * N + n0;
       if (width == 16) {
-        narrow(out, bias ? acc[p][c] + vload<16>(bias + n0) : acc[p][c]);
+        vstore<16>(out, bias ? acc[p][c] + vload<16>(bias + n0) : acc[p][c]);  // bf16: rounded as torch rounds
       } else {
         for (int64_t i = 0; i < width; ++i) out[i] = static_cast<T>(acc[p][c][i] + (bias ? float(bias[n0 + i]) : 0.f));
       }

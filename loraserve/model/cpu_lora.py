@@ -36,19 +36,8 @@ static inline float wval(uint16_t v) {
 }
 // x and out have the model's dtype, float or bf16 (bits): bf16 rows are read widened, and out's sums rounded to
 // nearest even once (the update is added to out in float32)
-template <int L> static inline void vstore(uint16_t* p, typename Vec<L>::type v) {
-  typename Bits<L>::word u;
-  std::memcpy(&u, &v, sizeof u);
-  const typename Bits<L>::half h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16,
-                                                           typename Bits<L>::half);
-  std::memcpy(p, &h, sizeof h);
-}
 static inline void put(float* p, float v) { *p = v; }
-static inline void put(uint16_t* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  *p = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+static inline void put(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
 
 // s[p, c0 : c0 + C L] = x[p, :] @ A[:, c0 : c0 + C L] for M rows (A [K, WR] row-major)
 template <int M, int C, int L, typename T, typename X>
