@@ -35,7 +35,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
   GLUE_DISPATCH(q.scalar_type(), [&] {
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = kv.data_ptr<scalar_t>();
-  const scalar_t* vp = kp + NB * BS * Hkv * D;
+  const int64_t shift = NB * BS * Hkv * D;  // a key's value, that far into the V half
   scalar_t* op = out.data_ptr<scalar_t>();
   pybind11::gil_scoped_release no_gil;  // the server's other threads run meanwhile, as during torch's own ops
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -60,11 +60,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
       // a key (and a value) read once for the group's G heads, 16 of its D at a time where D allows
       const bool vec = D % 16 == 0;
       constexpr int64_t AHEAD = 8;  // rows: each key and value row is asked for this many rows before its use
-      const int64_t row_bytes = D * sizeof(scalar_t), shift = vp - kp;
+      auto ask = [&](const scalar_t* row) {
+        const char* p = reinterpret_cast<const char*>(row);
+        for (int64_t b0 = 0; b0 < D * int64_t(sizeof(scalar_t)); b0 += 64) __builtin_prefetch(p + b0, 0, 3);
+      };
       for (int64_t t = 0; t < n; ++t) {
         const scalar_t* k = rows[t];
-        if (t + AHEAD < n)
-          for (int64_t b0 = 0; b0 < row_bytes; b0 += 64) __builtin_prefetch((const char*)rows[t + AHEAD] + b0, 0, 3);
+        if (t + AHEAD < n) ask(rows[t + AHEAD]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float dot = 0.f;
@@ -91,8 +93,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor tabl
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {
         const scalar_t* v = rows[t] + shift;
-        if (t + AHEAD < n)
-          for (int64_t b0 = 0; b0 < row_bytes; b0 += 64) __builtin_prefetch((const char*)(rows[t + AHEAD] + shift) + b0, 0, 3);
+        if (t + AHEAD < n) ask(rows[t + AHEAD] + shift);
         for (int64_t g = 0; g < G; ++g) {
           const float p = s[g * n + t];
           float* a = acc.data() + g * D;
