@@ -20,7 +20,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.sampler import sample
 from loraserve.errors import InvalidRequest
 from loraserve.server.app import build_app
-from tests.test_server import start_server
+from tests.test_server import server_output, start_server
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "POISON in the well", "Count: 1 2 3", "Hello there"]
 ADAPTERS = ["r4", None, "r8", "r16", "r8"]
@@ -348,7 +348,7 @@ def test_a_dead_engine_loop_ends_waiting_requests_and_exits_non_zero(tiny):
             for _ in stream:  # the waiting stream ends with an error event, not a hang
                 pass
         assert proc.wait(timeout=60) == 1
-        out = proc.stdout.read()
+        out = server_output(proc)
         assert "RuntimeError: injected engine loop fault" in out and "loraserve: error: the engine stopped" in out
     finally:
         if proc.poll() is None:

@@ -10,6 +10,7 @@ import socket
 import threading
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -19,6 +20,8 @@ import pytest
 from loraserve import LLM, SamplingParams
 
 API_KEY = "test-key"
+SERVER_LOGS = tempfile.TemporaryDirectory(prefix="loraserve-test-servers-")
+"""Where the servers' output goes (removed when the test process exits)."""
 
 
 def free_port() -> int:
@@ -43,9 +46,13 @@ def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
     loopback port; returns the process and its URL. fp32 as the oracle, whatever
     --dtype auto would pick on this CPU (an `extra` --dtype wins)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, *entry, "serve", "--model", str(root / "model"), "--port", str(port),
-                             "--dtype", "float32", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=None if env is None else {**os.environ, **env})
+    # its output goes to a file, never to a pipe nobody reads: a full pipe (64 KiB) would block the
+    # server's next log line, and with it the event loop that serves every request
+    with tempfile.NamedTemporaryFile("w", dir=SERVER_LOGS.name, suffix=".log", delete=False) as log:
+        proc = subprocess.Popen([sys.executable, *entry, "serve", "--model", str(root / "model"), "--port", str(port),
+                                 "--dtype", "float32", *extra], stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else {**os.environ, **env})
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -55,7 +62,14 @@ def start_server(root, *extra, entry: tuple[str, ...] = ("-m", "loraserve.cli"),
         except httpx.TransportError:
             time.sleep(0.3)
     proc.kill()
-    pytest.fail("server did not start: " + proc.stdout.read())
+    proc.wait(timeout=30)
+    pytest.fail("server did not start: " + server_output(proc))
+
+
+def server_output(proc: subprocess.Popen, tail: int = 1 << 20) -> str:
+    """What a server `start_server` started has printed so far (its last `tail` characters)."""
+    with open(proc.log_path, errors="replace") as f:
+        return f.read()[-tail:]
 
 
 

@@ -26,6 +26,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from loraserve.cluster.calls import RouteKey
 from loraserve.cluster.channel import Target
+from loraserve.errors import Unavailable
 from loraserve.router import Bound, InstanceLoad, Router
 
 
@@ -47,11 +48,24 @@ class ReplicaRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        """Serve's calls: pinned to one replica (any replica for an unpinned one)."""
+        """Serve's calls: pinned to one replica (any replica for an unpinned one).
+
+        A pinned replica that is not among the candidates has died (Serve drops a replica it finds
+        dead and never brings its id back): the call fails at once with Unavailable, instead of
+        waiting for a replica that will not come. Serve retries a choice that yields no replica
+        without awaiting anything unless told to back off, so an empty answer would spin the
+        caller's event loop (the endpoint's: nothing else would run again); pinned calls always
+        back off, and a call already ended is given any replica, which Serve then passes over."""
         route = (pending_request.kwargs.get("route") if pending_request else None) or RouteKey()
         if route.pin is None:
             return [candidate_replicas]
-        return [[r for r in candidate_replicas if r.replica_id.unique_id == route.pin]]
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == route.pin]
+        if pending_request is None:
+            return [pinned]
+        pending_request.routing_context.should_backoff = True
+        if not pinned and not pending_request.future.done():
+            pending_request.future.set_exception(Unavailable(f"replica {route.pin} is gone"))
+        return [pinned] if pinned else [candidate_replicas]
 
     def choose(self, route: RouteKey, down: set[str] = frozenset()) -> Target | None:
         """A request's replica (None: no replica has reported its channel yet), counted in flight there
