@@ -15,22 +15,26 @@ from loraserve.model import cpu_kernels, ops
 from loraserve.model.attention import build_metadata, paged_attention
 
 
-@pytest.mark.parametrize("page, window, hq, hkv, lens", [
-    (4, None, 4, 2, [1, 7, 1, 1]),    # decodes beside a chunked prefill: the decode group is not the identity
-    (16, 6, 9, 3, [1, 7, 1, 1]),      # a sliding window shorter than some contexts; SmolLM2's 9 / 3 heads
-    (1, 3, 2, 2, [1, 1, 1, 1]),       # an all-decode step (the identity group), one token per block
-    (16, None, 8, 1, [1, 1, 1, 1]),   # multi-query
+@pytest.mark.parametrize("page, window, hq, hkv, lens, d", [
+    (4, None, 4, 2, [1, 7, 1, 1], 16),    # decodes beside a chunked prefill: the decode group is not the identity
+    (16, 6, 9, 3, [1, 7, 1, 1], 64),      # a sliding window shorter than some contexts; SmolLM2's heads
+    (1, 3, 2, 2, [1, 1, 1, 1], 32),       # an all-decode step (the identity group), one token per block
+    (16, None, 8, 1, [1, 1, 1, 1], 16),   # multi-query
+    (4, None, 7, 1, [1, 1, 1, 1], 64),    # a group of 7 heads: passes of 4 and 3
+    (8, None, 10, 2, [1, 7, 1, 1], 128),  # D = 128, groups of 5: passes of 2, 2 and 1
+    (8, 5, 6, 2, [1, 1, 1, 1], 80),       # a head dimension that is not a multiple of 16
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decodes_read_blocks_in_place_as_the_reference(monkeypatch, page, window, hq, hkv, lens, dtype):
-    """fp32 and bf16 caches (computed in fp32, the output rounded once to bf16)."""
+def test_decodes_read_blocks_in_place_as_the_reference(monkeypatch, page, window, hq, hkv, lens, d, dtype):
+    """fp32 and bf16 caches (computed in fp32, the output rounded once to bf16), over head
+    dimensions the kernel keeps in registers (16 to 128) and one it does not."""
     module = cpu_kernels.kernels()
     assert module is not None  # built on this machine (it has a C++ compiler)
     calls = []
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: SimpleNamespace(
         paged_decode=lambda *a: calls.append(1) or module.paged_decode(*a), write_kv=module.write_kv))
     g = torch.Generator().manual_seed(page + hq)
-    d, num_blocks = 16, 192 // page
+    num_blocks = 192 // page
     ctx = [5, 0, 9, 30]
     width = max(-(-(c + n) // page) for c, n in zip(ctx, lens))
     tables = [torch.randperm(num_blocks, generator=g)[:width].tolist() for _ in lens]

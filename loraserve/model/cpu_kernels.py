@@ -79,6 +79,10 @@ template <int L> struct Bits {
   typedef uint32_t word __attribute__((vector_size(L * 4)));
 };
 template <int L> static inline typename Vec<L>::type vload(const uint16_t* p) {
+#if defined(__AVX512F__)
+  if constexpr (L == 16)
+    return (typename Vec<L>::type)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#endif
   typename Bits<L>::half h;
   std::memcpy(&h, p, sizeof h);  // an unaligned load
   return (typename Vec<L>::type)(__builtin_convertvector(h, typename Bits<L>::word) << 16);
