@@ -44,12 +44,6 @@ static inline void softmax_rows(float* s, int64_t G, int64_t n) {
 // further): scores into s (head g's at s + g n), then, once `ready` has turned them into weights, their sums
 // into acc [GC, D]. D = 16 DV: the heads' queries, or their sums, stay in registers over all n keys, and a key's
 // (value's) row is loaded, and a bf16 one widened, once for the GC heads.
-#if defined(__AVX512F__)
-constexpr int VL = 16;  // floats a vector register holds
-#else
-constexpr int VL = 8;
-#endif
-
 template <int DV, int GC, typename T>
 static void score_heads(const float* qf, int64_t n, const T* const* rows, float sc, float* s, bool ask) {
   typedef Vec<VL>::type V;

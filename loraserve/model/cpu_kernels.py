@@ -64,6 +64,12 @@ static void on_cpu(std::initializer_list<torch::Tensor> ts) {
   for (const auto& t : ts) TORCH_CHECK(!t.defined() || t.device().is_cpu(), "CPU tensors only");
 }
 
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // floats a vector register holds: the width kernels keep their sums in registers at
+#else
+constexpr int VL = 8;
+#endif
+
 // L floats as one vector of GCC's (the same source builds for AVX-512, AVX2 or NEON: a 16-float vector is then
 // two or four registers), loaded and stored unaligned.
 template <int L> struct Vec { typedef float type __attribute__((vector_size(L * 4), aligned(4))); };

@@ -77,11 +77,13 @@ static void expand_tile(const float* s, int64_t WR, int64_t so, const T* B, int6
   for (int p = 0; p < M; ++p) for (int c = 0; c < C; ++c) vstore<L>(out + p * os + n0 + c * L, acc[p][c]);
 }
 
+// Tiles are SHRINK_C (EXPAND_C) vectors of VL floats wide, for M rows: M x C accumulators, C weight vectors and a
+// broadcast within the registers (AVX-512: 32 of 16 floats; AVX2: 16 of 8)
 #ifdef __AVX512F__
-constexpr int SHRINK_C = 4;  // 4 x 16 columns: M x 4 accumulators of 32 registers
+constexpr int SHRINK_C = 4, EXPAND_C = 4;
 constexpr int MAX_ROWS = 8;  // a long segment's rows 8 at a time: half the weight reads from L2 of 4 at a time
 #else
-constexpr int SHRINK_C = 2;  // 16 registers of 8 floats
+constexpr int SHRINK_C = 2, EXPAND_C = 2;
 constexpr int MAX_ROWS = 4;
 #endif
 
@@ -101,10 +103,10 @@ static void lora_rows(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR,
   constexpr int SC = M > 4 ? 3 : SHRINK_C;
   for (int64_t c = 0; c < span;) {
     const int64_t left = span - c;
-    if (SC >= 4 && left >= 64) { shrink_tile<M, SC >= 4 ? 4 : 1, 16>(x, xs, A, K, WR, c, s, na); c += 64; }
-    else if (SC >= 3 && left >= 48) { shrink_tile<M, SC >= 3 ? 3 : 1, 16>(x, xs, A, K, WR, c, s, na); c += 48; }
-    else if (left >= 32) { shrink_tile<M, 2, 16>(x, xs, A, K, WR, c, s, na); c += 32; }
-    else if (left >= 16) { shrink_tile<M, 1, 16>(x, xs, A, K, WR, c, s, na); c += 16; }
+    if (SC >= 4 && left >= 4 * VL) { shrink_tile<M, SC >= 4 ? 4 : 1, VL>(x, xs, A, K, WR, c, s, na); c += 4 * VL; }
+    else if (SC >= 3 && left >= 3 * VL) { shrink_tile<M, SC >= 3 ? 3 : 1, VL>(x, xs, A, K, WR, c, s, na); c += 3 * VL; }
+    else if (left >= 2 * VL) { shrink_tile<M, 2, VL>(x, xs, A, K, WR, c, s, na); c += 2 * VL; }
+    else if (left >= VL) { shrink_tile<M, 1, VL>(x, xs, A, K, WR, c, s, na); c += VL; }
     else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s, na); c += 8; }
     else { shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s, na); c += 4; }
   }
@@ -112,8 +114,9 @@ static void lora_rows(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR,
     int64_t n = edges[j];
     const int64_t n1 = edges[j + 1];
     if (M > 4) for (; n + 48 <= n1; n += 48) expand_tile<M, (M > 4 ? 3 : 1), 16>(s, WR, j * R, B, N, r, n, out, os, nb);
-    else for (; n + 64 <= n1; n += 64) expand_tile<M, 4, 16>(s, WR, j * R, B, N, r, n, out, os, nb);
-    for (; n + 16 <= n1; n += 16) expand_tile<M, 1, 16>(s, WR, j * R, B, N, r, n, out, os, nb);
+    else for (; n + EXPAND_C * VL <= n1; n += EXPAND_C * VL)
+      expand_tile<M, EXPAND_C, VL>(s, WR, j * R, B, N, r, n, out, os, nb);
+    for (; n + VL <= n1; n += VL) expand_tile<M, 1, VL>(s, WR, j * R, B, N, r, n, out, os, nb);
     for (; n + 4 <= n1; n += 4) expand_tile<M, 1, 4>(s, WR, j * R, B, N, r, n, out, os, nb);
     for (; n < n1; ++n)
       for (int p = 0; p < M; ++p) {
