@@ -101,14 +101,26 @@ static void lora_rows(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR,
                       Ahead& na, Ahead& nb) {
   const int64_t W = edges.size() - 1, span = shrink_span(W, R, r);
   constexpr int SC = M > 4 ? 3 : SHRINK_C;
+  // bf16 rows widened once, for all of the shrink's passes: its broadcasts then read floats (a narrow A, as o's
+  // and down's rank-16 ones, ran at half the bytes a second reading bf16 rows)
+  const float* xf = reinterpret_cast<const float*>(x);
+  int64_t xfs = xs;
+  if constexpr (!std::is_same<X, float>::value) {
+    float* w = s + MAX_ROWS * WR;
+    for (int p = 0; p < M; ++p) for (int64_t k = 0; k < K; ++k) w[p * K + k] = wval(x[p * xs + k]);
+    xf = w;
+    xfs = K;
+  }
   for (int64_t c = 0; c < span;) {
     const int64_t left = span - c;
-    if (SC >= 4 && left >= 4 * VL) { shrink_tile<M, SC >= 4 ? 4 : 1, VL>(x, xs, A, K, WR, c, s, na); c += 4 * VL; }
-    else if (SC >= 3 && left >= 3 * VL) { shrink_tile<M, SC >= 3 ? 3 : 1, VL>(x, xs, A, K, WR, c, s, na); c += 3 * VL; }
-    else if (left >= 2 * VL) { shrink_tile<M, 2, VL>(x, xs, A, K, WR, c, s, na); c += 2 * VL; }
-    else if (left >= VL) { shrink_tile<M, 1, VL>(x, xs, A, K, WR, c, s, na); c += VL; }
-    else if (left >= 8) { shrink_tile<M, 1, 8>(x, xs, A, K, WR, c, s, na); c += 8; }
-    else { shrink_tile<M, 1, 4>(x, xs, A, K, WR, c, s, na); c += 4; }
+    if (SC >= 4 && left >= 4 * VL) { shrink_tile<M, SC >= 4 ? 4 : 1, VL>(xf, xfs, A, K, WR, c, s, na); c += 4 * VL; }
+    else if (SC >= 3 && left >= 3 * VL) {
+      shrink_tile<M, SC >= 3 ? 3 : 1, VL>(xf, xfs, A, K, WR, c, s, na); c += 3 * VL;
+    }
+    else if (left >= 2 * VL) { shrink_tile<M, 2, VL>(xf, xfs, A, K, WR, c, s, na); c += 2 * VL; }
+    else if (left >= VL) { shrink_tile<M, 1, VL>(xf, xfs, A, K, WR, c, s, na); c += VL; }
+    else if (left >= 8) { shrink_tile<M, 1, 8>(xf, xfs, A, K, WR, c, s, na); c += 8; }
+    else { shrink_tile<M, 1, 4>(xf, xfs, A, K, WR, c, s, na); c += 4; }
   }
   for (int64_t j = 0; j < W; ++j) {
     int64_t n = edges[j];
@@ -182,7 +194,7 @@ static void lora_groups(const X* xp, int64_t xs, const T* ap, const T* bp, const
     for (; t < (size_t)n && (2 * done - cost) * n >= 2 * total * (int64_t)t; ++t) cut[t] = i;
   }
   at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(MAX_ROWS * WR), wide;
+    std::vector<float> s(MAX_ROWS * (WR + K)), wide;  // the shrink's sums, then a task's rows widened (bf16)
     int64_t widened = -1;  // the group whose weights `wide` holds: a thread's tasks of one group come in a row
     for (size_t i = cut[t0]; i < cut[t1]; ++i) {
       const int64_t g = tasks[i].g, r = rp[g];
