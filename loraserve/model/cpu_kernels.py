@@ -288,30 +288,36 @@ STALE_LOCK_S = 600
 def _build():
     if "0" in (os.environ.get("LORASERVE_CPU_KERNELS"), os.environ.get("LORASERVE_CPU_ATTENTION")):  # the old name too
         return None
-    path = os.environ.get("PATH")
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        try:  # torch runs `ninja` from PATH, which lacks an unactivated virtualenv's bin
-            import ninja
-
-            os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
-        except ImportError:
-            pass
-        name = _name()
-        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
-            os.remove(lock)
         start = time.perf_counter()
-        module = load_inline(name, cpp_sources=SOURCE, functions=FUNCTIONS,
-                             extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-march=native"] if cpu_flags() else []),
-                             extra_ldflags=["-lm", "-fopenmp"], verbose=False)
+        module = build(_name(), SOURCE)
         log.info("CPU kernels ready (%.1f s; built once per machine, then cached)", time.perf_counter() - start)
         return module
     except Exception as e:  # no compiler, no ninja, a read-only cache: torch's ops instead
         log.warning("the CPU kernels could not be built (%s); the model runs torch's ops (decode attention "
                     "gathers KV blocks)", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
+
+
+def build(name: str, source: str, march: str | None = None):
+    """`source` (SOURCE, or another revision's: benchmarks/kernel_builds.py) compiled as module `name`, for
+    this CPU, or for `march` (e.g. "haswell": an AVX2 CPU's code). Raises where it cannot be built."""
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+    path = os.environ.get("PATH")
+    try:
+        try:  # torch runs `ninja` from PATH, which lacks an unactivated virtualenv's bin
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
+        except ImportError:
+            pass
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+        target = [f"-march={march}"] if march else ["-march=native"] if cpu_flags() else []
+        return load_inline(name, cpp_sources=source, functions=FUNCTIONS, extra_cflags=["-O3", "-ffast-math", "-fopenmp"]
+                           + target, extra_ldflags=["-lm", "-fopenmp"], verbose=False)
     finally:
         if path is None:
             os.environ.pop("PATH", None)
