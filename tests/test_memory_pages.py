@@ -1,7 +1,7 @@
 """Large CPU tensors on 2 MB pages (loraserve/__init__.py asks torch's allocator for them).
 
 Checked in a fresh interpreter, as a process starts: torch reads the setting
-at its first allocation. What the kernel then does depends on its transparent
+once, at its first large allocation. What the kernel then does depends on its transparent
 huge page mode: "madvise" (this project's machines) gives advised memory huge
 pages and only that; "always" gives them to every large mapping; "never" to none.
 """
