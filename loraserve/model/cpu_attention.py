@@ -40,10 +40,9 @@ static inline void softmax_rows(float* s, int64_t G, int64_t n) {
   }
 }
 
-// GC of a (sequence, KV head)'s query heads (qf [GC, D], float) against the n keys at rows[t] (values `shift`
-// further): scores into s (head g's at s + g n), then, once `ready` has turned them into weights, their sums
-// into acc [GC, D]. D = 16 DV: the heads' queries, or their sums, stay in registers over all n keys, and a key's
-// (value's) row is loaded, and a bf16 one widened, once for the GC heads.
+// GC of a (sequence, KV head)'s query heads (qf [GC, D], float) against the n keys at rows[t]: their scores into
+// s (head g's at s + g n). D = VL DV: the heads' queries stay in registers over all n keys, and a key's row is
+// loaded, and a bf16 one widened, once for the GC heads.
 template <int DV, int GC, typename T>
 static void score_heads(const float* qf, int64_t n, const T* const* rows, float sc, float* s, bool ask) {
   typedef Vec<VL>::type V;
@@ -61,6 +60,8 @@ static void score_heads(const float* qf, int64_t n, const T* const* rows, float 
   }
 }
 
+// ... and once softmax_rows has made the scores weights, the GC heads' sums of the values (`shift` past their
+// keys) into acc [GC, D], held in registers likewise
 template <int DV, int GC, typename T>
 static void sum_heads(const float* s, int64_t n, const T* const* rows, int64_t shift, float* acc, bool ask) {
   typedef Vec<VL>::type V;

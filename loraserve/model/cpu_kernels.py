@@ -65,7 +65,7 @@ static void on_cpu(std::initializer_list<torch::Tensor> ts) {
 }
 
 #if defined(__AVX512F__)
-constexpr int VL = 16;  // floats a vector register holds: the width kernels keep their sums in registers at
+constexpr int VL = 16;  // floats in one vector register: the width the attention and LoRA kernels tile by
 #else
 constexpr int VL = 8;
 #endif
