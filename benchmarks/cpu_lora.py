@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -27,7 +26,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_ab  # noqa: E402
-from loraserve.dtypes import cpu_class, cpu_line  # noqa: E402
+from loraserve.dtypes import cpu_line  # noqa: E402
 from loraserve.lora import batch as lora_batch  # noqa: E402
 from loraserve.model import cpu_kernels  # noqa: E402
 
@@ -54,10 +53,7 @@ def main() -> None:
         t, c, s = (statistics.median(times[m]) * 1e3 for m in MODES)
         lines.append(f"| {batch} | {t:.1f} | {c:.1f} | {s:.1f} | {c / t:.2f} | {s / c:.0%} |")
         print(lines[-1], flush=True)
-    out = decode_ab.ROOT / "benchmarks" / "results" / f"cpu_lora-{cpu_class()}.txt"
-    with out.open("a") as f:
-        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')}\n" + "\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    decode_ab.record("cpu_lora", lines)
 
 
 if __name__ == "__main__":

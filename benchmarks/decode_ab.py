@@ -81,6 +81,12 @@ def run(name: str, modes: Modes, cases: list[tuple[int, bool]], steps: int, swit
         lines.append(f"| {batch} | {'8 rank-16' if with_adapters else 'none'} | {a * 1e3:.1f} | {b * 1e3:.1f} "
                      f"| {b / a:.2f} |")
         print(lines[-1], flush=True)
+    record(name, lines, append)
+    return lines
+
+
+def record(name: str, lines: list[str], append: bool = True) -> None:
+    """Write a table to results/<name>-<machine class>.txt, or append it under the time of this run."""
     out = ROOT / "benchmarks" / "results" / f"{name}-{cpu_class()}.txt"
     if append:
         with out.open("a") as f:
@@ -88,4 +94,3 @@ def run(name: str, modes: Modes, cases: list[tuple[int, bool]], steps: int, swit
     else:
         out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-    return lines

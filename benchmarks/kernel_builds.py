@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_ab  # noqa: E402
-from loraserve.dtypes import cpu_class, cpu_line  # noqa: E402
+from loraserve.dtypes import cpu_line  # noqa: E402
 from loraserve.model import cpu_kernels, linear  # noqa: E402
 
 STEPS_PER_SWITCH, SWITCHES = 3, 12
@@ -87,10 +86,7 @@ def main() -> None:
         lines.append(f"| {batch} | {'8 rank-16' if adapters else 'none'} | {a * 1e3:.1f} | {b * 1e3:.1f} "
                      f"| {b / a:.2f} |")
         print(lines[-1], flush=True)
-    out = decode_ab.ROOT / "benchmarks" / "results" / f"kernel_builds-{cpu_class()}.txt"
-    with out.open("a") as f:
-        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')}\n" + "\n".join(lines) + "\n")
-    print(f"appended to {out}")
+    decode_ab.record("kernel_builds", lines)
 
 
 if __name__ == "__main__":
