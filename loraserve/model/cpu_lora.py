@@ -103,9 +103,12 @@ static void lora_rows(const X* x, int64_t xs, const T* A, int64_t K, int64_t WR,
   constexpr int SC = M > 4 ? 3 : SHRINK_C;
   // bf16 rows widened once, for all of the shrink's passes: its broadcasts then read floats (a narrow A, as o's
   // and down's rank-16 ones, ran at half the bytes a second reading bf16 rows)
-  const float* xf = reinterpret_cast<const float*>(x);
-  int64_t xfs = xs;
-  if constexpr (!std::is_same<X, float>::value) {
+  const float* xf;
+  int64_t xfs;
+  if constexpr (std::is_same<X, float>::value) {
+    xf = x;
+    xfs = xs;
+  } else {
     float* w = s + MAX_ROWS * WR;
     for (int p = 0; p < M; ++p) for (int64_t k = 0; k < K; ++k) w[p * K + k] = wval(x[p * xs + k]);
     xf = w;
@@ -194,7 +197,8 @@ static void lora_groups(const X* xp, int64_t xs, const T* ap, const T* bp, const
     for (; t < (size_t)n && (2 * done - cost) * n >= 2 * total * (int64_t)t; ++t) cut[t] = i;
   }
   at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(MAX_ROWS * (WR + K)), wide;  // the shrink's sums, then a task's rows widened (bf16)
+    // the shrink's sums, then (bf16 rows) a task's rows widened
+    std::vector<float> s(MAX_ROWS * (WR + (std::is_same<X, float>::value ? 0 : K))), wide;
     int64_t widened = -1;  // the group whose weights `wide` holds: a thread's tasks of one group come in a row
     for (size_t i = cut[t0]; i < cut[t1]; ++i) {
       const int64_t g = tasks[i].g, r = rp[g];
